@@ -1,0 +1,486 @@
+//! Configuration: built-in defaults < `hyper2kvm.conf` < `hyper2kvm-INSTANCE.conf` < environment
+//! < command-line flags.
+//!
+//! Every value remembers where it came from, so that an invalid one is reported with its key,
+//! its source (file and line, environment, or flag) and the accepted range. An empty value at
+//! any layer counts as unset: systemd expands `--log-level=${LOG_LEVEL}` to `--log-level=` when
+//! the variable is missing, and that must not override a default.
+
+pub mod envfile;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// Where configuration files live unless `--config-dir` or `HYPER2KVM_CONFIG_DIR` says otherwise.
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/hyper2kvm";
+
+/// Root of the daemon's state when the defaults are used.
+pub const DEFAULT_STATE_ROOT: &str = "/var/lib/hyper2kvm";
+
+/// Every key the daemon reads. Keys not in the contract (`SETTLE_SECONDS`,
+/// `INVALID_MANIFEST_GRACE`, `DRAIN_SECONDS`, `USE_INOTIFY`) are documented in docs/CONFIG.md.
+pub const KNOWN_KEYS: &[&str] = &[
+    "WATCH_DIR",
+    "OUTPUT_DIR",
+    "LOG_LEVEL",
+    "INSTANCE_NAME",
+    "POLL_INTERVAL",
+    "MAX_CONCURRENT",
+    "QEMU_CONVERT_OPTIONS",
+    "COMPRESS_LEVEL",
+    "CLEANUP_SOURCE",
+    "CONVERSION_TIMEOUT",
+    "LIBVIRT_INTEGRATION",
+    "LIBVIRT_URI",
+    "LIBVIRT_BRIDGE",
+    "LIBVIRT_NETWORK",
+    "LIBVIRT_POOL",
+    "LIBVIRT_AUTOSTART",
+    "VERBOSE_PROGRESS",
+    "RETENTION_DAYS",
+    "FAILED_RETENTION_DAYS",
+    "TEMP_DIR",
+    "SOURCE_ROOTS",
+    "LEASE_SECONDS",
+    "METRICS_ADDR",
+    "SETTLE_SECONDS",
+    "INVALID_MANIFEST_GRACE",
+    "DRAIN_SECONDS",
+    "USE_INOTIFY",
+];
+
+/// Where a configuration value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File { path: PathBuf, line: usize },
+    Environment,
+    Flag,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => write!(f, "the built-in default"),
+            Origin::File { path, line } => write!(f, "{}:{line}", path.display()),
+            Origin::Environment => write!(f, "the environment"),
+            Origin::Flag => write!(f, "the command line"),
+        }
+    }
+}
+
+/// Why the configuration cannot be used. Fatal at start-up.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("invalid {key}={value:?} in {origin}: expected {expected}")]
+    Invalid { key: &'static str, value: String, origin: Origin, expected: String },
+    #[error("cannot read configuration file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("syntax error in configuration file {path} {source}")]
+    Syntax { path: PathBuf, source: envfile::SyntaxError },
+}
+
+/// Log verbosity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    /// Parses `trace debug info warn error` case-insensitively; `warning` means `warn`.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text.to_ascii_lowercase().as_str() {
+            "trace" => Self::Trace,
+            "debug" => Self::Debug,
+            "info" => Self::Info,
+            "warn" | "warning" => Self::Warn,
+            "error" => Self::Error,
+            _ => return None,
+        })
+    }
+
+    /// The name `tracing` filters use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trace => "trace",
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+/// Compression codec of qcow2 clusters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionType {
+    Zlib,
+    Zstd,
+}
+
+/// The honoured subset of QEMU_CONVERT_OPTIONS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvertOptions {
+    /// `-c`: write compressed clusters.
+    pub compress: bool,
+    /// `-o compression_type=…`.
+    pub compression_type: CompressionType,
+    /// `-p`: progress lines.
+    pub progress: bool,
+}
+
+/// The resolved configuration of one daemon instance (or one command run by hand).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub instance: Option<String>,
+    pub watch_dir: PathBuf,
+    pub output_dir: PathBuf,
+    pub log_level: LogLevel,
+    pub poll_interval: Duration,
+    /// How long a manifest's size and mtime must hold still before it is taken.
+    pub settle: Duration,
+    /// How long an unparseable manifest may sit unchanged before it is failed.
+    pub invalid_manifest_grace: Duration,
+    /// Jobs converted at once; 0 in the file means the number of CPUs.
+    pub max_concurrent: usize,
+    pub convert_options: ConvertOptions,
+    pub compress_level: u32,
+    pub cleanup_source: bool,
+    pub conversion_timeout: Duration,
+    pub libvirt_integration: bool,
+    pub libvirt_uri: String,
+    pub libvirt_bridge: String,
+    pub libvirt_network: Option<String>,
+    pub libvirt_pool: String,
+    pub libvirt_autostart: bool,
+    pub verbose_progress: bool,
+    pub retention_days: u32,
+    pub failed_retention_days: u32,
+    pub temp_dir: PathBuf,
+    pub source_roots: Vec<PathBuf>,
+    pub lease: Duration,
+    pub metrics_addr: Option<SocketAddr>,
+    /// How long SIGTERM waits for running jobs before releasing them.
+    pub drain_timeout: Duration,
+    /// Use inotify for faster local pickup (polling is always on).
+    pub use_inotify: bool,
+    /// Start-up warnings (unknown keys, ignored options), to be logged once.
+    pub warnings: Vec<String>,
+}
+
+/// What the command line contributes: the layer above the environment.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--config-dir`; falls back to `HYPER2KVM_CONFIG_DIR`, then `/etc/hyper2kvm`.
+    pub config_dir: Option<PathBuf>,
+    /// `KEY` → value from flags such as `--watch-dir` or `--set KEY=VALUE`.
+    pub flags: Vec<(String, String)>,
+}
+
+/// A source of environment variables; the process environment in production, a map in tests.
+pub trait Environment {
+    fn var(&self, key: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Environment for ProcessEnv {
+    fn var(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Environment for BTreeMap<String, String> {
+    fn var(&self, key: &str) -> Option<String> {
+        self.get(key).cloned()
+    }
+}
+
+type Layer = BTreeMap<String, (String, Origin)>;
+
+impl Config {
+    /// Loads the configuration from every layer.
+    pub fn load(overrides: &Overrides, env: &dyn Environment) -> Result<Config, ConfigError> {
+        let config_dir = overrides
+            .config_dir
+            .clone()
+            .or_else(|| env.var("HYPER2KVM_CONFIG_DIR").filter(|s| !s.is_empty()).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_DIR));
+        let mut warnings = Vec::new();
+        let mut values: Layer = BTreeMap::new();
+
+        read_file_layer(&config_dir.join("hyper2kvm.conf"), &mut values, &mut warnings)?;
+        let env_layer = env_layer(env);
+        let flag_layer = flag_layer(&overrides.flags, &mut warnings);
+        // The instance decides which per-instance file to read, so look for it in the layers
+        // that can name it before that file is read.
+        let instance = [&flag_layer, &env_layer, &values]
+            .iter()
+            .find_map(|layer| layer.get("INSTANCE_NAME").cloned());
+        if let Some((name, origin)) = &instance {
+            check_instance_name(name, origin)?;
+            let path = config_dir.join(format!("hyper2kvm-{name}.conf"));
+            read_file_layer(&path, &mut values, &mut warnings)?;
+        }
+        values.extend(env_layer);
+        values.extend(flag_layer);
+        let instance = values.get("INSTANCE_NAME").map(|(v, _)| v.clone());
+        Resolver { values, warnings }.resolve(instance)
+    }
+}
+
+fn check_instance_name(name: &str, origin: &Origin) -> Result<(), ConfigError> {
+    let ok = !name.starts_with('.')
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key: "INSTANCE_NAME",
+            value: name.to_owned(),
+            origin: origin.clone(),
+            expected: "up to 64 letters, digits, '_', '-', '.' or '@', not starting with '.'".into(),
+        })
+    }
+}
+
+fn read_file_layer(path: &Path, values: &mut Layer, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
+    };
+    let assignments =
+        envfile::parse(&text).map_err(|source| ConfigError::Syntax { path: path.to_owned(), source })?;
+    for a in assignments {
+        if !KNOWN_KEYS.contains(&a.key.as_str()) {
+            warnings.push(format!("{}:{}: unknown key {} ignored", path.display(), a.line, a.key));
+            continue;
+        }
+        if !a.value.is_empty() {
+            let origin = Origin::File { path: path.to_owned(), line: a.line };
+            values.insert(a.key, (a.value, origin));
+        }
+    }
+    Ok(())
+}
+
+fn env_layer(env: &dyn Environment) -> Layer {
+    KNOWN_KEYS
+        .iter()
+        .filter_map(|key| {
+            let value = env.var(key).filter(|v| !v.is_empty())?;
+            Some((key.to_string(), (value, Origin::Environment)))
+        })
+        .collect()
+}
+
+fn flag_layer(flags: &[(String, String)], warnings: &mut Vec<String>) -> Layer {
+    let mut layer = Layer::new();
+    for (key, value) in flags {
+        if !KNOWN_KEYS.contains(&key.as_str()) {
+            warnings.push(format!("unknown key {key} on the command line ignored"));
+        } else if !value.is_empty() {
+            layer.insert(key.clone(), (value.clone(), Origin::Flag));
+        }
+    }
+    layer
+}
+
+/// Turns raw strings into typed values, naming the key and origin of any bad one.
+struct Resolver {
+    values: Layer,
+    warnings: Vec<String>,
+}
+
+impl Resolver {
+    fn raw(&self, key: &str) -> Option<&(String, Origin)> {
+        self.values.get(key)
+    }
+
+    fn parse<T>(
+        &self,
+        key: &'static str,
+        default: T,
+        expected: &str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<T, ConfigError> {
+        match self.raw(key) {
+            None => Ok(default),
+            Some((value, origin)) => parse(value.trim()).ok_or_else(|| ConfigError::Invalid {
+                key,
+                value: value.clone(),
+                origin: origin.clone(),
+                expected: expected.to_owned(),
+            }),
+        }
+    }
+
+    fn string(&self, key: &str) -> Option<String> {
+        self.raw(key).map(|(v, _)| v.clone())
+    }
+
+    fn seconds(&self, key: &'static str, default: f64, min: f64, max: f64) -> Result<Duration, ConfigError> {
+        let expected = format!("a number of seconds from {min} to {max}");
+        let secs = self.parse(key, default, &expected, |s| s.parse::<f64>().ok().filter(|v| (min..=max).contains(v)))?;
+        Ok(Duration::from_secs_f64(secs))
+    }
+
+    fn integer(&self, key: &'static str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+        let expected = format!("a whole number from {min} to {max}");
+        self.parse(key, default, &expected, |s| s.parse::<u64>().ok().filter(|v| (min..=max).contains(v)))
+    }
+
+    fn boolean(&self, key: &'static str, default: bool) -> Result<bool, ConfigError> {
+        self.parse(key, default, "true or false (also yes/no, on/off, 1/0)", parse_bool)
+    }
+
+    fn resolve(mut self, instance: Option<String>) -> Result<Config, ConfigError> {
+        let state_root = match &instance {
+            Some(name) => Path::new(DEFAULT_STATE_ROOT).join(name),
+            None => PathBuf::from(DEFAULT_STATE_ROOT),
+        };
+        let absolute = |s: &str| Some(PathBuf::from(s)).filter(|p| p.is_absolute());
+        let watch_dir = self.parse("WATCH_DIR", state_root.join("queue"), "an absolute directory path", absolute)?;
+        let output_dir = self.parse("OUTPUT_DIR", state_root.join("output"), "an absolute directory path", absolute)?;
+        let temp_dir = self.parse("TEMP_DIR", output_dir.join(".hyper2kvm-tmp"), "an absolute directory path", absolute)?;
+        let default_roots = default_source_roots(&watch_dir);
+        let source_roots = self.parse(
+            "SOURCE_ROOTS",
+            default_roots,
+            "a colon-separated list of absolute directories",
+            parse_roots,
+        )?;
+        let max_concurrent = match self.integer("MAX_CONCURRENT", 2, 0, 256)? {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n as usize,
+        };
+        let convert_options = self.convert_options()?;
+        let lease = self.seconds("LEASE_SECONDS", 90.0, 3.0, 86_400.0)?;
+        let metrics_addr = self.parse("METRICS_ADDR", None, "an address such as 127.0.0.1:9109", |s| {
+            s.parse::<SocketAddr>().ok().map(Some)
+        })?;
+        let libvirt_network = self.string("LIBVIRT_NETWORK");
+        Ok(Config {
+            log_level: self.parse("LOG_LEVEL", LogLevel::Info, "one of trace, debug, info, warn, error", LogLevel::parse)?,
+            poll_interval: self.seconds("POLL_INTERVAL", 5.0, 0.05, 3600.0)?,
+            settle: self.seconds("SETTLE_SECONDS", 2.0, 0.0, 3600.0)?,
+            invalid_manifest_grace: self.seconds("INVALID_MANIFEST_GRACE", 60.0, 0.0, 86_400.0)?,
+            max_concurrent,
+            convert_options,
+            compress_level: self.integer("COMPRESS_LEVEL", 6, 0, 9)? as u32,
+            cleanup_source: self.boolean("CLEANUP_SOURCE", false)?,
+            conversion_timeout: Duration::from_secs(self.integer("CONVERSION_TIMEOUT", 60, 1, 10_080)? * 60),
+            libvirt_integration: self.boolean("LIBVIRT_INTEGRATION", false)?,
+            libvirt_uri: self.string("LIBVIRT_URI").unwrap_or_else(|| "qemu:///system".into()),
+            libvirt_bridge: self.string("LIBVIRT_BRIDGE").unwrap_or_else(|| "virbr0".into()),
+            libvirt_network,
+            libvirt_pool: self.string("LIBVIRT_POOL").unwrap_or_else(|| "default".into()),
+            libvirt_autostart: self.boolean("LIBVIRT_AUTOSTART", false)?,
+            verbose_progress: self.boolean("VERBOSE_PROGRESS", false)?,
+            retention_days: self.integer("RETENTION_DAYS", 7, 0, 36_500)? as u32,
+            failed_retention_days: self.integer("FAILED_RETENTION_DAYS", 3, 0, 36_500)? as u32,
+            drain_timeout: self.seconds("DRAIN_SECONDS", 600.0, 0.0, 86_400.0)?,
+            use_inotify: self.boolean("USE_INOTIFY", true)?,
+            source_roots,
+            lease,
+            metrics_addr,
+            temp_dir,
+            watch_dir,
+            output_dir,
+            instance,
+            warnings: std::mem::take(&mut self.warnings),
+        })
+    }
+
+    fn convert_options(&mut self) -> Result<ConvertOptions, ConfigError> {
+        let text = self.string("QEMU_CONVERT_OPTIONS").unwrap_or_else(|| "-O qcow2".into());
+        let (options, ignored) = parse_convert_options(&text).map_err(|expected| ConfigError::Invalid {
+            key: "QEMU_CONVERT_OPTIONS",
+            value: text.clone(),
+            origin: self.raw("QEMU_CONVERT_OPTIONS").map(|(_, o)| o.clone()).unwrap_or(Origin::Default),
+            expected,
+        })?;
+        for option in ignored {
+            self.warnings.push(format!("QEMU_CONVERT_OPTIONS: {option:?} is not honoured and is ignored"));
+        }
+        Ok(options)
+    }
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Some(true),
+        "false" | "no" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+fn parse_roots(s: &str) -> Option<Vec<PathBuf>> {
+    let roots: Vec<PathBuf> = s.split(':').filter(|p| !p.is_empty()).map(PathBuf::from).collect();
+    (!roots.is_empty() && roots.iter().all(|p| p.is_absolute())).then_some(roots)
+}
+
+/// The parent of WATCH_DIR (where producers put the exports beside the queue) and the
+/// daemon's own state root.
+fn default_source_roots(watch_dir: &Path) -> Vec<PathBuf> {
+    let mut roots = Vec::new();
+    if let Some(parent) = watch_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        roots.push(parent.to_owned());
+    }
+    let state = PathBuf::from(DEFAULT_STATE_ROOT);
+    if !roots.contains(&state) {
+        roots.push(state);
+    }
+    roots
+}
+
+/// Parses QEMU_CONVERT_OPTIONS into the honoured subset plus the tokens that were ignored.
+/// An output format other than qcow2 is an error, since it would leave no `.qcow2` to publish.
+pub fn parse_convert_options(text: &str) -> Result<(ConvertOptions, Vec<String>), String> {
+    let mut options = ConvertOptions { compress: false, compression_type: CompressionType::Zlib, progress: false };
+    let mut ignored = Vec::new();
+    let mut tokens = text.split_whitespace();
+    while let Some(token) = tokens.next() {
+        match token {
+            "-c" => options.compress = true,
+            "-p" => options.progress = true,
+            "-O" => match tokens.next() {
+                Some("qcow2") => {}
+                other => return Err(format!("-O qcow2 (hyper2kvm writes only qcow2), not -O {}", other.unwrap_or(""))),
+            },
+            "-o" => {
+                let Some(list) = tokens.next() else {
+                    return Err("an option list after -o, such as -o compression_type=zstd".into());
+                };
+                for item in list.split(',') {
+                    match item {
+                        "compression_type=zlib" => options.compression_type = CompressionType::Zlib,
+                        "compression_type=zstd" => options.compression_type = CompressionType::Zstd,
+                        other if other.starts_with("compression_type=") => {
+                            return Err("compression_type=zlib or compression_type=zstd".into())
+                        }
+                        other => ignored.push(format!("-o {other}")),
+                    }
+                }
+            }
+            other => ignored.push(other.to_owned()),
+        }
+    }
+    Ok((options, ignored))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,138 @@
+//! Disk conversion behind a small [`Converter`] trait.
+//!
+//! Converters are synchronous and run on a blocking thread: a conversion is long, CPU- and
+//! I/O-bound work, and the daemon's async loop only needs to start it, watch its [`JobControl`]
+//! and collect the result. The first backend drives `qemu-img`; a native engine will take over
+//! VMDK, OVA and raw.
+
+pub mod qemu_img;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::config::CompressionType;
+use crate::manifest::SourceFormat;
+
+/// Compressed output: codec and level (0–9; mapped for zstd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compression {
+    pub kind: CompressionType,
+    pub level: u32,
+}
+
+/// One disk to convert.
+#[derive(Debug, Clone)]
+pub struct ConversionRequest<'a> {
+    pub source: &'a Path,
+    pub format: SourceFormat,
+    /// Where the qcow2 is written. Its directory was created by the job for this job alone,
+    /// so nothing else can have put a symlink there.
+    pub destination: &'a Path,
+    pub compression: Option<Compression>,
+}
+
+/// What a source image is, as far as the job needs to know before converting it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ImageInfo {
+    /// Format as detected (`vmdk`, `raw`, …).
+    pub format: String,
+    /// VMDK subformat (`monolithicSparse`, `streamOptimized`, …) when known.
+    pub subformat: Option<String>,
+    pub virtual_size: u64,
+    /// Every other file reading this image would open: extents, parents, backing files.
+    /// The job confines these to SOURCE_ROOTS before converting.
+    pub referenced_files: Vec<PathBuf>,
+}
+
+/// Byte counters a conversion advances while it runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub done_bytes: AtomicU64,
+    pub total_bytes: AtomicU64,
+}
+
+impl Progress {
+    /// Percentage done, when the total is known.
+    pub fn percent(&self) -> Option<f64> {
+        let total = self.total_bytes.load(Ordering::Relaxed);
+        (total > 0).then(|| 100.0 * self.done_bytes.load(Ordering::Relaxed) as f64 / total as f64)
+    }
+}
+
+/// Deadline, cancellation and progress shared between a running conversion and the daemon.
+#[derive(Debug, Clone)]
+pub struct JobControl {
+    deadline: Instant,
+    cancelled: Arc<AtomicBool>,
+    pub progress: Arc<Progress>,
+}
+
+impl JobControl {
+    /// A control whose deadline is `timeout` from now.
+    pub fn new(timeout: Duration) -> Self {
+        JobControl {
+            deadline: Instant::now() + timeout,
+            cancelled: Arc::new(AtomicBool::new(false)),
+            progress: Arc::new(Progress::default()),
+        }
+    }
+
+    /// Asks the conversion to stop as soon as it can.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    /// Returns the reason to stop, if there is one.
+    pub fn check(&self) -> Result<(), ConvertError> {
+        if self.cancelled.load(Ordering::SeqCst) {
+            Err(ConvertError::Cancelled)
+        } else if Instant::now() >= self.deadline {
+            Err(ConvertError::TimedOut)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Time left before the deadline.
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+}
+
+/// Why a conversion failed. Messages are written for the `.error` file's cause chain.
+#[derive(Debug, Error)]
+pub enum ConvertError {
+    #[error("the image is unreadable or corrupt: {0}")]
+    Corrupt(String),
+    #[error("the image format is not supported: {0}")]
+    Unsupported(String),
+    #[error("the conversion ran past CONVERSION_TIMEOUT")]
+    TimedOut,
+    #[error("the conversion was cancelled")]
+    Cancelled,
+    #[error("no space left on the output filesystem: {0}")]
+    NoSpace(String),
+    #[error("{tool} could not be run: {source}")]
+    Spawn { tool: &'static str, source: std::io::Error },
+    #[error("{0}")]
+    Failed(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads a source disk and writes a qcow2.
+pub trait Converter: Send + Sync {
+    /// A short name for reports (`qemu-img`, `native`).
+    fn name(&self) -> &'static str;
+
+    /// Describes the source without converting it: format, size and the files it references.
+    fn inspect(&self, source: &Path, format: SourceFormat, control: &JobControl) -> Result<ImageInfo, ConvertError>;
+
+    /// Converts `request.source` into a new qcow2 at `request.destination`, honouring
+    /// `control`'s deadline and cancellation and advancing its progress.
+    fn convert(&self, request: &ConversionRequest<'_>, control: &JobControl) -> Result<(), ConvertError>;
+}

@@ -1,0 +1,23 @@
+//! hyper2kvm: moves virtual machines exported from VMware and the clouds onto KVM.
+//!
+//! A daemon watches a queue directory (often on NFS) for Artifact Manifests, claims each one
+//! exactly once, converts its disks to qcow2, writes a libvirt domain, and publishes
+//! `<vm>.qcow2` (last, atomically) or `<vm>.error`. See docs/ARCHITECTURE.md for the life of a
+//! job and the on-disk layout.
+
+pub mod checksum;
+pub mod config;
+pub mod convert;
+pub mod daemon;
+pub mod host;
+pub mod job;
+pub mod libvirt;
+pub mod logging;
+pub mod manifest;
+pub mod names;
+pub mod publish;
+pub mod queue;
+pub mod report;
+pub mod source;
+pub mod status;
+pub mod submit;

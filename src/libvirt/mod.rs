@@ -1,0 +1,2 @@
+//! libvirt: domain XML.
+pub mod domain_xml;
