@@ -1,1 +1,33 @@
-//! TODO
+//! SHA-256 of files: verifying the manifest's `checksum` and reporting outputs' digests.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use crate::convert::{ConvertError, JobControl};
+
+/// Read size: large enough for sequential throughput, small enough to cancel promptly.
+const CHUNK: usize = 1 << 20;
+
+/// Hashes a file, checking `control` between chunks so a timeout or stop interrupts it.
+pub fn sha256_file(path: &Path, control: &JobControl) -> Result<[u8; 32], ConvertError> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; CHUNK];
+    loop {
+        control.check()?;
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hasher.finalize().into())
+}
+
+/// `sha256:<hex>`, the manifest's spelling of a digest.
+pub fn format_sha256(digest: &[u8; 32]) -> String {
+    format!("sha256:{}", hex::encode(digest))
+}

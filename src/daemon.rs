@@ -1,1 +1,352 @@
-//! TODO
+//! The daemon's main loop: scan the queue (always by polling, faster with inotify), claim
+//! manifests while a slot is free, run each job on a blocking thread with a heartbeat beside
+//! it, and on SIGTERM stop claiming, drain, then release what is left.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use thiserror::Error;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::config::Config;
+use crate::convert::qemu_img::QemuImg;
+use crate::convert::JobControl;
+use crate::host::Identity;
+use crate::job::{self, JobContext, JobEnd};
+use crate::publish;
+use crate::queue::{self, claim::read_lock, Claim, Layout, Outcome, Scanner};
+use crate::service;
+use crate::source::SourceRoots;
+
+/// How often retention is applied while running.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Why the daemon cannot start.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("cannot create {what} {path}: {source}; create it or fix its permissions")]
+    Directory { what: &'static str, path: String, source: std::io::Error },
+    #[error("TEMP_DIR {temp} is not on the same filesystem as OUTPUT_DIR {output}; results could not be published atomically, so set TEMP_DIR to a directory on the output filesystem")]
+    TempOnOtherFilesystem { temp: String, output: String },
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("cannot scan WATCH_DIR {path}: {source}")]
+    Scan { path: String, source: std::io::Error },
+}
+
+/// Counters behind the STATUS line.
+#[derive(Debug, Default)]
+struct Counters {
+    done: u64,
+    failed: u64,
+    waiting: usize,
+    last: Option<String>,
+}
+
+/// A running daemon's state.
+struct Daemon {
+    ctx: Arc<JobContext>,
+    layout: Layout,
+    scanner: Scanner,
+    running: JoinSet<(String, JobEnd)>,
+    controls: HashMap<String, JobControl>,
+    counters: Counters,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let config = Arc::new(config);
+    prepare_directories(&config)?;
+    let identity = Identity::current(config.instance.clone());
+    let layout = Layout::new(&config.watch_dir);
+    let ctx = Arc::new(JobContext {
+        roots: SourceRoots::new(&config.source_roots),
+        converter: Arc::new(QemuImg::default()),
+        identity,
+        config: config.clone(),
+    });
+    recover_orphans(&ctx, &layout);
+    prune(&config, &layout);
+    let mut daemon = Daemon {
+        scanner: Scanner::new(&config.watch_dir, config.settle, config.invalid_manifest_grace),
+        ctx,
+        layout,
+        running: JoinSet::new(),
+        controls: HashMap::new(),
+        counters: Counters::default(),
+    };
+    daemon.serve().await
+}
+
+fn prepare_directories(config: &Config) -> Result<(), DaemonError> {
+    let create = |what: &'static str, path: &std::path::Path| {
+        std::fs::create_dir_all(path).map_err(|source| DaemonError::Directory {
+            what,
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    create("WATCH_DIR", &config.watch_dir)?;
+    create("OUTPUT_DIR", &config.output_dir)?;
+    create("TEMP_DIR", &config.temp_dir)?;
+    Layout::new(&config.watch_dir).ensure().map_err(|source| DaemonError::Directory {
+        what: "the queue state directory",
+        path: config.watch_dir.join(".hyper2kvm").display().to_string(),
+        source,
+    })?;
+    match publish::check_same_filesystem(&config.temp_dir, &config.output_dir) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(DaemonError::TempOnOtherFilesystem {
+            temp: config.temp_dir.display().to_string(),
+            output: config.output_dir.display().to_string(),
+        }),
+        Err(source) => {
+            Err(DaemonError::Directory { what: "TEMP_DIR", path: config.temp_dir.display().to_string(), source })
+        }
+    }
+}
+
+/// Releases claims left by an earlier incarnation of this daemon on this host (a crash or a
+/// kill -9), so they are retaken now instead of after a lease.
+fn recover_orphans(ctx: &JobContext, layout: &Layout) {
+    let Ok(entries) = std::fs::read_dir(layout.locks_dir()) else { return };
+    for entry in entries.flatten() {
+        let Ok(record) = read_lock(&entry.path()) else { continue };
+        let owner = &record.owner;
+        let ours = owner.host == ctx.identity.host;
+        let previous_life =
+            owner.boot_id != ctx.identity.boot_id || owner.pid == ctx.identity.pid || !process_alive(owner.pid);
+        if ours && previous_life {
+            let job_id = record.job_id.clone();
+            info!(job_id = %job_id, pid = owner.pid, "releasing a claim left by an earlier run of this daemon");
+            let _ = std::fs::remove_dir_all(ctx.config.temp_dir.join(&job_id));
+            if let Err(e) = Claim::adopt(layout, record).release() {
+                warn!(job_id = %job_id, error = %e, "could not release an orphaned claim");
+            }
+        }
+    }
+}
+
+/// Whether `pid` is a live hyper2kvm process in this PID namespace.
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim().starts_with("hyper2kvm"))
+}
+
+fn prune(config: &Config, layout: &Layout) {
+    let today = Utc::now().date_naive();
+    for (outcome, days) in [(Outcome::Done, config.retention_days), (Outcome::Failed, config.failed_retention_days)] {
+        match queue::records::prune(layout, outcome, days, today) {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, ?outcome, "pruned old job records"),
+            Err(e) => warn!(error = %e, ?outcome, "could not prune old job records"),
+        }
+    }
+}
+
+impl Daemon {
+    async fn serve(&mut self) -> Result<(), DaemonError> {
+        let config = self.ctx.config.clone();
+        let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+        let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
+        let _watcher = config.use_inotify.then(|| watch_events(&config.watch_dir, wake_tx)).flatten();
+        let mut watchdog = tokio::time::interval(service::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
+        let mut prune_timer = tokio::time::interval(PRUNE_EVERY);
+        info!(
+            instance = config.instance.as_deref().unwrap_or(""),
+            watch_dir = %config.watch_dir.display(),
+            output_dir = %config.output_dir.display(),
+            max_concurrent = config.max_concurrent,
+            "hyper2kvm daemon started"
+        );
+        let mut next = self.scan_and_claim()?;
+        service::ready(&self.status_line());
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(next) => {}
+                Some(()) = wake_rx.recv() => debug!("woken by a local file event"),
+                Some(joined) = self.running.join_next(), if !self.running.is_empty() => self.record_end(joined),
+                _ = watchdog.tick() => service::watchdog(),
+                _ = prune_timer.tick() => prune(&config, &self.layout),
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+            }
+            next = self.scan_and_claim()?;
+            service::status(&self.status_line());
+        }
+        self.drain().await;
+        Ok(())
+    }
+
+    /// Scans once and claims as many ready manifests as there are free slots. Returns how
+    /// long to wait before the next scan.
+    fn scan_and_claim(&mut self) -> Result<Duration, DaemonError> {
+        let config = self.ctx.config.clone();
+        let scan = match self.scanner.scan() {
+            Ok(scan) => scan,
+            Err(source) if is_transient(&source) => {
+                warn!(error = %source, "WATCH_DIR could not be read; retrying at the next poll");
+                return Ok(config.poll_interval);
+            }
+            Err(source) => return Err(DaemonError::Scan { path: config.watch_dir.display().to_string(), source }),
+        };
+        self.counters.waiting = scan.waiting;
+        for candidate in scan.ready {
+            if self.running.len() >= config.max_concurrent {
+                break;
+            }
+            self.scanner.forget(&candidate.name);
+            match queue::claim(&self.layout, &candidate.name, &self.ctx.identity) {
+                Ok(Some(claim)) => self.start(claim),
+                Ok(None) => debug!(manifest = %candidate.name, "another daemon took the manifest first"),
+                Err(e) => warn!(manifest = %candidate.name, error = %e, "could not claim; will retry"),
+            }
+        }
+        let next = scan.next_check.map_or(config.poll_interval, |d| d.min(config.poll_interval));
+        Ok(next.max(Duration::from_millis(20)))
+    }
+
+    fn start(&mut self, claim: Claim) {
+        let job_id = claim.job_id().to_owned();
+        let control = JobControl::new(self.ctx.config.conversion_timeout);
+        self.controls.insert(job_id.clone(), control.clone());
+        let ctx = self.ctx.clone();
+        let heartbeat_every = ctx.config.lease / 3;
+        let lock = claim.lock_path();
+        let verbose = ctx.config.verbose_progress;
+        let span =
+            tracing::info_span!("job", instance = ctx.identity.instance.as_deref().unwrap_or(""), job_id = %job_id);
+        let job_control = control.clone();
+        self.running.spawn(
+            async move {
+                let mut work = tokio::task::spawn_blocking(move || job::run(&ctx, claim, &job_control));
+                let mut beat = tokio::time::interval(heartbeat_every);
+                let mut reported = 0u32;
+                loop {
+                    tokio::select! {
+                        end = &mut work => {
+                            let end = end.unwrap_or_else(|e| {
+                                error!(error = %e, "the job's thread failed; its claim stays until its lease expires");
+                                JobEnd::Abandoned
+                            });
+                            return (job_id, end);
+                        }
+                        _ = beat.tick() => {
+                            if let Err(e) = queue::claim::touch(&lock) {
+                                warn!(error = %e, "heartbeat failed; will retry");
+                            }
+                            if verbose {
+                                report_progress(&control, &mut reported);
+                            }
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    fn record_end(&mut self, joined: Result<(String, JobEnd), tokio::task::JoinError>) {
+        let Ok((job_id, end)) = joined else {
+            error!("a job task panicked");
+            return;
+        };
+        self.controls.remove(&job_id);
+        match end {
+            JobEnd::Done(record) => {
+                self.counters.done += 1;
+                self.counters.last = Some(format!("{} ok", record.vm_name));
+            }
+            JobEnd::Failed(record) => {
+                self.counters.failed += 1;
+                self.counters.last = Some(format!("{} failed", record.vm_name));
+            }
+            JobEnd::Released | JobEnd::Abandoned => {}
+        }
+    }
+
+    fn status_line(&self) -> String {
+        let mut line = format!(
+            "{} running, {} queued, {} done, {} failed",
+            self.running.len(),
+            self.counters.waiting,
+            self.counters.done,
+            self.counters.failed
+        );
+        if let Some(last) = &self.counters.last {
+            line.push_str(&format!("; last: {last}"));
+        }
+        line
+    }
+
+    /// Stops claiming; lets running jobs finish within DRAIN_SECONDS (asking systemd for the
+    /// time), then cancels the rest, whose claims are released back to the queue.
+    async fn drain(&mut self) {
+        let limit = self.ctx.config.drain_timeout;
+        if self.running.is_empty() {
+            info!("stopping: no job is running");
+            service::stopping(Duration::from_secs(5), "stopping");
+            return;
+        }
+        info!(running = self.running.len(), limit_seconds = limit.as_secs_f64(), "stopping: draining running jobs");
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut extend = tokio::time::interval(Duration::from_secs(5));
+        while !self.running.is_empty() {
+            tokio::select! {
+                Some(joined) = self.running.join_next() => self.record_end(joined),
+                _ = extend.tick() => service::stopping(Duration::from_secs(15), &format!("draining: {}", self.status_line())),
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if !self.running.is_empty() {
+            warn!(running = self.running.len(), "drain limit reached: releasing unfinished jobs to the queue");
+            for control in self.controls.values() {
+                control.cancel();
+            }
+            while let Some(joined) = self.running.join_next().await {
+                self.record_end(joined);
+            }
+        }
+        info!("stopped");
+    }
+}
+
+/// Logs progress every 10 % when VERBOSE_PROGRESS is on.
+fn report_progress(control: &JobControl, reported: &mut u32) {
+    if let Some(percent) = control.progress.percent() {
+        let step = (percent / 10.0).floor() as u32;
+        if step > *reported {
+            *reported = step;
+            info!(stage = "convert", percent = format!("{percent:.0}"), "progress");
+        }
+    }
+}
+
+/// Errors worth retrying at the next poll rather than stopping for (NFS hiccups).
+fn is_transient(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ESTALE) | Some(libc::EIO) | Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ETIMEDOUT)
+    )
+}
+
+/// Local inotify wake-ups. Other NFS clients' writes are invisible to inotify, which is why
+/// polling continues regardless.
+fn watch_events(dir: &std::path::Path, wake: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |_event| {
+        let _ = wake.try_send(());
+    })
+    .map_err(|e| warn!(error = %e, "inotify unavailable; polling only"))
+    .ok()?;
+    watcher
+        .watch(dir, notify::RecursiveMode::NonRecursive)
+        .map_err(|e| warn!(error = %e, "cannot watch WATCH_DIR with inotify; polling only"))
+        .ok()?;
+    Some(watcher)
+}

@@ -1,1 +1,606 @@
-//! TODO
+//! The life of one job, from a claimed manifest to published results or an `.error`.
+//!
+//! Stages: `manifest` (validate) → `source` (confine to SOURCE_ROOTS) → `checksum` →
+//! `inspect` (format, size, referenced files, also confined) → `convert` (into a private
+//! staging directory) → `domain` (XML and report) → `publish` (fenced renames, the boot disk
+//! last). Every failure becomes a [`Failure`] whose summary is the `.error` file's first line.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use tracing::{info, warn};
+
+use crate::checksum;
+use crate::config::Config;
+use crate::convert::{Compression, ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
+use crate::host::Identity;
+use crate::libvirt::domain_xml::{self, DomainDisk, NetworkAttachment};
+use crate::manifest::{self, DiskSpec, JobSpec};
+use crate::names;
+use crate::publish::{self, Staging};
+use crate::queue::{Claim, EventLog, JobRecord, JobState};
+use crate::report::{DiskReport, Report};
+use crate::source::{SourceError, SourceRoots};
+
+/// What every job of a daemon shares.
+pub struct JobContext {
+    pub config: Arc<Config>,
+    pub identity: Identity,
+    pub converter: Arc<dyn Converter>,
+    pub roots: SourceRoots,
+}
+
+/// Where in its life a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Manifest,
+    Source,
+    Checksum,
+    Inspect,
+    Convert,
+    Domain,
+    Publish,
+}
+
+impl Stage {
+    /// The name used in logs (`STAGE=`), records and `.error` files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Manifest => "manifest",
+            Stage::Source => "source",
+            Stage::Checksum => "checksum",
+            Stage::Inspect => "inspect",
+            Stage::Convert => "convert",
+            Stage::Domain => "domain",
+            Stage::Publish => "publish",
+        }
+    }
+}
+
+/// A job that cannot complete: a sentence for a person, then the causes.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub stage: Stage,
+    pub summary: String,
+    pub causes: Vec<String>,
+}
+
+impl Failure {
+    fn new(stage: Stage, summary: impl Into<String>) -> Failure {
+        Failure { stage, summary: summary.into(), causes: Vec::new() }
+    }
+
+    fn because(mut self, cause: impl ToString) -> Failure {
+        self.causes.push(cause.to_string());
+        self
+    }
+}
+
+/// Why a job stopped short of an outcome.
+enum Stop {
+    Failed(Failure),
+    /// The daemon is stopping: give the job back to the queue.
+    Cancelled,
+    /// Another daemon owns the job now: publish nothing.
+    LostLock,
+}
+
+impl From<Failure> for Stop {
+    fn from(f: Failure) -> Stop {
+        Stop::Failed(f)
+    }
+}
+
+/// How a job ended, for the daemon's counters and logs.
+#[derive(Debug)]
+pub enum JobEnd {
+    Done(JobRecord),
+    Failed(JobRecord),
+    /// Given back to the queue untouched (shutdown).
+    Released,
+    /// The lock was lost; nothing was published.
+    Abandoned,
+}
+
+/// Runs a claimed job to its end. Never panics on bad input; every error is an outcome.
+pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
+    let started_at = Utc::now();
+    let manifest_name = claim.record().manifest_name.clone();
+    let bytes = std::fs::read(claim.manifest_path()).unwrap_or_default();
+    let vm_name = manifest::vm_name_hint(&bytes, &manifest_name);
+    let safe_name = names::check_vm_name(&vm_name).is_ok();
+    let events = EventLog::new(claim.event_log());
+    let span = tracing::info_span!("job", job_id = %claim.job_id(), vm_name = %vm_name);
+    let _entered = span.enter();
+    info!(stage = "claim", manifest = %manifest_name, "claimed");
+    events.append("claim", &format!("claimed {manifest_name}"), None);
+
+    let staging = match Staging::create(&ctx.config.temp_dir, claim.job_id()) {
+        Ok(staging) => staging,
+        Err(e) => {
+            let failure = Failure::new(
+                Stage::Publish,
+                format!(
+                    "Could not create a staging directory in TEMP_DIR ({}); check that it exists and is writable.",
+                    ctx.config.temp_dir.display()
+                ),
+            )
+            .because(e);
+            return fail(ctx, claim, None, &vm_name, safe_name, failure, started_at, &events);
+        }
+    };
+    let outcome =
+        execute(ctx, &claim, &bytes, &manifest_name, &staging, control, &events, safe_name.then_some(&vm_name));
+    let end = match outcome {
+        Ok((spec, report)) => done(ctx, claim, &spec, &report, started_at, &events),
+        Err(Stop::Failed(failure)) => {
+            fail(ctx, claim, Some(&staging), &vm_name, safe_name, failure, started_at, &events)
+        }
+        Err(Stop::Cancelled) => {
+            info!(stage = "release", "stopping: the job goes back to the queue");
+            match claim.release() {
+                Ok(()) => JobEnd::Released,
+                Err(e) => {
+                    warn!(error = %e, "could not release the claim; it will be retaken when its lease expires");
+                    JobEnd::Released
+                }
+            }
+        }
+        Err(Stop::LostLock) => {
+            warn!(
+                stage = "publish",
+                "the lock was taken over by another daemon; abandoning the job without publishing"
+            );
+            JobEnd::Abandoned
+        }
+    };
+    staging.remove();
+    end
+}
+
+#[allow(clippy::too_many_arguments)]
+fn execute(
+    ctx: &JobContext,
+    claim: &Claim,
+    bytes: &[u8],
+    manifest_name: &str,
+    staging: &Staging,
+    control: &JobControl,
+    events: &EventLog,
+    safe_vm_name: Option<&String>,
+) -> Result<(JobSpec, Report), Stop> {
+    let started_at = Utc::now();
+    let clock = Instant::now();
+    if let Some(vm_name) = safe_vm_name {
+        move_aside_stale(ctx, vm_name, &[], claim.job_id());
+    }
+    let spec = manifest::parse(bytes, manifest_name).map_err(|e| Failure::new(Stage::Manifest, e.to_string()))?;
+    let disk_ids: Vec<&str> = spec.disks.iter().map(|d| d.id.as_str()).collect();
+    move_aside_stale(ctx, &spec.vm_name, &disk_ids, claim.job_id());
+
+    let mut warnings = Vec::new();
+    let sources = prepare_sources(ctx, &spec, control, events, &mut warnings)?;
+    let total: u64 = sources.iter().map(|s| s.info.virtual_size).sum();
+    control.progress.total_bytes.store(total, Ordering::Relaxed);
+
+    let compression = compression_for(&ctx.config, &spec, &mut warnings, ctx.converter.name());
+    let mut disks = Vec::with_capacity(sources.len());
+    for (index, source) in sources.iter().enumerate() {
+        events.append(Stage::Convert.as_str(), &format!("converting {}", source.disk.id), control.progress.percent());
+        disks.push(convert_disk(ctx, &spec, index, source, staging, compression, control)?);
+    }
+
+    let domain_name = names::domain_name(&spec.vm_name);
+    let xml = build_domain_xml(&ctx.config, &spec);
+    let report = Report {
+        job_id: claim.job_id().to_owned(),
+        vm_name: spec.vm_name.clone(),
+        instance: ctx.identity.instance.clone(),
+        host: ctx.identity.host.clone(),
+        converter: ctx.converter.name(),
+        started_at,
+        finished_at: Utc::now(),
+        seconds: clock.elapsed().as_secs_f64(),
+        disks,
+        domain_name,
+        libvirt_uri: None,
+        domain_xml: names::domain_xml_file(&spec.vm_name),
+        warnings,
+    };
+    events.append(Stage::Publish.as_str(), "publishing", Some(100.0));
+    publish_results(ctx, claim, &spec, &xml, &report, staging)?;
+    Ok((spec, report))
+}
+
+/// A disk whose source passed every check.
+struct PreparedSource<'a> {
+    disk: &'a DiskSpec,
+    path: PathBuf,
+    info: ImageInfo,
+    verified: bool,
+}
+
+/// Confines, verifies and inspects every disk before any conversion starts, so that a bad
+/// disk fails the job in seconds rather than after the others were converted.
+fn prepare_sources<'a>(
+    ctx: &JobContext,
+    spec: &'a JobSpec,
+    control: &JobControl,
+    events: &EventLog,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<PreparedSource<'a>>, Stop> {
+    let mut prepared = Vec::with_capacity(spec.disks.len());
+    for disk in &spec.disks {
+        let path = ctx.roots.confine(&disk.local_path).map_err(|e| source_failure(disk, &e, &ctx.roots))?;
+        if let (Some(expected), Ok(meta)) = (disk.bytes, std::fs::metadata(&path)) {
+            if expected != meta.len() {
+                warnings.push(format!("disk {}: manifest says {expected} bytes, the file has {}", disk.id, meta.len()));
+            }
+        }
+        let verified = match disk.sha256 {
+            Some(expected) => {
+                events.append(Stage::Checksum.as_str(), &format!("verifying {}", disk.id), None);
+                verify_checksum(disk, &path, &expected, control)?;
+                true
+            }
+            None => false,
+        };
+        let info = ctx
+            .converter
+            .inspect(&path, disk.source_format, control)
+            .map_err(|e| convert_failure(Stage::Inspect, disk, &path, e))?;
+        for referenced in &info.referenced_files {
+            ctx.roots.confine(referenced).map_err(|e| reference_failure(disk, referenced, &e, &ctx.roots))?;
+        }
+        prepared.push(PreparedSource { disk, path, info, verified });
+    }
+    Ok(prepared)
+}
+
+fn verify_checksum(disk: &DiskSpec, path: &Path, expected: &[u8; 32], control: &JobControl) -> Result<(), Stop> {
+    let actual = checksum::sha256_file(path, control).map_err(|e| convert_failure(Stage::Checksum, disk, path, e))?;
+    if &actual != expected {
+        return Err(Failure::new(
+            Stage::Checksum,
+            format!(
+                "Disk {} does not match its checksum (expected {}, found {}); the export is damaged or incomplete, export it again.",
+                disk.id,
+                checksum::format_sha256(expected),
+                checksum::format_sha256(&actual)
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn compression_for(
+    config: &Config,
+    spec: &JobSpec,
+    warnings: &mut Vec<String>,
+    converter: &str,
+) -> Option<Compression> {
+    let wanted = spec.compress.unwrap_or(config.convert_options.compress);
+    let level = spec.compress_level.unwrap_or(config.compress_level);
+    if wanted && converter == "qemu-img" && level != 6 {
+        warnings
+            .push(format!("compress level {level} is not honoured by the qemu-img backend; it uses its own default"));
+    }
+    wanted.then_some(Compression { kind: config.convert_options.compression_type, level })
+}
+
+fn convert_disk(
+    ctx: &JobContext,
+    spec: &JobSpec,
+    index: usize,
+    source: &PreparedSource<'_>,
+    staging: &Staging,
+    compression: Option<Compression>,
+    control: &JobControl,
+) -> Result<DiskReport, Stop> {
+    let disk = source.disk;
+    let clock = Instant::now();
+    let staged = staging.path(&format!("{}.qcow2", disk.id));
+    let request =
+        ConversionRequest { source: &source.path, format: disk.source_format, destination: &staged, compression };
+    info!(stage = "convert", disk = %disk.id, source = %source.path.display(), "converting");
+    ctx.converter.convert(&request, control).map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
+    let io_failure = |e: std::io::Error| convert_failure(Stage::Convert, disk, &source.path, ConvertError::Io(e));
+    publish::fsync_file(&staged).map_err(io_failure)?;
+    let digest =
+        checksum::sha256_file(&staged, control).map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
+    let output_bytes = std::fs::metadata(&staged).map_err(io_failure)?.len();
+    Ok(DiskReport {
+        id: disk.id.clone(),
+        boot: index == 0,
+        source_path: source.path.clone(),
+        source_format: disk.source_format,
+        detected_format: source.info.format.clone(),
+        subformat: source.info.subformat.clone(),
+        virtual_size: source.info.virtual_size,
+        source_bytes: std::fs::metadata(&source.path).map(|m| m.len()).unwrap_or(0),
+        output: output_name(spec, index),
+        output_format: "qcow2",
+        output_bytes,
+        sha256: checksum::format_sha256(&digest),
+        source_checksum_verified: source.verified,
+        seconds: clock.elapsed().as_secs_f64(),
+    })
+}
+
+/// `V.qcow2` for the boot disk (index 0), `V-<id>.qcow2` for the others.
+fn output_name(spec: &JobSpec, index: usize) -> String {
+    if index == 0 {
+        names::boot_disk_file(&spec.vm_name)
+    } else {
+        names::data_disk_file(&spec.vm_name, &spec.disks[index].id)
+    }
+}
+
+fn build_domain_xml(config: &Config, spec: &JobSpec) -> String {
+    let bus = domain_xml::disk_bus_for(&spec.hardware);
+    let disks: Vec<DomainDisk> = (0..spec.disks.len())
+        .map(|i| DomainDisk { path: config.output_dir.join(output_name(spec, i)), target_bus: bus })
+        .collect();
+    let attach = match &config.libvirt_network {
+        Some(network) => NetworkAttachment::Network(network.clone()),
+        None => NetworkAttachment::Bridge(config.libvirt_bridge.clone()),
+    };
+    domain_xml::domain_xml(spec, &disks, &attach)
+}
+
+/// Publishes data disks, `V.xml`, `V.json`, then the boot disk last. The lock is re-checked
+/// before the renames: a daemon that lost its job must not publish.
+fn publish_results(
+    ctx: &JobContext,
+    claim: &Claim,
+    spec: &JobSpec,
+    xml: &str,
+    report: &Report,
+    staging: &Staging,
+) -> Result<(), Stop> {
+    let out = &ctx.config.output_dir;
+    let failure = |e: std::io::Error| {
+        Stop::Failed(
+            Failure::new(
+                Stage::Publish,
+                format!(
+                    "Could not publish the results in OUTPUT_DIR ({}); check that it is writable and has space.",
+                    out.display()
+                ),
+            )
+            .because(e),
+        )
+    };
+    let report_json = serde_json::to_vec_pretty(report).map_err(|e| failure(std::io::Error::other(e)))?;
+    staging.write_new("domain.xml", xml.as_bytes()).map_err(failure)?;
+    staging.write_new("report.json", &report_json).map_err(failure)?;
+    fence(claim)?;
+    for (index, disk) in spec.disks.iter().enumerate().skip(1) {
+        staging.publish(&format!("{}.qcow2", disk.id), out, &output_name(spec, index)).map_err(failure)?;
+    }
+    staging.publish("domain.xml", out, &names::domain_xml_file(&spec.vm_name)).map_err(failure)?;
+    staging.publish("report.json", out, &names::report_file(&spec.vm_name)).map_err(failure)?;
+    publish::fsync_dir(out).map_err(failure)?;
+    fence(claim)?;
+    staging.publish(&format!("{}.qcow2", spec.boot_disk().id), out, &output_name(spec, 0)).map_err(failure)?;
+    publish::fsync_dir(out).map_err(failure)?;
+    Ok(())
+}
+
+fn fence(claim: &Claim) -> Result<(), Stop> {
+    match claim.still_owned() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Stop::LostLock),
+        // Not knowing is not losing: an unreadable lock (ESTALE, EIO) is retried once, then
+        // treated as lost, because publishing without ownership is the worse mistake.
+        Err(_) => match claim.still_owned() {
+            Ok(true) => Ok(()),
+            _ => Err(Stop::LostLock),
+        },
+    }
+}
+
+fn move_aside_stale(ctx: &JobContext, vm_name: &str, disk_ids: &[&str], job_id: &str) {
+    let mut stale = vec![
+        names::boot_disk_file(vm_name),
+        names::error_file(vm_name),
+        names::report_file(vm_name),
+        names::domain_xml_file(vm_name),
+    ];
+    stale.extend(disk_ids.iter().map(|id| names::data_disk_file(vm_name, id)));
+    match publish::move_aside(&ctx.config.output_dir, &stale, job_id) {
+        Ok(moved) if !moved.is_empty() => info!(stage = "claim", moved = moved.len(), "moved earlier results aside"),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not move earlier results aside"),
+    }
+}
+
+fn done(
+    ctx: &JobContext,
+    claim: Claim,
+    spec: &JobSpec,
+    report: &Report,
+    started_at: chrono::DateTime<Utc>,
+    events: &EventLog,
+) -> JobEnd {
+    let boot = ctx.config.output_dir.join(names::boot_disk_file(&spec.vm_name));
+    info!(stage = "done", seconds = report.seconds, result = %boot.display(), "published");
+    events.append("done", "published", Some(100.0));
+    if ctx.config.cleanup_source {
+        cleanup_sources(report);
+    }
+    let record = record(ctx, &claim, &spec.vm_name, JobState::Done, started_at, "done", Some(boot), None);
+    finish(claim, record, JobEnd::Done)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fail(
+    ctx: &JobContext,
+    claim: Claim,
+    staging: Option<&Staging>,
+    vm_name: &str,
+    safe_name: bool,
+    failure: Failure,
+    started_at: chrono::DateTime<Utc>,
+    events: &EventLog,
+) -> JobEnd {
+    warn!(stage = failure.stage.as_str(), causes = ?failure.causes, "failed: {}", failure.summary);
+    events.append(failure.stage.as_str(), &failure.summary, None);
+    let mut record =
+        record(ctx, &claim, vm_name, JobState::Failed, started_at, failure.stage.as_str(), None, Some(&failure));
+    if safe_name {
+        if let Some(staging) = staging {
+            match publish_error(ctx, &claim, staging, vm_name, &failure) {
+                Ok(Some(path)) => record.result_file = Some(path),
+                Ok(None) => return JobEnd::Abandoned,
+                Err(e) => warn!(error = %e, "could not publish the .error file"),
+            }
+        }
+    } else {
+        warn!("vm_name is not a safe file name: the error is recorded under .hyper2kvm/failed only");
+    }
+    finish(claim, record, JobEnd::Failed)
+}
+
+fn publish_error(
+    ctx: &JobContext,
+    claim: &Claim,
+    staging: &Staging,
+    vm_name: &str,
+    failure: &Failure,
+) -> std::io::Result<Option<PathBuf>> {
+    let date = Utc::now().format("%Y-%m-%d");
+    let record_path =
+        ctx.config.watch_dir.join(".hyper2kvm/failed").join(date.to_string()).join(format!("{}.json", claim.job_id()));
+    let text = error_text(ctx, claim.job_id(), failure, &record_path);
+    staging.write_new("error", text.as_bytes())?;
+    if fence(claim).is_err() {
+        return Ok(None);
+    }
+    let path = staging.publish("error", &ctx.config.output_dir, &names::error_file(vm_name))?;
+    publish::fsync_dir(&ctx.config.output_dir)?;
+    Ok(Some(path))
+}
+
+/// The `.error` file: one sentence a person can act on, then the details.
+fn error_text(ctx: &JobContext, job_id: &str, failure: &Failure, record_path: &Path) -> String {
+    let mut text = format!("{}\njob: {job_id}\nstage: {}\n", failure.summary, failure.stage.as_str());
+    text.push_str(&format!("host: {}\n", ctx.identity.host));
+    if let Some(instance) = &ctx.identity.instance {
+        text.push_str(&format!("instance: {instance}\n"));
+    }
+    for cause in &failure.causes {
+        text.push_str(&format!("cause: {cause}\n"));
+    }
+    text.push_str(&format!("record: {}\n", record_path.display()));
+    text
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record(
+    ctx: &JobContext,
+    claim: &Claim,
+    vm_name: &str,
+    state: JobState,
+    started_at: chrono::DateTime<Utc>,
+    stage: &str,
+    result_file: Option<PathBuf>,
+    failure: Option<&Failure>,
+) -> JobRecord {
+    JobRecord {
+        job_id: claim.job_id().to_owned(),
+        vm_name: vm_name.to_owned(),
+        host: ctx.identity.host.clone(),
+        instance: ctx.identity.instance.clone(),
+        state,
+        started_at,
+        finished_at: Some(Utc::now()),
+        manifest_name: claim.record().manifest_name.clone(),
+        stage: stage.to_owned(),
+        result_file,
+        error: failure.map(|f| f.summary.clone()),
+        causes: failure.map(|f| f.causes.clone()).unwrap_or_default(),
+    }
+}
+
+fn finish(claim: Claim, record: JobRecord, wrap: fn(JobRecord) -> JobEnd) -> JobEnd {
+    if let Err(e) = claim.finish(&record) {
+        warn!(error = %e, "could not record the job's end under .hyper2kvm");
+    }
+    wrap(record)
+}
+
+/// CLEANUP_SOURCE: after a verified success, delete the source disk files.
+fn cleanup_sources(report: &Report) {
+    for disk in &report.disks {
+        if let Err(e) = std::fs::remove_file(&disk.source_path) {
+            warn!(path = %disk.source_path.display(), error = %e, "CLEANUP_SOURCE: could not remove the source");
+        }
+    }
+}
+
+fn source_failure(disk: &DiskSpec, error: &SourceError, roots: &SourceRoots) -> Failure {
+    let path = disk.local_path.display();
+    let summary = match error {
+        SourceError::Missing { .. } => format!(
+            "Disk {} source file {path} does not exist; check that the export finished and that the path is visible on this host.",
+            disk.id
+        ),
+        SourceError::Outside { .. } => format!(
+            "Disk {} is at {path}, which is outside SOURCE_ROOTS ({}); move the export under one of them or add its directory to SOURCE_ROOTS.",
+            disk.id,
+            roots.describe()
+        ),
+        SourceError::NotAFile { .. } => format!("Disk {} source {path} is not a regular file; point local_path at the disk image file.", disk.id),
+        SourceError::Unreadable { .. } => format!("Disk {} source file {path} cannot be read; check its permissions and the mount.", disk.id),
+    };
+    Failure::new(Stage::Source, summary).because(error)
+}
+
+fn reference_failure(disk: &DiskSpec, referenced: &Path, error: &SourceError, roots: &SourceRoots) -> Failure {
+    let summary = match error {
+        SourceError::Missing { .. } => format!(
+            "Disk {} ({}) needs {}, which does not exist; copy every extent and parent disk of the export.",
+            disk.id,
+            disk.local_path.display(),
+            referenced.display()
+        ),
+        _ => format!(
+            "Disk {} ({}) refers to {}, which is outside SOURCE_ROOTS ({}); keep every extent and parent disk of the export under SOURCE_ROOTS.",
+            disk.id,
+            disk.local_path.display(),
+            referenced.display(),
+            roots.describe()
+        ),
+    };
+    Failure::new(Stage::Inspect, summary).because(error)
+}
+
+fn convert_failure(stage: Stage, disk: &DiskSpec, path: &Path, error: ConvertError) -> Stop {
+    let format = disk.source_format.as_str();
+    let summary = match &error {
+        ConvertError::Cancelled => return Stop::Cancelled,
+        ConvertError::TimedOut => {
+            "The job took longer than CONVERSION_TIMEOUT; raise CONVERSION_TIMEOUT or check the speed of the source and output storage.".to_owned()
+        }
+        ConvertError::Corrupt(detail) => {
+            format!("Disk {} ({}) is not a readable {format} image ({detail}); export it again.", disk.id, path.display())
+        }
+        ConvertError::Unsupported(detail) => {
+            format!("Disk {} ({}) cannot be converted: {detail}.", disk.id, path.display())
+        }
+        ConvertError::NoSpace(_) => format!(
+            "The output filesystem ran out of space while converting disk {}; free space in OUTPUT_DIR and submit the manifest again.",
+            disk.id
+        ),
+        ConvertError::Spawn { tool, .. } => format!("{tool} could not be run; install it (package qemu-utils) on this host."),
+        ConvertError::Failed(_) | ConvertError::Io(_) => {
+            format!("Disk {} ({}) could not be converted; see the causes below.", disk.id, path.display())
+        }
+    };
+    Stop::Failed(Failure::new(stage, summary).because(error))
+}

@@ -5,6 +5,7 @@
 //! `<vm>.qcow2` (last, atomically) or `<vm>.error`. See docs/ARCHITECTURE.md for the life of a
 //! job and the on-disk layout.
 
+pub mod capabilities;
 pub mod checksum;
 pub mod config;
 pub mod convert;
@@ -18,6 +19,7 @@ pub mod names;
 pub mod publish;
 pub mod queue;
 pub mod report;
+pub mod service;
 pub mod source;
 pub mod status;
 pub mod submit;

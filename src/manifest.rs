@@ -26,19 +26,23 @@ pub enum ManifestError {
     NotJson(String),
     #[error("The manifest is {0} bytes; manifests over 1 MiB are refused, check that the right file was dropped.")]
     TooLarge(u64),
-    #[error("The manifest does not match the Artifact Manifest v1.0 schema ({0}); fix that field and submit it again.")]
+    #[error(
+        "The manifest does not match the Artifact Manifest v1.0 schema ({0}); fix that field and submit it again."
+    )]
     Schema(String),
     #[error("manifest_version is {0}, but this daemon reads only \"1.0\"; export with a HyperSDK that writes Artifact Manifest v1.0.")]
     WrongVersion(String),
     #[error("The manifest lists no disks (disks[] is empty or missing), so there is nothing to convert.")]
     NoDisks,
-    #[error("Disk id {id:?} is not allowed: use only letters, digits, '_' and '-'.")]
+    #[error("Disk id {id:?} is not allowed: use 1 to 64 letters, digits, '_' and '-'.")]
     BadDiskId { id: String },
     #[error("Disk id {id:?} appears more than once; give every disk a unique id.")]
     DuplicateDiskId { id: String },
     #[error("Disk {id} has source_format {format:?}; supported formats are vmdk, ova, raw, qcow2, vhd, vhdx and vdi.")]
     BadSourceFormat { id: String, format: String },
-    #[error("Disk {id} has local_path {path:?}, which is not an absolute path; give the full path to the exported disk.")]
+    #[error(
+        "Disk {id} has local_path {path:?}, which is not an absolute path; give the full path to the exported disk."
+    )]
     RelativePath { id: String, path: String },
     #[error("Disk {id} has checksum {checksum:?}; it must look like sha256:<64 hex digits>.")]
     BadChecksum { id: String, checksum: String },
@@ -285,10 +289,7 @@ pub fn vm_name_hint(bytes: &[u8], file_name: &str) -> String {
 }
 
 fn file_stem(file_name: &str) -> String {
-    Path::new(file_name)
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| file_name.to_owned())
+    Path::new(file_name).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| file_name.to_owned())
 }
 
 fn validate(raw: RawManifest, file_name: &str) -> Result<JobSpec, ManifestError> {
@@ -332,6 +333,8 @@ fn validate(raw: RawManifest, file_name: &str) -> Result<JobSpec, ManifestError>
 fn check_version(version: Option<&Value>) -> Result<(), ManifestError> {
     match version {
         Some(Value::String(s)) if s == SUPPORTED_VERSION => Ok(()),
+        // A number such as 1.0 would print like the string it should have been.
+        Some(Value::Number(n)) => Err(ManifestError::WrongVersion(format!("the number {n}"))),
         Some(other) => Err(ManifestError::WrongVersion(other.to_string())),
         None => Err(ManifestError::WrongVersion("missing".into())),
     }
@@ -358,17 +361,15 @@ fn validate_disk(raw: RawDisk, index: usize) -> Result<DiskSpec, ManifestError> 
     let format_text = raw.source_format.unwrap_or_default();
     let source_format = SourceFormat::parse(&format_text)
         .ok_or_else(|| ManifestError::BadSourceFormat { id: id.clone(), format: format_text })?;
-    let path_text = raw
-        .local_path
-        .ok_or_else(|| ManifestError::Schema(format!("disk {id} has no local_path")))?;
+    let path_text = raw.local_path.ok_or_else(|| ManifestError::Schema(format!("disk {id} has no local_path")))?;
     if !path_text.starts_with('/') || path_text.contains('\0') {
         return Err(ManifestError::RelativePath { id, path: path_text });
     }
     let sha256 = match raw.checksum.as_deref().filter(|c| !c.is_empty()) {
-        Some(text) => Some(parse_checksum(text).ok_or_else(|| ManifestError::BadChecksum {
-            id: id.clone(),
-            checksum: text.to_owned(),
-        })?),
+        Some(text) => Some(
+            parse_checksum(text)
+                .ok_or_else(|| ManifestError::BadChecksum { id: id.clone(), checksum: text.to_owned() })?,
+        ),
         None => None,
     };
     let disk_type = match raw.disk_type.as_deref().map(str::to_ascii_lowercase).as_deref() {

@@ -18,6 +18,8 @@ pub enum UnsafeName {
     Slash,
     #[error("it contains a NUL byte")]
     Nul,
+    #[error("it contains a control character, which libvirt's XML cannot carry")]
+    Control,
     #[error("it is '.' or '..'")]
     Dots,
     #[error("it starts with '.', which would hide the results")]
@@ -39,6 +41,9 @@ pub fn check_vm_name(name: &str) -> Result<(), UnsafeName> {
     }
     if name.contains('\0') {
         return Err(UnsafeName::Nul);
+    }
+    if name.chars().any(char::is_control) {
+        return Err(UnsafeName::Control);
     }
     if name.starts_with('.') {
         return Err(UnsafeName::LeadingDot);
@@ -110,6 +115,7 @@ mod tests {
         assert_eq!(check_vm_name("a/b"), Err(UnsafeName::Slash));
         assert_eq!(check_vm_name("a\0b"), Err(UnsafeName::Nul));
         assert_eq!(check_vm_name(".hidden"), Err(UnsafeName::LeadingDot));
+        assert_eq!(check_vm_name("a\nb"), Err(UnsafeName::Control));
         let long = "x".repeat(201);
         assert_eq!(check_vm_name(&long), Err(UnsafeName::TooLong(201)));
         assert_eq!(check_vm_name(&"x".repeat(200)), Ok(()));

@@ -1,1 +1,52 @@
-//! TODO
+//! The job report `V.json`: what was converted, from what, into what, how long it took, and
+//! the digests of the outputs.
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::manifest::SourceFormat;
+
+/// One converted disk.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskReport {
+    pub id: String,
+    pub boot: bool,
+    pub source_path: PathBuf,
+    pub source_format: SourceFormat,
+    /// Format as detected by inspection (for a VMDK, with its subformat).
+    pub detected_format: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subformat: Option<String>,
+    pub virtual_size: u64,
+    pub source_bytes: u64,
+    /// File name in OUTPUT_DIR.
+    pub output: String,
+    pub output_format: &'static str,
+    pub output_bytes: u64,
+    /// `sha256:<hex>` of the published qcow2.
+    pub sha256: String,
+    pub source_checksum_verified: bool,
+    pub seconds: f64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub job_id: String,
+    pub vm_name: String,
+    pub instance: Option<String>,
+    pub host: String,
+    pub converter: &'static str,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub seconds: f64,
+    pub disks: Vec<DiskReport>,
+    /// Name of the domain in the XML (and in libvirt when registered).
+    pub domain_name: String,
+    /// The libvirt URI the domain was defined in, when it was.
+    pub libvirt_uri: Option<String>,
+    pub domain_xml: String,
+    pub warnings: Vec<String>,
+}

@@ -1,1 +1,192 @@
-//! TODO
+//! `hyper2kvm status`: the queue, the claims and their owners, the progress of running jobs,
+//! and recent finished jobs — all read from the on-disk state, so it works from any host that
+//! mounts the queue, whether or not a daemon runs there.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::queue::claim::{read_lock, LockRecord};
+use crate::queue::layout::is_manifest_name;
+use crate::queue::records::{self, EventLog};
+use crate::queue::{JobState, Layout};
+
+/// One job, running or finished.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    pub job_id: String,
+    pub vm_name: String,
+    pub host: String,
+    pub instance: Option<String>,
+    pub state: JobState,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub stage: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+}
+
+/// A manifest waiting in WATCH_DIR.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub age_seconds: f64,
+}
+
+/// A claimed job and its lock.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClaimView {
+    #[serde(flatten)]
+    pub lock: LockRecord,
+    /// Seconds since the last heartbeat, judged against the file server's clock.
+    pub heartbeat_age_seconds: Option<f64>,
+    pub stage: Option<String>,
+    pub percent: Option<f64>,
+}
+
+/// Everything `status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub watch_dir: String,
+    pub output_dir: String,
+    pub jobs: Vec<JobView>,
+    pub queue: Vec<QueueEntry>,
+    pub claims: Vec<ClaimView>,
+}
+
+/// Reads the state of the queue described by `config`.
+pub fn collect(config: &Config) -> Status {
+    let layout = Layout::new(&config.watch_dir);
+    let now = server_now(&layout);
+    let claims = claims(&layout, now);
+    let mut jobs: Vec<JobView> = records::finished_jobs(&layout)
+        .into_iter()
+        .map(|r| JobView {
+            job_id: r.job_id,
+            vm_name: r.vm_name,
+            host: r.host,
+            instance: r.instance,
+            state: r.state,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            stage: r.stage,
+            error: r.error,
+            percent: None,
+        })
+        .collect();
+    jobs.extend(claims.iter().map(running_view));
+    Status {
+        watch_dir: config.watch_dir.display().to_string(),
+        output_dir: config.output_dir.display().to_string(),
+        queue: queue(&config.watch_dir, now),
+        claims,
+        jobs,
+    }
+}
+
+fn running_view(claim: &ClaimView) -> JobView {
+    JobView {
+        job_id: claim.lock.job_id.clone(),
+        vm_name: String::new(),
+        host: claim.lock.owner.host.clone(),
+        instance: claim.lock.owner.instance.clone(),
+        state: JobState::Running,
+        started_at: claim.lock.claimed_at,
+        finished_at: None,
+        stage: claim.stage.clone().unwrap_or_else(|| "claim".into()),
+        error: None,
+        percent: claim.percent,
+    }
+}
+
+fn queue(watch_dir: &Path, now: SystemTime) -> Vec<QueueEntry> {
+    let Ok(entries) = std::fs::read_dir(watch_dir) else { return Vec::new() };
+    let mut queue: Vec<QueueEntry> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            let meta = std::fs::symlink_metadata(e.path()).ok().filter(|m| m.is_file())?;
+            is_manifest_name(&name).then(|| QueueEntry {
+                name,
+                bytes: meta.len(),
+                age_seconds: age(meta.modified().ok(), now),
+            })
+        })
+        .collect();
+    queue.sort_by(|a, b| b.age_seconds.total_cmp(&a.age_seconds));
+    queue
+}
+
+fn claims(layout: &Layout, now: SystemTime) -> Vec<ClaimView> {
+    let Ok(entries) = std::fs::read_dir(layout.locks_dir()) else { return Vec::new() };
+    let mut claims: Vec<ClaimView> = entries
+        .flatten()
+        .filter_map(|e| {
+            let lock = read_lock(&e.path()).ok()?;
+            let heartbeat = std::fs::metadata(e.path()).and_then(|m| m.modified()).ok();
+            let last = EventLog::last(&layout.event_log(&lock.job_id));
+            Some(ClaimView {
+                heartbeat_age_seconds: heartbeat.map(|h| age(Some(h), now)),
+                stage: last.as_ref().map(|e| e.stage.clone()),
+                percent: last.and_then(|e| e.percent),
+                lock,
+            })
+        })
+        .collect();
+    claims.sort_by(|a, b| a.lock.job_id.cmp(&b.lock.job_id));
+    claims
+}
+
+fn age(then: Option<SystemTime>, now: SystemTime) -> f64 {
+    then.and_then(|t| now.duration_since(t).ok()).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The file server's idea of now: the mtime of a file just created in the state directory.
+/// Heartbeats are stamped by the server, so ages must be judged by its clock too. Falls back to
+/// the local clock where the directory is not writable.
+fn server_now(layout: &Layout) -> SystemTime {
+    let probe = layout.state_dir().join(format!(".clock-{}", crate::host::random_hex()));
+    let stamped = std::fs::File::create(&probe).and_then(|f| f.metadata()).and_then(|m| m.modified());
+    let _ = std::fs::remove_file(&probe);
+    stamped.unwrap_or_else(|_| SystemTime::now())
+}
+
+/// A readable summary for a terminal.
+pub fn render(status: &Status) -> String {
+    let mut out = format!("WATCH_DIR  {}\nOUTPUT_DIR {}\n\n", status.watch_dir, status.output_dir);
+    out.push_str(&format!("Queue: {} waiting\n", status.queue.len()));
+    for q in &status.queue {
+        out.push_str(&format!("  {}  ({} bytes, {:.0}s old)\n", q.name, q.bytes, q.age_seconds));
+    }
+    out.push_str(&format!("\nClaims: {}\n", status.claims.len()));
+    for c in &status.claims {
+        let percent = c.percent.map(|p| format!(" {p:.0}%")).unwrap_or_default();
+        out.push_str(&format!(
+            "  {}  {}  host {} pid {} gen {}  heartbeat {:.0}s ago  {}{percent}\n",
+            c.lock.job_id,
+            c.lock.manifest_name,
+            c.lock.owner.host,
+            c.lock.owner.pid,
+            c.lock.generation,
+            c.heartbeat_age_seconds.unwrap_or(0.0),
+            c.stage.as_deref().unwrap_or("claim"),
+        ));
+    }
+    let finished: Vec<&JobView> = status.jobs.iter().filter(|j| j.state != JobState::Running).collect();
+    out.push_str(&format!("\nRecent jobs: {}\n", finished.len()));
+    for j in finished.iter().rev().take(20) {
+        let when = j.finished_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default();
+        let state = match j.state {
+            JobState::Done => "done".to_owned(),
+            _ => format!("FAILED at {}: {}", j.stage, j.error.as_deref().unwrap_or("")),
+        };
+        out.push_str(&format!("  {when}  {}  {:?}  on {}  {state}\n", j.job_id, j.vm_name, j.host));
+    }
+    out
+}

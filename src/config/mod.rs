@@ -225,9 +225,7 @@ impl Config {
         let flag_layer = flag_layer(&overrides.flags, &mut warnings);
         // The instance decides which per-instance file to read, so look for it in the layers
         // that can name it before that file is read.
-        let instance = [&flag_layer, &env_layer, &values]
-            .iter()
-            .find_map(|layer| layer.get("INSTANCE_NAME").cloned());
+        let instance = [&flag_layer, &env_layer, &values].iter().find_map(|layer| layer.get("INSTANCE_NAME").cloned());
         if let Some((name, origin)) = &instance {
             check_instance_name(name, origin)?;
             let path = config_dir.join(format!("hyper2kvm-{name}.conf"));
@@ -235,6 +233,10 @@ impl Config {
         }
         values.extend(env_layer);
         values.extend(flag_layer);
+        // The instance file itself may set INSTANCE_NAME; that value names the state root too.
+        if let Some((name, origin)) = values.get("INSTANCE_NAME") {
+            check_instance_name(name, origin)?;
+        }
         let instance = values.get("INSTANCE_NAME").map(|(v, _)| v.clone());
         Resolver { values, warnings }.resolve(instance)
     }
@@ -262,8 +264,7 @@ fn read_file_layer(path: &Path, values: &mut Layer, warnings: &mut Vec<String>) 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
     };
-    let assignments =
-        envfile::parse(&text).map_err(|source| ConfigError::Syntax { path: path.to_owned(), source })?;
+    let assignments = envfile::parse(&text).map_err(|source| ConfigError::Syntax { path: path.to_owned(), source })?;
     for a in assignments {
         if !KNOWN_KEYS.contains(&a.key.as_str()) {
             warnings.push(format!("{}:{}: unknown key {} ignored", path.display(), a.line, a.key));
@@ -334,7 +335,8 @@ impl Resolver {
 
     fn seconds(&self, key: &'static str, default: f64, min: f64, max: f64) -> Result<Duration, ConfigError> {
         let expected = format!("a number of seconds from {min} to {max}");
-        let secs = self.parse(key, default, &expected, |s| s.parse::<f64>().ok().filter(|v| (min..=max).contains(v)))?;
+        let secs =
+            self.parse(key, default, &expected, |s| s.parse::<f64>().ok().filter(|v| (min..=max).contains(v)))?;
         Ok(Duration::from_secs_f64(secs))
     }
 
@@ -355,14 +357,11 @@ impl Resolver {
         let absolute = |s: &str| Some(PathBuf::from(s)).filter(|p| p.is_absolute());
         let watch_dir = self.parse("WATCH_DIR", state_root.join("queue"), "an absolute directory path", absolute)?;
         let output_dir = self.parse("OUTPUT_DIR", state_root.join("output"), "an absolute directory path", absolute)?;
-        let temp_dir = self.parse("TEMP_DIR", output_dir.join(".hyper2kvm-tmp"), "an absolute directory path", absolute)?;
+        let temp_dir =
+            self.parse("TEMP_DIR", output_dir.join(".hyper2kvm-tmp"), "an absolute directory path", absolute)?;
         let default_roots = default_source_roots(&watch_dir);
-        let source_roots = self.parse(
-            "SOURCE_ROOTS",
-            default_roots,
-            "a colon-separated list of absolute directories",
-            parse_roots,
-        )?;
+        let source_roots =
+            self.parse("SOURCE_ROOTS", default_roots, "a colon-separated list of absolute directories", parse_roots)?;
         let max_concurrent = match self.integer("MAX_CONCURRENT", 2, 0, 256)? {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n as usize,
@@ -374,7 +373,12 @@ impl Resolver {
         })?;
         let libvirt_network = self.string("LIBVIRT_NETWORK");
         Ok(Config {
-            log_level: self.parse("LOG_LEVEL", LogLevel::Info, "one of trace, debug, info, warn, error", LogLevel::parse)?,
+            log_level: self.parse(
+                "LOG_LEVEL",
+                LogLevel::Info,
+                "one of trace, debug, info, warn, error",
+                LogLevel::parse,
+            )?,
             poll_interval: self.seconds("POLL_INTERVAL", 5.0, 0.05, 3600.0)?,
             settle: self.seconds("SETTLE_SECONDS", 2.0, 0.0, 3600.0)?,
             invalid_manifest_grace: self.seconds("INVALID_MANIFEST_GRACE", 60.0, 0.0, 86_400.0)?,
@@ -447,6 +451,9 @@ fn default_source_roots(watch_dir: &Path) -> Vec<PathBuf> {
     roots
 }
 
+/// `qemu-img convert` options, not honoured, whose argument is the next word.
+const IGNORED_WITH_ARGUMENT: &[&str] = &["-f", "-F", "-B", "-s", "-l", "-S", "-t", "-T", "-m", "-r", "--object"];
+
 /// Parses QEMU_CONVERT_OPTIONS into the honoured subset plus the tokens that were ignored.
 /// An output format other than qcow2 is an error, since it would leave no `.qcow2` to publish.
 pub fn parse_convert_options(text: &str) -> Result<(ConvertOptions, Vec<String>), String> {
@@ -476,6 +483,11 @@ pub fn parse_convert_options(text: &str) -> Result<(ConvertOptions, Vec<String>)
                     }
                 }
             }
+            // An ignored option that takes an argument is ignored together with it.
+            other if IGNORED_WITH_ARGUMENT.contains(&other) => match tokens.next() {
+                Some(arg) => ignored.push(format!("{other} {arg}")),
+                None => ignored.push(other.to_owned()),
+            },
             other => ignored.push(other.to_owned()),
         }
     }

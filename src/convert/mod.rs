@@ -5,6 +5,7 @@
 //! and collect the result. The first backend drives `qemu-img`; a native engine will take over
 //! VMDK, OVA and raw.
 
+pub mod oneshot;
 pub mod qemu_img;
 
 use std::path::{Path, PathBuf};

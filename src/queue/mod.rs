@@ -1,1 +1,13 @@
-//! TODO
+//! The on-disk queue: finding manifests, claiming them exactly once, and recording outcomes.
+//!
+//! See [`layout`] for the directory layout and docs/ARCHITECTURE.md for the protocol.
+
+pub mod claim;
+pub mod layout;
+pub mod records;
+pub mod scan;
+
+pub use claim::{claim, Claim, LockRecord};
+pub use layout::{Layout, Outcome};
+pub use records::{EventLog, JobRecord, JobState};
+pub use scan::{Candidate, Scanner};

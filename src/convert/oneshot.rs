@@ -1,0 +1,80 @@
+//! `hyper2kvm convert` and `hyper2kvm inspect`: the engine used by hand, outside the queue.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::qemu_img::QemuImg;
+use super::{Compression, ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
+use crate::manifest::SourceFormat;
+
+/// One-shot conversions have no CONVERSION_TIMEOUT.
+const NO_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Guesses a source format from the file name, for commands run by hand.
+pub fn guess_format(path: &Path) -> SourceFormat {
+    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("vmdk") => SourceFormat::Vmdk,
+        Some("ova") => SourceFormat::Ova,
+        Some("qcow2") => SourceFormat::Qcow2,
+        Some("vhd") => SourceFormat::Vhd,
+        Some("vhdx") => SourceFormat::Vhdx,
+        Some("vdi") => SourceFormat::Vdi,
+        _ => SourceFormat::Raw,
+    }
+}
+
+/// Describes a source image.
+pub fn inspect(source: &Path, format: SourceFormat) -> Result<ImageInfo, ConvertError> {
+    QemuImg::default().inspect(source, format, &JobControl::new(NO_DEADLINE))
+}
+
+/// Converts `source` to a new qcow2 at `destination`, with a progress line on a terminal.
+pub fn convert(
+    source: &Path,
+    format: SourceFormat,
+    destination: &Path,
+    compression: Option<Compression>,
+) -> Result<(), ConvertError> {
+    if destination.exists() {
+        return Err(ConvertError::Failed(format!(
+            "{} already exists; choose another name or remove it",
+            destination.display()
+        )));
+    }
+    let converter = QemuImg::default();
+    let control = JobControl::new(NO_DEADLINE);
+    let info = converter.inspect(source, format, &control)?;
+    control.progress.total_bytes.store(info.virtual_size, Ordering::Relaxed);
+    let finished = Arc::new(AtomicBool::new(false));
+    let painter = std::io::stderr().is_terminal().then(|| spawn_progress(control.clone(), finished.clone()));
+    let request = ConversionRequest { source, format, destination, compression };
+    let result = converter.convert(&request, &control);
+    finished.store(true, Ordering::SeqCst);
+    if let Some(painter) = painter {
+        let _ = painter.join();
+    }
+    if result.is_err() {
+        let _ = std::fs::remove_file(destination);
+    }
+    result
+}
+
+/// Paints `NN% (rate, ETA)` on stderr until `finished`.
+fn spawn_progress(control: JobControl, finished: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        while !finished.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(250));
+            let done = control.progress.done_bytes.load(Ordering::Relaxed);
+            let total = control.progress.total_bytes.load(Ordering::Relaxed).max(1);
+            let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
+            let eta = if rate > 0.0 { (total.saturating_sub(done)) as f64 / rate } else { 0.0 };
+            eprint!("\r{:5.1}%  {:8.1} MiB/s  ETA {:4.0}s ", 100.0 * done as f64 / total as f64, rate / 1048576.0, eta);
+            let _ = std::io::stderr().flush();
+        }
+        eprintln!();
+    })
+}

@@ -1,0 +1,194 @@
+//! Finding manifests that are ready to take.
+//!
+//! HyperSDK writes `artifact-manifest.json` in place (`os.WriteFile`), so a scan can see a
+//! half-written file. A manifest is ready only when it parses as complete JSON and its size
+//! and mtime have not changed for the settle period. A file that stays unparseable and
+//! unchanged for the invalid-manifest grace period is handed over to be failed, so that the
+//! producer gets an `.error` instead of waiting forever.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::layout::is_manifest_name;
+use crate::manifest::{self, MAX_MANIFEST_BYTES};
+
+/// A manifest file to claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// File name in WATCH_DIR.
+    pub name: String,
+    /// Whether it parsed as complete JSON when last read.
+    pub complete: bool,
+}
+
+/// The result of one scan.
+#[derive(Debug, Default)]
+pub struct ScanResult {
+    /// Ready to claim, oldest observation first.
+    pub ready: Vec<Candidate>,
+    /// When the next file still settling could become ready; the caller rescans then.
+    pub next_check: Option<Duration>,
+    /// Manifest files present, ready or not.
+    pub waiting: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    size: u64,
+    mtime_ns: i128,
+    inode: u64,
+}
+
+#[derive(Debug)]
+struct Observation {
+    fingerprint: Fingerprint,
+    unchanged_since: Instant,
+}
+
+/// Remembers what each file looked like at previous scans.
+#[derive(Debug)]
+pub struct Scanner {
+    watch_dir: PathBuf,
+    settle: Duration,
+    invalid_grace: Duration,
+    seen: HashMap<String, Observation>,
+}
+
+impl Scanner {
+    /// A scanner of `watch_dir`.
+    pub fn new(watch_dir: &Path, settle: Duration, invalid_grace: Duration) -> Scanner {
+        Scanner { watch_dir: watch_dir.to_owned(), settle, invalid_grace, seen: HashMap::new() }
+    }
+
+    /// Lists the directory and returns the manifests that are ready.
+    pub fn scan(&mut self) -> std::io::Result<ScanResult> {
+        let now = Instant::now();
+        let mut present = Vec::new();
+        let mut result = ScanResult::default();
+        for entry in std::fs::read_dir(&self.watch_dir)? {
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            if !is_manifest_name(&name) {
+                continue;
+            }
+            // A symlink could make the daemon read any file as a "manifest": only regular
+            // files are considered, judged without following links.
+            let Ok(meta) = std::fs::symlink_metadata(entry.path()) else { continue };
+            if !meta.file_type().is_file() {
+                continue;
+            }
+            present.push(name.clone());
+            let fingerprint = Fingerprint {
+                size: meta.len(),
+                mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+                inode: meta.ino(),
+            };
+            let age = self.observe(&name, fingerprint, now);
+            if age < self.settle {
+                result.next_check = min_some(result.next_check, self.settle - age);
+                continue;
+            }
+            let complete = self.reads_as_complete_json(&name);
+            if complete || age >= self.invalid_grace {
+                result.ready.push(Candidate { name, complete });
+            } else {
+                result.next_check = min_some(result.next_check, self.invalid_grace - age);
+            }
+        }
+        self.seen.retain(|name, _| present.contains(name));
+        result.waiting = present.len();
+        result.ready.sort_by_key(|c| self.seen.get(&c.name).map(|o| o.unchanged_since));
+        Ok(result)
+    }
+
+    /// Forgets a file, after it was claimed or lost to another daemon.
+    pub fn forget(&mut self, name: &str) {
+        self.seen.remove(name);
+    }
+
+    /// Records the file's fingerprint and returns how long it has been unchanged.
+    fn observe(&mut self, name: &str, fingerprint: Fingerprint, now: Instant) -> Duration {
+        let observation = self.seen.entry(name.to_owned()).or_insert(Observation { fingerprint, unchanged_since: now });
+        if observation.fingerprint != fingerprint {
+            *observation = Observation { fingerprint, unchanged_since: now };
+        }
+        now.duration_since(observation.unchanged_since)
+    }
+
+    fn reads_as_complete_json(&self, name: &str) -> bool {
+        let Ok(file) = std::fs::File::open(self.watch_dir.join(name)) else { return false };
+        let mut bytes = Vec::new();
+        if file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes).is_err() {
+            return false;
+        }
+        // Oversized files are "complete" so that they are taken and failed with a clear error.
+        bytes.len() as u64 > MAX_MANIFEST_BYTES || manifest::is_complete_json(&bytes)
+    }
+}
+
+fn min_some(current: Option<Duration>, candidate: Duration) -> Option<Duration> {
+    Some(current.map_or(candidate, |c| c.min(candidate)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scanner(dir: &Path, settle_ms: u64, grace_ms: u64) -> Scanner {
+        Scanner::new(dir, Duration::from_millis(settle_ms), Duration::from_millis(grace_ms))
+    }
+
+    #[test]
+    fn waits_for_the_settle_period_then_takes_complete_json() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("m.json"), b"{\"a\":1}").unwrap();
+        let mut s = scanner(dir.path(), 150, 10_000);
+        let first = s.scan().unwrap();
+        assert!(first.ready.is_empty());
+        assert!(first.next_check.is_some());
+        std::thread::sleep(Duration::from_millis(200));
+        let second = s.scan().unwrap();
+        assert_eq!(second.ready, vec![Candidate { name: "m.json".into(), complete: true }]);
+    }
+
+    #[test]
+    fn a_change_restarts_the_settle_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        std::fs::write(&path, b"{\"a\":").unwrap();
+        let mut s = scanner(dir.path(), 150, 10_000);
+        s.scan().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::write(&path, b"{\"a\":12345}").unwrap();
+        assert!(s.scan().unwrap().ready.is_empty(), "a file that just changed is not ready");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(s.scan().unwrap().ready.len(), 1);
+    }
+
+    #[test]
+    fn partial_json_is_held_until_the_grace_period_then_handed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("m.json"), b"{\"a\":").unwrap();
+        let mut s = scanner(dir.path(), 50, 300);
+        s.scan().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(s.scan().unwrap().ready.is_empty(), "partial JSON is not ready within the grace period");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(s.scan().unwrap().ready, vec![Candidate { name: "m.json".into(), complete: false }]);
+    }
+
+    #[test]
+    fn ignores_hidden_temp_lock_files_and_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [".m.json", "m.json.tmp", "m.part", "m.lock", "notes.txt"] {
+            std::fs::write(dir.path().join(name), b"{}").unwrap();
+        }
+        std::fs::write(dir.path().join("target"), b"{}").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("target"), dir.path().join("link.json")).unwrap();
+        let mut s = scanner(dir.path(), 0, 0);
+        assert!(s.scan().unwrap().ready.is_empty());
+    }
+}

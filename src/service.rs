@@ -1,0 +1,39 @@
+//! Talking to systemd (`Type=notify`): READY, STATUS, WATCHDOG, STOPPING and
+//! EXTEND_TIMEOUT_USEC. Every call is a no-op when NOTIFY_SOCKET is not set.
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+/// Startup is complete: the directories are checked and the first scan is done.
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// A one-line summary for `systemctl status`.
+pub fn status(line: &str) {
+    send(&[NotifyState::Status(line)]);
+}
+
+/// The main loop is alive.
+pub fn watchdog() {
+    send(&[NotifyState::Watchdog]);
+}
+
+/// The watchdog period systemd asked for, if any. Pings go out at half of it.
+pub fn watchdog_interval() -> Option<Duration> {
+    let mut usec = 0;
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+}
+
+/// Stopping, and asking for `extra` more time so a draining conversion is not killed.
+pub fn stopping(extra: Duration, status: &str) {
+    let usec = u32::try_from(extra.as_micros()).unwrap_or(u32::MAX);
+    send(&[NotifyState::Stopping, NotifyState::ExtendTimeoutUsec(usec), NotifyState::Status(status)]);
+}
+
+fn send(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!(error = %e, "could not notify systemd");
+    }
+}
