@@ -340,6 +340,14 @@ impl Resolver {
         Ok(Duration::from_secs_f64(secs))
     }
 
+    /// Minutes, fractions allowed (tests use a few seconds).
+    fn minutes(&self, key: &'static str, default: f64, min: f64, max: f64) -> Result<Duration, ConfigError> {
+        let expected = format!("a number of minutes from {min} to {max}");
+        let minutes =
+            self.parse(key, default, &expected, |s| s.parse::<f64>().ok().filter(|v| (min..=max).contains(v)))?;
+        Ok(Duration::from_secs_f64(minutes * 60.0))
+    }
+
     fn integer(&self, key: &'static str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
         let expected = format!("a whole number from {min} to {max}");
         self.parse(key, default, &expected, |s| s.parse::<u64>().ok().filter(|v| (min..=max).contains(v)))
@@ -386,7 +394,7 @@ impl Resolver {
             convert_options,
             compress_level: self.integer("COMPRESS_LEVEL", 6, 0, 9)? as u32,
             cleanup_source: self.boolean("CLEANUP_SOURCE", false)?,
-            conversion_timeout: Duration::from_secs(self.integer("CONVERSION_TIMEOUT", 60, 1, 10_080)? * 60),
+            conversion_timeout: self.minutes("CONVERSION_TIMEOUT", 60.0, 0.01, 10_080.0)?,
             libvirt_integration: self.boolean("LIBVIRT_INTEGRATION", false)?,
             libvirt_uri: self.string("LIBVIRT_URI").unwrap_or_else(|| "qemu:///system".into()),
             libvirt_bridge: self.string("LIBVIRT_BRIDGE").unwrap_or_else(|| "virbr0".into()),

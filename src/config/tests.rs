@@ -244,7 +244,7 @@ fn out_of_range_numbers_are_refused() {
 
     for (key, value, range) in [
         ("LEASE_SECONDS", "1", "3 to 86400"),
-        ("CONVERSION_TIMEOUT", "0", "1 to 10080"),
+        ("CONVERSION_TIMEOUT", "0", "minutes from 0.01 to 10080"),
         ("POLL_INTERVAL", "-1", "0.05 to 3600"),
         ("POLL_INTERVAL", "NaN", "0.05 to 3600"),
         ("RETENTION_DAYS", "1.5", "0 to 36500"),
