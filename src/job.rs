@@ -17,6 +17,7 @@ use crate::checksum;
 use crate::config::Config;
 use crate::convert::{Compression, ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
 use crate::host::Identity;
+use crate::image::vmdk;
 use crate::libvirt::domain_xml::{self, DomainDisk, NetworkAttachment};
 use crate::manifest::{self, DiskSpec, JobSpec};
 use crate::names;
@@ -113,7 +114,8 @@ pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
     let vm_name = manifest::vm_name_hint(&bytes, &manifest_name);
     let safe_name = names::check_vm_name(&vm_name).is_ok();
     let events = EventLog::new(claim.event_log());
-    let span = tracing::info_span!("job", job_id = %claim.job_id(), vm_name = %vm_name);
+    let instance = ctx.identity.instance.as_deref().unwrap_or("");
+    let span = tracing::info_span!("job", instance, job_id = %claim.job_id(), vm_name = %vm_name);
     let _entered = span.enter();
     info!(stage = "claim", manifest = %manifest_name, "claimed");
     events.append("claim", &format!("claimed {manifest_name}"), None);
@@ -255,9 +257,25 @@ fn prepare_sources<'a>(
         for referenced in &info.referenced_files {
             ctx.roots.confine(referenced).map_err(|e| reference_failure(disk, referenced, &e, &ctx.roots))?;
         }
+        check_structure(disk, &path, &info.referenced_files)?;
         prepared.push(PreparedSource { disk, path, info, verified });
     }
     Ok(prepared)
+}
+
+/// qemu-img reads grains past the end of a truncated sparse extent as zeros and succeeds, so
+/// every sparse extent involved (the disk, its extents, its parents) is checked first.
+fn check_structure(disk: &DiskSpec, path: &Path, referenced: &[PathBuf]) -> Result<(), Stop> {
+    for file in std::iter::once(path).chain(referenced.iter().map(PathBuf::as_path)) {
+        if !vmdk::is_sparse_extent(file) {
+            continue;
+        }
+        if let Err(e) = vmdk::check_sparse_file(file) {
+            let detail = if file == path { e.to_string() } else { format!("{}: {e}", file.display()) };
+            return Err(convert_failure(Stage::Inspect, disk, path, ConvertError::Corrupt(detail)));
+        }
+    }
+    Ok(())
 }
 
 fn verify_checksum(disk: &DiskSpec, path: &Path, expected: &[u8; 32], control: &JobControl) -> Result<(), Stop> {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod convert;
 pub mod daemon;
 pub mod host;
+pub mod image;
 pub mod job;
 pub mod libvirt;
 pub mod logging;
