@@ -5,6 +5,7 @@
 //! feeds the job's progress counters.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -43,6 +44,18 @@ impl QemuImg {
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.stdin(Stdio::null()).env("LC_ALL", "C");
+        // If the daemon is killed outright, qemu-img must not go on writing into a staging
+        // directory that the next daemon will clean up. The signal follows the spawning thread,
+        // which is the job's thread and waits for the child.
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd
     }
 }

@@ -1,0 +1,115 @@
+//! A daemon's life around its jobs: SIGTERM while converting (drain, or release when the drain
+//! limit passes), kill -9 and restart, and CONVERSION_TIMEOUT.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::fixtures::{create_raw, small_raw, write_random};
+use common::*;
+
+/// Compressed output makes qemu-img slow enough (several seconds) to interrupt on purpose.
+const SLOW: (&str, &str) = ("QEMU_CONVERT_OPTIONS", "-O qcow2 -c");
+
+/// A 512 MiB raw disk full of hard-to-compress data.
+fn slow_disk(env: &Env) -> PathBuf {
+    let path = env.exports.join("slow/disk-0.raw");
+    create_raw(&path, 512 << 20);
+    write_random(&path, 0, 512 << 20, 7);
+    path
+}
+
+fn lock_count(env: &Env) -> usize {
+    std::fs::read_dir(env.queue.join(".hyper2kvm/locks")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn wait_until_converting(daemon: &Daemon, env: &Env) {
+    wait_for(daemon, Duration::from_secs(60), "the job to be claimed", || lock_count(env) == 1);
+    // Give qemu-img a moment to start writing.
+    std::thread::sleep(Duration::from_millis(700));
+}
+
+fn assert_no_partial_results(daemon: &Daemon, env: &Env, vm: &str) {
+    let visible = visible_entries(&env.output);
+    if visible.iter().any(|n| n.starts_with(vm)) {
+        daemon.fail(&format!("results appeared for an unfinished job: {visible:?}"));
+    }
+    assert_no_temp_files(daemon, env);
+}
+
+#[test]
+fn sigterm_past_the_drain_limit_releases_the_job_to_the_queue() {
+    let env = Env::new();
+    let source = slow_disk(&env);
+    let mut daemon = Daemon::start(&env, &[SLOW, ("DRAIN_SECONDS", "0.5")], &[]);
+    hypersdk_submit(&daemon, &env, &manifest("slow-vm", vec![disk("disk-0", "raw", &source)]));
+    wait_until_converting(&daemon, &env);
+    let (status, took, killed) = daemon.terminate(Duration::from_secs(15));
+    assert!(!killed && status.success(), "the daemon must stop cleanly ({status}, {took:?})\n{}", daemon.log());
+    assert!(took < Duration::from_secs(10), "release took {took:?}");
+    assert!(env.queue.join(MANIFEST_NAME).exists(), "the released manifest is back under its name");
+    assert_eq!(lock_count(&env), 0, "no lock is left behind");
+    assert_no_partial_results(&daemon, &env, "slow-vm");
+
+    // Another daemon (fast: no compression) takes the released job at once.
+    let second = Daemon::start_named(&env, "second", &[], &[]);
+    match hypersdk_wait(&second, &env, "slow-vm", &[]) {
+        Outcome::Success { .. } => assert_converted(&second, &env.output.join("slow-vm.qcow2"), &source, "raw"),
+        Outcome::Failed(text) => second.fail(&format!("the released job failed:\n{text}")),
+    }
+}
+
+#[test]
+fn sigterm_waits_for_a_running_job_within_the_drain_limit() {
+    let env = Env::new();
+    let source = slow_disk(&env);
+    let mut daemon = Daemon::start(&env, &[SLOW], &[]);
+    hypersdk_submit(&daemon, &env, &manifest("drained-vm", vec![disk("disk-0", "raw", &source)]));
+    wait_until_converting(&daemon, &env);
+    let (status, took, killed) = daemon.terminate(Duration::from_secs(90));
+    assert!(!killed && status.success(), "the daemon must drain and exit 0 ({status}, {took:?})\n{}", daemon.log());
+    let qcow2 = env.output.join("drained-vm.qcow2");
+    assert!(qcow2.exists(), "the running job was finished before exit\n{}", daemon.log());
+    assert_converted(&daemon, &qcow2, &source, "raw");
+    assert!(!env.queue.join(MANIFEST_NAME).exists());
+}
+
+#[test]
+fn a_daemon_killed_outright_does_not_strand_its_job() {
+    let env = Env::new();
+    let source = slow_disk(&env);
+    let mut first = Daemon::start(&env, &[SLOW], &[]);
+    hypersdk_submit(&first, &env, &manifest("killed-vm", vec![disk("disk-0", "raw", &source)]));
+    wait_until_converting(&first, &env);
+    unsafe {
+        libc::kill(first.pid(), libc::SIGKILL);
+    }
+    let _ = first.terminate(Duration::from_secs(5));
+    assert_eq!(lock_count(&env), 1, "the dead daemon's lock is still there");
+
+    // The restarted daemon (same host, new pid) releases and retakes the job without waiting
+    // for a lease.
+    let second = Daemon::start_named(&env, "restarted", &[], &[]);
+    match hypersdk_wait(&second, &env, "killed-vm", &[]) {
+        Outcome::Success { .. } => assert_converted(&second, &env.output.join("killed-vm.qcow2"), &source, "raw"),
+        Outcome::Failed(text) => second.fail(&format!("the retaken job failed:\n{text}")),
+    }
+    wait_for(&second, Duration::from_secs(10), "the lock to be removed", || lock_count(&env) == 0);
+    let status = env.status();
+    let done: Vec<_> = status["jobs"].as_array().unwrap().iter().filter(|j| j["state"] == "done").collect();
+    assert_eq!(done.len(), 1, "exactly one job completed: {status:#}");
+}
+
+#[test]
+fn conversion_timeout_fails_the_job_with_a_clear_error_and_the_daemon_goes_on() {
+    let env = Env::new();
+    let source = slow_disk(&env);
+    // 0.03 minutes = 1.8 s: enough for the small job, not for the slow one.
+    let mut s = Session::start_in(env, &[SLOW, ("CONVERSION_TIMEOUT", "0.03")], &[]);
+    let first = s.convert_err(&manifest("timeout-vm", vec![disk("disk-0", "raw", &source)]), "timeout-vm");
+    assert!(first.contains("CONVERSION_TIMEOUT"), "first line: {first}");
+    assert_no_temp_files(&s.daemon, &s.env);
+    let small = small_raw(&s.env.exports.join("small/disk-0.raw"));
+    s.convert_ok(&manifest("after-timeout", vec![disk("disk-0", "raw", &small)]));
+}
