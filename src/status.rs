@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::manifest;
 use crate::queue::claim::{read_lock, LockRecord};
 use crate::queue::layout::is_manifest_name;
 use crate::queue::records::{self, EventLog};
@@ -44,6 +45,8 @@ pub struct QueueEntry {
 pub struct ClaimView {
     #[serde(flatten)]
     pub lock: LockRecord,
+    /// From the claimed manifest (its file stem when it names none).
+    pub vm_name: String,
     /// Seconds since the last heartbeat, judged against the file server's clock.
     pub heartbeat_age_seconds: Option<f64>,
     pub stage: Option<String>,
@@ -93,7 +96,7 @@ pub fn collect(config: &Config) -> Status {
 fn running_view(claim: &ClaimView) -> JobView {
     JobView {
         job_id: claim.lock.job_id.clone(),
-        vm_name: String::new(),
+        vm_name: claim.vm_name.clone(),
         host: claim.lock.owner.host.clone(),
         instance: claim.lock.owner.instance.clone(),
         state: JobState::Running,
@@ -131,7 +134,9 @@ fn claims(layout: &Layout, now: SystemTime) -> Vec<ClaimView> {
             let lock = read_lock(&e.path()).ok()?;
             let heartbeat = std::fs::metadata(e.path()).and_then(|m| m.modified()).ok();
             let last = EventLog::last(&layout.event_log(&lock.job_id));
+            let manifest = std::fs::read(layout.claimed_manifest(&lock.job_id)).unwrap_or_default();
             Some(ClaimView {
+                vm_name: manifest::vm_name_hint(&manifest, &lock.manifest_name),
                 heartbeat_age_seconds: heartbeat.map(|h| age(Some(h), now)),
                 stage: last.as_ref().map(|e| e.stage.clone()),
                 percent: last.and_then(|e| e.percent),
@@ -168,8 +173,9 @@ pub fn render(status: &Status) -> String {
     for c in &status.claims {
         let percent = c.percent.map(|p| format!(" {p:.0}%")).unwrap_or_default();
         out.push_str(&format!(
-            "  {}  {}  host {} pid {} gen {}  heartbeat {:.0}s ago  {}{percent}\n",
+            "  {}  {:?} ({})  host {} pid {} gen {}  heartbeat {:.0}s ago  {}{percent}\n",
             c.lock.job_id,
+            c.vm_name,
             c.lock.manifest_name,
             c.lock.owner.host,
             c.lock.owner.pid,

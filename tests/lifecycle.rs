@@ -6,17 +6,21 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::fixtures::{create_raw, small_raw, write_random};
+use std::io::Read;
+
+use common::fixtures::small_raw;
 use common::*;
 
 /// Compressed output makes qemu-img slow enough (several seconds) to interrupt on purpose.
 const SLOW: (&str, &str) = ("QEMU_CONVERT_OPTIONS", "-O qcow2 -c");
 
-/// A 512 MiB raw disk full of hard-to-compress data.
+/// A 512 MiB raw disk of random (incompressible) data; /dev/urandom is much faster than
+/// generating it in a debug-built test.
 fn slow_disk(env: &Env) -> PathBuf {
     let path = env.exports.join("slow/disk-0.raw");
-    create_raw(&path, 512 << 20);
-    write_random(&path, 0, 512 << 20, 7);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut random = std::fs::File::open("/dev/urandom").unwrap().take(512 << 20);
+    std::io::copy(&mut random, &mut std::fs::File::create(&path).unwrap()).unwrap();
     path
 }
 
@@ -67,6 +71,13 @@ fn sigterm_waits_for_a_running_job_within_the_drain_limit() {
     let mut daemon = Daemon::start(&env, &[SLOW], &[]);
     hypersdk_submit(&daemon, &env, &manifest("drained-vm", vec![disk("disk-0", "raw", &source)]));
     wait_until_converting(&daemon, &env);
+    let status = env.status();
+    let running = status["jobs"].as_array().unwrap().iter().find(|j| j["state"] == "running");
+    assert_eq!(running.map(|j| j["vm_name"].clone()), Some("drained-vm".into()), "{status:#}");
+    let claim = &status["claims"][0];
+    assert_eq!(claim["generation"], 1, "{status:#}");
+    assert_eq!(claim["manifest_name"], MANIFEST_NAME, "{status:#}");
+    assert!(claim["heartbeat_age_seconds"].as_f64().is_some_and(|age| age < 60.0), "{status:#}");
     let (status, took, killed) = daemon.terminate(Duration::from_secs(90));
     assert!(!killed && status.success(), "the daemon must drain and exit 0 ({status}, {took:?})\n{}", daemon.log());
     let qcow2 = env.output.join("drained-vm.qcow2");
