@@ -140,7 +140,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("hyper2kvm: {e:#}");
+            // Library errors already name their cause; the chain would repeat it.
+            eprintln!("hyper2kvm: {e}");
             ExitCode::FAILURE
         }
     }
@@ -229,6 +230,13 @@ fn load_config(config_dir: &Option<PathBuf>, log_level: Option<String>, args: &C
     for (key, value) in named {
         if let Some(value) = value {
             flags.push((key.to_owned(), value.clone()));
+        }
+    }
+    // Paths typed on a command line are relative to where it was typed.
+    let cwd = std::env::current_dir()?;
+    for (key, value) in flags.iter_mut() {
+        if matches!(key.as_str(), "WATCH_DIR" | "OUTPUT_DIR") && !value.is_empty() && !value.starts_with('/') {
+            *value = cwd.join(&*value).display().to_string();
         }
     }
     for pair in &args.set {

@@ -1,0 +1,57 @@
+# hyper2kvm — common tasks.
+#
+#   make build       release build: target/release/hyper2kvm
+#   make deps        install missing system tools (qemu-img, virt-xml-validate, …) and Rust components
+#   make test        everything CI checks: deps, format, clippy, tests, and the demo smoke run
+#   make demo        build, start a demo daemon under ./demo/ and convert a sample VM (leaves it running)
+#   make demo-stop   stop the demo daemon
+#   make demo-check  demo then stop, non-interactive; fails if the demo failed
+#   make fmt         format the code
+#   make lint        format check and clippy
+#   make clean       stop the demo, remove build output and ./demo/
+
+CARGO ?= cargo
+
+.DEFAULT_GOAL := build
+.PHONY: build deps test demo demo-stop demo-check fmt lint clean
+
+build:
+	$(CARGO) build --release
+
+deps:
+	scripts/install-deps.sh
+
+# The steps run in this order on purpose: the cheap checks fail first, and the doctests run
+# before the main test run so that its summary is the last test-runner output of the log.
+# nextest (when installed) does not run doctests, hence the separate `cargo test --doc`.
+test: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) test --doc
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --all-targets; \
+	else \
+		$(CARGO) test --all-targets; \
+	fi
+	$(MAKE) demo-check
+
+demo:
+	scripts/demo.sh
+
+demo-stop:
+	scripts/demo.sh stop
+
+demo-check:
+	scripts/demo.sh check
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+clean:
+	-scripts/demo.sh stop
+	$(CARGO) clean
+	rm -rf demo
