@@ -10,6 +10,7 @@ pub mod checksum;
 pub mod config;
 pub mod convert;
 pub mod daemon;
+pub mod engine;
 pub mod host;
 pub mod image;
 pub mod job;

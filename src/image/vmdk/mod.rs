@@ -10,6 +10,8 @@ use std::path::Path;
 
 use thiserror::Error;
 
+use super::ReadAt;
+
 /// `KDMV`, little-endian.
 pub const SPARSE_MAGIC: u32 = 0x564d_444b;
 const SECTOR: u64 = 512;
@@ -154,31 +156,8 @@ pub fn is_sparse_extent(path: &Path) -> bool {
 /// Checks a sparse extent file: header, grain directory, every grain table and every grain
 /// (for compressed extents, every grain marker) must lie inside the file.
 pub fn check_sparse_file(path: &Path) -> Result<SparseSummary, VmdkError> {
-    let file = File::open(path)?;
-    let len = file.metadata()?.len();
-    check_sparse(&file, len)
-}
-
-/// Positioned reads, so the checker can run over any source (a file, a buffer in tests and
-/// fuzzing).
-pub trait ReadAt {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
-}
-
-impl ReadAt for File {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        FileExt::read_exact_at(self, buf, offset)
-    }
-}
-
-impl ReadAt for [u8] {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let start = usize::try_from(offset).map_err(|_| std::io::ErrorKind::UnexpectedEof)?;
-        let end = start.checked_add(buf.len()).ok_or(std::io::ErrorKind::UnexpectedEof)?;
-        let src = self.get(start..end).ok_or(std::io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
+    let source = super::FileSource::open(path).map_err(|e| VmdkError::Io(e.to_string()))?;
+    check_sparse(&source, source.len())
 }
 
 /// [`check_sparse_file`] over any positioned reader of length `len`.

@@ -1,0 +1,1 @@
+//! qcow2 (v3) written in one forward pass.
