@@ -164,6 +164,16 @@ impl Daemon {
             max_concurrent = config.max_concurrent,
             "hyper2kvm daemon started"
         );
+        debug!(
+            poll_interval = ?config.poll_interval,
+            settle = ?config.settle,
+            lease = ?config.lease,
+            conversion_timeout = ?config.conversion_timeout,
+            temp_dir = %config.temp_dir.display(),
+            source_roots = ?config.source_roots,
+            inotify = config.use_inotify,
+            "configuration"
+        );
         let mut next = self.scan_and_claim()?;
         service::ready(&self.status_line());
         loop {

@@ -257,7 +257,9 @@ fn prepare_sources<'a>(
         for referenced in &info.referenced_files {
             ctx.roots.confine(referenced).map_err(|e| reference_failure(disk, referenced, &e, &ctx.roots))?;
         }
-        check_structure(disk, &path, &info.referenced_files)?;
+        if !ctx.converter.reads_natively(disk.source_format) {
+            check_structure(disk, &path, &info.referenced_files)?;
+        }
         prepared.push(PreparedSource { disk, path, info, verified });
     }
     Ok(prepared)

@@ -130,6 +130,12 @@ pub trait Converter: Send + Sync {
     /// A short name for reports (`qemu-img`, `native`).
     fn name(&self) -> &'static str;
 
+    /// Whether this converter parses `format` itself (and so checks its structure); when it
+    /// does not, the job checks VMDK sparse extents before handing them to an external tool.
+    fn reads_natively(&self, _format: SourceFormat) -> bool {
+        false
+    }
+
     /// Describes the source without converting it: format, size and the files it references.
     fn inspect(&self, source: &Path, format: SourceFormat, control: &JobControl) -> Result<ImageInfo, ConvertError>;
 

@@ -1,0 +1,107 @@
+//! The command line and configuration as an operator meets them (contract §1–§2): invalid
+//! values are fatal and say where they came from, unknown keys only warn, systemd's empty
+//! `--flag=` expansions fall back to the configuration, and exit codes are 0/1/2.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn hyper2kvm(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> std::process::Output {
+    Command::new(bin())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(vars.iter().copied())
+        .arg("--config-dir")
+        .arg(&env.etc)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run hyper2kvm")
+}
+
+#[test]
+fn an_invalid_value_is_fatal_and_names_key_file_line_and_range() {
+    let env = Env::new();
+    std::fs::write(env.etc.join("hyper2kvm.conf"), "# base\nPOLL_INTERVAL=soon\n").unwrap();
+    let out = hyper2kvm(&env, &["daemon", "--watch-dir", env.queue.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("POLL_INTERVAL"), "{stderr}");
+    assert!(stderr.contains("hyper2kvm.conf:2"), "names the file and line: {stderr}");
+    assert!(stderr.contains("seconds from"), "names the accepted range: {stderr}");
+}
+
+#[test]
+fn an_invalid_instance_file_value_names_that_file() {
+    let env = Env::new();
+    std::fs::write(env.etc.join("hyper2kvm-vsphere.conf"), "MAX_CONCURRENT=lots\n").unwrap();
+    let out = hyper2kvm(&env, &["daemon", "--instance=vsphere"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("MAX_CONCURRENT") && stderr.contains("hyper2kvm-vsphere.conf:1"), "{stderr}");
+}
+
+#[test]
+fn unknown_keys_warn_and_empty_systemd_expansions_fall_back_to_the_conf() {
+    let env = Env::new();
+    let conf = format!(
+        "WATCH_DIR={}\nOUTPUT_DIR={}\nPOLL_INTERVAL=0.2\nSETTLE_SECONDS=0.2\nFROBNICATE=yes\nLOG_LEVEL=debug\n",
+        env.queue.display(),
+        env.output.display()
+    );
+    std::fs::write(env.etc.join("hyper2kvm.conf"), conf).unwrap();
+    // Exactly what systemd runs when WATCH_DIR, OUTPUT_DIR and LOG_LEVEL are not in its environment.
+    let child = Command::new(bin())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("SOURCE_ROOTS", &env.exports)
+        .args(["--config-dir", env.etc.to_str().unwrap()])
+        .args(["daemon", "--instance=t2", "--watch-dir=", "--output-dir=", "--log-level="])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(env.queue.is_dir() && env.output.is_dir()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(env.queue.is_dir() && env.output.is_dir(), "the conf's directories are used and created");
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("FROBNICATE").count(), 1, "one warning for the unknown key: {stderr}");
+    assert!(stderr.contains("DEBUG"), "LOG_LEVEL=debug from the conf applies: {stderr}");
+}
+
+#[test]
+fn exit_codes_and_version() {
+    let env = Env::new();
+    let version = hyper2kvm(&env, &["--version"], &[]);
+    assert_eq!(version.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("hyper2kvm "));
+    let usage = hyper2kvm(&env, &["daemon", "--no-such-flag"], &[]);
+    assert_eq!(usage.status.code(), Some(2), "usage errors exit 2");
+    let missing = hyper2kvm(&env, &["inspect", "/nonexistent/disk.vmdk"], &[]);
+    assert_eq!(missing.status.code(), Some(1), "failures exit 1");
+    assert!(!missing.stderr.is_empty());
+}
+
+#[test]
+fn log_levels_are_case_insensitive_and_warning_is_accepted() {
+    let env = Env::new();
+    for level in ["WARNING", "Info", "error", "trace"] {
+        let out = hyper2kvm(&env, &["status", "--log-level", level, "--watch-dir", env.queue.to_str().unwrap()], &[]);
+        assert!(out.status.success(), "{level}: {out:?}");
+    }
+    let out = hyper2kvm(&env, &["status", "--log-level", "loud"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LOG_LEVEL"));
+}
