@@ -1,10 +1,10 @@
 //! `hyper2kvm convert` and `hyper2kvm inspect`: the engine used by hand, outside the queue.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::qemu_img::QemuImg;
 use super::{Compression, ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
@@ -62,19 +62,22 @@ pub fn convert(
     result
 }
 
-/// Paints `NN% (rate, ETA)` on stderr until `finished`.
+/// A progress bar on stderr (rate and ETA) until `finished`.
 fn spawn_progress(control: JobControl, finished: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let started = Instant::now();
-        while !finished.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(250));
-            let done = control.progress.done_bytes.load(Ordering::Relaxed);
-            let total = control.progress.total_bytes.load(Ordering::Relaxed).max(1);
-            let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-            let eta = if rate > 0.0 { (total.saturating_sub(done)) as f64 / rate } else { 0.0 };
-            eprint!("\r{:5.1}%  {:8.1} MiB/s  ETA {:4.0}s ", 100.0 * done as f64 / total as f64, rate / 1048576.0, eta);
-            let _ = std::io::stderr().flush();
+        let total = control.progress.total_bytes.load(Ordering::Relaxed);
+        let bar = indicatif::ProgressBar::new(total);
+        let style = indicatif::ProgressStyle::with_template(
+            "{bar:40.cyan/blue} {percent:>3}%  {bytes}/{total_bytes}  {binary_bytes_per_sec}  ETA {eta}",
+        );
+        if let Ok(style) = style {
+            bar.set_style(style);
         }
-        eprintln!();
+        while !finished.load(Ordering::SeqCst) {
+            bar.set_position(control.progress.done_bytes.load(Ordering::Relaxed));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bar.set_position(control.progress.done_bytes.load(Ordering::Relaxed));
+        bar.finish();
     })
 }
