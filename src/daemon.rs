@@ -19,7 +19,7 @@ use crate::convert::JobControl;
 use crate::host::Identity;
 use crate::job::{self, JobContext, JobEnd};
 use crate::publish;
-use crate::queue::{self, claim::read_lock, Claim, Layout, Outcome, Scanner};
+use crate::queue::{self, Beat, Claim, Layout, Outcome, Queue, Scanner};
 use crate::service;
 use crate::source::SourceRoots;
 
@@ -51,7 +51,7 @@ struct Counters {
 /// A running daemon's state.
 struct Daemon {
     ctx: Arc<JobContext>,
-    layout: Layout,
+    queue: Queue,
     scanner: Scanner,
     running: JoinSet<(String, JobEnd)>,
     controls: HashMap<String, JobControl>,
@@ -70,12 +70,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         identity,
         config: config.clone(),
     });
-    recover_orphans(&ctx, &layout);
+    let queue = Queue::new(layout.clone());
+    recover_orphans(&ctx, &queue);
     prune(&config, &layout);
     let mut daemon = Daemon {
         scanner: Scanner::new(&config.watch_dir, config.settle, config.invalid_manifest_grace),
         ctx,
-        layout,
+        queue,
         running: JoinSet::new(),
         controls: HashMap::new(),
         counters: Counters::default(),
@@ -113,10 +114,8 @@ fn prepare_directories(config: &Config) -> Result<(), DaemonError> {
 
 /// Releases claims left by an earlier incarnation of this daemon on this host (a crash or a
 /// kill -9), so they are retaken now instead of after a lease.
-fn recover_orphans(ctx: &JobContext, layout: &Layout) {
-    let Ok(entries) = std::fs::read_dir(layout.locks_dir()) else { return };
-    for entry in entries.flatten() {
-        let Ok(record) = read_lock(&entry.path()) else { continue };
+fn recover_orphans(ctx: &JobContext, queue: &Queue) {
+    for (_, record) in queue.locks() {
         let owner = &record.owner;
         let ours = owner.host == ctx.identity.host;
         let previous_life =
@@ -124,10 +123,21 @@ fn recover_orphans(ctx: &JobContext, layout: &Layout) {
         if ours && previous_life {
             let job_id = record.job_id.clone();
             info!(job_id = %job_id, pid = owner.pid, "releasing a claim left by an earlier run of this daemon");
-            let _ = std::fs::remove_dir_all(ctx.config.temp_dir.join(&job_id));
-            if let Err(e) = Claim::adopt(layout, record).release() {
+            remove_staging(&ctx.config.temp_dir, &job_id);
+            if let Err(e) = queue.adopt(record).release() {
                 warn!(job_id = %job_id, error = %e, "could not release an orphaned claim");
             }
+        }
+    }
+}
+
+/// Removes every generation's staging directory of a job.
+fn remove_staging(temp_dir: &std::path::Path, job_id: &str) {
+    let prefix = format!("{job_id}.g");
+    let Ok(entries) = std::fs::read_dir(temp_dir) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
@@ -182,7 +192,7 @@ impl Daemon {
                 Some(()) = wake_rx.recv() => debug!("woken by a local file event"),
                 Some(joined) = self.running.join_next(), if !self.running.is_empty() => self.record_end(joined),
                 _ = watchdog.tick() => service::watchdog(),
-                _ = prune_timer.tick() => prune(&config, &self.layout),
+                _ = prune_timer.tick() => prune(&config, &self.queue.layout),
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
             }
@@ -211,14 +221,45 @@ impl Daemon {
                 break;
             }
             self.scanner.forget(&candidate.name);
-            match queue::claim(&self.layout, &candidate.name, &self.ctx.identity) {
+            match self.queue.claim(&candidate.name, &self.ctx.identity) {
                 Ok(Some(claim)) => self.start(claim),
                 Ok(None) => debug!(manifest = %candidate.name, "another daemon took the manifest first"),
                 Err(e) => warn!(manifest = %candidate.name, error = %e, "could not claim; will retry"),
             }
         }
+        self.take_over_stale();
         let next = scan.next_check.map_or(config.poll_interval, |d| d.min(config.poll_interval));
         Ok(next.max(Duration::from_millis(20)))
+    }
+
+    /// Takes over jobs whose owner stopped heartbeating (crashed, frozen, cut off), while a
+    /// slot is free.
+    fn take_over_stale(&mut self) {
+        let lease = self.ctx.config.lease;
+        if self.running.len() >= self.ctx.config.max_concurrent {
+            return;
+        }
+        let stale = match self.queue.stale(lease) {
+            Ok(stale) => stale,
+            Err(e) => {
+                warn!(error = %e, "could not look for stale claims; will retry");
+                return;
+            }
+        };
+        for job in stale {
+            if self.running.len() >= self.ctx.config.max_concurrent {
+                break;
+            }
+            match self.queue.take_over(&job, &self.ctx.identity, lease) {
+                Ok(Some(claim)) => {
+                    info!(job_id = %job.job_id, age_seconds = job.age.as_secs_f64(), generation = claim.record().generation, "took over a stale job");
+                    remove_staging(&self.ctx.config.temp_dir, &job.job_id);
+                    self.start(claim);
+                }
+                Ok(None) => debug!(job_id = %job.job_id, "another daemon took the stale job, or its owner is alive"),
+                Err(e) => warn!(job_id = %job.job_id, error = %e, "could not take over a stale job"),
+            }
+        }
     }
 
     fn start(&mut self, claim: Claim) {
@@ -227,7 +268,7 @@ impl Daemon {
         self.controls.insert(job_id.clone(), control.clone());
         let ctx = self.ctx.clone();
         let heartbeat_every = ctx.config.lease / 3;
-        let lock = claim.lock_path();
+        let heartbeat = claim.heartbeat();
         let verbose = ctx.config.verbose_progress;
         let span =
             tracing::info_span!("job", instance = ctx.identity.instance.as_deref().unwrap_or(""), job_id = %job_id);
@@ -247,8 +288,10 @@ impl Daemon {
                             return (job_id, end);
                         }
                         _ = beat.tick() => {
-                            if let Err(e) = queue::claim::touch(&lock) {
-                                warn!(error = %e, "heartbeat failed; will retry");
+                            let beat = heartbeat.clone();
+                            if tokio::task::spawn_blocking(move || beat.beat()).await.ok() == Some(Beat::Lost) {
+                                warn!(stage = "heartbeat", "the lock is gone: another daemon took the job over; abandoning it");
+                                control.abandon();
                             }
                             if verbose {
                                 report_progress(&control, &mut reported);

@@ -120,7 +120,7 @@ pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
     info!(stage = "claim", manifest = %manifest_name, "claimed");
     events.append("claim", &format!("claimed {manifest_name}"), None);
 
-    let staging = match Staging::create(&ctx.config.temp_dir, claim.job_id()) {
+    let staging = match Staging::create(&ctx.config.temp_dir, &staging_name(&claim)) {
         Ok(staging) => staging,
         Err(e) => {
             let failure = Failure::new(
@@ -161,6 +161,12 @@ pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
     };
     staging.remove();
     end
+}
+
+/// Each generation of a job stages apart, so a new owner never meets the files of a frozen
+/// old one.
+pub fn staging_name(claim: &Claim) -> String {
+    format!("{}.g{}", claim.job_id(), claim.record().generation)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -412,15 +418,10 @@ fn publish_results(
 }
 
 fn fence(claim: &Claim) -> Result<(), Stop> {
-    match claim.still_owned() {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(Stop::LostLock),
-        // Not knowing is not losing: an unreadable lock (ESTALE, EIO) is retried once, then
-        // treated as lost, because publishing without ownership is the worse mistake.
-        Err(_) => match claim.still_owned() {
-            Ok(true) => Ok(()),
-            _ => Err(Stop::LostLock),
-        },
+    if claim.still_owned() {
+        Ok(())
+    } else {
+        Err(Stop::LostLock)
     }
 }
 
@@ -604,6 +605,7 @@ fn convert_failure(stage: Stage, disk: &DiskSpec, path: &Path, error: ConvertErr
     let format = disk.source_format.as_str();
     let summary = match &error {
         ConvertError::Cancelled => return Stop::Cancelled,
+        ConvertError::LockLost => return Stop::LostLock,
         ConvertError::TimedOut => {
             "The job took longer than CONVERSION_TIMEOUT; raise CONVERSION_TIMEOUT or check the speed of the source and output storage.".to_owned()
         }

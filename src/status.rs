@@ -10,9 +10,10 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::manifest;
-use crate::queue::claim::{read_lock, LockRecord};
+use crate::queue::claim::LockRecord;
 use crate::queue::layout::is_manifest_name;
 use crate::queue::records::{self, EventLog};
+use crate::queue::Queue;
 use crate::queue::{JobState, Layout};
 
 /// One job, running or finished.
@@ -127,21 +128,20 @@ fn queue(watch_dir: &Path, now: SystemTime) -> Vec<QueueEntry> {
 }
 
 fn claims(layout: &Layout, now: SystemTime) -> Vec<ClaimView> {
-    let Ok(entries) = std::fs::read_dir(layout.locks_dir()) else { return Vec::new() };
-    let mut claims: Vec<ClaimView> = entries
-        .flatten()
-        .filter_map(|e| {
-            let lock = read_lock(&e.path()).ok()?;
-            let heartbeat = std::fs::metadata(e.path()).and_then(|m| m.modified()).ok();
+    let mut claims: Vec<ClaimView> = Queue::new(layout.clone())
+        .locks()
+        .into_iter()
+        .map(|(path, lock)| {
+            let heartbeat = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
             let last = EventLog::last(&layout.event_log(&lock.job_id));
             let manifest = std::fs::read(layout.claimed_manifest(&lock.job_id)).unwrap_or_default();
-            Some(ClaimView {
+            ClaimView {
                 vm_name: manifest::vm_name_hint(&manifest, &lock.manifest_name),
                 heartbeat_age_seconds: heartbeat.map(|h| age(Some(h), now)),
                 stage: last.as_ref().map(|e| e.stage.clone()),
                 percent: last.and_then(|e| e.percent),
                 lock,
-            })
+            }
         })
         .collect();
     claims.sort_by(|a, b| a.lock.job_id.cmp(&b.lock.job_id));
@@ -152,14 +152,11 @@ fn age(then: Option<SystemTime>, now: SystemTime) -> f64 {
     then.and_then(|t| now.duration_since(t).ok()).map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// The file server's idea of now: the mtime of a file just created in the state directory.
-/// Heartbeats are stamped by the server, so ages must be judged by its clock too. Falls back to
-/// the local clock where the directory is not writable.
+/// The file server's idea of now (heartbeats are stamped by it); the local clock where the
+/// state directory is not writable.
 fn server_now(layout: &Layout) -> SystemTime {
-    let probe = layout.state_dir().join(format!(".clock-{}", crate::host::random_hex()));
-    let stamped = std::fs::File::create(&probe).and_then(|f| f.metadata()).and_then(|m| m.modified());
-    let _ = std::fs::remove_file(&probe);
-    stamped.unwrap_or_else(|_| SystemTime::now())
+    use crate::queue::fs::{QueueFs, RealFs};
+    RealFs.server_now(layout.state_dir()).unwrap_or_else(|_| SystemTime::now())
 }
 
 /// A readable summary for a terminal.

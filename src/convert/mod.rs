@@ -69,6 +69,7 @@ impl Progress {
 pub struct JobControl {
     deadline: Instant,
     cancelled: Arc<AtomicBool>,
+    lost: Arc<AtomicBool>,
     pub progress: Arc<Progress>,
 }
 
@@ -78,6 +79,7 @@ impl JobControl {
         JobControl {
             deadline: Instant::now() + timeout,
             cancelled: Arc::new(AtomicBool::new(false)),
+            lost: Arc::new(AtomicBool::new(false)),
             progress: Arc::new(Progress::default()),
         }
     }
@@ -87,9 +89,17 @@ impl JobControl {
         self.cancelled.store(true, Ordering::SeqCst);
     }
 
+    /// Stops the job because another daemon took it over: it must publish nothing and leave
+    /// the claim alone.
+    pub fn abandon(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+    }
+
     /// Returns the reason to stop, if there is one.
     pub fn check(&self) -> Result<(), ConvertError> {
-        if self.cancelled.load(Ordering::SeqCst) {
+        if self.lost.load(Ordering::SeqCst) {
+            Err(ConvertError::LockLost)
+        } else if self.cancelled.load(Ordering::SeqCst) {
             Err(ConvertError::Cancelled)
         } else if Instant::now() >= self.deadline {
             Err(ConvertError::TimedOut)
@@ -115,6 +125,8 @@ pub enum ConvertError {
     TimedOut,
     #[error("the conversion was cancelled")]
     Cancelled,
+    #[error("another daemon took the job over")]
+    LockLost,
     #[error("no space left on the output filesystem: {0}")]
     NoSpace(String),
     #[error("{tool} could not be run: {source}")]

@@ -1,22 +1,31 @@
-//! Claims and lock files: the only code that decides who owns a job.
+//! Claims, lock files, heartbeats, takeover and fencing: the only code that decides who owns
+//! a job. docs/QUEUE.md states the protocol step by step with the invariant each step keeps.
 //!
-//! A claim is (1) a lock file created with `O_EXCL` holding the owner record, then (2) a rename
-//! of the manifest from WATCH_DIR into `claimed/<job>.json`. Exactly one renamer of a name can
-//! win; the winner confirms by looking at the claimed path rather than trusting the return
-//! code, because NFS can report a retransmitted rename as failed when it succeeded (and the
-//! reverse). The lock's mtime is the heartbeat. Multi-host takeover builds on this interface.
+//! - **Claim**: a lock file created with `O_EXCL` holding the owner record, then a rename of
+//!   the manifest into `claimed/<job>.json`. Exactly one renamer of a name wins; the winner
+//!   confirms by looking, because NFS can report a retransmitted rename wrongly either way.
+//! - **Heartbeat**: the owner touches the lock (server-stamped mtime) every LEASE_SECONDS/3.
+//! - **Takeover**: a lock older than the lease by the *file server's* clock is renamed aside
+//!   (one renamer wins), re-checked for a heartbeat that raced in (then restored), and
+//!   replaced by a lock with generation + 1 for the same job.
+//! - **Fence**: before every publishing rename the owner touches its lock and re-reads it; a
+//!   missing lock or another owner/generation means the job is lost: publish nothing.
 
-use std::fs::OpenOptions;
-use std::io::{ErrorKind, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::fs::{self, QueueFs, RealFs};
 use super::layout::{Layout, Outcome};
 use super::records::{self, JobRecord};
 use crate::host::{self, Identity};
+
+/// Suffix of a lock file; anything else in `locks/` is a lock being taken over.
+const LOCK_SUFFIX: &str = ".lock";
 
 /// The owner record stored in a lock file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,11 +40,28 @@ pub struct LockRecord {
     pub manifest_name: String,
 }
 
+/// The queue as one daemon sees it: its layout and the filesystem operations it uses.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    pub layout: Layout,
+    fs: Arc<dyn QueueFs>,
+}
+
 /// A job this daemon owns.
 #[derive(Debug)]
 pub struct Claim {
-    layout: Layout,
+    queue: Queue,
     record: LockRecord,
+}
+
+/// A lock whose heartbeat is older than the lease, or a claimed manifest left without a lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stale {
+    pub job_id: String,
+    /// Age by the file server's clock.
+    pub age: Duration,
+    /// Whether a lock file exists (false: a takeover or claim died half-way).
+    pub has_lock: bool,
 }
 
 /// A fresh job id: UTC time for sorting, 64 random bits for uniqueness across hosts.
@@ -43,32 +69,180 @@ pub fn new_job_id() -> String {
     format!("{}-{}", Utc::now().format("%Y%m%dT%H%M%SZ"), host::random_hex())
 }
 
-/// Tries to claim the manifest `name` in WATCH_DIR. `Ok(None)` means another daemon (or the
-/// producer) took it away first, which is normal.
-pub fn claim(layout: &Layout, name: &str, owner: &Identity) -> std::io::Result<Option<Claim>> {
-    let record = LockRecord {
-        job_id: new_job_id(),
-        owner: owner.clone(),
-        generation: 1,
-        claimed_at: Utc::now(),
-        manifest_name: name.to_owned(),
-    };
-    let lock = layout.lock_file(&record.job_id);
-    create_exclusive(&lock, &serde_json::to_vec_pretty(&record)?)?;
-    let claimed = layout.claimed_manifest(&record.job_id);
-    let rename_result = std::fs::rename(layout.watch_dir().join(name), &claimed);
-    if claimed.exists() {
-        if let Err(e) = rename_result {
-            tracing::warn!(job_id = %record.job_id, error = %e, "rename reported an error but the claim is in place; keeping it");
+fn io_invalid(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::new(ErrorKind::InvalidData, e)
+}
+
+impl Queue {
+    /// The queue under `layout` on the real filesystem.
+    pub fn new(layout: Layout) -> Queue {
+        Queue { layout, fs: Arc::new(RealFs) }
+    }
+
+    /// The queue with another filesystem (fault injection in tests).
+    pub fn with_fs(layout: Layout, fs: Arc<dyn QueueFs>) -> Queue {
+        Queue { layout, fs }
+    }
+
+    /// Tries to claim the manifest `name` in WATCH_DIR. `Ok(None)` means another daemon (or
+    /// the producer) took it first, which is normal.
+    pub fn claim(&self, name: &str, owner: &Identity) -> std::io::Result<Option<Claim>> {
+        let record = LockRecord {
+            job_id: new_job_id(),
+            owner: owner.clone(),
+            generation: 1,
+            claimed_at: Utc::now(),
+            manifest_name: name.to_owned(),
+        };
+        let lock = self.layout.lock_file(&record.job_id);
+        self.fs.create_exclusive(&lock, &serde_json::to_vec_pretty(&record)?)?;
+        let claimed = self.layout.claimed_manifest(&record.job_id);
+        let renamed = self.fs.rename(&self.layout.watch_dir().join(name), &claimed);
+        // Look, whatever rename said: the claimed path is the truth.
+        if fs::retry("confirming a claim", || self.fs.exists(&claimed))? {
+            if let Err(e) = renamed {
+                tracing::warn!(job_id = %record.job_id, error = %e, "rename reported an error but the claim is in place");
+            }
+            return Ok(Some(Claim { queue: self.clone(), record }));
         }
-        return Ok(Some(Claim { layout: layout.clone(), record }));
+        remove_if_present(self.fs.as_ref(), &lock)?;
+        match renamed {
+            // Permanent failures (EACCES, EXDEV …) are worth reporting; losing the race is not.
+            Err(e) if e.kind() != ErrorKind::NotFound && !fs::is_transient(&e) => Err(e),
+            _ => Ok(None),
+        }
     }
-    remove_if_present(&lock)?;
-    match rename_result {
-        Ok(()) => Ok(None),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+
+    /// Reads a lock file's owner record.
+    pub fn read_lock(&self, path: &Path) -> std::io::Result<LockRecord> {
+        serde_json::from_slice(&self.fs.read(path)?).map_err(io_invalid)
     }
+
+    /// Every lock older than `lease`, and every claimed manifest without a lock for that long,
+    /// judged against the file server's clock.
+    pub fn stale(&self, lease: Duration) -> std::io::Result<Vec<Stale>> {
+        let now = self.fs.server_now(&self.layout.locks_dir())?;
+        let mut stale = Vec::new();
+        for job_id in list_ids(&self.layout.claimed_dir(), ".json")? {
+            let lock = self.layout.lock_file(&job_id);
+            // A lock that vanished between listing and stat was finished or taken: skip it.
+            let (has_lock, stamp) = match self.fs.modified(&lock) {
+                Ok(t) => (true, t),
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    match self.fs.modified(&self.layout.claimed_manifest(&job_id)) {
+                        Ok(t) => (false, t),
+                        Err(_) => continue,
+                    }
+                }
+                Err(e) if fs::is_transient(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            let age = fs::age(stamp, now);
+            if age > lease {
+                stale.push(Stale { job_id, age, has_lock });
+            }
+        }
+        Ok(stale)
+    }
+
+    /// Takes over a stale job. `Ok(None)` when another daemon won, or the owner proved alive.
+    pub fn take_over(&self, stale: &Stale, me: &Identity, lease: Duration) -> std::io::Result<Option<Claim>> {
+        let lock = self.layout.lock_file(&stale.job_id);
+        let aside = self.layout.locks_dir().join(format!("{}.lock.taken-{}", stale.job_id, host::random_hex()));
+        let previous = if stale.has_lock {
+            let renamed = self.fs.rename(&lock, &aside);
+            if !fs::retry("confirming a takeover", || self.fs.exists(&aside))? {
+                if let Some(e) = renamed.as_ref().err().filter(|e| e.kind() != ErrorKind::NotFound) {
+                    tracing::warn!(job_id = %stale.job_id, error = %e, "could not move a stale lock aside");
+                }
+                return Ok(None);
+            }
+            // The owner may have heartbeated between our judgement and the rename.
+            let now = self.fs.server_now(&self.layout.locks_dir())?;
+            if fs::age(self.fs.modified(&aside)?, now) <= lease {
+                let _ = self.fs.hard_link(&aside, &lock);
+                remove_if_present(self.fs.as_ref(), &aside)?;
+                return Ok(None);
+            }
+            self.read_lock(&aside).ok()
+        } else {
+            self.highest_aside(&stale.job_id)
+        };
+        let Some(previous) = previous.or_else(|| self.record_from_manifest(&stale.job_id)) else {
+            return Ok(None);
+        };
+        let record =
+            LockRecord { owner: me.clone(), generation: previous.generation + 1, claimed_at: Utc::now(), ..previous };
+        let created = self.fs.create_exclusive(&lock, &serde_json::to_vec_pretty(&record)?);
+        self.remove_asides(&stale.job_id);
+        match created {
+            Ok(()) => Ok(Some(Claim { queue: self.clone(), record })),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The newest record among locks moved aside by a takeover that did not finish.
+    fn highest_aside(&self, job_id: &str) -> Option<LockRecord> {
+        self.asides(job_id).iter().filter_map(|p| self.read_lock(p).ok()).max_by_key(|r| r.generation)
+    }
+
+    /// A record for a claimed manifest whose every lock is gone (a claim interrupted after
+    /// the rename): generation 0, so the takeover makes it 1.
+    fn record_from_manifest(&self, job_id: &str) -> Option<LockRecord> {
+        self.fs.exists(&self.layout.claimed_manifest(job_id)).ok()?.then(|| LockRecord {
+            job_id: job_id.to_owned(),
+            owner: Identity { host: String::new(), boot_id: String::new(), pid: 0, instance: None },
+            generation: 0,
+            claimed_at: Utc::now(),
+            manifest_name: "artifact-manifest.json".to_owned(),
+        })
+    }
+
+    fn asides(&self, job_id: &str) -> Vec<PathBuf> {
+        let prefix = format!("{job_id}.lock.taken-");
+        std::fs::read_dir(self.layout.locks_dir())
+            .map(|d| {
+                d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&prefix)).map(|e| e.path()).collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn remove_asides(&self, job_id: &str) {
+        for path in self.asides(job_id) {
+            let _ = self.fs.remove_file(&path);
+        }
+    }
+
+    /// Every lock record, for status and restart recovery.
+    pub fn locks(&self) -> Vec<(PathBuf, LockRecord)> {
+        list_ids(&self.layout.locks_dir(), LOCK_SUFFIX)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|id| {
+                let path = self.layout.lock_file(&id);
+                let record = self.read_lock(&path).ok()?;
+                Some((path, record))
+            })
+            .collect()
+    }
+
+    /// Rebuilds a claim from a lock record found on disk (restart recovery).
+    pub fn adopt(&self, record: LockRecord) -> Claim {
+        Claim { queue: self.clone(), record }
+    }
+}
+
+/// File stems in `dir` whose names end with `suffix`.
+fn list_ids(dir: &Path, suffix: &str) -> std::io::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(id) = name.strip_suffix(suffix).filter(|id| !id.starts_with('.')) {
+            ids.push(id.to_owned());
+        }
+    }
+    Ok(ids)
 }
 
 impl Claim {
@@ -82,97 +256,112 @@ impl Claim {
 
     /// Path of the claimed manifest.
     pub fn manifest_path(&self) -> PathBuf {
-        self.layout.claimed_manifest(&self.record.job_id)
+        self.queue.layout.claimed_manifest(&self.record.job_id)
     }
 
     /// Path of the job's event log.
     pub fn event_log(&self) -> PathBuf {
-        self.layout.event_log(&self.record.job_id)
+        self.queue.layout.event_log(&self.record.job_id)
     }
 
-    /// The lock file's path, for a heartbeat task that outlives a borrow of the claim.
-    pub fn lock_path(&self) -> PathBuf {
-        self.layout.lock_file(&self.record.job_id)
+    /// A handle for the heartbeat task, which outlives borrows of the claim.
+    pub fn heartbeat(&self) -> Heartbeat {
+        Heartbeat { queue: self.queue.clone(), record: self.record.clone() }
     }
 
-    /// Refreshes the lock's mtime, stamped by the file server's clock.
-    pub fn heartbeat(&self) -> std::io::Result<()> {
-        touch(&self.layout.lock_file(&self.record.job_id))
-    }
-
-    /// Whether the lock still exists and carries this claim's generation. Checked before every
-    /// publishing rename: a daemon that lost its lock must publish nothing.
-    pub fn still_owned(&self) -> std::io::Result<bool> {
-        match read_lock(&self.layout.lock_file(&self.record.job_id)) {
-            Ok(current) => Ok(current.owner == self.record.owner && current.generation == self.record.generation),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
+    /// Whether this daemon still owns the job: the lock exists, is freshly touched by us, and
+    /// carries our owner record and generation. Transient errors are retried; an answer that
+    /// cannot be had counts as lost, because publishing without ownership is the worse mistake.
+    pub fn still_owned(&self) -> bool {
+        let lock = self.queue.layout.lock_file(&self.record.job_id);
+        // Touch first: a takeover that renames the lock after this sees a fresh heartbeat and
+        // backs off; one that renamed it before makes the touch fail.
+        if fs::retry("refreshing the lock", || self.queue.fs.touch(&lock)).is_err() {
+            return false;
+        }
+        match fs::retry("reading the lock", || self.queue.read_lock(&lock)) {
+            Ok(current) => current.owner == self.record.owner && current.generation == self.record.generation,
+            Err(_) => false,
         }
     }
 
     /// Records the job's end: the record and the manifest go to the dated `done/` or
     /// `failed/` directory, then the lock is removed (last, so a crash leaves the job owned).
     pub fn finish(self, record: &JobRecord) -> std::io::Result<PathBuf> {
+        let layout = &self.queue.layout;
         let outcome = if record.state == records::JobState::Done { Outcome::Done } else { Outcome::Failed };
-        let dir = self
-            .layout
-            .outcome_dir(outcome, &record.finished_at.unwrap_or_else(Utc::now).format("%Y-%m-%d").to_string());
+        let date = record.finished_at.unwrap_or_else(Utc::now).format("%Y-%m-%d").to_string();
+        let dir = layout.outcome_dir(outcome, &date);
         std::fs::create_dir_all(&dir)?;
         let job_id = &self.record.job_id;
         let record_path = dir.join(format!("{job_id}.json"));
         records::write_atomically(&record_path, &serde_json::to_vec_pretty(record)?)?;
         move_if_present(&self.manifest_path(), &dir.join(format!("{job_id}.manifest.json")))?;
         move_if_present(&self.event_log(), &dir.join(format!("{job_id}.log")))?;
-        remove_if_present(&self.layout.lock_file(job_id))?;
+        remove_if_present(self.queue.fs.as_ref(), &layout.lock_file(job_id))?;
         Ok(record_path)
     }
 
     /// Gives the job back to the queue untouched, for another daemon (or this one, later) to
     /// take at once: the manifest returns to WATCH_DIR, never over a file of the same name.
+    /// Only an owner may release: a daemon that lost its lock must leave the job alone.
     pub fn release(self) -> std::io::Result<()> {
+        let layout = &self.queue.layout;
         let job_id = &self.record.job_id;
         let claimed = self.manifest_path();
-        if claimed.exists() {
-            let original = self.layout.watch_dir().join(&self.record.manifest_name);
-            if let Err(e) = std::fs::hard_link(&claimed, &original) {
+        if self.queue.fs.exists(&claimed)? {
+            let original = layout.watch_dir().join(&self.record.manifest_name);
+            if let Err(e) = self.queue.fs.hard_link(&claimed, &original) {
                 if e.kind() != ErrorKind::AlreadyExists {
                     return Err(e);
                 }
                 let stem = self.record.manifest_name.trim_end_matches(".json");
-                std::fs::hard_link(&claimed, self.layout.watch_dir().join(format!("{stem}.requeued-{job_id}.json")))?;
+                let requeued = layout.watch_dir().join(format!("{stem}.requeued-{job_id}.json"));
+                self.queue.fs.hard_link(&claimed, &requeued)?;
             }
-            std::fs::remove_file(&claimed)?;
+            self.queue.fs.remove_file(&claimed)?;
         }
-        remove_if_present(&self.event_log())?;
-        remove_if_present(&self.layout.lock_file(job_id))
-    }
-
-    /// Rebuilds a claim from a lock file found on disk, for recovery after a restart.
-    pub fn adopt(layout: &Layout, record: LockRecord) -> Claim {
-        Claim { layout: layout.clone(), record }
+        remove_if_present(self.queue.fs.as_ref(), &self.event_log())?;
+        remove_if_present(self.queue.fs.as_ref(), &layout.lock_file(job_id))
     }
 }
 
-/// Reads a lock file's owner record.
-pub fn read_lock(path: &Path) -> std::io::Result<LockRecord> {
-    let bytes = std::fs::read(path)?;
-    serde_json::from_slice(&bytes).map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))
+/// Refreshes one lock's mtime, from a task that runs beside the job.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    queue: Queue,
+    record: LockRecord,
 }
 
-/// Creates `path` with `contents`, failing if anything (a file or a planted symlink) is there.
-pub fn create_exclusive(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut file =
-        OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).mode(0o644).open(path)?;
-    file.write_all(contents)?;
-    file.sync_all()
+/// What a heartbeat found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Beat {
+    Alive,
+    /// The lock is gone: another daemon took the job over.
+    Lost,
+    /// Could not tell (transient errors persisted); try again at the next beat.
+    Unknown,
 }
 
-/// Refreshes a lock's mtime (the heartbeat), stamped by the file server's clock.
-pub fn touch(path: &Path) -> std::io::Result<()> {
-    use nix::sys::stat::{utimensat, UtimensatFlags};
-    use nix::sys::time::TimeSpec;
-    utimensat(None, path, &TimeSpec::UTIME_NOW, &TimeSpec::UTIME_NOW, UtimensatFlags::NoFollowSymlink)
-        .map_err(std::io::Error::from)
+impl Heartbeat {
+    /// Touches the lock, then checks it is still ours: after a takeover the path holds the
+    /// new owner's lock, which a touch alone would not notice.
+    pub fn beat(&self) -> Beat {
+        let lock = self.queue.layout.lock_file(&self.record.job_id);
+        let touched = fs::retry("heartbeat", || self.queue.fs.touch(&lock))
+            .and_then(|()| fs::retry("heartbeat", || self.queue.read_lock(&lock)));
+        match touched {
+            Ok(current) if current.owner == self.record.owner && current.generation == self.record.generation => {
+                Beat::Alive
+            }
+            Ok(_) => Beat::Lost,
+            Err(e) if e.kind() == ErrorKind::NotFound => Beat::Lost,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed; will retry");
+                Beat::Unknown
+            }
+        }
+    }
 }
 
 fn move_if_present(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -182,82 +371,12 @@ fn move_if_present(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
-fn remove_if_present(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
+fn remove_if_present(fs: &dyn QueueFs, path: &Path) -> std::io::Result<()> {
+    match fs.remove_file(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
         other => other,
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn setup() -> (tempfile::TempDir, Layout, Identity) {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::new(dir.path());
-        layout.ensure().unwrap();
-        (dir, layout, Identity::current(Some("t".into())))
-    }
-
-    #[test]
-    fn a_claim_moves_the_manifest_and_writes_the_owner_record() {
-        let (dir, layout, me) = setup();
-        std::fs::write(dir.path().join("m.json"), b"{}").unwrap();
-        let claim = claim(&layout, "m.json", &me).unwrap().expect("claim wins");
-        assert!(!dir.path().join("m.json").exists());
-        assert!(claim.manifest_path().exists());
-        let lock = read_lock(&layout.lock_file(claim.job_id())).unwrap();
-        assert_eq!(lock.owner, me);
-        assert_eq!(lock.generation, 1);
-        assert!(claim.still_owned().unwrap());
-    }
-
-    #[test]
-    fn the_second_claimant_loses_quietly_and_leaves_no_lock() {
-        let (dir, layout, me) = setup();
-        std::fs::write(dir.path().join("m.json"), b"{}").unwrap();
-        let _winner = claim(&layout, "m.json", &me).unwrap().expect("first claim wins");
-        assert!(claim(&layout, "m.json", &me).unwrap().is_none());
-        assert_eq!(std::fs::read_dir(layout.locks_dir()).unwrap().count(), 1);
-    }
-
-    #[test]
-    fn a_lost_lock_is_not_owned() {
-        let (dir, layout, me) = setup();
-        std::fs::write(dir.path().join("m.json"), b"{}").unwrap();
-        let claim = claim(&layout, "m.json", &me).unwrap().unwrap();
-        std::fs::remove_file(layout.lock_file(claim.job_id())).unwrap();
-        assert!(!claim.still_owned().unwrap());
-    }
-
-    #[test]
-    fn release_returns_the_manifest_without_overwriting_a_new_one() {
-        let (dir, layout, me) = setup();
-        std::fs::write(dir.path().join("m.json"), b"{\"old\":1}").unwrap();
-        let claim = claim(&layout, "m.json", &me).unwrap().unwrap();
-        std::fs::write(dir.path().join("m.json"), b"{\"new\":1}").unwrap();
-        let job_id = claim.job_id().to_owned();
-        claim.release().unwrap();
-        assert_eq!(std::fs::read(dir.path().join("m.json")).unwrap(), b"{\"new\":1}");
-        let requeued = dir.path().join(format!("m.requeued-{job_id}.json"));
-        assert_eq!(std::fs::read(requeued).unwrap(), b"{\"old\":1}");
-        assert_eq!(std::fs::read_dir(layout.locks_dir()).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn heartbeat_advances_the_lock_mtime() {
-        let (dir, layout, me) = setup();
-        std::fs::write(dir.path().join("m.json"), b"{}").unwrap();
-        let claim = claim(&layout, "m.json", &me).unwrap().unwrap();
-        let lock = layout.lock_file(claim.job_id());
-        let old = filetime_of(&lock);
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        claim.heartbeat().unwrap();
-        assert!(filetime_of(&lock) > old);
-    }
-
-    fn filetime_of(path: &Path) -> std::time::SystemTime {
-        std::fs::metadata(path).unwrap().modified().unwrap()
-    }
-}
+mod tests;

@@ -3,11 +3,12 @@
 //! See [`layout`] for the directory layout and docs/ARCHITECTURE.md for the protocol.
 
 pub mod claim;
+pub mod fs;
 pub mod layout;
 pub mod records;
 pub mod scan;
 
-pub use claim::{claim, Claim, LockRecord};
+pub use claim::{Beat, Claim, Heartbeat, LockRecord, Queue, Stale};
 pub use layout::{Layout, Outcome};
 pub use records::{EventLog, JobRecord, JobState};
 pub use scan::{Candidate, Scanner};
