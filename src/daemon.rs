@@ -216,6 +216,8 @@ impl Daemon {
             Err(source) => return Err(DaemonError::Scan { path: config.watch_dir.display().to_string(), source }),
         };
         self.counters.waiting = scan.waiting;
+        // Stale jobs first: they are older, and their producers are already waiting.
+        self.take_over_stale();
         for candidate in scan.ready {
             if self.running.len() >= config.max_concurrent {
                 break;
@@ -227,7 +229,6 @@ impl Daemon {
                 Err(e) => warn!(manifest = %candidate.name, error = %e, "could not claim; will retry"),
             }
         }
-        self.take_over_stale();
         let next = scan.next_check.map_or(config.poll_interval, |d| d.min(config.poll_interval));
         Ok(next.max(Duration::from_millis(20)))
     }

@@ -537,6 +537,7 @@ fn record(
         vm_name: vm_name.to_owned(),
         host: ctx.identity.host.clone(),
         instance: ctx.identity.instance.clone(),
+        generation: claim.record().generation,
         state,
         started_at,
         finished_at: Some(Utc::now()),

@@ -52,7 +52,10 @@ fn sigterm_past_the_drain_limit_releases_the_job_to_the_queue() {
     let (status, took, killed) = daemon.terminate(Duration::from_secs(15));
     assert!(!killed && status.success(), "the daemon must stop cleanly ({status}, {took:?})\n{}", daemon.log());
     assert!(took < Duration::from_secs(10), "release took {took:?}");
-    assert!(env.queue.join(MANIFEST_NAME).exists(), "the released manifest is back under its name");
+    let requeued: Vec<String> =
+        visible_entries(&env.queue).into_iter().filter(|n| n.starts_with("artifact-manifest.requeued-")).collect();
+    assert_eq!(requeued.len(), 1, "the released manifest is back in the queue under a requeued name");
+    assert!(!env.queue.join(MANIFEST_NAME).exists(), "the producer's fixed name is left free");
     assert_eq!(lock_count(&env), 0, "no lock is left behind");
     assert_no_partial_results(&daemon, &env, "slow-vm");
 

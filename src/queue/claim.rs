@@ -303,21 +303,22 @@ impl Claim {
     }
 
     /// Gives the job back to the queue untouched, for another daemon (or this one, later) to
-    /// take at once: the manifest returns to WATCH_DIR, never over a file of the same name.
-    /// Only an owner may release: a daemon that lost its lock must leave the job alone.
+    /// take at once: the manifest returns to WATCH_DIR as `<stem>.requeued-<job>.json`. Never
+    /// under its original name: HyperSDK rewrites that fixed name in place as soon as it looks
+    /// free, and would overwrite a manifest put back there. Only an owner may release.
     pub fn release(self) -> std::io::Result<()> {
         let layout = &self.queue.layout;
         let job_id = &self.record.job_id;
         let claimed = self.manifest_path();
         if self.queue.fs.exists(&claimed)? {
-            let original = layout.watch_dir().join(&self.record.manifest_name);
-            if let Err(e) = self.queue.fs.hard_link(&claimed, &original) {
-                if e.kind() != ErrorKind::AlreadyExists {
-                    return Err(e);
-                }
-                let stem = self.record.manifest_name.trim_end_matches(".json");
-                let requeued = layout.watch_dir().join(format!("{stem}.requeued-{job_id}.json"));
-                self.queue.fs.hard_link(&claimed, &requeued)?;
+            let stem = self.record.manifest_name.trim_end_matches(".json");
+            // A manifest released before keeps its first job id rather than growing a chain.
+            let stem = stem.split(".requeued-").next().unwrap_or(stem);
+            let requeued = layout.watch_dir().join(format!("{stem}.requeued-{job_id}.json"));
+            // link, not rename: it fails rather than replace anything already there.
+            match self.queue.fs.hard_link(&claimed, &requeued) {
+                Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
             }
             self.queue.fs.remove_file(&claimed)?;
         }

@@ -27,6 +27,9 @@ pub struct JobRecord {
     pub vm_name: String,
     pub host: String,
     pub instance: Option<String>,
+    /// The lock generation the job ended under: above 1 means it was taken over.
+    #[serde(default = "first_generation")]
+    pub generation: u64,
     pub state: JobState,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -41,6 +44,10 @@ pub struct JobRecord {
     /// The rest of the cause chain.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub causes: Vec<String>,
+}
+
+fn first_generation() -> u64 {
+    1
 }
 
 /// Writes a file under a temporary name, fsyncs it, and renames it into place.

@@ -122,7 +122,7 @@ pub fn base_env(env: &Env) -> Vec<(String, String)> {
     vec![
         ("POLL_INTERVAL".into(), "0.2".into()),
         ("SETTLE_SECONDS".into(), "0.3".into()),
-        ("INVALID_MANIFEST_GRACE".into(), "1".into()),
+        ("INVALID_MANIFEST_GRACE".into(), "3".into()),
         ("SOURCE_ROOTS".into(), env.exports.to_string_lossy().into_owned()),
         ("LOG_LEVEL".into(), "debug".into()),
         ("MAX_CONCURRENT".into(), "2".into()),

@@ -285,15 +285,21 @@ fn a_claimed_manifest_left_without_a_lock_is_recovered() {
 }
 
 #[test]
-fn release_returns_the_manifest_without_overwriting_a_new_one() {
+fn release_requeues_under_a_new_name_and_never_touches_the_producers_name() {
     let s = setup();
     std::fs::write(s.dir.path().join("m.json"), b"{\"old\":1}").unwrap();
     let claim = Queue::new(s.layout.clone()).claim("m.json", &host("a")).unwrap().unwrap();
+    // The producer reuses its fixed name as soon as it is free.
     std::fs::write(s.dir.path().join("m.json"), b"{\"new\":1}").unwrap();
     let job_id = claim.job_id().to_owned();
     claim.release().unwrap();
     assert_eq!(std::fs::read(s.dir.path().join("m.json")).unwrap(), b"{\"new\":1}");
     let requeued = s.dir.path().join(format!("m.requeued-{job_id}.json"));
-    assert_eq!(std::fs::read(requeued).unwrap(), b"{\"old\":1}");
+    assert_eq!(std::fs::read(&requeued).unwrap(), b"{\"old\":1}");
     assert_eq!(std::fs::read_dir(s.layout.locks_dir()).unwrap().count(), 0);
+    // Released again, it keeps one requeued suffix.
+    let again = Queue::new(s.layout.clone()).claim(&format!("m.requeued-{job_id}.json"), &host("b")).unwrap().unwrap();
+    let second = again.job_id().to_owned();
+    again.release().unwrap();
+    assert!(s.dir.path().join(format!("m.requeued-{second}.json")).exists());
 }
