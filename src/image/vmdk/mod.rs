@@ -1,270 +1,320 @@
-//! VMDK sparse extents (`KDMV`): header parsing and a structural check of the grain directory
-//! and grain tables against the file's real length.
+//! VMDK read natively: descriptors, sparse extents (monolithicSparse, twoGbMaxExtentSparse,
+//! delta disks), stream-optimized extents in qemu-img's and VMware's shapes, FLAT/VMFS and
+//! ZERO extents, and delta chains — behind [`DiskSource`](super::DiskSource).
 //!
-//! Every offset in a hostile file is checked before use, every allocation is bounded, and
-//! every problem is an error, never a panic. Layout facts: ../shared/FORMATS.md.
+//! - [`open`]: a VMDK by path (a descriptor file or a monolithic sparse/stream file), with its
+//!   extents and parents.
+//! - [`open_stream`]: a monolithic sparse/stream VMDK from any [`ReadAt`] (an OVA member read in
+//!   place); no descriptor file, no parents.
+//! - [`scan_stream_markers`] / [`read_stream_sequential`]: one forward pass over a stream's
+//!   markers, for sources that cannot seek and streams whose footer is damaged.
+//! - [`is_sparse_extent`] / [`check_sparse_file`]: the structural check the daemon runs before
+//!   handing a disk to qemu-img.
+//!
+//! Every offset in a hostile file is checked before use, every allocation is bounded by
+//! [`Limits`], and every problem is an [`ImageError`], never a panic. Layout facts:
+//! shared/FORMATS.md.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+mod chain;
+mod check;
+mod descriptor;
+mod flat;
+mod header;
+mod sparse;
+mod stream;
 
-use thiserror::Error;
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use super::ReadAt;
+pub use chain::open;
+pub use check::{check_sparse, check_sparse_file, is_sparse_extent, SparseSummary};
+pub use descriptor::{Access, Descriptor, ExtentLine, ExtentType};
+pub use header::{SparseHeader, VmdkError, COWD_MAGIC, SPARSE_MAGIC};
+pub use stream::{read_stream_sequential, scan_stream_markers, StreamMap};
 
-/// `KDMV`, little-endian.
-pub const SPARSE_MAGIC: u32 = 0x564d_444b;
-const SECTOR: u64 = 512;
-/// The grain directory is at the footer's offset (streamOptimized as VMware writes it).
-const GD_AT_END: u64 = u64::MAX;
-const FLAG_ZEROED_GRAINS: u32 = 1 << 2;
-const FLAG_COMPRESSED: u32 = 1 << 16;
-/// Largest virtual size accepted for one extent: 64 TiB.
-const MAX_CAPACITY_SECTORS: u64 = 1 << 37;
-/// Largest grain: 32 MiB.
-const MAX_GRAIN_SECTORS: u64 = 1 << 16;
-/// qemu's limit on grain table entries.
-const MAX_GTES_PER_GT: u32 = 512;
-/// Bound on the grain directory held in memory (entries), i.e. 64 MiB.
-const MAX_GD_ENTRIES: u64 = 16 << 20;
-/// Size of a compressed grain's marker header: `u64 lba, u32 size`.
-const GRAIN_MARKER_HEADER: u64 = 12;
+#[cfg(test)]
+use header::FLAG_COMPRESSED;
 
-/// Why an extent is not a usable sparse VMDK.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum VmdkError {
-    #[error("the file is {len} bytes, too short for a sparse VMDK header")]
-    TooShort { len: u64 },
-    #[error("the header magic is not KDMV")]
-    BadMagic,
-    #[error("sparse extent version {0} is not supported (1 to 3 are)")]
-    BadVersion(u32),
-    #[error("the header's {field} is {value}, outside {range}")]
-    BadField { field: &'static str, value: u64, range: &'static str },
-    #[error("the {what} at byte {offset} (+{size}) lies past the end of the {len}-byte file: the file is truncated or corrupt")]
-    PastEnd { what: String, offset: u64, size: u64, len: u64 },
-    #[error("compressed grain {grain} has an impossible size {size}")]
-    BadGrainMarker { grain: u64, size: u64 },
-    #[error("read error: {0}")]
-    Io(String),
+use super::{DiskSource, ImageError, ReadAt, SourceInfo};
+use flat::FlatExtent;
+use sparse::{Budget, Region, SparseExtent};
+
+/// Bounds every parser obeys; over one is [`ImageError::Limit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest descriptor, in bytes: a descriptor file, or one embedded in a sparse extent.
+    /// Default 64 KiB (real ones are under 2 KiB; a twoGbMaxExtent descriptor of a 2 TiB disk
+    /// is about 40 KiB).
+    pub max_descriptor_bytes: u64,
+    /// Most extent lines in one descriptor. Default 4096 (an 8 TiB twoGbMaxExtent disk). Each
+    /// extent file stays open while the image is, so this also bounds file descriptors.
+    pub max_extents: usize,
+    /// Most disks in a delta chain, the top one included. Default 16.
+    pub max_chain_depth: usize,
+    /// Most grain directory entries of one sparse extent (4 bytes each, read at open).
+    /// Default 2 Mi entries: 64 TiB with 64 KiB grains and 512-entry grain tables.
+    pub max_grain_directory_entries: u64,
+    /// Largest compressed grain, in bytes, also bounded by structure (2 × grain + 4 KiB).
+    /// Default 4 MiB: any grain up to 2 MiB, however incompressible.
+    pub max_compressed_grain_bytes: u64,
+    /// Memory for grain tables kept for reads, over the whole image (every extent and parent).
+    /// All-zero tables cost nothing. Default 1 GiB: 16 TiB of allocated 64 KiB grains.
+    pub max_grain_table_bytes: u64,
 }
 
-impl From<std::io::Error> for VmdkError {
-    fn from(e: std::io::Error) -> Self {
-        VmdkError::Io(e.to_string())
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_descriptor_bytes: 64 << 10,
+            max_extents: 4096,
+            max_chain_depth: 16,
+            max_grain_directory_entries: 2 << 20,
+            max_compressed_grain_bytes: 4 << 20,
+            max_grain_table_bytes: 1 << 30,
+        }
     }
 }
 
-/// The 512-byte sparse extent header, fields in host order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SparseHeader {
-    pub version: u32,
-    pub flags: u32,
-    /// Virtual size in sectors.
-    pub capacity: u64,
-    /// Grain size in sectors.
-    pub grain_size: u64,
-    pub descriptor_offset: u64,
-    pub descriptor_size: u64,
-    pub gtes_per_gt: u32,
-    pub redundant_gd_offset: u64,
-    pub gd_offset: u64,
-    pub overhead: u64,
-    pub compression: u16,
+/// Largest virtual disk accepted: 64 PiB (sums of hostile extent sizes stay far from overflow).
+const MAX_VIRTUAL_BYTES: u64 = 1 << 56;
+
+/// What one extent of the virtual disk is.
+#[derive(Debug)]
+enum Extent {
+    Zero,
+    Flat(FlatExtent),
+    Sparse(SparseExtent),
 }
 
-fn u32_at(b: &[u8; 512], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+/// An extent placed in the virtual disk.
+#[derive(Debug)]
+struct Placed {
+    start: u64,
+    len: u64,
+    extent: Extent,
 }
 
-fn u64_at(b: &[u8; 512], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(v)
+/// A VMDK opened for reading: its extents, laid end to end, and its parent when it is a delta.
+#[derive(Debug)]
+pub struct VmdkImage {
+    size: u64,
+    extents: Vec<Placed>,
+    parent: Option<Box<VmdkImage>>,
+    /// The file opened (or the stream's name).
+    path: PathBuf,
+    create_type: Option<String>,
+    ddb: BTreeMap<String, String>,
+    /// Extent files of this disk other than `path`.
+    extent_files: Vec<PathBuf>,
+    /// The descriptor's content id, which a child's parentCID must match.
+    cid: Option<u32>,
 }
 
-impl SparseHeader {
-    /// Parses and range-checks a header.
-    pub fn parse(b: &[u8; 512]) -> Result<SparseHeader, VmdkError> {
-        if u32_at(b, 0) != SPARSE_MAGIC {
-            return Err(VmdkError::BadMagic);
+impl VmdkImage {
+    /// What `inspect` shows: format `vmdk`, subformat = createType, sizes, every file read
+    /// besides the top one, the chain (child first) and the top descriptor's `ddb.*` keys.
+    pub fn info(&self) -> SourceInfo {
+        let mut referenced = Vec::new();
+        let mut chain = Vec::new();
+        let mut layer = Some(self);
+        while let Some(image) = layer {
+            if !std::ptr::eq(image, self) {
+                referenced.push(image.path.clone());
+            }
+            referenced.extend(image.extent_files.iter().cloned());
+            chain.push(image.path.clone());
+            layer = image.parent.as_deref();
         }
-        let header = SparseHeader {
-            version: u32_at(b, 4),
-            flags: u32_at(b, 8),
-            capacity: u64_at(b, 12),
-            grain_size: u64_at(b, 20),
-            descriptor_offset: u64_at(b, 28),
-            descriptor_size: u64_at(b, 36),
-            gtes_per_gt: u32_at(b, 44),
-            redundant_gd_offset: u64_at(b, 48),
-            gd_offset: u64_at(b, 56),
-            overhead: u64_at(b, 64),
-            compression: u16::from_le_bytes([b[77], b[78]]),
-        };
-        header.check_ranges()?;
-        Ok(header)
+        let mut seen = std::collections::HashSet::new();
+        referenced.retain(|p| *p != self.path && seen.insert(p.clone()));
+        if chain.len() == 1 {
+            chain.clear();
+        }
+        let allocated = self.allocated(0..self.size).ok().map(|r| r.iter().map(|r| r.end - r.start).sum());
+        SourceInfo {
+            format: "vmdk".into(),
+            subformat: self.create_type.clone(),
+            virtual_size: self.size,
+            allocated_bytes: allocated,
+            referenced_files: referenced,
+            chain,
+            ddb: self.ddb.clone(),
+        }
     }
 
-    fn check_ranges(&self) -> Result<(), VmdkError> {
-        if !(1..=3).contains(&self.version) {
-            return Err(VmdkError::BadVersion(self.version));
-        }
-        let bad = |field, value, range| Err(VmdkError::BadField { field, value, range });
-        if !self.grain_size.is_power_of_two() || self.grain_size > MAX_GRAIN_SECTORS {
-            return bad("grain size", self.grain_size, "a power of two up to 65536 sectors");
-        }
-        if self.gtes_per_gt == 0 || self.gtes_per_gt > MAX_GTES_PER_GT {
-            return bad("grain table entry count", u64::from(self.gtes_per_gt), "1 to 512");
-        }
-        if self.capacity > MAX_CAPACITY_SECTORS {
-            return bad("capacity", self.capacity, "at most 64 TiB");
+    /// The parent of a delta disk.
+    pub fn parent(&self) -> Option<&VmdkImage> {
+        self.parent.as_deref()
+    }
+
+    /// Whether any stream extent had its grain map rebuilt from markers (damaged footer).
+    pub fn rebuilt_from_markers(&self) -> bool {
+        self.extents.iter().any(|p| matches!(&p.extent, Extent::Sparse(s) if s.rebuilt_from_markers))
+            || self.parent.as_ref().is_some_and(|p| p.rebuilt_from_markers())
+    }
+
+    /// Index of the first extent ending after `offset`.
+    fn first_extent(&self, offset: u64) -> usize {
+        self.extents.partition_point(|p| p.start + p.len <= offset)
+    }
+
+    /// Fills `buf` (virtual offset `at`) from the parent, or with zeros.
+    fn read_below(&self, at: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        match &self.parent {
+            Some(parent) if at < parent.size => {
+                let n = (parent.size - at).min(buf.len() as u64) as usize;
+                parent.read_at(at, &mut buf[..n])?;
+                buf[n..].fill(0);
+            }
+            _ => buf.fill(0),
         }
         Ok(())
     }
+}
 
-    /// Whether grains are deflate-compressed behind markers (streamOptimized).
-    pub fn compressed(&self) -> bool {
-        self.flags & FLAG_COMPRESSED != 0
+impl DiskSource for VmdkImage {
+    fn size(&self) -> u64 {
+        self.size
     }
 
-    fn grain_bytes(&self) -> u64 {
-        self.grain_size * SECTOR
+    fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>, ImageError> {
+        let range = range.start.min(self.size)..range.end.min(self.size);
+        let mut regions = Vec::new();
+        let mut index = self.first_extent(range.start);
+        while let Some(p) = self.extents.get(index) {
+            if p.start >= range.end {
+                break;
+            }
+            let local = range.start.max(p.start) - p.start..range.end.min(p.start + p.len) - p.start;
+            match &p.extent {
+                Extent::Zero => {
+                    sparse::push_region(&mut regions, p.start + local.start..p.start + local.end, Region::Zero)
+                }
+                Extent::Flat(f) => f.map(local, p.start, &mut regions),
+                Extent::Sparse(s) => s.map(local, p.start, &mut regions),
+            }
+            index += 1;
+        }
+        let mut out: Vec<Range<u64>> = Vec::new();
+        let mut push = |r: Range<u64>| {
+            if r.is_empty() {
+                return;
+            }
+            match out.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => out.push(r),
+            }
+        };
+        for (r, region) in regions {
+            match region {
+                Region::Data => push(r),
+                Region::Zero => {}
+                Region::Hole => {
+                    if let Some(parent) = &self.parent {
+                        let below = r.start.min(parent.size)..r.end.min(parent.size);
+                        if !below.is_empty() {
+                            for sub in parent.allocated(below)? {
+                                push(sub);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
-    fn gd_entries(&self) -> u64 {
-        let sectors_per_gt = self.grain_size * u64::from(self.gtes_per_gt);
-        self.capacity.div_ceil(sectors_per_gt)
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.size).ok_or_else(|| {
+            ImageError::Corrupt(format!(
+                "a read of {} bytes at {offset} goes past the end of the {}-byte disk {}",
+                buf.len(),
+                self.size,
+                self.path.display()
+            ))
+        })?;
+        let mut index = self.first_extent(offset);
+        let mut holes = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let Some(p) = self.extents.get(index) else {
+                // Extents cover the whole size; defensive.
+                buf[(pos - offset) as usize..].fill(0);
+                break;
+            };
+            let stop = end.min(p.start + p.len);
+            let sub = &mut buf[(pos - offset) as usize..(stop - offset) as usize];
+            let local = pos - p.start;
+            match &p.extent {
+                Extent::Zero => sub.fill(0),
+                Extent::Flat(f) => f.read(local, sub)?,
+                Extent::Sparse(s) => {
+                    holes.clear();
+                    s.read(local, sub, &mut holes)?;
+                    for h in &holes {
+                        self.read_below(pos + h.start as u64, &mut sub[h.clone()])?;
+                    }
+                }
+            }
+            pos = stop;
+            index += 1;
+        }
+        Ok(())
     }
 }
 
-/// What a structurally sound extent holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SparseSummary {
-    pub header: SparseHeader,
-    pub allocated_grains: u64,
-    pub zeroed_grains: u64,
-}
-
-/// Reads the first four bytes of `path`: is it a sparse extent?
-pub fn is_sparse_extent(path: &Path) -> bool {
+/// Opens a monolithic sparse or stream-optimized VMDK from any byte source — an OVA member
+/// read in place through [`Slice`](super::Slice). `name` names it in messages. There is no
+/// descriptor file and no parent: a delta disk is refused.
+pub fn open_stream(source: Arc<dyn ReadAt>, name: &str, limits: &Limits) -> Result<VmdkImage, ImageError> {
+    let len = source.len();
     let mut magic = [0u8; 4];
-    File::open(path).and_then(|f| FileExt::read_exact_at(&f, &mut magic, 0)).is_ok()
-        && u32::from_le_bytes(magic) == SPARSE_MAGIC
-}
-
-/// Checks a sparse extent file: header, grain directory, every grain table and every grain
-/// (for compressed extents, every grain marker) must lie inside the file.
-pub fn check_sparse_file(path: &Path) -> Result<SparseSummary, VmdkError> {
-    let source = super::FileSource::open(path).map_err(|e| VmdkError::Io(e.to_string()))?;
-    check_sparse(&source, source.len())
-}
-
-/// [`check_sparse_file`] over any positioned reader of length `len`.
-pub fn check_sparse<R: ReadAt + ?Sized>(r: &R, len: u64) -> Result<SparseSummary, VmdkError> {
-    if len < SECTOR {
-        return Err(VmdkError::TooShort { len });
+    if len >= 4 {
+        source.read_exact_at(&mut magic, 0).map_err(|e| ImageError::io(name.as_ref(), e))?;
     }
-    let mut block = [0u8; 512];
-    r.read_exact_at(&mut block, 0)?;
-    let mut header = SparseHeader::parse(&block)?;
-    if header.gd_offset == GD_AT_END {
-        header = footer_header(r, len)?;
-    }
-    let within = |what: String, offset: u64, size: u64| -> Result<(), VmdkError> {
-        match offset.checked_add(size) {
-            Some(end) if end <= len => Ok(()),
-            _ => Err(VmdkError::PastEnd { what, offset, size, len }),
+    match u32::from_le_bytes(magic) {
+        SPARSE_MAGIC => {}
+        COWD_MAGIC => return Err(chain::cowd_unsupported(name)),
+        _ => {
+            let mut probe = vec![0u8; len.min(1024) as usize];
+            source.read_exact_at(&mut probe, 0).map_err(|e| ImageError::io(name.as_ref(), e))?;
+            if descriptor::looks_like_descriptor(&probe) {
+                return Err(ImageError::Unsupported(format!(
+                    "{name} is a VMDK descriptor, whose extents live in other files; only a monolithic sparse or stream-optimized VMDK can be read on its own"
+                )));
+            }
+            return Err(ImageError::Corrupt(format!(
+                "{name} is not a sparse VMDK: it does not start with KDMV (it starts with {})",
+                chain::show_magic(&magic[..len.min(4) as usize])
+            )));
         }
+    }
+    let mut budget = Budget::new(limits);
+    let (extent, embedded) = SparseExtent::open(source, PathBuf::from(name), name, limits, &mut budget)?;
+    let descriptor = match embedded {
+        Some(bytes) => descriptor::parse(&bytes, name, limits, false)?,
+        None => Descriptor::default(),
     };
-    let entries = header.gd_entries();
-    if entries > MAX_GD_ENTRIES {
-        return Err(VmdkError::BadField {
-            field: "grain directory size",
-            value: entries,
-            range: "at most 16M entries",
-        });
+    if let Some(parent_cid) = descriptor.parent_cid_value().map_err(|e| ImageError::Corrupt(format!("{name}: {e}")))? {
+        return Err(ImageError::Unsupported(format!(
+            "{name} is a delta disk (parentCID {parent_cid:08x}, parent {}): it only holds changes and needs its parent disk, which a single stream cannot provide",
+            descriptor.parent_hint.as_deref().unwrap_or("not named")
+        )));
     }
-    let gd_offset = header.gd_offset.saturating_mul(SECTOR);
-    within("grain directory".into(), gd_offset, entries * 4)?;
-    let gd = read_u32s(r, gd_offset, entries as usize)?;
-    let mut summary = SparseSummary { header, allocated_grains: 0, zeroed_grains: 0 };
-    let gt_bytes = u64::from(header.gtes_per_gt) * 4;
-    let capacity_grains = header.capacity.div_ceil(header.grain_size);
-    for (gt_index, &gt_sector) in gd.iter().enumerate() {
-        if gt_sector == 0 {
-            continue;
-        }
-        let gt_offset = u64::from(gt_sector) * SECTOR;
-        within(format!("grain table {gt_index}"), gt_offset, gt_bytes)?;
-        let gt = read_u32s(r, gt_offset, header.gtes_per_gt as usize)?;
-        let first_grain = gt_index as u64 * u64::from(header.gtes_per_gt);
-        // The last grain table can reach past the capacity: only grains inside it count.
-        let grains = gt.iter().enumerate().take(capacity_grains.saturating_sub(first_grain) as usize);
-        for (i, &grain_sector) in grains {
-            check_grain(r, &header, &mut summary, first_grain + i as u64, grain_sector, &within)?;
-        }
-    }
-    Ok(summary)
-}
-
-fn check_grain<R: ReadAt + ?Sized>(
-    r: &R,
-    header: &SparseHeader,
-    summary: &mut SparseSummary,
-    grain: u64,
-    grain_sector: u32,
-    within: &impl Fn(String, u64, u64) -> Result<(), VmdkError>,
-) -> Result<(), VmdkError> {
-    let zeroed_allowed = header.version >= 2 && header.flags & FLAG_ZEROED_GRAINS != 0;
-    match grain_sector {
-        0 => return Ok(()),
-        1 if zeroed_allowed => {
-            summary.zeroed_grains += 1;
-            return Ok(());
-        }
-        _ => {}
-    }
-    summary.allocated_grains += 1;
-    let offset = u64::from(grain_sector) * SECTOR;
-    if !header.compressed() {
-        // The disk's last grain may be partial.
-        let remaining = (header.capacity - grain * header.grain_size).min(header.grain_size) * SECTOR;
-        return within(format!("grain {grain}"), offset, remaining);
-    }
-    within(format!("marker of grain {grain}"), offset, GRAIN_MARKER_HEADER)?;
-    let mut marker = [0u8; 12];
-    r.read_exact_at(&mut marker, offset)?;
-    let size = u64::from(u32::from_le_bytes([marker[8], marker[9], marker[10], marker[11]]));
-    // Compressed data can exceed the grain (incompressible input), but not by much.
-    if size == 0 || size > header.grain_bytes() * 2 + 4096 {
-        return Err(VmdkError::BadGrainMarker { grain, size });
-    }
-    within(format!("compressed grain {grain}"), offset + GRAIN_MARKER_HEADER, size)
-}
-
-/// The header copy in the footer at EOF-1024, which holds the real grain directory offset.
-fn footer_header<R: ReadAt + ?Sized>(r: &R, len: u64) -> Result<SparseHeader, VmdkError> {
-    if len < 3 * SECTOR {
-        return Err(VmdkError::PastEnd { what: "footer".into(), offset: 0, size: 3 * SECTOR, len });
-    }
-    let mut block = [0u8; 512];
-    r.read_exact_at(&mut block, len - 2 * SECTOR)?;
-    let footer = SparseHeader::parse(&block)?;
-    if footer.gd_offset == GD_AT_END {
-        return Err(VmdkError::BadField {
-            field: "footer grain directory offset",
-            value: GD_AT_END,
-            range: "a real offset",
-        });
-    }
-    Ok(footer)
-}
-
-fn read_u32s<R: ReadAt + ?Sized>(r: &R, offset: u64, count: usize) -> Result<Vec<u32>, VmdkError> {
-    let mut bytes = vec![0u8; count * 4];
-    r.read_exact_at(&mut bytes, offset)?;
-    Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    let size = extent.header().capacity * header::SECTOR;
+    let create_type = descriptor.create_type.clone().or_else(|| Some(chain::inferred_type(extent.header()).into()));
+    Ok(VmdkImage {
+        size,
+        extents: vec![Placed { start: 0, len: size, extent: Extent::Sparse(extent) }],
+        parent: None,
+        path: PathBuf::from(name),
+        create_type,
+        cid: descriptor.cid.as_deref().and_then(descriptor::parse_cid),
+        ddb: descriptor.ddb,
+        extent_files: Vec::new(),
+    })
 }
 
 #[cfg(test)]

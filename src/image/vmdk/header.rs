@@ -1,0 +1,163 @@
+//! The 512-byte sparse extent header (`KDMV`) and the markers of stream-optimized extents.
+
+use thiserror::Error;
+
+/// `KDMV`, little-endian.
+pub const SPARSE_MAGIC: u32 = 0x564d_444b;
+/// `COWD`, little-endian: the ESX 2/3 sparse format (VMFSSPARSE), not read here.
+pub const COWD_MAGIC: u32 = 0x4457_4f43;
+pub(crate) const SECTOR: u64 = 512;
+/// The grain directory is at the footer's offset (streamOptimized as VMware writes it).
+pub(crate) const GD_AT_END: u64 = u64::MAX;
+pub(crate) const FLAG_ZEROED_GRAINS: u32 = 1 << 2;
+pub(crate) const FLAG_COMPRESSED: u32 = 1 << 16;
+pub(crate) const FLAG_MARKERS: u32 = 1 << 17;
+/// Largest virtual size accepted for one extent: 64 TiB.
+pub(crate) const MAX_CAPACITY_SECTORS: u64 = 1 << 37;
+/// Largest grain: 32 MiB.
+pub(crate) const MAX_GRAIN_SECTORS: u64 = 1 << 16;
+/// qemu's limit on grain table entries.
+pub(crate) const MAX_GTES_PER_GT: u32 = 512;
+/// Size of a compressed grain's marker header: `u64 lba, u32 size`.
+pub(crate) const GRAIN_MARKER_HEADER: u64 = 12;
+/// Metadata marker types (`u32` at byte 12 of a marker sector whose size field is 0).
+pub(crate) const MARKER_EOS: u32 = 0;
+pub(crate) const MARKER_GT: u32 = 1;
+pub(crate) const MARKER_GD: u32 = 2;
+pub(crate) const MARKER_FOOTER: u32 = 3;
+
+/// Why an extent is not a usable sparse VMDK (the structural checker's error).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum VmdkError {
+    #[error("the file is {len} bytes, too short for a sparse VMDK header")]
+    TooShort { len: u64 },
+    #[error("the header magic is not KDMV")]
+    BadMagic,
+    #[error("sparse extent version {0} is not supported (1 to 3 are)")]
+    BadVersion(u32),
+    #[error("the header's {field} is {value}, outside {range}")]
+    BadField { field: &'static str, value: u64, range: &'static str },
+    #[error("the {what} at byte {offset} (+{size}) lies past the end of the {len}-byte file: the file is truncated or corrupt")]
+    PastEnd { what: String, offset: u64, size: u64, len: u64 },
+    #[error("compressed grain {grain} has an impossible size {size}")]
+    BadGrainMarker { grain: u64, size: u64 },
+    #[error("read error: {0}")]
+    Io(String),
+}
+
+impl From<std::io::Error> for VmdkError {
+    fn from(e: std::io::Error) -> Self {
+        VmdkError::Io(e.to_string())
+    }
+}
+
+/// The 512-byte sparse extent header, fields in host order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SparseHeader {
+    pub version: u32,
+    pub flags: u32,
+    /// Virtual size in sectors.
+    pub capacity: u64,
+    /// Grain size in sectors.
+    pub grain_size: u64,
+    pub descriptor_offset: u64,
+    pub descriptor_size: u64,
+    pub gtes_per_gt: u32,
+    pub redundant_gd_offset: u64,
+    pub gd_offset: u64,
+    pub overhead: u64,
+    pub compression: u16,
+}
+
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(v)
+}
+
+impl SparseHeader {
+    /// Parses and range-checks a header.
+    pub fn parse(b: &[u8; 512]) -> Result<SparseHeader, VmdkError> {
+        if u32_at(b, 0) != SPARSE_MAGIC {
+            return Err(VmdkError::BadMagic);
+        }
+        let header = SparseHeader {
+            version: u32_at(b, 4),
+            flags: u32_at(b, 8),
+            capacity: u64_at(b, 12),
+            grain_size: u64_at(b, 20),
+            descriptor_offset: u64_at(b, 28),
+            descriptor_size: u64_at(b, 36),
+            gtes_per_gt: u32_at(b, 44),
+            redundant_gd_offset: u64_at(b, 48),
+            gd_offset: u64_at(b, 56),
+            overhead: u64_at(b, 64),
+            compression: u16::from_le_bytes([b[77], b[78]]),
+        };
+        header.check_ranges()?;
+        Ok(header)
+    }
+
+    fn check_ranges(&self) -> Result<(), VmdkError> {
+        if !(1..=3).contains(&self.version) {
+            return Err(VmdkError::BadVersion(self.version));
+        }
+        let bad = |field, value, range| Err(VmdkError::BadField { field, value, range });
+        if !self.grain_size.is_power_of_two() || self.grain_size > MAX_GRAIN_SECTORS {
+            return bad("grain size", self.grain_size, "a power of two up to 65536 sectors");
+        }
+        if self.gtes_per_gt == 0 || self.gtes_per_gt > MAX_GTES_PER_GT {
+            return bad("grain table entry count", u64::from(self.gtes_per_gt), "1 to 512");
+        }
+        if self.capacity > MAX_CAPACITY_SECTORS {
+            return bad("capacity", self.capacity, "at most 64 TiB");
+        }
+        Ok(())
+    }
+
+    /// Whether grains are deflate-compressed behind markers (streamOptimized), as the
+    /// structural checker judges it (flag bit 16).
+    pub fn compressed(&self) -> bool {
+        self.flags & FLAG_COMPRESSED != 0
+    }
+
+    /// Whether grains are zlib-compressed, as qemu judges it: the compression field says
+    /// deflate (1). Flag bit 16 alone does not make a compressed extent.
+    pub(crate) fn deflate(&self) -> bool {
+        self.compression == 1
+    }
+
+    /// Whether compressed grains start with a `u64 lba, u32 size` marker (flag bit 17).
+    pub(crate) fn markers(&self) -> bool {
+        self.flags & FLAG_MARKERS != 0
+    }
+
+    /// Whether a grain table entry of 1 means "zeroed grain".
+    pub(crate) fn zeroed_grains(&self) -> bool {
+        self.version >= 2 && self.flags & FLAG_ZEROED_GRAINS != 0
+    }
+
+    pub(crate) fn grain_bytes(&self) -> u64 {
+        self.grain_size * SECTOR
+    }
+
+    /// Grains covering the capacity (the last may be partial).
+    pub(crate) fn capacity_grains(&self) -> u64 {
+        self.capacity.div_ceil(self.grain_size)
+    }
+
+    /// Grain directory entries needed for the capacity.
+    pub(crate) fn gd_entries(&self) -> u64 {
+        let sectors_per_gt = self.grain_size * u64::from(self.gtes_per_gt);
+        self.capacity.div_ceil(sectors_per_gt)
+    }
+
+    /// Bytes of one grain table.
+    pub(crate) fn gt_bytes(&self) -> u64 {
+        u64::from(self.gtes_per_gt) * 4
+    }
+}

@@ -1,0 +1,756 @@
+//! A sparse extent (`KDMV`) read in place: plain grains (monolithicSparse, twoGbMaxExtentSparse,
+//! delta disks) and zlib-compressed grains behind markers (streamOptimized, in qemu-img's and
+//! VMware's shapes).
+//!
+//! The grain directory and the non-empty grain tables are read once at open and shared by
+//! every reader thread; a read takes `&self` and keeps no cursor. Compressed grains that lie
+//! next to each other in the file (streamOptimized writes them in LBA order) are fetched
+//! with one positioned read per chunk and inflated one by one into grain-sized buffers.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use libdeflater::{DecompressionError, Decompressor};
+
+use super::header::*;
+use super::{stream, Limits};
+use crate::image::{ImageError, ReadAt};
+
+/// Compressed grains further apart than one grain span plus this are read separately.
+const GAP_SLACK: u64 = 64 << 10;
+/// Largest single read of packed compressed grains.
+const MAX_GROUP_BYTES: u64 = 32 << 20;
+/// How far to look for the next grain to bound the last grain of a read.
+const LOOKAHEAD_GRAINS: u64 = 512;
+/// Grain tables read in one go at open.
+const MAX_TABLE_READ: u64 = 4 << 20;
+
+/// What one grain of an extent is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Grain {
+    /// Unallocated: the parent's data, or zeros.
+    Hole,
+    /// A zeroed grain (GT entry 1 with the zeroed-grain flag): zeros, not the parent.
+    Zero,
+    /// Stored at this byte offset of the file (for compressed extents, the marker's).
+    At(u64),
+}
+
+/// How a byte range of an extent reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Region {
+    Data,
+    Zero,
+    Hole,
+}
+
+/// Pushes `range` with `region`, merging with the previous run when they touch.
+pub(crate) fn push_region(out: &mut Vec<(Range<u64>, Region)>, range: Range<u64>, region: Region) {
+    if range.is_empty() {
+        return;
+    }
+    if let Some((last, r)) = out.last_mut() {
+        if *r == region && last.end == range.start {
+            last.end = range.end;
+            return;
+        }
+    }
+    out.push((range, region));
+}
+
+/// A sparse extent, opened.
+pub(crate) struct SparseExtent {
+    source: Arc<dyn ReadAt>,
+    /// For I/O errors.
+    path: PathBuf,
+    /// For messages: the file name.
+    name: String,
+    header: SparseHeader,
+    grain_bytes: u64,
+    /// Bytes the header's capacity covers.
+    data_bytes: u64,
+    gtes: u64,
+    /// Per grain directory entry: the grain table (byte offsets are entry × 512), or `None`
+    /// when absent or all zero.
+    tables: Vec<Option<Arc<[u32]>>>,
+    deflate: bool,
+    markers: bool,
+    zeroed: bool,
+    file_len: u64,
+    /// Largest compressed grain accepted (structure and limit).
+    max_packed: u64,
+    /// `max_compressed_grain_bytes`, for messages.
+    packed_limit: u64,
+    /// Whether the grain map was rebuilt from markers because the footer was unusable.
+    pub(crate) rebuilt_from_markers: bool,
+}
+
+impl std::fmt::Debug for SparseExtent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparseExtent")
+            .field("name", &self.name)
+            .field("header", &self.header)
+            .field("rebuilt_from_markers", &self.rebuilt_from_markers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a header parse failure to an image error naming the file.
+pub(crate) fn header_error(name: &str, what: &str, e: VmdkError) -> ImageError {
+    match e {
+        VmdkError::BadVersion(v) => ImageError::Unsupported(format!(
+            "the {what} of {name} is sparse VMDK version {v}; versions 1 to 3 are supported"
+        )),
+        VmdkError::BadMagic => ImageError::Corrupt(format!("the {what} of {name} does not start with KDMV")),
+        other => ImageError::Corrupt(format!("the {what} of {name} is invalid: {other}")),
+    }
+}
+
+pub(crate) fn past_end(what: &str, name: &str, offset: u64, size: u64, len: u64) -> ImageError {
+    ImageError::Corrupt(format!(
+        "{what} of {name} points past the end of the file (offset {offset}, {size} bytes; the file is {len} bytes): the file is truncated or corrupt"
+    ))
+}
+
+/// Largest compressed grain for `grain_bytes`: structurally (zlib never grows data by half)
+/// and by the limit.
+pub(crate) fn packed_bound(grain_bytes: u64, limits: &Limits) -> u64 {
+    (grain_bytes * 2 + 4096).min(limits.max_compressed_grain_bytes)
+}
+
+/// Checks a compressed grain's size from its marker against the structure and the limit
+/// (`max_compressed_grain_bytes`).
+pub(crate) fn check_packed_size(
+    size: u64,
+    name: &str,
+    grain: u64,
+    grain_bytes: u64,
+    limit: u64,
+) -> Result<(), ImageError> {
+    let structural = grain_bytes * 2 + 4096;
+    let max = structural.min(limit);
+    if size == 0 || size > structural {
+        return Err(ImageError::Corrupt(format!(
+            "compressed grain {grain} of {name} claims {size} bytes, impossible for a {grain_bytes}-byte grain: the file is corrupt"
+        )));
+    }
+    if size > max {
+        return Err(ImageError::Limit(format!(
+            "compressed grain {grain} of {name} is {size} bytes, over the limit of {max} bytes (max_compressed_grain_bytes)"
+        )));
+    }
+    Ok(())
+}
+
+/// Tracks memory granted to grain tables across a whole open (every extent and parent).
+#[derive(Debug)]
+pub(crate) struct Budget {
+    pub(crate) remaining: u64,
+    pub(crate) limit: u64,
+}
+
+impl Budget {
+    pub(crate) fn new(limits: &Limits) -> Budget {
+        Budget { remaining: limits.max_grain_table_bytes, limit: limits.max_grain_table_bytes }
+    }
+
+    pub(crate) fn take(&mut self, bytes: u64, name: &str) -> Result<(), ImageError> {
+        if bytes > self.remaining {
+            return Err(ImageError::Limit(format!(
+                "the grain tables of {name} (with the rest of the disk) need more than {} bytes of memory, over the limit (max_grain_table_bytes)",
+                self.limit
+            )));
+        }
+        self.remaining -= bytes;
+        Ok(())
+    }
+}
+
+/// Maps a read error on the extent.
+fn read_error(
+    path: &std::path::Path,
+    name: &str,
+    what: &str,
+    offset: u64,
+    size: u64,
+    len: u64,
+    e: std::io::Error,
+) -> ImageError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        past_end(what, name, offset, size, len)
+    } else {
+        ImageError::io(path, e)
+    }
+}
+
+impl SparseExtent {
+    /// Opens a sparse extent. Returns it and its embedded descriptor bytes, if any.
+    pub(crate) fn open(
+        source: Arc<dyn ReadAt>,
+        path: PathBuf,
+        name: &str,
+        limits: &Limits,
+        budget: &mut Budget,
+    ) -> Result<(SparseExtent, Option<Vec<u8>>), ImageError> {
+        let len = source.len();
+        if len < SECTOR {
+            return Err(ImageError::Corrupt(format!(
+                "{name} is {len} bytes, too short for a sparse VMDK header: the file is truncated or corrupt"
+            )));
+        }
+        let mut block = [0u8; 512];
+        source.read_exact_at(&mut block, 0).map_err(|e| ImageError::io(&path, e))?;
+        let first = SparseHeader::parse(&block).map_err(|e| header_error(name, "header", e))?;
+        if first.compression > 1 {
+            return Err(ImageError::Unsupported(format!(
+                "{name} uses compression algorithm {}; only deflate (1) is supported",
+                first.compression
+            )));
+        }
+        let descriptor = read_embedded_descriptor(&*source, &path, name, &first, limits)?;
+        let mut header = first;
+        let mut rebuilt = None;
+        if first.gd_offset == GD_AT_END {
+            match read_footer(&*source, &path, name, len) {
+                Ok(footer) => header = footer,
+                Err(why) if first.deflate() && first.markers() => {
+                    let map = stream::scan_at(&*source, name, limits, budget).map_err(|e| {
+                        prefix(e, &format!("the footer of {name} is unusable ({why}), and rebuilding its grain map from the grain markers failed: "))
+                    })?;
+                    rebuilt = Some(map);
+                }
+                Err(why) => return Err(ImageError::Corrupt(why)),
+            }
+        }
+        if header.compression > 1 {
+            return Err(ImageError::Unsupported(format!(
+                "{name} uses compression algorithm {}; only deflate (1) is supported",
+                header.compression
+            )));
+        }
+        let grain_bytes = header.grain_bytes();
+        let max_packed = packed_bound(grain_bytes, limits);
+        let mut extent = SparseExtent {
+            source,
+            path,
+            name: name.to_owned(),
+            header,
+            grain_bytes,
+            data_bytes: header.capacity * SECTOR,
+            gtes: u64::from(header.gtes_per_gt),
+            tables: Vec::new(),
+            deflate: header.deflate(),
+            markers: header.markers(),
+            zeroed: header.zeroed_grains(),
+            file_len: len,
+            max_packed,
+            packed_limit: limits.max_compressed_grain_bytes,
+            rebuilt_from_markers: rebuilt.is_some(),
+        };
+        match rebuilt {
+            Some(map) => extent.tables = map.tables.into_iter().map(|t| t.map(Arc::from)).collect(),
+            None => {
+                let remaining = budget.remaining;
+                if let Err(e) = extent.load_tables(limits, budget) {
+                    // A VMware stream whose footer parses but leads to damaged tables: the
+                    // markers still say where every grain is.
+                    let scannable = first.gd_offset == GD_AT_END && first.deflate() && first.markers();
+                    if !scannable || !matches!(e, ImageError::Corrupt(_)) {
+                        return Err(e);
+                    }
+                    budget.remaining = remaining;
+                    let map = stream::scan_at(&*extent.source, name, limits, budget).map_err(|_| e)?;
+                    extent.tables = map.tables.into_iter().map(|t| t.map(Arc::from)).collect();
+                    extent.rebuilt_from_markers = true;
+                }
+            }
+        }
+        Ok((extent, descriptor))
+    }
+
+    pub(crate) fn header(&self) -> &SparseHeader {
+        &self.header
+    }
+
+    /// Reads the grain directory and every non-empty grain table, and checks that every
+    /// grain they point at starts inside the file.
+    fn load_tables(&mut self, limits: &Limits, budget: &mut Budget) -> Result<(), ImageError> {
+        let h = self.header;
+        let name = self.name.clone();
+        let len = self.file_len;
+        let entries = h.gd_entries();
+        if entries > limits.max_grain_directory_entries {
+            return Err(ImageError::Limit(format!(
+                "the grain directory of {name} has {entries} entries, over the limit of {} (max_grain_directory_entries)",
+                limits.max_grain_directory_entries
+            )));
+        }
+        let gd_offset = h.gd_offset.saturating_mul(SECTOR);
+        let gd_size = entries * 4;
+        if gd_offset.checked_add(gd_size).is_none_or(|end| end > len) {
+            return Err(past_end("the grain directory", &name, gd_offset, gd_size, len));
+        }
+        let gd = read_u32s(&*self.source, gd_offset, entries as usize)
+            .map_err(|e| read_error(&self.path, &name, "the grain directory", gd_offset, gd_size, len, e))?;
+        let gt_bytes = h.gt_bytes();
+        // Distinct tables, in directory order, each checked to lie inside the file.
+        let mut order = Vec::new();
+        let mut seen = HashSet::new();
+        for (index, &sector) in gd.iter().enumerate() {
+            if sector == 0 || !seen.insert(sector) {
+                continue;
+            }
+            let offset = u64::from(sector) * SECTOR;
+            if offset + gt_bytes > len {
+                return Err(past_end(
+                    &format!("grain directory entry {index} (grain table {index})"),
+                    &name,
+                    offset,
+                    gt_bytes,
+                    len,
+                ));
+            }
+            order.push(sector);
+        }
+        let mut loaded: HashMap<u32, Option<Arc<[u32]>>> = HashMap::with_capacity(order.len());
+        let mut at = 0;
+        while at < order.len() {
+            // A run of tables back to back in the file is read at once.
+            let start = u64::from(order[at]) * SECTOR;
+            let mut end = at + 1;
+            while end < order.len()
+                && u64::from(order[end]) * SECTOR == start + (end - at) as u64 * gt_bytes
+                && (end - at + 1) as u64 * gt_bytes <= MAX_TABLE_READ
+            {
+                end += 1;
+            }
+            let run = (end - at) as u64 * gt_bytes;
+            let mut bytes = vec![0u8; run as usize];
+            self.source
+                .read_exact_at(&mut bytes, start)
+                .map_err(|e| read_error(&self.path, &name, "a grain table", start, run, len, e))?;
+            for (i, chunk) in bytes.chunks_exact(gt_bytes as usize).enumerate() {
+                let table: Vec<u32> =
+                    chunk.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                let kept = if table.iter().all(|&e| e == 0) {
+                    None
+                } else {
+                    budget.take(gt_bytes, &name)?;
+                    Some(Arc::from(table))
+                };
+                loaded.insert(order[at + i], kept);
+            }
+            at = end;
+        }
+        self.tables = gd.iter().map(|&s| if s == 0 { None } else { loaded.get(&s).cloned().flatten() }).collect();
+        self.check_grain_pointers()
+    }
+
+    /// Every reachable grain pointer must start (plain: lie) inside the file.
+    fn check_grain_pointers(&self) -> Result<(), ImageError> {
+        let capacity_grains = self.header.capacity_grains();
+        let mut checked = HashSet::new();
+        for (index, table) in self.tables.iter().enumerate() {
+            let Some(table) = table else { continue };
+            let first = index as u64 * self.gtes;
+            let reach = capacity_grains.saturating_sub(first).min(self.gtes) as usize;
+            let last_table = first + self.gtes >= capacity_grains;
+            // A table shared by several directory entries (hostile) is checked once.
+            if !last_table && !checked.insert(Arc::as_ptr(table) as *const u32 as usize) {
+                continue;
+            }
+            for (i, &entry) in table.iter().take(reach).enumerate() {
+                let grain = first + i as u64;
+                let Grain::At(offset) = self.classify(entry) else { continue };
+                let need = if !self.deflate {
+                    self.grain_len(grain)
+                } else if self.markers {
+                    GRAIN_MARKER_HEADER
+                } else {
+                    1
+                };
+                if offset.checked_add(need).is_none_or(|end| end > self.file_len) {
+                    return Err(past_end(
+                        &format!("grain table {index} (grain {grain})"),
+                        &self.name,
+                        offset,
+                        need,
+                        self.file_len,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn classify(&self, entry: u32) -> Grain {
+        match entry {
+            0 => Grain::Hole,
+            1 if self.zeroed => Grain::Zero,
+            sector => Grain::At(u64::from(sector) * SECTOR),
+        }
+    }
+
+    /// What grain `grain` is. Grains past the capacity are holes.
+    pub(crate) fn grain(&self, grain: u64) -> Grain {
+        let table = (grain / self.gtes) as usize;
+        match self.tables.get(table) {
+            Some(Some(t)) if grain < self.header.capacity_grains() => self.classify(t[(grain % self.gtes) as usize]),
+            _ => Grain::Hole,
+        }
+    }
+
+    /// Bytes of grain `grain` inside the capacity (the last one may be short).
+    fn grain_len(&self, grain: u64) -> u64 {
+        self.data_bytes.saturating_sub(grain * self.grain_bytes).min(self.grain_bytes)
+    }
+
+    /// How `range` (extent-relative) reads, grain by grain, merged into runs.
+    pub(crate) fn map(&self, range: Range<u64>, base: u64, out: &mut Vec<(Range<u64>, Region)>) {
+        let mut pos = range.start;
+        while pos < range.end {
+            if pos >= self.data_bytes {
+                push_region(out, base + pos..base + range.end, Region::Hole);
+                return;
+            }
+            let grain = pos / self.grain_bytes;
+            let table = grain / self.gtes;
+            if !matches!(self.tables.get(table as usize), Some(Some(_))) {
+                // No table: the whole span it would map is a hole.
+                let span_end = (table + 1).saturating_mul(self.gtes).saturating_mul(self.grain_bytes);
+                let end = span_end.min(self.data_bytes).min(range.end);
+                push_region(out, base + pos..base + end, Region::Hole);
+                pos = end;
+                continue;
+            }
+            let end = ((grain + 1) * self.grain_bytes).min(self.data_bytes).min(range.end);
+            let region = match self.grain(grain) {
+                Grain::Hole => Region::Hole,
+                Grain::Zero => Region::Zero,
+                Grain::At(_) => Region::Data,
+            };
+            push_region(out, base + pos..base + end, region);
+            pos = end;
+        }
+    }
+
+    /// Reads `buf.len()` bytes at extent offset `offset`. Holes (unallocated grains, and
+    /// anything past the header's capacity) are left untouched and listed in `holes` as
+    /// ranges of `buf`, for the caller to fill from a parent or with zeros.
+    pub(crate) fn read(&self, offset: u64, buf: &mut [u8], holes: &mut Vec<Range<usize>>) -> Result<(), ImageError> {
+        let end = offset + buf.len() as u64;
+        let mut packed: Vec<Packed> = Vec::new();
+        // A run of plain grains back to back in the file: (file offset, range of buf).
+        let mut run: Option<(u64, Range<usize>)> = None;
+        let mut pos = offset;
+        while pos < end {
+            let dst_start = (pos - offset) as usize;
+            if pos >= self.data_bytes {
+                push_hole(holes, dst_start..buf.len());
+                break;
+            }
+            let grain = pos / self.grain_bytes;
+            let grain_start = grain * self.grain_bytes;
+            let stop = (grain_start + self.grain_bytes).min(self.data_bytes).min(end);
+            let dst = dst_start..(stop - offset) as usize;
+            match self.grain(grain) {
+                Grain::Hole => push_hole(holes, dst),
+                Grain::Zero => buf[dst].fill(0),
+                Grain::At(at) if self.deflate => {
+                    packed.push(Packed { grain, dst, at, within: (pos - grain_start) as usize })
+                }
+                Grain::At(at) => {
+                    let file_at = at + (pos - grain_start);
+                    match &mut run {
+                        Some((run_at, run_dst))
+                            if *run_at + run_dst.len() as u64 == file_at && run_dst.end == dst.start =>
+                        {
+                            run_dst.end = dst.end;
+                        }
+                        _ => {
+                            if let Some((run_at, run_dst)) = run.take() {
+                                self.read_plain(run_at, &mut buf[run_dst])?;
+                            }
+                            run = Some((file_at, dst));
+                        }
+                    }
+                }
+            }
+            pos = stop;
+        }
+        if let Some((run_at, run_dst)) = run {
+            self.read_plain(run_at, &mut buf[run_dst])?;
+        }
+        if !packed.is_empty() {
+            with_scratch(|scratch| self.read_packed(&packed, buf, scratch))?;
+        }
+        Ok(())
+    }
+
+    fn read_plain(&self, at: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+        self.source.read_exact_at(buf, at).map_err(|e| {
+            let grain = "a grain".to_string();
+            read_error(&self.path, &self.name, &grain, at, buf.len() as u64, self.file_len, e)
+        })
+    }
+
+    /// Bytes one compressed grain can take in the file, marker and padding included.
+    fn packed_span(&self) -> u64 {
+        (GRAIN_MARKER_HEADER + self.max_packed).next_multiple_of(SECTOR)
+    }
+
+    /// Where the packed grain `grain` at byte `at` ends at the latest: the next grain in the
+    /// file when it follows closely, else one maximal span.
+    fn packed_end_hint(&self, grain: u64, at: u64) -> u64 {
+        let span = self.packed_span();
+        let limit = (grain + 1 + LOOKAHEAD_GRAINS).min(self.header.capacity_grains());
+        let mut bound = at.saturating_add(span);
+        for next in grain + 1..limit {
+            if let Grain::At(next_at) = self.grain(next) {
+                if next_at > at {
+                    bound = bound.min(next_at);
+                }
+                break;
+            }
+        }
+        bound.min(self.file_len)
+    }
+
+    /// Inflates the compressed grains `packed` (grain, range of `buf`, file offset), reading
+    /// grains that lie close together in the file with one read.
+    fn read_packed(&self, packed: &[Packed], buf: &mut [u8], scratch: &mut Scratch) -> Result<(), ImageError> {
+        let span = self.packed_span();
+        let mut first = 0;
+        while first < packed.len() {
+            let start = packed[first].at;
+            let mut last = first;
+            while last + 1 < packed.len() {
+                let (prev, next) = (packed[last].at, packed[last + 1].at);
+                if next <= prev || next - prev > span + GAP_SLACK || next - start > MAX_GROUP_BYTES {
+                    break;
+                }
+                last += 1;
+            }
+            let end = self.packed_end_hint(packed[last].grain, packed[last].at).max(start);
+            let size = (end - start) as usize;
+            scratch.packed.clear();
+            scratch.packed.resize(size, 0);
+            self.source.read_exact_at(&mut scratch.packed, start).map_err(|e| {
+                read_error(&self.path, &self.name, "a compressed grain", start, size as u64, self.file_len, e)
+            })?;
+            for p in &packed[first..=last] {
+                self.inflate_grain(p, (p.at - start) as usize, &mut buf[p.dst.clone()], scratch)?;
+            }
+            first = last + 1;
+        }
+        Ok(())
+    }
+
+    /// Inflates grain `p.grain` (whose marker or data is at file byte `p.at`, i.e. `rel` in
+    /// `scratch.packed`) and copies the part `dst` wants.
+    fn inflate_grain(&self, p: &Packed, rel: usize, dst: &mut [u8], scratch: &mut Scratch) -> Result<(), ImageError> {
+        let (grain, at) = (p.grain, p.at);
+        let Scratch { packed, grain: grain_buf, inflater, spill } = scratch;
+        let name = &self.name;
+        let (data_at, data_len) = if self.markers {
+            let mut marker = [0u8; 12];
+            match packed.get(rel..rel + 12) {
+                Some(m) => marker.copy_from_slice(m),
+                None => self.source.read_exact_at(&mut marker, at).map_err(|e| {
+                    read_error(&self.path, name, &format!("the marker of grain {grain}"), at, 12, self.file_len, e)
+                })?,
+            }
+            let lba = u64_at(&marker, 0);
+            let size = u64::from(u32_at(&marker, 8));
+            let expected = grain * self.header.grain_size;
+            if size == 0 {
+                return Err(ImageError::Corrupt(format!(
+                    "grain {grain} of {name} points at a metadata marker (byte {at}), not a compressed grain: the grain table is corrupt"
+                )));
+            }
+            if lba != expected {
+                return Err(ImageError::Corrupt(format!(
+                    "the marker of grain {grain} of {name} (byte {at}) is for sector {lba}, not sector {expected}: the grain table and the grains disagree; the file is corrupt"
+                )));
+            }
+            check_packed_size(size, name, grain, self.grain_bytes, self.packed_limit)?;
+            (rel + 12, size as usize)
+        } else {
+            // No marker: the zlib stream starts at the grain and ends where it says.
+            (rel, packed.len().saturating_sub(rel).min(self.max_packed as usize))
+        };
+        let data: &[u8] = match packed.get(data_at..data_at + data_len) {
+            Some(d) => d,
+            None => {
+                // Longer than the read guessed: fetch it alone.
+                let file_at = at + (data_at - rel) as u64;
+                spill.clear();
+                spill.resize(data_len, 0);
+                self.source.read_exact_at(spill, file_at).map_err(|e| {
+                    read_error(
+                        &self.path,
+                        name,
+                        &format!("compressed grain {grain}"),
+                        file_at,
+                        data_len as u64,
+                        self.file_len,
+                        e,
+                    )
+                })?;
+                spill
+            }
+        };
+        let inflater = inflater.get_or_insert_with(Decompressor::new);
+        let full = self.grain_len(grain);
+        let inflate_error = |e: DecompressionError| {
+            match e {
+            DecompressionError::BadData => ImageError::Corrupt(format!(
+                "compressed grain {grain} of {name} (byte {at}) is not a valid zlib stream: the file is corrupt"
+            )),
+            DecompressionError::InsufficientSpace => ImageError::Corrupt(format!(
+                "compressed grain {grain} of {name} (byte {at}) inflates to more than one grain ({} bytes): the file is corrupt",
+                self.grain_bytes
+            )),
+        }
+        };
+        let short = |n: usize| {
+            ImageError::Corrupt(format!(
+                "compressed grain {grain} of {name} (byte {at}) inflates to {n} bytes instead of {}: the file is corrupt",
+                self.grain_bytes
+            ))
+        };
+        if dst.len() as u64 == self.grain_bytes {
+            // A whole grain wanted: inflate straight into the caller's buffer.
+            let n = inflater.zlib_decompress(data, dst).map_err(inflate_error)?;
+            if n as u64 != self.grain_bytes {
+                return Err(short(n));
+            }
+            return Ok(());
+        }
+        grain_buf.resize(self.grain_bytes as usize, 0);
+        let n = inflater.zlib_decompress(data, grain_buf).map_err(inflate_error)?;
+        if full == self.grain_bytes && n as u64 != self.grain_bytes {
+            return Err(short(n));
+        }
+        // The disk's last grain may be shorter than a grain: the rest reads as zeros.
+        grain_buf[n..].fill(0);
+        dst.copy_from_slice(&grain_buf[p.within..p.within + dst.len()]);
+        Ok(())
+    }
+}
+
+/// A compressed grain a read needs.
+struct Packed {
+    grain: u64,
+    /// The part of the caller's buffer it fills.
+    dst: Range<usize>,
+    /// File offset of its marker (or data, without markers).
+    at: u64,
+    /// Offset inside the grain of the first byte `dst` wants.
+    within: usize,
+}
+
+fn push_hole(holes: &mut Vec<Range<usize>>, r: Range<usize>) {
+    if r.is_empty() {
+        return;
+    }
+    if let Some(last) = holes.last_mut() {
+        if last.end == r.start {
+            last.end = r.end;
+            return;
+        }
+    }
+    holes.push(r);
+}
+
+/// Per-thread buffers and inflater, reused across reads.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    packed: Vec<u8>,
+    grain: Vec<u8>,
+    spill: Vec<u8>,
+    inflater: Option<Decompressor>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+fn with_scratch<T>(f: impl FnOnce(&mut Scratch) -> T) -> T {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut scratch) => {
+            let out = f(&mut scratch);
+            // Do not keep a huge buffer from an unusually large read.
+            if scratch.packed.capacity() > 2 * MAX_GROUP_BYTES as usize {
+                scratch.packed = Vec::new();
+            }
+            out
+        }
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
+fn read_u32s(r: &dyn ReadAt, offset: u64, count: usize) -> std::io::Result<Vec<u32>> {
+    let mut bytes = vec![0u8; count * 4];
+    r.read_exact_at(&mut bytes, offset)?;
+    Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+/// The embedded descriptor of a monolithic extent, if the header names one.
+fn read_embedded_descriptor(
+    r: &dyn ReadAt,
+    path: &std::path::Path,
+    name: &str,
+    h: &SparseHeader,
+    limits: &Limits,
+) -> Result<Option<Vec<u8>>, ImageError> {
+    if h.descriptor_offset == 0 || h.descriptor_size == 0 {
+        return Ok(None);
+    }
+    let size = h.descriptor_size.saturating_mul(SECTOR);
+    if size > limits.max_descriptor_bytes {
+        return Err(ImageError::Limit(format!(
+            "the embedded descriptor of {name} is {size} bytes, over the limit of {} bytes (max_descriptor_bytes)",
+            limits.max_descriptor_bytes
+        )));
+    }
+    let offset = h.descriptor_offset.saturating_mul(SECTOR);
+    if offset.checked_add(size).is_none_or(|end| end > r.len()) {
+        return Err(past_end("the embedded descriptor", name, offset, size, r.len()));
+    }
+    let mut bytes = vec![0u8; size as usize];
+    r.read_exact_at(&mut bytes, offset).map_err(|e| ImageError::io(path, e))?;
+    if let Some(nul) = bytes.iter().position(|&b| b == 0) {
+        bytes.truncate(nul);
+    }
+    Ok(Some(bytes))
+}
+
+/// The footer of a VMware stream: a header copy at EOF-1024 holding the real grain directory
+/// offset. `Err` says what is wrong with it.
+fn read_footer(r: &dyn ReadAt, path: &std::path::Path, name: &str, len: u64) -> Result<SparseHeader, String> {
+    if len < 4 * SECTOR {
+        return Err(format!("{name} is {len} bytes, too short to hold the footer its header announces"));
+    }
+    let mut block = [0u8; 512];
+    r.read_exact_at(&mut block, len - 2 * SECTOR).map_err(|e| format!("{}: {e}", path.display()))?;
+    let footer = SparseHeader::parse(&block)
+        .map_err(|e| format!("the footer of {name} (at byte {}) is not a valid header copy: {e}", len - 2 * SECTOR))?;
+    if footer.gd_offset == GD_AT_END {
+        return Err(format!("the footer of {name} does not say where the grain directory is"));
+    }
+    Ok(footer)
+}
+
+/// Adds `what` in front of an error's message.
+pub(crate) fn prefix(e: ImageError, what: &str) -> ImageError {
+    match e {
+        ImageError::Corrupt(m) => ImageError::Corrupt(format!("{what}{m}")),
+        ImageError::Unsupported(m) => ImageError::Unsupported(format!("{what}{m}")),
+        ImageError::Limit(m) => ImageError::Limit(format!("{what}{m}")),
+        io => io,
+    }
+}
