@@ -6,6 +6,7 @@
 #   make demo        build, start a demo daemon under ./demo/ and convert a sample VM (leaves it running)
 #   make demo-stop   stop the demo daemon
 #   make demo-check  demo then stop, non-interactive; fails if the demo failed
+#   make bench       build, then time hyper2kvm convert against qemu-img (scripts/bench.sh)
 #   make fmt         format the code
 #   make lint        format check and clippy
 #   make clean       stop the demo, remove build output and ./demo/
@@ -43,6 +44,10 @@ demo-stop:
 
 demo-check:
 	scripts/demo.sh check
+
+.PHONY: bench
+bench: build
+	scripts/bench.sh
 
 fmt:
 	$(CARGO) fmt --all
