@@ -14,8 +14,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::config::Config;
-use crate::convert::qemu_img::QemuImg;
 use crate::convert::JobControl;
+use crate::engine::Auto;
 use crate::host::Identity;
 use crate::job::{self, JobContext, JobEnd};
 use crate::publish;
@@ -66,7 +66,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let layout = Layout::new(&config.watch_dir);
     let ctx = Arc::new(JobContext {
         roots: SourceRoots::new(&config.source_roots),
-        converter: Arc::new(QemuImg::default()),
+        converter: Arc::new(Auto::default()),
         identity,
         config: config.clone(),
     });

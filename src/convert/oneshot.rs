@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::qemu_img::QemuImg;
 use super::{Compression, ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
+use crate::engine::Auto;
 use crate::manifest::SourceFormat;
 
 /// One-shot conversions have no CONVERSION_TIMEOUT.
@@ -28,7 +28,7 @@ pub fn guess_format(path: &Path) -> SourceFormat {
 
 /// Describes a source image.
 pub fn inspect(source: &Path, format: SourceFormat) -> Result<ImageInfo, ConvertError> {
-    QemuImg::default().inspect(source, format, &JobControl::new(NO_DEADLINE))
+    Auto::default().inspect(source, format, &JobControl::new(NO_DEADLINE))
 }
 
 /// Converts `source` to a new qcow2 at `destination`, with a progress line on a terminal.
@@ -44,7 +44,7 @@ pub fn convert(
             destination.display()
         )));
     }
-    let converter = QemuImg::default();
+    let converter = Auto::default();
     let control = JobControl::new(NO_DEADLINE);
     let info = converter.inspect(source, format, &control)?;
     control.progress.total_bytes.store(info.virtual_size, Ordering::Relaxed);

@@ -1,1 +1,109 @@
-//! The native conversion engine.
+//! The native conversion engine: VMware disks (VMDK of every flavour, OVA members) and raw
+//! images read in Rust, qcow2 written in one forward pass, with decompression and compression
+//! spread over every core by a bounded [`pipeline`].
+//!
+//! [`Auto`] is the converter the daemon and the one-shot commands use: native for the formats
+//! read here, `qemu-img` for the rest (vhd, vhdx, vdi, qcow2 input).
+
+pub mod pipeline;
+
+use std::path::Path;
+
+use crate::convert::qemu_img::QemuImg;
+use crate::convert::{ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
+use crate::image::raw::RawImage;
+use crate::image::{vmdk, DiskSource, ImageError, SourceInfo};
+use crate::manifest::SourceFormat;
+
+pub use pipeline::PipelineOptions;
+
+/// Opens a source disk natively. `Unsupported` for formats only qemu-img reads.
+pub fn open(path: &Path, format: SourceFormat) -> Result<(Box<dyn DiskSource>, SourceInfo), ImageError> {
+    match format {
+        SourceFormat::Raw => {
+            let raw = RawImage::open(path)?;
+            let info = raw.info();
+            Ok((Box::new(raw), info))
+        }
+        SourceFormat::Vmdk => {
+            let image = vmdk::open(path, &vmdk::Limits::default())?;
+            let info = image.info();
+            Ok((Box::new(image), info))
+        }
+        other => Err(ImageError::Unsupported(format!("{} is not read natively", other.as_str()))),
+    }
+}
+
+/// Whether [`open`] reads `format`.
+pub fn reads_natively(format: SourceFormat) -> bool {
+    matches!(format, SourceFormat::Raw | SourceFormat::Vmdk)
+}
+
+/// The native converter.
+#[derive(Debug, Default, Clone)]
+pub struct Native {
+    pub options: PipelineOptions,
+}
+
+impl Converter for Native {
+    fn name(&self) -> &'static str {
+        "native"
+    }
+
+    fn reads_natively(&self, format: SourceFormat) -> bool {
+        reads_natively(format)
+    }
+
+    fn inspect(&self, source: &Path, format: SourceFormat, control: &JobControl) -> Result<ImageInfo, ConvertError> {
+        control.check()?;
+        let (_, info) = open(source, format).map_err(pipeline::image_error)?;
+        Ok(ImageInfo {
+            format: info.format,
+            subformat: info.subformat,
+            virtual_size: info.virtual_size,
+            referenced_files: info.referenced_files,
+        })
+    }
+
+    fn convert(&self, request: &ConversionRequest<'_>, control: &JobControl) -> Result<(), ConvertError> {
+        let (source, _) = open(request.source, request.format).map_err(pipeline::image_error)?;
+        let options = PipelineOptions { compression: request.compression, ..self.options };
+        pipeline::run(source.as_ref(), request.destination, options, control)?;
+        Ok(())
+    }
+}
+
+/// Native where possible, qemu-img otherwise.
+#[derive(Debug, Default, Clone)]
+pub struct Auto {
+    pub native: Native,
+    pub qemu_img: QemuImg,
+}
+
+impl Auto {
+    fn pick(&self, format: SourceFormat) -> &dyn Converter {
+        if reads_natively(format) {
+            &self.native
+        } else {
+            &self.qemu_img
+        }
+    }
+}
+
+impl Converter for Auto {
+    fn name(&self) -> &'static str {
+        "native+qemu-img"
+    }
+
+    fn reads_natively(&self, format: SourceFormat) -> bool {
+        reads_natively(format)
+    }
+
+    fn inspect(&self, source: &Path, format: SourceFormat, control: &JobControl) -> Result<ImageInfo, ConvertError> {
+        self.pick(format).inspect(source, format, control)
+    }
+
+    fn convert(&self, request: &ConversionRequest<'_>, control: &JobControl) -> Result<(), ConvertError> {
+        self.pick(request.format).convert(request, control)
+    }
+}
