@@ -271,6 +271,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)]
     fn spans_cover_whole_clusters_and_merge() {
         let c = CLUSTER;
         assert_eq!(cluster_spans(&[10..20, 30..40], 0, 4 * c), vec![0..c]);
