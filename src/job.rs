@@ -18,8 +18,9 @@ use crate::config::Config;
 use crate::convert::{Compression, ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
 use crate::host::Identity;
 use crate::image::vmdk;
+use crate::image::{ova, ImageError};
 use crate::libvirt::domain_xml::{self, DomainDisk, NetworkAttachment};
-use crate::manifest::{self, DiskSpec, JobSpec};
+use crate::manifest::{self, DiskSpec, DiskType, JobSpec, SourceFormat};
 use crate::names;
 use crate::publish::{self, Staging};
 use crate::queue::{Claim, EventLog, JobRecord, JobState};
@@ -186,6 +187,7 @@ fn execute(
         move_aside_stale(ctx, vm_name, &[], claim.job_id());
     }
     let spec = manifest::parse(bytes, manifest_name).map_err(|e| Failure::new(Stage::Manifest, e.to_string()))?;
+    let spec = expand_ova_disks(ctx, spec, control, events)?;
     let disk_ids: Vec<&str> = spec.disks.iter().map(|d| d.id.as_str()).collect();
     move_aside_stale(ctx, &spec.vm_name, &disk_ids, claim.job_id());
 
@@ -223,6 +225,109 @@ fn execute(
     Ok((spec, report))
 }
 
+/// Replaces each `source_format: "ova"` disk by the archive's disks (the first in its place,
+/// so an OVA that is the boot disk gives `V.qcow2`; the others `V-<ovf disk id>.qcow2`), after
+/// confining the OVA, verifying its checksum and its `.mf`. OVF hardware fills whatever the
+/// manifest's `vm` block and `nics` leave out.
+fn expand_ova_disks(
+    ctx: &JobContext,
+    mut spec: JobSpec,
+    control: &JobControl,
+    events: &EventLog,
+) -> Result<JobSpec, Stop> {
+    if !spec.disks.iter().any(|d| d.source_format == SourceFormat::Ova) {
+        return Ok(spec);
+    }
+    let mut disks = Vec::new();
+    for disk in std::mem::take(&mut spec.disks) {
+        if disk.source_format != SourceFormat::Ova {
+            disks.push(disk);
+            continue;
+        }
+        let path = ctx.roots.confine(&disk.local_path).map_err(|e| source_failure(&disk, &e, &ctx.roots))?;
+        if let Some(expected) = disk.sha256 {
+            events.append(Stage::Checksum.as_str(), &format!("verifying {}", disk.id), None);
+            verify_checksum(&disk, &path, &expected, control)?;
+        }
+        let package = open_verified_ova(&disk, &path)?;
+        fill_hardware(&mut spec, &package);
+        for (index, member) in package.disks.iter().enumerate() {
+            disks.push(DiskSpec {
+                id: member.disk_id.clone(),
+                source_format: SourceFormat::Ova,
+                local_path: disk.local_path.clone(),
+                bytes: None,
+                sha256: None,
+                boot_order_hint: disk.boot_order_hint,
+                label: Some(member.ovf_disk_id.clone()),
+                disk_type: if index == 0 { disk.disk_type } else { DiskType::Data },
+                ova_disk: Some(index),
+            });
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(clash) = disks.iter().find(|d| !seen.insert(d.id.clone())) {
+        let summary = format!(
+            "Disk id {:?} is used both by the manifest and by a disk inside an OVA; rename the manifest's disk.",
+            clash.id
+        );
+        return Err(Failure::new(Stage::Manifest, summary).into());
+    }
+    spec.disks = disks;
+    Ok(spec)
+}
+
+fn open_verified_ova(disk: &DiskSpec, path: &Path) -> Result<ova::OvaPackage, Stop> {
+    let unreadable = |e: ImageError| {
+        Failure::new(
+            Stage::Inspect,
+            format!("Disk {} ({}) is not a readable OVA ({e}); export it again.", disk.id, path.display()),
+        )
+    };
+    let package = ova::open(path, &ova::Limits::default()).map_err(unreadable)?;
+    if package.manifest.is_some() {
+        ova::verify_manifest(&package).map_err(|e| {
+            Failure::new(
+                Stage::Checksum,
+                format!(
+                    "The OVA {} does not match its .mf manifest ({e}); the export is damaged, export it again.",
+                    path.display()
+                ),
+            )
+        })?;
+    }
+    if package.disks.is_empty() {
+        let summary =
+            format!("The OVA {} holds no disk to convert; check that the export included its disks.", path.display());
+        return Err(Failure::new(Stage::Inspect, summary).into());
+    }
+    Ok(package)
+}
+
+fn fill_hardware(spec: &mut JobSpec, package: &ova::OvaPackage) {
+    let ovf = package.hardware.to_manifest_hardware();
+    let hw = &mut spec.hardware;
+    hw.cpu = hw.cpu.or(ovf.cpu);
+    hw.mem_gb = hw.mem_gb.or(ovf.mem_gb);
+    hw.firmware = hw.firmware.or(ovf.firmware);
+    hw.secureboot = hw.secureboot || ovf.secureboot;
+    hw.os_hint = hw.os_hint.take().or(ovf.os_hint);
+    hw.os_version = hw.os_version.take().or(ovf.os_version);
+    if spec.nics.is_empty() {
+        spec.nics = package.hardware.to_nics();
+    }
+}
+
+fn inspect_ova_disk(path: &Path, index: usize) -> Result<ImageInfo, ConvertError> {
+    let (_, info) = crate::engine::open_ova_disk(path, index).map_err(crate::engine::pipeline::image_error)?;
+    Ok(ImageInfo {
+        format: "vmdk".into(),
+        subformat: info.subformat,
+        virtual_size: info.virtual_size,
+        referenced_files: Vec::new(),
+    })
+}
+
 /// A disk whose source passed every check.
 struct PreparedSource<'a> {
     disk: &'a DiskSpec,
@@ -256,10 +361,11 @@ fn prepare_sources<'a>(
             }
             None => false,
         };
-        let info = ctx
-            .converter
-            .inspect(&path, disk.source_format, control)
-            .map_err(|e| convert_failure(Stage::Inspect, disk, &path, e))?;
+        let info = match disk.ova_disk {
+            Some(index) => inspect_ova_disk(&path, index),
+            None => ctx.converter.inspect(&path, disk.source_format, control),
+        }
+        .map_err(|e| convert_failure(Stage::Inspect, disk, &path, e))?;
         for referenced in &info.referenced_files {
             ctx.roots.confine(referenced).map_err(|e| reference_failure(disk, referenced, &e, &ctx.roots))?;
         }
@@ -330,8 +436,13 @@ fn convert_disk(
     let disk = source.disk;
     let clock = Instant::now();
     let staged = staging.path(&format!("{}.qcow2", disk.id));
-    let request =
-        ConversionRequest { source: &source.path, format: disk.source_format, destination: &staged, compression };
+    let request = ConversionRequest {
+        source: &source.path,
+        format: disk.source_format,
+        destination: &staged,
+        compression,
+        ova_disk: disk.ova_disk,
+    };
     info!(stage = "convert", disk = %disk.id, source = %source.path.display(), "converting");
     ctx.converter.convert(&request, control).map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
     let io_failure = |e: std::io::Error| convert_failure(Stage::Convert, disk, &source.path, ConvertError::Io(e));

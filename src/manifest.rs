@@ -135,6 +135,10 @@ pub struct DiskSpec {
     pub boot_order_hint: Option<i64>,
     pub label: Option<String>,
     pub disk_type: DiskType,
+    /// For a disk expanded from an OVA: its index among the OVA's disks. Never from the
+    /// manifest itself, where `source_format: "ova"` names the whole archive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ova_disk: Option<usize>,
 }
 
 fn serialize_checksum<S: serde::Serializer>(v: &Option<[u8; 32]>, s: S) -> Result<S::Ok, S::Error> {
@@ -387,6 +391,7 @@ fn validate_disk(raw: RawDisk, index: usize) -> Result<DiskSpec, ManifestError> 
         boot_order_hint: raw.boot_order_hint.as_ref().and_then(as_i64),
         label: raw.label,
         disk_type,
+        ova_disk: None,
     })
 }
 

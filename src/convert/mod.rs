@@ -34,6 +34,8 @@ pub struct ConversionRequest<'a> {
     /// so nothing else can have put a symlink there.
     pub destination: &'a Path,
     pub compression: Option<Compression>,
+    /// With `format == Ova`: which of the archive's disks (in boot order).
+    pub ova_disk: Option<usize>,
 }
 
 /// What a source image is, as far as the job needs to know before converting it.

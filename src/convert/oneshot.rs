@@ -50,7 +50,7 @@ pub fn convert(
     control.progress.total_bytes.store(info.virtual_size, Ordering::Relaxed);
     let finished = Arc::new(AtomicBool::new(false));
     let painter = std::io::stderr().is_terminal().then(|| spawn_progress(control.clone(), finished.clone()));
-    let request = ConversionRequest { source, format, destination, compression };
+    let request = ConversionRequest { source, format, destination, compression, ova_disk: None };
     let result = converter.convert(&request, &control);
     finished.store(true, Ordering::SeqCst);
     if let Some(painter) = painter {

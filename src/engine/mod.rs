@@ -8,11 +8,12 @@
 pub mod pipeline;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::convert::qemu_img::QemuImg;
 use crate::convert::{ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
 use crate::image::raw::RawImage;
-use crate::image::{vmdk, DiskSource, ImageError, SourceInfo};
+use crate::image::{ova, vmdk, DiskSource, ImageError, SourceInfo};
 use crate::manifest::SourceFormat;
 
 pub use pipeline::PipelineOptions;
@@ -30,13 +31,27 @@ pub fn open(path: &Path, format: SourceFormat) -> Result<(Box<dyn DiskSource>, S
             let info = image.info();
             Ok((Box::new(image), info))
         }
+        SourceFormat::Ova => open_ova_disk(path, 0),
         other => Err(ImageError::Unsupported(format!("{} is not read natively", other.as_str()))),
     }
 }
 
+/// Opens disk `index` (boot order) of an OVA, read in place: no extraction, no extra space.
+pub fn open_ova_disk(path: &Path, index: usize) -> Result<(Box<dyn DiskSource>, SourceInfo), ImageError> {
+    let package = ova::open(path, &ova::Limits::default())?;
+    let disk = package.disks.get(index).ok_or_else(|| {
+        ImageError::Corrupt(format!("the OVA has {} disk(s); disk {} was asked for", package.disks.len(), index + 1))
+    })?;
+    let member = Arc::new(package.open_disk(disk)?);
+    let image = vmdk::open_stream(member, &disk.member_name, &vmdk::Limits::default())?;
+    let mut info = image.info();
+    info.format = "ova".into();
+    Ok((Box::new(image), info))
+}
+
 /// Whether [`open`] reads `format`.
 pub fn reads_natively(format: SourceFormat) -> bool {
-    matches!(format, SourceFormat::Raw | SourceFormat::Vmdk)
+    matches!(format, SourceFormat::Raw | SourceFormat::Vmdk | SourceFormat::Ova)
 }
 
 /// The native converter.
@@ -66,7 +81,11 @@ impl Converter for Native {
     }
 
     fn convert(&self, request: &ConversionRequest<'_>, control: &JobControl) -> Result<(), ConvertError> {
-        let (source, _) = open(request.source, request.format).map_err(pipeline::image_error)?;
+        let opened = match (request.format, request.ova_disk) {
+            (SourceFormat::Ova, Some(index)) => open_ova_disk(request.source, index),
+            (format, _) => open(request.source, format),
+        };
+        let (source, _) = opened.map_err(pipeline::image_error)?;
         let options = PipelineOptions { compression: request.compression, ..self.options };
         pipeline::run(source.as_ref(), request.destination, options, control)?;
         Ok(())

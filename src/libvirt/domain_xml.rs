@@ -481,6 +481,7 @@ mod tests {
             boot_order_hint: None,
             label: None,
             disk_type: DiskType::Unknown,
+            ova_disk: None,
         }
     }
 
