@@ -178,14 +178,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
-                println!("format: {}", info.format);
-                if let Some(sub) = &info.subformat {
-                    println!("subformat: {sub}");
-                }
-                println!("virtual size: {} bytes", info.virtual_size);
-                for file in &info.referenced_files {
-                    println!("references: {}", file.display());
-                }
+                print_fields(&info, "");
             }
             Ok(())
         }
@@ -246,4 +239,27 @@ fn load_config(config_dir: &Option<PathBuf>, log_level: Option<String>, args: &C
     }
     let overrides = Overrides { config_dir: config_dir.clone(), flags };
     Ok(Config::load(&overrides, &config::ProcessEnv)?)
+}
+
+/// Prints a JSON description as indented `key: value` lines.
+fn print_fields(value: &serde_json::Value, indent: &str) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map {
+                if v.is_object() || v.is_array() {
+                    println!("{indent}{key}:");
+                    print_fields(v, &format!("{indent}  "));
+                } else if !v.is_null() {
+                    println!("{indent}{key}: {}", v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                println!("{indent}- [{i}]");
+                print_fields(item, &format!("{indent}  "));
+            }
+        }
+        other => println!("{indent}{other}"),
+    }
 }

@@ -6,8 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Compression, ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
+use super::{Compression, ConversionRequest, ConvertError, Converter, JobControl};
+use crate::engine::pipeline::image_error;
 use crate::engine::Auto;
+use crate::image::ova;
 use crate::manifest::SourceFormat;
 
 /// One-shot conversions have no CONVERSION_TIMEOUT.
@@ -26,9 +28,55 @@ pub fn guess_format(path: &Path) -> SourceFormat {
     }
 }
 
-/// Describes a source image.
-pub fn inspect(source: &Path, format: SourceFormat) -> Result<ImageInfo, ConvertError> {
-    Auto::default().inspect(source, format, &JobControl::new(NO_DEADLINE))
+/// Describes a source image: format, subformat, virtual size, allocated bytes, referenced
+/// files and chain (native formats), and for an OVA its disks and OVF hardware.
+pub fn inspect(source: &Path, format: SourceFormat) -> Result<serde_json::Value, ConvertError> {
+    if !crate::engine::reads_natively(format) {
+        let info = Auto::default().inspect(source, format, &JobControl::new(NO_DEADLINE))?;
+        return serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()));
+    }
+    if format == SourceFormat::Ova {
+        return inspect_ova(source);
+    }
+    let (_, info) = crate::engine::open(source, format).map_err(image_error)?;
+    serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()))
+}
+
+fn inspect_ova(source: &Path) -> Result<serde_json::Value, ConvertError> {
+    let package = ova::open(source, &ova::Limits::default()).map_err(image_error)?;
+    let mut disks = Vec::new();
+    for (index, disk) in package.disks.iter().enumerate() {
+        let (_, info) = crate::engine::open_ova_disk(source, index).map_err(image_error)?;
+        disks.push(serde_json::json!({
+            "disk_id": disk.disk_id,
+            "href": disk.href,
+            "capacity_bytes": disk.capacity_bytes,
+            "member_offset": disk.member.start,
+            "member_bytes": disk.member.end - disk.member.start,
+            "subformat": info.subformat,
+            "virtual_size": info.virtual_size,
+            "allocated_bytes": info.allocated_bytes,
+        }));
+    }
+    let hw = &package.hardware;
+    let nics: Vec<_> =
+        hw.nics.iter().map(|n| serde_json::json!({"network": n.network, "mac": n.mac, "model": n.model})).collect();
+    Ok(serde_json::json!({
+        "format": "ova",
+        "ovf": package.ovf_name,
+        "manifest_listed": package.manifest.is_some(),
+        "disks": disks,
+        "hardware": {
+            "name": hw.name,
+            "cpu": hw.cpu,
+            "memory_mib": hw.memory_mib,
+            "firmware": hw.firmware,
+            "secure_boot": hw.secure_boot,
+            "os_type": hw.os_type,
+            "nics": nics,
+        },
+        "warnings": package.warnings,
+    }))
 }
 
 /// Converts `source` to a new qcow2 at `destination`, with a progress line on a terminal.
