@@ -7,6 +7,7 @@
 #   make demo-stop   stop the demo daemon
 #   make demo-check  demo then stop, non-interactive; fails if the demo failed
 #   make bench       build, then time hyper2kvm convert against qemu-img (scripts/bench.sh)
+#   make soak        the chaos test over many more jobs (SOAK_JOBS_PER_PRODUCER, SOAK_ROUNDS)
 #   make fmt         format the code
 #   make lint        format check and clippy
 #   make clean       stop the demo, remove build output and ./demo/
@@ -45,7 +46,7 @@ demo-stop:
 demo-check:
 	scripts/demo.sh check
 
-.PHONY: bench
+.PHONY: bench soak
 bench: build
 	scripts/bench.sh
 
@@ -60,3 +61,7 @@ clean:
 	-scripts/demo.sh stop
 	$(CARGO) clean
 	rm -rf demo
+
+# The chaos test over many more jobs (not in make test): SOAK_JOBS_PER_PRODUCER, SOAK_ROUNDS.
+soak: deps
+	$(CARGO) test --release --test chaos -- --ignored soak --nocapture

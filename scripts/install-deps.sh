@@ -35,6 +35,8 @@ have xmllint || need libxml2-utils
 have unshare || need util-linux
 have_sbin mke2fs || need e2fsprogs
 have python3 || need python3
+# VMware-shaped streamOptimized VMDKs for the reader's tests (Debian's python3 module).
+[ -e /usr/lib/python3/dist-packages/VMDKstream.py ] || need python3-vmdkstream
 
 if [ "${#packages[@]}" -gt 0 ]; then
     install_cmd="apt-get install -y --no-install-recommends ${packages[*]}"
