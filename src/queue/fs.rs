@@ -41,10 +41,17 @@ impl QueueFs for RealFs {
     }
 
     fn create_exclusive(&self, path: &Path, contents: &[u8]) -> std::io::Result<()> {
-        let mut file =
-            OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).mode(0o644).open(path)?;
-        file.write_all(contents)?;
-        file.sync_all()
+        match OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).mode(0o644).open(path) {
+            Ok(mut file) => {
+                file.write_all(contents)?;
+                file.sync_all()
+            }
+            // Where exclusive create is not supported, fall back to the link method.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOTSUP) | Some(libc::ENOSYS)) => {
+                create_by_link(path, contents)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
@@ -82,6 +89,30 @@ impl QueueFs for RealFs {
     }
 }
 
+/// Creates `path` without overwriting where `O_EXCL` is not trusted: write a uniquely named
+/// file beside it, `link(2)` it to `path`, and judge by the unique file's link count (2 means
+/// the link exists, whatever link's reply said — replies to retransmitted requests can lie).
+pub fn create_by_link(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let unique = path.with_file_name(format!(".{name}.{}.link", crate::host::random_hex()));
+    let result = (|| {
+        let mut file = OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).open(&unique)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        let linked = std::fs::hard_link(&unique, path);
+        if std::fs::symlink_metadata(&unique)?.nlink() == 2 {
+            return Ok(());
+        }
+        match linked {
+            Ok(()) => Err(std::io::Error::other("link reported success but the link count did not change")),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = std::fs::remove_file(&unique);
+    result
+}
+
 /// Errors that NFS produces transiently and that must be retried, not read as facts.
 pub fn is_transient(error: &std::io::Error) -> bool {
     matches!(
@@ -109,4 +140,37 @@ pub fn retry<T>(what: &str, mut op: impl FnMut() -> std::io::Result<T>) -> std::
 /// Age of `then` judged by the server's `now`; a `then` in the future counts as age zero.
 pub fn age(then: SystemTime, now: SystemTime) -> Duration {
     now.duration_since(then).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_link_method_creates_once_and_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = dir.path().join("job.lock");
+        create_by_link(&lock, b"first").unwrap();
+        let second = create_by_link(&lock, b"second").unwrap_err();
+        assert_eq!(second.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&lock).unwrap(), b"first");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "the unique file is removed");
+    }
+
+    #[test]
+    fn retry_gives_transient_errors_three_more_chances_only() {
+        let mut calls = 0;
+        let result: std::io::Result<()> = retry("test", || {
+            calls += 1;
+            Err(std::io::Error::from_raw_os_error(libc::ESTALE))
+        });
+        assert!(result.is_err());
+        assert_eq!(calls, 4);
+        let mut calls = 0;
+        let _ = retry("test", || {
+            calls += 1;
+            Err::<(), _>(std::io::Error::from_raw_os_error(libc::EACCES))
+        });
+        assert_eq!(calls, 1, "permanent errors are not retried");
+    }
 }
