@@ -661,6 +661,13 @@ fn record(
 }
 
 fn finish(claim: Claim, record: JobRecord, wrap: fn(JobRecord) -> JobEnd) -> JobEnd {
+    // Recording moves the claimed manifest and removes the lock: only the owner may do that.
+    // A daemon that lost the job (it was frozen, say, and its staging was cleaned up under it)
+    // must not record a failure over the new owner's work.
+    if !claim.still_owned() {
+        warn!(stage = "record", "the lock was taken over by another daemon; abandoning the job without recording it");
+        return JobEnd::Abandoned;
+    }
     if let Err(e) = claim.finish(&record) {
         warn!(error = %e, "could not record the job's end under .hyper2kvm");
     }
