@@ -209,7 +209,7 @@ impl Daemon {
         let config = self.ctx.config.clone();
         let scan = match self.scanner.scan() {
             Ok(scan) => scan,
-            Err(source) if is_transient(&source) => {
+            Err(source) if queue::fs::is_transient(&source) => {
                 warn!(error = %source, "WATCH_DIR could not be read; retrying at the next poll");
                 return Ok(config.poll_interval);
             }
@@ -379,14 +379,6 @@ fn report_progress(control: &JobControl, reported: &mut u32) {
             info!(stage = "convert", percent = format!("{percent:.0}"), "progress");
         }
     }
-}
-
-/// Errors worth retrying at the next poll rather than stopping for (NFS hiccups).
-fn is_transient(error: &std::io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::ESTALE) | Some(libc::EIO) | Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ETIMEDOUT)
-    )
 }
 
 /// Local inotify wake-ups. Other NFS clients' writes are invisible to inotify, which is why
