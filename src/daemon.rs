@@ -95,9 +95,10 @@ fn prepare_directories(config: &Config) -> Result<(), DaemonError> {
     create("WATCH_DIR", &config.watch_dir)?;
     create("OUTPUT_DIR", &config.output_dir)?;
     create("TEMP_DIR", &config.temp_dir)?;
-    Layout::new(&config.watch_dir).ensure().map_err(|source| DaemonError::Directory {
+    let layout = Layout::new(&config.watch_dir);
+    layout.ensure().map_err(|source| DaemonError::Directory {
         what: "the queue state directory",
-        path: config.watch_dir.join(".hyper2kvm").display().to_string(),
+        path: layout.state_dir().display().to_string(),
         source,
     })?;
     match publish::check_same_filesystem(&config.temp_dir, &config.output_dir) {

@@ -23,7 +23,7 @@ use crate::libvirt::domain_xml::{self, DomainDisk, NetworkAttachment};
 use crate::manifest::{self, DiskSpec, DiskType, JobSpec, SourceFormat};
 use crate::names;
 use crate::publish::{self, Staging};
-use crate::queue::{Claim, EventLog, JobRecord, JobState};
+use crate::queue::{Claim, EventLog, JobRecord, JobState, Layout, Outcome};
 use crate::report::{DiskReport, Report};
 use crate::source::{SourceError, SourceRoots};
 
@@ -166,7 +166,7 @@ pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
 
 /// Each generation of a job stages apart, so a new owner never meets the files of a frozen
 /// old one.
-pub fn staging_name(claim: &Claim) -> String {
+fn staging_name(claim: &Claim) -> String {
     format!("{}.g{}", claim.job_id(), claim.record().generation)
 }
 
@@ -586,7 +586,7 @@ fn fail(
         record(ctx, &claim, vm_name, JobState::Failed, started_at, failure.stage.as_str(), None, Some(&failure));
     if safe_name {
         if let Some(staging) = staging {
-            match publish_error(ctx, &claim, staging, vm_name, &failure) {
+            match publish_error(ctx, &claim, staging, vm_name, &failure, &record) {
                 Ok(Some(path)) => record.result_file = Some(path),
                 Ok(None) => return JobEnd::Abandoned,
                 Err(e) => warn!(error = %e, "could not publish the .error file"),
@@ -604,10 +604,11 @@ fn publish_error(
     staging: &Staging,
     vm_name: &str,
     failure: &Failure,
+    record: &JobRecord,
 ) -> std::io::Result<Option<PathBuf>> {
-    let date = Utc::now().format("%Y-%m-%d");
-    let record_path =
-        ctx.config.watch_dir.join(".hyper2kvm/failed").join(date.to_string()).join(format!("{}.json", claim.job_id()));
+    // The same path Claim::finish writes the record to, from the same timestamp.
+    let finished_at = record.finished_at.unwrap_or_else(Utc::now);
+    let record_path = Layout::new(&ctx.config.watch_dir).record_file(Outcome::Failed, finished_at, claim.job_id());
     let text = error_text(ctx, claim.job_id(), failure, &record_path);
     staging.write_new("error", text.as_bytes())?;
     if fence(claim).is_err() {

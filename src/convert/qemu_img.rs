@@ -23,7 +23,7 @@ const POLL: Duration = Duration::from_millis(50);
 /// Longest piece of qemu-img's stderr quoted in an error.
 const MAX_MESSAGE: usize = 400;
 
-/// Converts with the `qemu-img` binary found on PATH (or at `binary`).
+/// Converts with the `qemu-img` binary found on PATH.
 #[derive(Debug, Clone)]
 pub struct QemuImg {
     binary: PathBuf,
@@ -36,11 +36,6 @@ impl Default for QemuImg {
 }
 
 impl QemuImg {
-    /// A backend using a specific `qemu-img` binary.
-    pub fn with_binary(binary: impl Into<PathBuf>) -> Self {
-        QemuImg { binary: binary.into() }
-    }
-
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.stdin(Stdio::null()).env("LC_ALL", "C");

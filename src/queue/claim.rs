@@ -290,11 +290,10 @@ impl Claim {
     pub fn finish(self, record: &JobRecord) -> std::io::Result<PathBuf> {
         let layout = &self.queue.layout;
         let outcome = if record.state == records::JobState::Done { Outcome::Done } else { Outcome::Failed };
-        let date = record.finished_at.unwrap_or_else(Utc::now).format("%Y-%m-%d").to_string();
-        let dir = layout.outcome_dir(outcome, &date);
+        let record_path = layout.record_file(outcome, record.finished_at.unwrap_or_else(Utc::now), &self.record.job_id);
+        let dir = record_path.parent().map(Path::to_owned).unwrap_or_default();
         std::fs::create_dir_all(&dir)?;
         let job_id = &self.record.job_id;
-        let record_path = dir.join(format!("{job_id}.json"));
         records::write_atomically(&record_path, &serde_json::to_vec_pretty(record)?)?;
         move_if_present(&self.manifest_path(), &dir.join(format!("{job_id}.manifest.json")))?;
         move_if_present(&self.event_log(), &dir.join(format!("{job_id}.log")))?;

@@ -88,6 +88,11 @@ impl Layout {
         self.outcome_root(outcome).join(date)
     }
 
+    /// The record of a job that ended on `finished_at`'s UTC day.
+    pub fn record_file(&self, outcome: Outcome, finished_at: chrono::DateTime<chrono::Utc>, job_id: &str) -> PathBuf {
+        self.outcome_dir(outcome, &finished_at.format("%Y-%m-%d").to_string()).join(format!("{job_id}.json"))
+    }
+
     pub fn claimed_manifest(&self, job_id: &str) -> PathBuf {
         self.claimed_dir().join(format!("{job_id}.json"))
     }
