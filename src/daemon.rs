@@ -224,7 +224,7 @@ impl Daemon {
                 break;
             }
             self.scanner.forget(&candidate.name);
-            match self.queue.claim(&candidate.name, &self.ctx.identity) {
+            match self.queue.claim(&candidate, &self.ctx.identity) {
                 Ok(Some(claim)) => self.start(claim),
                 Ok(None) => debug!(manifest = %candidate.name, "another daemon took the manifest first"),
                 Err(e) => warn!(manifest = %candidate.name, error = %e, "could not claim; will retry"),

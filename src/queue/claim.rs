@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::fs::{self, QueueFs, RealFs};
 use super::layout::{Layout, Outcome};
 use super::records::{self, JobRecord};
+use super::scan::Candidate;
 use crate::host::{self, Identity};
 
 /// Suffix of a lock file; anything else in `locks/` is a lock being taken over.
@@ -84,9 +85,29 @@ impl Queue {
         Queue { layout, fs }
     }
 
-    /// Tries to claim the manifest `name` in WATCH_DIR. `Ok(None)` means another daemon (or
-    /// the producer) took it first, which is normal.
-    pub fn claim(&self, name: &str, owner: &Identity) -> std::io::Result<Option<Claim>> {
+    /// Tries to claim the manifest the scan judged ready. `Ok(None)` means another daemon
+    /// took it first, which is normal, or that the file under its name is no longer the one
+    /// judged: another daemon claimed that one and the producer wrote the next manifest under
+    /// the same name, perhaps half-way. Such a file goes back to the queue to settle.
+    pub fn claim(&self, candidate: &Candidate, owner: &Identity) -> std::io::Result<Option<Claim>> {
+        let Some(claim) = self.claim_name(&candidate.name, owner)? else { return Ok(None) };
+        match fs::retry("checking a claim", || self.fs.fingerprint(&claim.manifest_path())) {
+            Ok(now) if now != candidate.fingerprint => {
+                tracing::info!(
+                    manifest = %candidate.name,
+                    job_id = %claim.job_id(),
+                    "the manifest was replaced between scan and claim; returned to the queue to settle"
+                );
+                claim.release()?;
+                Ok(None)
+            }
+            // The rename made the file ours whatever a stat says; the job reads it next.
+            _ => Ok(Some(claim)),
+        }
+    }
+
+    /// Claims whatever file is named `name` in WATCH_DIR.
+    fn claim_name(&self, name: &str, owner: &Identity) -> std::io::Result<Option<Claim>> {
         let record = LockRecord {
             job_id: new_job_id(),
             owner: owner.clone(),

@@ -4,9 +4,29 @@
 
 use std::fs::OpenOptions;
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
+
+/// What a file looked like when judged. Any difference means another file under the same name,
+/// or new contents: HyperSDK rewrites one fixed name, so a name alone identifies nothing.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub inode: u64,
+}
+
+impl Fingerprint {
+    /// The fingerprint of `meta` (from `symlink_metadata`, so a symlink is never followed).
+    pub fn of(meta: &std::fs::Metadata) -> Fingerprint {
+        Fingerprint {
+            size: meta.len(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            inode: meta.ino(),
+        }
+    }
+}
 
 /// Operations on the shared queue directory.
 pub trait QueueFs: Send + Sync + std::fmt::Debug {
@@ -18,6 +38,8 @@ pub trait QueueFs: Send + Sync + std::fmt::Debug {
     fn remove_file(&self, path: &Path) -> std::io::Result<()>;
     /// Whether `path` exists: `Ok(false)` only for ENOENT; other errors (ESTALE …) propagate.
     fn exists(&self, path: &Path) -> std::io::Result<bool>;
+    /// The file's identity and contents' stamp, without following a symlink.
+    fn fingerprint(&self, path: &Path) -> std::io::Result<Fingerprint>;
     /// The file's mtime, as stamped by the file server.
     fn modified(&self, path: &Path) -> std::io::Result<SystemTime>;
     /// Sets the file's mtime to the file server's now (a heartbeat).
@@ -68,6 +90,10 @@ impl QueueFs for RealFs {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    fn fingerprint(&self, path: &Path) -> std::io::Result<Fingerprint> {
+        Ok(Fingerprint::of(&std::fs::symlink_metadata(path)?))
     }
 
     fn modified(&self, path: &Path) -> std::io::Result<SystemTime> {

@@ -8,10 +8,10 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::fs::Fingerprint;
 use super::layout::is_manifest_name;
 use crate::manifest::{self, MAX_MANIFEST_BYTES};
 
@@ -22,6 +22,8 @@ pub struct Candidate {
     pub name: String,
     /// Whether it parsed as complete JSON when last read.
     pub complete: bool,
+    /// What the file looked like when judged ready; the claim checks it took this file.
+    pub fingerprint: Fingerprint,
 }
 
 /// The result of one scan.
@@ -33,13 +35,6 @@ pub struct ScanResult {
     pub next_check: Option<Duration>,
     /// Manifest files present, ready or not.
     pub waiting: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Fingerprint {
-    size: u64,
-    mtime_ns: i128,
-    inode: u64,
 }
 
 #[derive(Debug)]
@@ -81,11 +76,7 @@ impl Scanner {
                 continue;
             }
             present.push(name.clone());
-            let fingerprint = Fingerprint {
-                size: meta.len(),
-                mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
-                inode: meta.ino(),
-            };
+            let fingerprint = Fingerprint::of(&meta);
             let age = self.observe(&name, fingerprint, now);
             if age < self.settle {
                 result.next_check = min_some(result.next_check, self.settle - age);
@@ -93,7 +84,7 @@ impl Scanner {
             }
             let complete = self.reads_as_complete_json(&name);
             if complete || age >= self.invalid_grace {
-                result.ready.push(Candidate { name, complete });
+                result.ready.push(Candidate { name, complete, fingerprint });
             } else {
                 result.next_check = min_some(result.next_check, self.invalid_grace - age);
             }
@@ -141,6 +132,10 @@ mod tests {
         Scanner::new(dir, Duration::from_millis(settle_ms), Duration::from_millis(grace_ms))
     }
 
+    fn fingerprint_of(path: &Path) -> Fingerprint {
+        Fingerprint::of(&std::fs::symlink_metadata(path).unwrap())
+    }
+
     #[test]
     fn waits_for_the_settle_period_then_takes_complete_json() {
         let dir = tempfile::tempdir().unwrap();
@@ -151,7 +146,8 @@ mod tests {
         assert!(first.next_check.is_some());
         std::thread::sleep(Duration::from_millis(200));
         let second = s.scan().unwrap();
-        assert_eq!(second.ready, vec![Candidate { name: "m.json".into(), complete: true }]);
+        let fingerprint = fingerprint_of(&dir.path().join("m.json"));
+        assert_eq!(second.ready, vec![Candidate { name: "m.json".into(), complete: true, fingerprint }]);
     }
 
     #[test]
@@ -177,7 +173,8 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         assert!(s.scan().unwrap().ready.is_empty(), "partial JSON is not ready within the grace period");
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(s.scan().unwrap().ready, vec![Candidate { name: "m.json".into(), complete: false }]);
+        let fingerprint = fingerprint_of(&dir.path().join("m.json"));
+        assert_eq!(s.scan().unwrap().ready, vec![Candidate { name: "m.json".into(), complete: false, fingerprint }]);
     }
 
     #[test]

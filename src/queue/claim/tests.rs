@@ -91,6 +91,10 @@ impl QueueFs for FaultyFs {
         self.estale()?;
         RealFs.exists(path)
     }
+    fn fingerprint(&self, path: &Path) -> std::io::Result<fs::Fingerprint> {
+        self.estale()?;
+        RealFs.fingerprint(path)
+    }
     fn modified(&self, path: &Path) -> std::io::Result<SystemTime> {
         self.estale()?;
         Ok(self.skew(RealFs.modified(path)?))
@@ -126,6 +130,12 @@ fn drop_manifest(s: &Setup, name: &str) {
     std::fs::write(s.dir.path().join(name), b"{}").unwrap();
 }
 
+/// The candidate a scan would hand over for `name` now (a default fingerprint if it is gone).
+fn judged(s: &Setup, name: &str) -> Candidate {
+    let fingerprint = RealFs.fingerprint(&s.dir.path().join(name)).unwrap_or_default();
+    Candidate { name: name.into(), complete: true, fingerprint }
+}
+
 fn age_lock(s: &Setup, job_id: &str, seconds: u64) {
     let file = std::fs::File::options().write(true).open(s.layout.lock_file(job_id)).unwrap();
     file.set_modified(SystemTime::now() - Duration::from_secs(seconds)).unwrap();
@@ -134,10 +144,31 @@ fn age_lock(s: &Setup, job_id: &str, seconds: u64) {
 const LEASE: Duration = Duration::from_secs(90);
 
 #[test]
+fn a_manifest_replaced_after_it_was_judged_goes_back_to_settle() {
+    let s = setup();
+    drop_manifest(&s, "m.json");
+    let seen = judged(&s, "m.json");
+    // Another daemon claims the judged file; the producer writes its next manifest, half-way.
+    std::fs::rename(s.dir.path().join("m.json"), s.dir.path().join("elsewhere")).unwrap();
+    std::fs::write(s.dir.path().join("m.json"), b"{\"vm_na").unwrap();
+    assert!(Queue::new(s.layout.clone()).claim(&seen, &host("a")).unwrap().is_none());
+    let back: Vec<String> = std::fs::read_dir(s.dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("m.requeued-"))
+        .collect();
+    assert_eq!(back.len(), 1, "the new file is back in the queue under a requeued name");
+    assert_eq!(std::fs::read(s.dir.path().join(&back[0])).unwrap(), b"{\"vm_na");
+    assert_eq!(std::fs::read_dir(s.layout.locks_dir()).unwrap().count(), 0, "no lock is left");
+    assert_eq!(std::fs::read_dir(s.layout.claimed_dir()).unwrap().count(), 0, "no claim is left");
+}
+
+#[test]
 fn a_claim_moves_the_manifest_and_writes_the_owner_record() {
     let s = setup();
     drop_manifest(&s, "m.json");
-    let claim = Queue::new(s.layout.clone()).claim("m.json", &host("a")).unwrap().expect("claim wins");
+    let claim = Queue::new(s.layout.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().expect("claim wins");
     assert!(!s.dir.path().join("m.json").exists());
     assert!(claim.manifest_path().exists());
     let lock = Queue::new(s.layout.clone()).read_lock(&s.layout.lock_file(claim.job_id())).unwrap();
@@ -149,8 +180,8 @@ fn a_claim_moves_the_manifest_and_writes_the_owner_record() {
 fn the_second_claimant_loses_quietly_and_leaves_no_lock() {
     let s = setup();
     drop_manifest(&s, "m.json");
-    let _winner = Queue::new(s.layout.clone()).claim("m.json", &host("a")).unwrap().unwrap();
-    assert!(Queue::new(s.layout.clone()).claim("m.json", &host("b")).unwrap().is_none());
+    let _winner = Queue::new(s.layout.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
+    assert!(Queue::new(s.layout.clone()).claim(&judged(&s, "m.json"), &host("b")).unwrap().is_none());
     assert_eq!(std::fs::read_dir(s.layout.locks_dir()).unwrap().count(), 1);
 }
 
@@ -159,7 +190,7 @@ fn a_rename_reported_failed_after_succeeding_still_wins_by_looking() {
     let s = setup();
     drop_manifest(&s, "m.json");
     let fs = FaultyFs::with(Faults { rename_fails_after_success: 1, ..Faults::default() });
-    let claim = Queue::with_fs(s.layout.clone(), fs).claim("m.json", &host("a")).unwrap();
+    let claim = Queue::with_fs(s.layout.clone(), fs).claim(&judged(&s, "m.json"), &host("a")).unwrap();
     assert!(claim.is_some(), "the claimed manifest is there, so the claim stands");
 }
 
@@ -168,7 +199,7 @@ fn a_rename_reported_successful_without_effect_loses_by_looking() {
     let s = setup();
     drop_manifest(&s, "m.json");
     let fs = FaultyFs::with(Faults { rename_succeeds_without_effect: 1, ..Faults::default() });
-    assert!(Queue::with_fs(s.layout.clone(), fs).claim("m.json", &host("a")).unwrap().is_none());
+    assert!(Queue::with_fs(s.layout.clone(), fs).claim(&judged(&s, "m.json"), &host("a")).unwrap().is_none());
     assert!(s.dir.path().join("m.json").exists(), "the manifest stays for someone else");
     assert_eq!(std::fs::read_dir(s.layout.locks_dir()).unwrap().count(), 0, "the lock is withdrawn");
 }
@@ -178,7 +209,7 @@ fn estale_is_retried_not_read_as_a_lost_lock() {
     let s = setup();
     drop_manifest(&s, "m.json");
     let fs = FaultyFs::with(Faults::default());
-    let claim = Queue::with_fs(s.layout.clone(), fs.clone()).claim("m.json", &host("a")).unwrap().unwrap();
+    let claim = Queue::with_fs(s.layout.clone(), fs.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
     fs.faults.lock().unwrap().estale = 2;
     assert!(claim.still_owned(), "two ESTALEs are retried");
     fs.faults.lock().unwrap().estale = 2;
@@ -191,7 +222,7 @@ fn a_lock_that_cannot_be_refreshed_fences_the_owner() {
     let s = setup();
     drop_manifest(&s, "m.json");
     let fs = FaultyFs::with(Faults::default());
-    let claim = Queue::with_fs(s.layout.clone(), fs.clone()).claim("m.json", &host("a")).unwrap().unwrap();
+    let claim = Queue::with_fs(s.layout.clone(), fs.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
     fs.faults.lock().unwrap().touch_eio = usize::MAX;
     assert!(!claim.still_owned(), "persistent EIO: publishing without knowing is refused");
     assert_eq!(claim.heartbeat().beat(), Beat::Unknown, "but the heartbeat does not call it lost");
@@ -202,7 +233,7 @@ fn takeover_raises_the_generation_and_fences_the_old_owner() {
     let s = setup();
     drop_manifest(&s, "m.json");
     let a = Queue::new(s.layout.clone());
-    let old = a.claim("m.json", &host("a")).unwrap().unwrap();
+    let old = a.claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
     age_lock(&s, old.job_id(), 200);
     let b = Queue::new(s.layout.clone());
     let stale = b.stale(LEASE).unwrap();
@@ -223,7 +254,7 @@ fn takeover_raises_the_generation_and_fences_the_old_owner() {
 fn takeover_backs_off_when_the_owner_heartbeats_in_time() {
     let s = setup();
     drop_manifest(&s, "m.json");
-    let owner = Queue::new(s.layout.clone()).claim("m.json", &host("a")).unwrap().unwrap();
+    let owner = Queue::new(s.layout.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
     age_lock(&s, owner.job_id(), 200);
     let b = Queue::new(s.layout.clone());
     let stale = b.stale(LEASE).unwrap();
@@ -237,7 +268,7 @@ fn takeover_backs_off_when_the_owner_heartbeats_in_time() {
 fn of_two_takers_only_one_wins() {
     let s = setup();
     drop_manifest(&s, "m.json");
-    let owner = Queue::new(s.layout.clone()).claim("m.json", &host("a")).unwrap().unwrap();
+    let owner = Queue::new(s.layout.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
     age_lock(&s, owner.job_id(), 200);
     let (b, c) = (Queue::new(s.layout.clone()), Queue::new(s.layout.clone()));
     let stale_b = b.stale(LEASE).unwrap();
@@ -252,7 +283,7 @@ fn of_two_takers_only_one_wins() {
 fn staleness_follows_the_servers_clock_not_ours() {
     let s = setup();
     drop_manifest(&s, "m.json");
-    let claim = Queue::new(s.layout.clone()).claim("m.json", &host("a")).unwrap().unwrap();
+    let claim = Queue::new(s.layout.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
     for offset in [-3600, 3600] {
         // Every timestamp this host sees comes from a server whose clock is an hour off ours.
         let skewed = Queue::with_fs(
@@ -271,7 +302,7 @@ fn staleness_follows_the_servers_clock_not_ours() {
 fn a_claimed_manifest_left_without_a_lock_is_recovered() {
     let s = setup();
     drop_manifest(&s, "m.json");
-    let claim = Queue::new(s.layout.clone()).claim("m.json", &host("a")).unwrap().unwrap();
+    let claim = Queue::new(s.layout.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
     let job_id = claim.job_id().to_owned();
     std::fs::remove_file(s.layout.lock_file(&job_id)).unwrap();
     let manifest = std::fs::File::options().write(true).open(s.layout.claimed_manifest(&job_id)).unwrap();
@@ -288,7 +319,7 @@ fn a_claimed_manifest_left_without_a_lock_is_recovered() {
 fn release_requeues_under_a_new_name_and_never_touches_the_producers_name() {
     let s = setup();
     std::fs::write(s.dir.path().join("m.json"), b"{\"old\":1}").unwrap();
-    let claim = Queue::new(s.layout.clone()).claim("m.json", &host("a")).unwrap().unwrap();
+    let claim = Queue::new(s.layout.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
     // The producer reuses its fixed name as soon as it is free.
     std::fs::write(s.dir.path().join("m.json"), b"{\"new\":1}").unwrap();
     let job_id = claim.job_id().to_owned();
@@ -298,7 +329,10 @@ fn release_requeues_under_a_new_name_and_never_touches_the_producers_name() {
     assert_eq!(std::fs::read(&requeued).unwrap(), b"{\"old\":1}");
     assert_eq!(std::fs::read_dir(s.layout.locks_dir()).unwrap().count(), 0);
     // Released again, it keeps one requeued suffix.
-    let again = Queue::new(s.layout.clone()).claim(&format!("m.requeued-{job_id}.json"), &host("b")).unwrap().unwrap();
+    let again = Queue::new(s.layout.clone())
+        .claim(&judged(&s, &format!("m.requeued-{job_id}.json")), &host("b"))
+        .unwrap()
+        .unwrap();
     let second = again.job_id().to_owned();
     again.release().unwrap();
     assert!(s.dir.path().join(format!("m.requeued-{second}.json")).exists());
