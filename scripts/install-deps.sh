@@ -8,6 +8,7 @@
 #   unshare               util-linux      (private mount namespaces in tests)
 #   mke2fs                e2fsprogs       (small scratch file systems in tests)
 #   python3               python3         (test fixtures, demo manifest)
+#   libvirt.h, pkg-config libvirt-dev     (the virt crate links libvirt)
 #   cargo fmt, clippy     rustup components rustfmt and clippy
 #
 # As root it installs with apt-get; otherwise it prints the exact command to run and exits 1.
@@ -35,6 +36,8 @@ have xmllint || need libxml2-utils
 have unshare || need util-linux
 have_sbin mke2fs || need e2fsprogs
 have python3 || need python3
+[ -e /usr/include/libvirt/libvirt.h ] || need libvirt-dev
+have pkg-config || need pkg-config
 # VMware-shaped streamOptimized VMDKs for the reader's tests (Debian's python3 module).
 [ -e /usr/lib/python3/dist-packages/VMDKstream.py ] || need python3-vmdkstream
 
