@@ -337,10 +337,14 @@ impl Claim {
             let requeued = layout.watch_dir().join(format!("{stem}.requeued-{job_id}.json"));
             // link, not rename: it fails rather than replace anything already there.
             match self.queue.fs.hard_link(&claimed, &requeued) {
-                Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
-                _ => {}
+                Ok(()) => self.queue.fs.remove_file(&claimed)?,
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => self.queue.fs.remove_file(&claimed)?,
+                // fs.protected_hardlinks forbids linking a file another user owns, and the
+                // producer's manifest usually is one (the system test found this). The name
+                // carries this job's id, so a rename cannot replace anyone else's file.
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => self.queue.fs.rename(&claimed, &requeued)?,
+                Err(e) => return Err(e),
             }
-            self.queue.fs.remove_file(&claimed)?;
         }
         remove_if_present(self.queue.fs.as_ref(), &self.event_log())?;
         remove_if_present(self.queue.fs.as_ref(), &layout.lock_file(job_id))

@@ -17,6 +17,8 @@ struct Faults {
     estale: usize,
     /// EIO from touch, this many times (usize::MAX: forever).
     touch_eio: usize,
+    /// EPERM from hard_link (fs.protected_hardlinks and a file another user owns), this many times.
+    link_eperm: usize,
     /// Offset of the file server's clock from ours, applied to every server timestamp.
     server_clock_offset: i64,
 }
@@ -75,6 +77,9 @@ impl QueueFs for FaultyFs {
         Ok(())
     }
     fn hard_link(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        if self.take(|f| &mut f.link_eperm) {
+            return Err(std::io::Error::from_raw_os_error(libc::EPERM));
+        }
         RealFs.hard_link(from, to)
     }
     fn create_exclusive(&self, path: &Path, contents: &[u8]) -> std::io::Result<()> {
@@ -313,6 +318,20 @@ fn a_claimed_manifest_left_without_a_lock_is_recovered() {
     let taken = b.take_over(&stale[0], &host("b"), LEASE).unwrap().expect("recovered");
     assert_eq!(taken.job_id(), job_id);
     assert!(taken.still_owned());
+}
+
+#[test]
+fn release_of_a_manifest_the_daemon_may_not_link_renames_it_back() {
+    let s = setup();
+    std::fs::write(s.dir.path().join("m.json"), b"{\"producer\":1}").unwrap();
+    let fs = FaultyFs::with(Faults { link_eperm: 1, ..Faults::default() });
+    let claim = Queue::with_fs(s.layout.clone(), fs).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
+    let job_id = claim.job_id().to_owned();
+    claim.release().unwrap();
+    let requeued = s.dir.path().join(format!("m.requeued-{job_id}.json"));
+    assert_eq!(std::fs::read(&requeued).unwrap(), b"{\"producer\":1}");
+    assert_eq!(std::fs::read_dir(s.layout.claimed_dir()).unwrap().count(), 0, "no claim is left");
+    assert_eq!(std::fs::read_dir(s.layout.locks_dir()).unwrap().count(), 0, "no lock is left");
 }
 
 #[test]
