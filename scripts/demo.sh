@@ -14,7 +14,13 @@
 #   demo/daemon.log         the daemon's output
 #   demo/daemon.pid         the daemon's process id
 #
-# Environment: DEMO_WAIT_SECONDS (default 60) bounds the wait for the result.
+# The demo daemon registers the VM with libvirt (LIBVIRT_INTEGRATION=true). By default it uses
+# libvirt's test driver, test:///default, which lives inside the daemon's own process: nothing
+# on this host is touched, and the registration shows in the daemon's log, V.json and V.xml.
+#
+# Environment: DEMO_WAIT_SECONDS (default 60) bounds the wait for the result;
+# DEMO_LIBVIRT_URI (default test:///default) and DEMO_LIBVIRT_POOL (default default-pool, the
+# test driver's pool) point the demo at a real libvirt, e.g. qemu:///system and default.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -33,6 +39,8 @@ TARGET_DIR=${CARGO_TARGET_DIR:-target}
 case $TARGET_DIR in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
 BIN=$TARGET_DIR/release/hyper2kvm
 WAIT_SECONDS=${DEMO_WAIT_SECONDS:-60}
+LIBVIRT_URI=${DEMO_LIBVIRT_URI:-test:///default}
+LIBVIRT_POOL=${DEMO_LIBVIRT_POOL:-default-pool}
 STOP_SECONDS=30
 MODE=${1:-run}
 
@@ -137,8 +145,9 @@ write_config() {
 POLL_INTERVAL=1
 SETTLE_SECONDS=1
 LOG_LEVEL=info
-LIBVIRT_INTEGRATION=false
-LIBVIRT_URI=test:///default
+LIBVIRT_INTEGRATION=true
+LIBVIRT_URI=$LIBVIRT_URI
+LIBVIRT_POOL=$LIBVIRT_POOL
 SOURCE_ROOTS="$DEMO"
 EOF
 }
@@ -271,17 +280,7 @@ show_results() {
     qemu-img compare -f vmdk -F qcow2 "$VMDK" "$OUTPUT/$VM.qcow2" ||
         { warn "the qcow2 does not match the source VMDK"; problems=$((problems + 1)); }
 
-    say "Libvirt domain XML (first lines of demo/output/$VM.xml)"
-    if [ -f "$OUTPUT/$VM.xml" ]; then
-        head -n 25 "$OUTPUT/$VM.xml"
-        if have virt-xml-validate; then
-            virt-xml-validate "$OUTPUT/$VM.xml" domain ||
-                { warn "$VM.xml is not a valid libvirt domain"; problems=$((problems + 1)); }
-        fi
-    else
-        warn "$VM.xml is missing"
-        problems=$((problems + 1))
-    fi
+    show_registration || problems=$((problems + $?))
 
     say "hyper2kvm status"
     "$BIN" --config-dir "$ETC" status --watch-dir "$QUEUE" --output-dir "$OUTPUT" || status=$?
@@ -289,6 +288,62 @@ show_results() {
         warn "hyper2kvm status exited with status $status"
         problems=$((problems + 1))
     fi
+    return "$problems"
+}
+
+# Shows the libvirt registration: the daemon's log line, the report's libvirt fields, and a
+# summary of the domain XML that was defined. Returns the number of problems.
+show_registration() {
+    local problems=0 line
+    say "Libvirt registration at $LIBVIRT_URI (pool $LIBVIRT_POOL)"
+    line=$(grep -m1 'registered domain' "$LOG" || true)
+    if [ -n "$line" ]; then
+        echo "daemon log: $line"
+    else
+        warn "the daemon's log has no 'registered domain' line"
+        problems=$((problems + 1))
+    fi
+    if [ ! -f "$OUTPUT/$VM.json" ] || [ ! -f "$OUTPUT/$VM.xml" ]; then
+        warn "$VM.json or $VM.xml is missing"
+        return $((problems + 1))
+    fi
+    python3 - "$OUTPUT/$VM.json" "$OUTPUT/$VM.xml" <<'PY' || problems=$((problems + 1))
+import json, sys
+import xml.etree.ElementTree as ET
+report = json.load(open(sys.argv[1]))
+print(f"V.json:     domain {report['domain_name']} (uuid {report['domain_uuid']}) at {report['libvirt_uri']}")
+for warning in report["warnings"]:
+    print(f"  warning:  {warning}")
+domain = ET.parse(sys.argv[2]).getroot()
+memory = domain.find("memory")
+print(f"V.xml:      <domain type='{domain.get('type')}'> {domain.findtext('name')}, "
+      f"{memory.text} {memory.get('unit')}, {domain.findtext('vcpu')} vCPU, "
+      f"machine {domain.find('os/type').get('machine')}")
+for disk in domain.findall("devices/disk"):
+    print(f"  disk      {disk.find('target').get('dev')} ({disk.find('target').get('bus')}): {disk.find('source').get('file')}")
+for nic in domain.findall("devices/interface"):
+    mac = nic.find("mac")
+    source = nic.find("source")
+    print(f"  nic       {nic.get('type')} {source.get('bridge') or source.get('network')}"
+          f"{' mac ' + mac.get('address') if mac is not None else ''}")
+if not report.get("libvirt_uri"):
+    sys.exit("V.json names no libvirt URI: the domain was not registered")
+PY
+    if have virt-xml-validate; then
+        virt-xml-validate "$OUTPUT/$VM.xml" domain ||
+            { warn "$VM.xml is not a valid libvirt domain"; problems=$((problems + 1)); }
+    fi
+    case $LIBVIRT_URI in
+    test:*)
+        echo "(The test driver's state lives inside the daemon's process, so virsh cannot see it;"
+        echo " with DEMO_LIBVIRT_URI=qemu:///system the domain shows in: virsh list --all)"
+        ;;
+    *)
+        if have virsh; then
+            virsh -c "$LIBVIRT_URI" dominfo "$VM" || { warn "virsh dominfo $VM failed"; problems=$((problems + 1)); }
+        fi
+        ;;
+    esac
     return "$problems"
 }
 
@@ -361,7 +416,7 @@ check)
     say "Stopping the demo daemon"
     stop_daemon || fail "the daemon did not stop cleanly"
     trap - EXIT
-    printf '\ndemo-check: OK: %s.qcow2 published, qemu-img check and compare passed, daemon stopped cleanly\n' "$VM"
+    printf '\ndemo-check: OK: %s.qcow2 published, qemu-img check and compare passed, domain registered at %s, daemon stopped cleanly\n' "$VM" "$LIBVIRT_URI"
     ;;
 -h | --help | help)
     sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"

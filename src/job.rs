@@ -2,9 +2,11 @@
 //!
 //! Stages: `manifest` (validate) → `source` (confine to SOURCE_ROOTS) → `checksum` →
 //! `inspect` (format, size, referenced files, also confined) → `convert` (into a private
-//! staging directory) → `domain` (XML and report) → `publish` (fenced renames, the boot disk
+//! staging directory) → `domain` (XML and report) → `libvirt` (with LIBVIRT_INTEGRATION: the
+//! disks placed in the pool, the domain defined) → `publish` (fenced renames, the boot disk
 //! last). Every failure becomes a [`Failure`] whose summary is the `.error` file's first line.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -19,7 +21,10 @@ use crate::convert::{Compression, ConversionRequest, ConvertError, Converter, Im
 use crate::host::Identity;
 use crate::image::vmdk;
 use crate::image::{ova, ImageError};
-use crate::libvirt::domain_xml::{self, DomainDisk, NetworkAttachment};
+use crate::libvirt::domain_xml::{self, Acceleration, DomainDisk, NetworkAttachment};
+use crate::libvirt::pool::{DiskFile, DISK_MODE};
+use crate::libvirt::register::{self, Registration, Request};
+use crate::libvirt::{Connection, LibvirtError};
 use crate::manifest::{self, DiskSpec, DiskType, JobSpec, SourceFormat};
 use crate::names;
 use crate::publish::{self, Staging};
@@ -44,6 +49,7 @@ pub enum Stage {
     Inspect,
     Convert,
     Domain,
+    Libvirt,
     Publish,
 }
 
@@ -57,6 +63,7 @@ impl Stage {
             Stage::Inspect => "inspect",
             Stage::Convert => "convert",
             Stage::Domain => "domain",
+            Stage::Libvirt => "libvirt",
             Stage::Publish => "publish",
         }
     }
@@ -203,26 +210,145 @@ fn execute(
         disks.push(convert_disk(ctx, &spec, index, source, staging, compression, control)?);
     }
 
-    let domain_name = names::domain_name(&spec.vm_name);
-    let xml = build_domain_xml(&ctx.config, &spec);
-    let report = Report {
+    let registration =
+        if ctx.config.libvirt_integration { Some(register_domain(ctx, claim, &spec, staging, events)?) } else { None };
+    let xml = match &registration {
+        Some(registration) => registration.xml.clone(),
+        None => build_domain_xml(&ctx.config, &spec, &output_paths(&ctx.config, &spec), Acceleration::Kvm),
+    };
+    let mut report = new_report(ctx, claim, &spec, disks, warnings, registration.as_ref());
+    report.started_at = started_at;
+    report.seconds = clock.elapsed().as_secs_f64();
+    events.append(Stage::Publish.as_str(), "publishing", Some(100.0));
+    publish_results(ctx, claim, &spec, &xml, &report, staging)?;
+    if let Some(warning) = registration.as_ref().and_then(Registration::after_publish) {
+        warn!(stage = Stage::Libvirt.as_str(), "{warning}");
+    }
+    Ok((spec, report))
+}
+
+/// The job's report, finished now; the caller sets when it started and its duration.
+fn new_report(
+    ctx: &JobContext,
+    claim: &Claim,
+    spec: &JobSpec,
+    disks: Vec<DiskReport>,
+    mut warnings: Vec<String>,
+    registration: Option<&Registration>,
+) -> Report {
+    if let Some(registration) = registration {
+        warnings.extend(registration.warnings.iter().cloned());
+    }
+    let now = Utc::now();
+    Report {
         job_id: claim.job_id().to_owned(),
         vm_name: spec.vm_name.clone(),
         instance: ctx.identity.instance.clone(),
         host: ctx.identity.host.clone(),
         converter: ctx.converter.name(),
-        started_at,
-        finished_at: Utc::now(),
-        seconds: clock.elapsed().as_secs_f64(),
+        started_at: now,
+        finished_at: now,
+        seconds: 0.0,
         disks,
-        domain_name,
-        libvirt_uri: None,
+        domain_name: names::domain_name(&spec.vm_name),
+        domain_uuid: domain_xml::domain_uuid(spec),
+        domain_disks: registration.map_or_else(|| output_paths(&ctx.config, spec), |r| r.disk_paths.clone()),
+        libvirt_uri: registration.map(|r| r.uri.clone()),
         domain_xml: names::domain_xml_file(&spec.vm_name),
         warnings,
+    }
+}
+
+/// The `libvirt` stage: places the disks in LIBVIRT_POOL and defines the domain. On failure
+/// the converted disks are kept in OUTPUT_DIR/.hyper2kvm-unregistered/<job>/ and the failure
+/// says so.
+fn register_domain(
+    ctx: &JobContext,
+    claim: &Claim,
+    spec: &JobSpec,
+    staging: &Staging,
+    events: &EventLog,
+) -> Result<Registration, Stop> {
+    let config = &ctx.config;
+    let (domain_name, uuid) = (names::domain_name(&spec.vm_name), domain_xml::domain_uuid(spec));
+    events.append(Stage::Libvirt.as_str(), &format!("registering domain {domain_name}"), Some(100.0));
+    fence(claim)?;
+    let disks = staged_disks(spec, staging);
+    let tag = staging_name(claim);
+    let request = Request {
+        domain_name: &domain_name,
+        uuid: &uuid,
+        pool: &config.libvirt_pool,
+        output_dir: &config.output_dir,
+        autostart: config.libvirt_autostart,
+        tag: &tag,
+        disks: &disks,
     };
-    events.append(Stage::Publish.as_str(), "publishing", Some(100.0));
-    publish_results(ctx, claim, &spec, &xml, &report, staging)?;
-    Ok((spec, report))
+    let registered = Connection::open(&config.libvirt_uri).and_then(|conn| {
+        register::register(&conn, &request, |paths, accel| build_domain_xml(config, spec, paths, accel))
+    });
+    let registration = registered.map_err(|e| keep_unregistered(ctx, claim, spec, staging, &disks, &e))?;
+    info!(
+        stage = Stage::Libvirt.as_str(),
+        domain = %registration.name,
+        uuid = %registration.uuid,
+        uri = %registration.uri,
+        autostart = registration.autostart,
+        redefined = registration.redefined,
+        "registered domain"
+    );
+    for warning in &registration.warnings {
+        warn!(stage = Stage::Libvirt.as_str(), "{warning}");
+    }
+    Ok(registration)
+}
+
+/// The staged disks with their final names, boot disk first.
+fn staged_disks(spec: &JobSpec, staging: &Staging) -> Vec<DiskFile> {
+    (0..spec.disks.len())
+        .map(|i| DiskFile { staged: staging.path(&staged_disk(&spec.disks[i])), name: output_name(spec, i) })
+        .collect()
+}
+
+/// A registration failed: the converted disks (and a `V.xml` for them in OUTPUT_DIR) are
+/// moved where no poller looks, and the failure names that place.
+fn keep_unregistered(
+    ctx: &JobContext,
+    claim: &Claim,
+    spec: &JobSpec,
+    staging: &Staging,
+    disks: &[DiskFile],
+    error: &LibvirtError,
+) -> Stop {
+    if !claim.still_owned() {
+        return Stop::LostLock;
+    }
+    let dir = ctx.config.output_dir.join(publish::UNREGISTERED_DIR).join(claim.job_id());
+    let xml = build_domain_xml(&ctx.config, spec, &output_paths(&ctx.config, spec), Acceleration::Kvm);
+    let kept = publish::keep(&dir, disks.iter().map(|d| (d.staged.as_path(), d.name.as_str())))
+        .and_then(|()| staging.write_new("unregistered.xml", xml.as_bytes()))
+        .and_then(|_| staging.publish("unregistered.xml", &dir, &names::domain_xml_file(&spec.vm_name)));
+    let summary = match &kept {
+        Ok(_) => format!("{} The converted disks are kept in {}.", sentence(error), dir.display()),
+        Err(e) => format!(
+            "{} Keeping the converted disks in {} failed ({e}); submit the manifest again once libvirt is fixed.",
+            sentence(error),
+            dir.display()
+        ),
+    };
+    let mut failure = Failure::new(Stage::Libvirt, summary);
+    failure.causes = error.causes();
+    Stop::Failed(failure)
+}
+
+/// An error's text as a sentence that another may follow.
+fn sentence(error: &impl std::fmt::Display) -> String {
+    let text = error.to_string();
+    if text.ends_with(['.', '?', '!']) {
+        text
+    } else {
+        format!("{text}.")
+    }
 }
 
 /// Replaces each `source_format: "ova"` disk by the archive's disks (the first in its place,
@@ -435,7 +561,7 @@ fn convert_disk(
 ) -> Result<DiskReport, Stop> {
     let disk = source.disk;
     let clock = Instant::now();
-    let staged = staging.path(&format!("{}.qcow2", disk.id));
+    let staged = staging.path(&staged_disk(disk));
     let request = ConversionRequest {
         source: &source.path,
         format: disk.source_format,
@@ -446,6 +572,9 @@ fn convert_disk(
     info!(stage = "convert", disk = %disk.id, source = %source.path.display(), "converting");
     ctx.converter.convert(&request, control).map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
     let io_failure = |e: std::io::Error| convert_failure(Stage::Convert, disk, &source.path, ConvertError::Io(e));
+    // libvirt's qemu user must read the disk wherever it is published or placed; the daemon's
+    // umask must not decide that.
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(DISK_MODE)).map_err(io_failure)?;
     publish::fsync_file(&staged).map_err(io_failure)?;
     let digest =
         checksum::sha256_file(&staged, control).map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
@@ -477,16 +606,25 @@ fn output_name(spec: &JobSpec, index: usize) -> String {
     }
 }
 
-fn build_domain_xml(config: &Config, spec: &JobSpec) -> String {
+/// A disk's file name in the staging directory.
+fn staged_disk(disk: &DiskSpec) -> String {
+    format!("{}.qcow2", disk.id)
+}
+
+/// The published disks in OUTPUT_DIR, boot disk first.
+fn output_paths(config: &Config, spec: &JobSpec) -> Vec<PathBuf> {
+    (0..spec.disks.len()).map(|i| config.output_dir.join(output_name(spec, i))).collect()
+}
+
+/// The domain XML for a VM whose disks are at `paths` (boot disk first).
+fn build_domain_xml(config: &Config, spec: &JobSpec, paths: &[PathBuf], accel: Acceleration) -> String {
     let bus = domain_xml::disk_bus_for(&spec.hardware);
-    let disks: Vec<DomainDisk> = (0..spec.disks.len())
-        .map(|i| DomainDisk { path: config.output_dir.join(output_name(spec, i)), target_bus: bus })
-        .collect();
+    let disks: Vec<DomainDisk> = paths.iter().map(|path| DomainDisk { path: path.clone(), target_bus: bus }).collect();
     let attach = match &config.libvirt_network {
         Some(network) => NetworkAttachment::Network(network.clone()),
         None => NetworkAttachment::Bridge(config.libvirt_bridge.clone()),
     };
-    domain_xml::domain_xml(spec, &disks, &attach)
+    domain_xml::domain_xml_with(spec, &disks, &attach, accel)
 }
 
 /// Publishes data disks, `V.xml`, `V.json`, then the boot disk last. The lock is re-checked
@@ -517,13 +655,13 @@ fn publish_results(
     staging.write_new("report.json", &report_json).map_err(failure)?;
     fence(claim)?;
     for (index, disk) in spec.disks.iter().enumerate().skip(1) {
-        staging.publish(&format!("{}.qcow2", disk.id), out, &output_name(spec, index)).map_err(failure)?;
+        staging.publish(&staged_disk(disk), out, &output_name(spec, index)).map_err(failure)?;
     }
     staging.publish("domain.xml", out, &names::domain_xml_file(&spec.vm_name)).map_err(failure)?;
     staging.publish("report.json", out, &names::report_file(&spec.vm_name)).map_err(failure)?;
     publish::fsync_dir(out).map_err(failure)?;
     fence(claim)?;
-    staging.publish(&format!("{}.qcow2", spec.boot_disk().id), out, &output_name(spec, 0)).map_err(failure)?;
+    staging.publish(&staged_disk(spec.boot_disk()), out, &output_name(spec, 0)).map_err(failure)?;
     publish::fsync_dir(out).map_err(failure)?;
     Ok(())
 }

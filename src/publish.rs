@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 /// Directory under OUTPUT_DIR where results replaced by a newer job are kept.
 pub const SUPERSEDED_DIR: &str = ".hyper2kvm-superseded";
 
+/// Directory under OUTPUT_DIR where the converted disks of a job whose libvirt registration
+/// failed are kept (`<dir>/<job>/V.qcow2` …), out of the poller's sight.
+pub const UNREGISTERED_DIR: &str = ".hyper2kvm-unregistered";
+
 /// A job's private staging directory in TEMP_DIR.
 #[derive(Debug)]
 pub struct Staging {
@@ -91,6 +95,16 @@ pub fn move_aside(output_dir: &Path, names: &[String], job_id: &str) -> std::io:
         moved.push(target);
     }
     Ok(moved)
+}
+
+/// Moves each `(file, name)` into `dir` (created if missing) as `dir/name`. TEMP_DIR is on
+/// the output filesystem, so these are renames.
+pub fn keep<'a>(dir: &Path, files: impl IntoIterator<Item = (&'a Path, &'a str)>) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (file, name) in files {
+        std::fs::rename(file, dir.join(name))?;
+    }
+    fsync_dir(dir)
 }
 
 /// Checks that TEMP_DIR and OUTPUT_DIR are on one filesystem, so publishing is a rename.

@@ -45,6 +45,11 @@ pub struct Report {
     pub disks: Vec<DiskReport>,
     /// Name of the domain in the XML (and in libvirt when registered).
     pub domain_name: String,
+    /// The domain's UUID, stable for a VM: re-importing it updates the same domain.
+    pub domain_uuid: String,
+    /// The disk files the domain uses, boot disk first: in OUTPUT_DIR, or in LIBVIRT_POOL's
+    /// directory when the disks were placed there.
+    pub domain_disks: Vec<PathBuf>,
     /// The libvirt URI the domain was defined in, when it was.
     pub libvirt_uri: Option<String>,
     pub domain_xml: String,

@@ -92,16 +92,46 @@ pub fn domain_uuid(spec: &JobSpec) -> String {
     format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
 }
 
-/// The domain XML text.
+/// How the guest's CPU runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Acceleration {
+    /// KVM (`<domain type='kvm'>`): what every production host has.
+    #[default]
+    Kvm,
+    /// QEMU's emulator (`<domain type='qemu'>`), for a host without KVM, where libvirt refuses
+    /// to define a KVM domain at all.
+    Emulated,
+}
+
+impl Acceleration {
+    fn domain_type(self) -> &'static str {
+        match self {
+            Acceleration::Kvm => "kvm",
+            Acceleration::Emulated => "qemu",
+        }
+    }
+}
+
+/// The domain XML text, for a KVM host.
 ///
 /// `disks` are attached in the order given, with boot order 1, 2, …; every entry of `spec.nics`
 /// becomes one NIC on `attach` (one NIC without a fixed MAC when the manifest lists none).
 pub fn domain_xml(spec: &JobSpec, disks: &[DomainDisk], attach: &NetworkAttachment) -> String {
+    domain_xml_with(spec, disks, attach, Acceleration::Kvm)
+}
+
+/// The domain XML text, for a host with the given acceleration.
+pub fn domain_xml_with(
+    spec: &JobSpec,
+    disks: &[DomainDisk],
+    attach: &NetworkAttachment,
+    accel: Acceleration,
+) -> String {
     let hw = &spec.hardware;
     let windows = is_windows(hw);
     let boot = BootFirmware::of(hw);
     let mut xml = XmlWriter::default();
-    xml.open("domain", &[("type", "kvm")]);
+    xml.open("domain", &[("type", accel.domain_type())]);
     write_identity(&mut xml, spec);
     write_resources(&mut xml, hw);
     write_os(&mut xml, boot);
@@ -465,7 +495,7 @@ fn escape_into(out: &mut String, text: &str, attribute: bool) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::manifest::{DiskSpec, DiskType, SourceFormat};
     use std::path::Path;
@@ -867,18 +897,34 @@ mod tests {
         cases
     }
 
-    #[test]
-    fn generated_xml_passes_libvirt_schema_validation() {
+    /// `virt-xml-validate`, or `None` when it is missing and HYPER2KVM_SKIP_XML_VALIDATE=1 says
+    /// that is fine.
+    fn validator() -> Option<PathBuf> {
         let Some(validator) = find_on_path("virt-xml-validate") else {
             if std::env::var("HYPER2KVM_SKIP_XML_VALIDATE").as_deref() == Ok("1") {
                 eprintln!("virt-xml-validate not found; skipped because HYPER2KVM_SKIP_XML_VALIDATE=1");
-                return;
+                return None;
             }
             panic!(
                 "virt-xml-validate is not on PATH: install libvirt-clients and libxml2-utils \
                  (apt-get install libvirt-clients libxml2-utils), or set HYPER2KVM_SKIP_XML_VALIDATE=1 to skip"
             );
         };
+        Some(validator)
+    }
+
+    /// Asserts that libvirt's schema accepts `xml` as a domain.
+    pub(crate) fn assert_schema_valid(xml: &str) {
+        let Some(validator) = validator() else { return };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("domain.xml");
+        std::fs::write(&file, xml).expect("write xml");
+        validate_with_libvirt_schema(&validator, &file);
+    }
+
+    #[test]
+    fn generated_xml_passes_libvirt_schema_validation() {
+        let Some(validator) = validator() else { return };
         let dir = tempfile::tempdir().expect("temp dir");
         for (index, (label, xml)) in schema_cases().into_iter().enumerate() {
             let file = dir.path().join(format!("{index}-{label}.xml"));

@@ -1,2 +1,17 @@
-//! libvirt: domain XML.
+//! libvirt: the domain XML of a converted VM, and registering it (LIBVIRT_INTEGRATION).
+//!
+//! Registration goes through the `virt` crate (libvirt's C library). Every call blocks, so it
+//! runs on the job's blocking thread, with one connection per job. Rules and messages:
+//! docs/LIBVIRT.md.
+pub mod connection;
 pub mod domain_xml;
+pub mod error;
+pub mod host_caps;
+pub mod pool;
+pub mod register;
+
+#[cfg(test)]
+mod tests;
+
+pub use connection::{probe, Connection};
+pub use error::LibvirtError;

@@ -1,0 +1,374 @@
+//! The storage pool named by LIBVIRT_POOL: where its directory is, and placing converted
+//! disks there under their final names.
+//!
+//! Rules (docs/LIBVIRT.md): a pool whose directory is OUTPUT_DIR uses the published files; a
+//! pool with another local directory gets the disks hard-linked (same filesystem) or copied
+//! there; a pool with no directory on this host (LVM, iSCSI, a remote libvirt, the test
+//! driver's made-up paths) leaves the disks in OUTPUT_DIR, with a warning in the report.
+
+use std::fs::File;
+use std::io::ErrorKind;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use quick_xml::events::Event;
+use quick_xml::Reader;
+use virt::error::ErrorNumber;
+use virt::storage_pool::StoragePool;
+use virt::storage_vol::StorageVol;
+
+use super::{Connection, LibvirtError};
+use crate::publish;
+
+/// Mode of every disk we publish or place: libvirt's qemu user must be able to read it (as
+/// qemu-img's own output is), whatever the daemon's umask.
+pub const DISK_MODE: u32 = 0o644;
+
+/// An active storage pool.
+pub struct Pool {
+    pool: StoragePool,
+    name: String,
+    uri: String,
+    target: Option<PathBuf>,
+}
+
+impl Pool {
+    /// Looks the pool up by name; it must exist and be active.
+    pub fn lookup(conn: &Connection, name: &str) -> Result<Pool, LibvirtError> {
+        if name.contains('\0') {
+            return Err(LibvirtError::BadSetting { key: "LIBVIRT_POOL" });
+        }
+        let uri = conn.uri().to_owned();
+        let pool = StoragePool::lookup_by_name(conn.raw(), name).map_err(|source| match source.code() {
+            ErrorNumber::NoStoragePool => LibvirtError::PoolMissing { pool: name.to_owned(), uri: uri.clone(), source },
+            _ => conn.call_error(format!("looking up storage pool '{name}'"), source),
+        })?;
+        let call = |what: &str, source| conn.call_error(format!("{what} storage pool '{name}'"), source);
+        if !pool.is_active().map_err(|e| call("checking", e))? {
+            return Err(LibvirtError::PoolInactive { pool: name.to_owned(), uri });
+        }
+        let xml = pool.get_xml_desc(0).map_err(|e| call("reading", e))?;
+        Ok(Pool { pool, name: name.to_owned(), uri, target: target_path(&xml) })
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The pool's `<target><path>`, as libvirt reports it.
+    pub fn target(&self) -> Option<&Path> {
+        self.target.as_deref()
+    }
+
+    /// Asks libvirt to rescan the pool, so that `virsh vol-list` shows new files.
+    pub fn refresh(&self) -> Result<(), LibvirtError> {
+        self.pool.refresh(0).map(|_| ()).map_err(|source| LibvirtError::Call {
+            uri: self.uri.clone(),
+            action: format!("refreshing storage pool '{}'", self.name),
+            source,
+        })
+    }
+
+    /// The names among `files` that the pool does not list as volumes.
+    pub fn unlisted<'a>(&self, files: &'a [String]) -> Vec<&'a str> {
+        files.iter().filter(|f| StorageVol::lookup_by_name(&self.pool, f).is_err()).map(String::as_str).collect()
+    }
+
+    /// Refreshes the pool and says, as a report warning, what went wrong or is still not
+    /// listed. Nothing to say is `None`.
+    pub fn refresh_and_check(&self, files: &[String]) -> Option<String> {
+        if let Err(e) = self.refresh() {
+            return Some(format!("{e}: {}", e.causes().join(": ")));
+        }
+        let unlisted = self.unlisted(files);
+        (!unlisted.is_empty()).then(|| {
+            format!(
+                "libvirt storage pool '{}' does not list {} after a refresh (the test driver never does)",
+                self.name,
+                unlisted.join(", ")
+            )
+        })
+    }
+}
+
+/// Where a job's disks go, given the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// The pool's directory is OUTPUT_DIR: the domain uses the published files.
+    OutputDir,
+    /// The disks are linked or copied into this directory, the pool's.
+    Directory(PathBuf),
+    /// The pool has no directory on this host; the domain uses the files in OUTPUT_DIR. The
+    /// reason, phrased to follow the pool's name.
+    Elsewhere(String),
+}
+
+/// Decides where the disks go: see the module's rules.
+pub fn placement(target: Option<&Path>, output_dir: &Path, remote: bool) -> Placement {
+    if remote {
+        return Placement::Elsewhere("belongs to a libvirt on another host".to_owned());
+    }
+    let Some(target) = target else {
+        return Placement::Elsewhere("has no target directory".to_owned());
+    };
+    let local_dir = target.is_absolute() && target.is_dir();
+    let canonical = if local_dir { target.canonicalize().ok() } else { None };
+    let Some(canonical) = canonical else {
+        return Placement::Elsewhere(format!("has no directory on this host (its target is {})", target.display()));
+    };
+    match output_dir.canonicalize() {
+        Ok(output) if output == canonical => Placement::OutputDir,
+        _ => Placement::Directory(canonical),
+    }
+}
+
+/// A converted disk: its staged file and its final name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskFile {
+    /// The qcow2 in the job's staging directory.
+    pub staged: PathBuf,
+    /// `V.qcow2` or `V-<id>.qcow2`.
+    pub name: String,
+}
+
+/// Files this job placed in a pool's directory.
+#[derive(Debug, Default)]
+pub struct Placed {
+    paths: Vec<PathBuf>,
+}
+
+impl Placed {
+    /// The placed files, in the order of the disks.
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    /// Removes the placed files again (the registration failed; the staged disks are kept
+    /// elsewhere).
+    pub fn remove(self) {
+        for path in self.paths {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove a disk placed in the pool");
+            }
+        }
+    }
+}
+
+/// Places `disks` into the pool directory `dir` under their final names.
+///
+/// A file already there under a final name is replaced only when it is in `replaceable` (a
+/// disk of this VM's own domain, from an earlier import); anything else is refused before a
+/// single file is touched. `tag` makes the temporary names unique to this job.
+pub fn place_disks(
+    pool: &str,
+    dir: &Path,
+    disks: &[DiskFile],
+    replaceable: &[PathBuf],
+    domain: &str,
+    tag: &str,
+) -> Result<Placed, LibvirtError> {
+    for disk in disks {
+        let path = dir.join(&disk.name);
+        if std::fs::symlink_metadata(&path).is_ok() && !replaceable.contains(&path) {
+            return Err(LibvirtError::PoolFileTaken { pool: pool.to_owned(), path, name: domain.to_owned() });
+        }
+    }
+    let mut placed = Placed::default();
+    for disk in disks {
+        match place_one(&disk.staged, dir, &disk.name, tag) {
+            Ok(path) => placed.paths.push(path),
+            Err(source) => {
+                placed.remove();
+                return Err(placement_error(pool, dir, source));
+            }
+        }
+    }
+    publish::fsync_dir(dir).map_err(|source| placement_error(pool, dir, source))?;
+    Ok(placed)
+}
+
+fn placement_error(pool: &str, dir: &Path, source: std::io::Error) -> LibvirtError {
+    let (pool, dir) = (pool.to_owned(), dir.to_owned());
+    match source.kind() {
+        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
+            LibvirtError::PoolNotWritable { pool, dir, source }
+        }
+        _ => LibvirtError::Placement { pool, dir, source },
+    }
+}
+
+/// Links (or copies) one disk under a temporary name, then renames it into place, so that a
+/// half-copied disk never carries its final name.
+fn place_one(staged: &Path, dir: &Path, name: &str, tag: &str) -> std::io::Result<PathBuf> {
+    let temp = dir.join(format!(".{name}.{tag}.part"));
+    // A hard link costs nothing; it fails across filesystems (EXDEV) and on filesystems
+    // without links, and then the disk is copied.
+    if std::fs::hard_link(staged, &temp).is_err() {
+        copy_new(staged, &temp)?;
+    }
+    let target = dir.join(name);
+    if let Err(e) = std::fs::rename(&temp, &target) {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
+    }
+    Ok(target)
+}
+
+/// Copies `from` into the new file `to` (never following or reusing an existing one),
+/// readable by libvirt, fsynced. A failed copy leaves nothing behind.
+fn copy_new(from: &Path, to: &Path) -> std::io::Result<()> {
+    let mut source = File::open(from)?;
+    let mut target = publish::open_new(to)?;
+    let filled = fill(&mut source, &mut target);
+    if filled.is_err() {
+        let _ = std::fs::remove_file(to);
+    }
+    filled
+}
+
+fn fill(source: &mut File, target: &mut File) -> std::io::Result<()> {
+    // std::io::copy uses copy_file_range(2) between files where the kernel can.
+    std::io::copy(source, target)?;
+    target.set_permissions(std::fs::Permissions::from_mode(DISK_MODE))?;
+    target.sync_all()
+}
+
+/// The `<target><path>` of a storage pool's XML.
+pub fn target_path(xml: &str) -> Option<PathBuf> {
+    let mut reader = Reader::from_str(xml);
+    let mut stack: Vec<Vec<u8>> = Vec::new();
+    loop {
+        match reader.read_event().ok()? {
+            Event::Start(e) => stack.push(e.local_name().as_ref().to_vec()),
+            Event::End(_) => {
+                stack.pop();
+            }
+            Event::Text(t) if stack == [b"pool".as_slice(), b"target", b"path"] => {
+                let text = t.unescape().ok()?;
+                let text = text.trim();
+                return (!text.is_empty()).then(|| PathBuf::from(text));
+            }
+            Event::Eof => return None,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn target_path_is_read_from_the_pool_xml() {
+        let xml = "<pool type='dir'><name>default</name><source><dir path='/x'/></source>\
+                   <target>\n  <path>/var/lib/libvirt/images &amp; more</path>\n</target></pool>";
+        assert_eq!(target_path(xml), Some(PathBuf::from("/var/lib/libvirt/images & more")));
+        assert_eq!(target_path("<pool type='logical'><name>vg</name></pool>"), None);
+        assert_eq!(target_path("<pool><target><path>"), None);
+        assert_eq!(target_path("not xml <<<"), None);
+    }
+
+    #[test]
+    fn placement_follows_the_pool_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = dir.path().join("out");
+        let pool = dir.path().join("pool");
+        std::fs::create_dir_all(&output).unwrap();
+        std::fs::create_dir_all(&pool).unwrap();
+        let pool = pool.canonicalize().unwrap();
+        assert_eq!(placement(Some(&pool), &output, false), Placement::Directory(pool.clone()));
+        assert_eq!(placement(Some(&output.join("../out")), &output, false), Placement::OutputDir);
+        assert!(matches!(placement(Some(&pool), &output, true), Placement::Elsewhere(_)));
+        assert!(matches!(placement(None, &output, false), Placement::Elsewhere(_)));
+        let missing = placement(Some(Path::new("/default-pool")), &output, false);
+        assert_eq!(missing, Placement::Elsewhere("has no directory on this host (its target is /default-pool)".into()));
+        assert!(matches!(placement(Some(Path::new("relative")), &output, false), Placement::Elsewhere(_)));
+    }
+
+    fn staged(dir: &Path, name: &str, contents: &[u8]) -> DiskFile {
+        let staged = dir.join(format!("staged-{name}"));
+        std::fs::write(&staged, contents).unwrap();
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(DISK_MODE)).unwrap();
+        DiskFile { staged, name: name.to_owned() }
+    }
+
+    #[test]
+    fn disks_are_linked_under_their_final_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = dir.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        let disks = [staged(dir.path(), "vm.qcow2", b"boot"), staged(dir.path(), "vm-data.qcow2", b"data")];
+        let placed = place_disks("p", &pool, &disks, &[], "vm", "job1").unwrap();
+        assert_eq!(placed.paths(), [pool.join("vm.qcow2"), pool.join("vm-data.qcow2")]);
+        let meta = std::fs::metadata(pool.join("vm.qcow2")).unwrap();
+        assert_eq!(meta.ino(), std::fs::metadata(&disks[0].staged).unwrap().ino(), "a hard link, not a copy");
+        assert_eq!(meta.mode() & 0o777, DISK_MODE);
+        let names: Vec<_> = std::fs::read_dir(&pool).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "no temporary file is left: {names:?}");
+        placed.remove();
+        assert_eq!(std::fs::read_dir(&pool).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn copies_are_complete_readable_and_leave_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = staged(dir.path(), "vm.qcow2", &[7u8; 300_000]);
+        let copy = dir.path().join("copy");
+        copy_new(&disk.staged, &copy).unwrap();
+        assert_eq!(std::fs::read(&copy).unwrap(), vec![7u8; 300_000]);
+        assert_eq!(std::fs::metadata(&copy).unwrap().mode() & 0o777, DISK_MODE);
+        // Never over an existing file, and the existing file is left alone.
+        assert!(copy_new(&disk.staged, &copy).is_err());
+        assert_eq!(std::fs::read(&copy).unwrap().len(), 300_000);
+        assert!(copy_new(&dir.path().join("missing"), &dir.path().join("copy2")).is_err());
+        assert!(!dir.path().join("copy2").exists());
+    }
+
+    #[test]
+    fn disks_are_copied_to_a_pool_on_another_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        // /dev/shm is a tmpfs on Linux; skip where it is the same filesystem as the temp dir.
+        let Ok(other) = tempfile::tempdir_in("/dev/shm") else { return };
+        if std::fs::metadata(other.path()).unwrap().dev() == std::fs::metadata(dir.path()).unwrap().dev() {
+            return;
+        }
+        let disks = [staged(dir.path(), "vm.qcow2", &[3u8; 100_000])];
+        let placed = place_disks("p", other.path(), &disks, &[], "vm", "job1").unwrap();
+        let meta = std::fs::metadata(&placed.paths()[0]).unwrap();
+        assert_ne!(meta.ino(), std::fs::metadata(&disks[0].staged).unwrap().ino());
+        assert_eq!(meta.mode() & 0o777, DISK_MODE);
+        assert_eq!(std::fs::read(&placed.paths()[0]).unwrap(), vec![3u8; 100_000]);
+        assert_eq!(std::fs::read_dir(other.path()).unwrap().count(), 1, "no temporary file is left");
+    }
+
+    #[test]
+    fn an_unwritable_pool_directory_says_what_to_do() {
+        let denied = std::io::Error::from(ErrorKind::PermissionDenied);
+        let err = placement_error("default", Path::new("/var/lib/libvirt/images"), denied);
+        assert!(matches!(err, LibvirtError::PoolNotWritable { .. }), "{err}");
+        assert!(err.to_string().contains("make OUTPUT_DIR the pool's directory"), "{err}");
+        let err = placement_error("default", Path::new("/x"), ErrorKind::StorageFull.into());
+        assert!(err.to_string().contains("writable and has space"), "{err}");
+    }
+
+    #[test]
+    fn a_foreign_file_in_the_pool_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = dir.path().join("pool");
+        std::fs::create_dir(&pool).unwrap();
+        std::fs::write(pool.join("vm-data.qcow2"), b"someone else's").unwrap();
+        let disks = [staged(dir.path(), "vm.qcow2", b"boot"), staged(dir.path(), "vm-data.qcow2", b"data")];
+        let err = place_disks("p", &pool, &disks, &[], "vm", "job1").unwrap_err();
+        assert!(matches!(err, LibvirtError::PoolFileTaken { .. }), "{err}");
+        assert!(err.to_string().contains("is not a disk of domain vm"), "{err}");
+        assert!(!pool.join("vm.qcow2").exists(), "nothing is placed when one name is taken");
+        assert_eq!(std::fs::read(pool.join("vm-data.qcow2")).unwrap(), b"someone else's");
+
+        // The same file, known to be this VM's own disk from an earlier import, is replaced.
+        let placed = place_disks("p", &pool, &disks, &[pool.join("vm-data.qcow2")], "vm", "job2").unwrap();
+        assert_eq!(std::fs::read(&placed.paths()[1]).unwrap(), b"data");
+    }
+}
