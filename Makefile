@@ -2,12 +2,14 @@
 #
 #   make build       release build: target/release/hyper2kvm
 #   make deps        install missing system tools (qemu-img, virt-xml-validate, …) and Rust components
-#   make test        everything CI checks: deps, format, clippy, tests, and the demo smoke run
+#   make test        everything CI checks: deps, format, clippy, tests, the demo smoke run, system-test
 #   make demo        build, start a demo daemon under ./demo/ and convert a sample VM (leaves it running)
 #   make demo-stop   stop the demo daemon
 #   make demo-check  demo then stop, non-interactive; fails if the demo failed
 #   make bench       build, then time hyper2kvm convert against qemu-img (scripts/bench.sh)
 #   make soak        the chaos test over many more jobs (SOAK_JOBS_PER_PRODUCER, SOAK_ROUNDS)
+#   make system-test boot a Debian container with systemd + libvirtd, install the .deb, test it (root)
+#   make deb         Debian package target/debian/hyper2kvm_*.deb (installs cargo-deb if missing)
 #   make fmt         format the code
 #   make lint        format check and clippy
 #   make clean       stop the demo, remove build output and ./demo/
@@ -15,7 +17,7 @@
 CARGO ?= cargo
 
 .DEFAULT_GOAL := build
-.PHONY: build deps test demo demo-stop demo-check fmt lint clean
+.PHONY: build deps test demo demo-stop demo-check fmt lint clean deb system-test
 
 build:
 	$(CARGO) build --release
@@ -36,6 +38,7 @@ test: deps
 		$(CARGO) test --all-targets; \
 	fi
 	$(MAKE) demo-check
+	SYSTEST_OPTIONAL=1 scripts/system-test.sh
 
 demo:
 	scripts/demo.sh
@@ -65,3 +68,15 @@ clean:
 # The chaos test over many more jobs (not in make test): SOAK_JOBS_PER_PRODUCER, SOAK_ROUNDS.
 soak: deps
 	$(CARGO) test --release --test chaos -- --ignored soak --nocapture
+
+# The Debian package (metadata: [package.metadata.deb] in Cargo.toml; maintainer scripts in
+# packaging/debian/). The units are checked first with systemd-analyze where it exists.
+# Boots a Debian container with systemd and libvirtd, installs the .deb and runs an operator's
+# path through it (scripts/system-test.sh). Needs root; `make test` runs it where it can.
+system-test:
+	scripts/system-test.sh
+
+deb:
+	$(CARGO) deb --version >/dev/null 2>&1 || $(CARGO) install cargo-deb --locked
+	packaging/check-units.sh
+	$(CARGO) deb

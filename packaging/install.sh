@@ -13,8 +13,15 @@ Builds hyper2kvm (cargo build --release) and installs:
   UNITDIR/hyper2kvm.target                   install)
   SYSCONFDIR/hyper2kvm/*.conf                example configuration (SYSCONFDIR defaults to /etc);
                                              an existing file is never overwritten
+  SYSUSERSDIR/hyper2kvm.conf                 the hyper2kvm system user, groups libvirt and kvm
+                                             (SYSUSERSDIR defaults to PREFIX/lib/sysusers.d)
+  TMPFILESDIR/hyper2kvm.conf                 /var/lib/hyper2kvm owned by hyper2kvm
+                                             (TMPFILESDIR defaults to PREFIX/lib/tmpfiles.d)
   /var/lib/hyper2kvm                         the state directory
   PREFIX/share/doc/hyper2kvm/                README.md and docs/, when present
+
+Without DESTDIR and as root it also creates the user (systemd-sysusers, else useradd) and
+/var/lib/hyper2kvm owned by it, and reloads systemd.
 
 Options:
   --no-build   install target/release/hyper2kvm as it is (e.g. built earlier as a normal user,
@@ -23,7 +30,7 @@ Options:
 
 Environment:
   DESTDIR      stage the install under this directory (for packaging); systemctl is not run
-  PREFIX, UNITDIR, SYSCONFDIR   as above
+  PREFIX, UNITDIR, SYSCONFDIR, SYSUSERSDIR, TMPFILESDIR   as above
   CARGO_TARGET_DIR              where cargo builds (default: target/ in the source tree)
 
 Afterwards:
@@ -45,6 +52,8 @@ DESTDIR=${DESTDIR:-}
 PREFIX=${PREFIX:-/usr}
 UNITDIR=${UNITDIR:-/etc/systemd/system}
 SYSCONFDIR=${SYSCONFDIR:-/etc}
+SYSUSERSDIR=${SYSUSERSDIR:-$PREFIX/lib/sysusers.d}
+TMPFILESDIR=${TMPFILESDIR:-$PREFIX/lib/tmpfiles.d}
 STATEDIR=/var/lib/hyper2kvm
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -90,8 +99,38 @@ for conf in conf.d/*.conf; do
     fi
 done
 
-echo "Creating $STATEDIR"
-install -d -m 0755 "$DESTDIR$STATEDIR"
+echo "Installing $SYSUSERSDIR/hyper2kvm.conf and $TMPFILESDIR/hyper2kvm.conf"
+install -D -m 0644 packaging/sysusers.d/hyper2kvm.conf "$DESTDIR$SYSUSERSDIR/hyper2kvm.conf"
+install -D -m 0644 packaging/tmpfiles.d/hyper2kvm.conf "$DESTDIR$TMPFILESDIR/hyper2kvm.conf"
+
+live=0
+if [ -z "$DESTDIR" ] && [ "$(id -u)" -eq 0 ]; then
+    live=1
+fi
+
+# The user the units run as (User=hyper2kvm), and its state directory.
+if [ "$live" -eq 1 ]; then
+    echo "Creating the hyper2kvm user (groups libvirt, kvm) and $STATEDIR"
+    if command -v systemd-sysusers >/dev/null 2>&1; then
+        systemd-sysusers "$SYSUSERSDIR/hyper2kvm.conf"
+    else
+        getent passwd hyper2kvm >/dev/null ||
+            useradd --system --user-group --home-dir "$STATEDIR" --no-create-home \
+                --shell /usr/sbin/nologin --comment "hyper2kvm VM import daemon" hyper2kvm
+        for group in libvirt kvm; do
+            getent group "$group" >/dev/null || groupadd --system "$group"
+            usermod --append --groups "$group" hyper2kvm
+        done
+    fi
+    if command -v systemd-tmpfiles >/dev/null 2>&1; then
+        systemd-tmpfiles --create "$TMPFILESDIR/hyper2kvm.conf"
+    else
+        install -d -m 0755 -o hyper2kvm -g hyper2kvm "$STATEDIR"
+    fi
+else
+    echo "Creating $STATEDIR (run as root without DESTDIR to create the hyper2kvm user too)"
+    install -d -m 0755 "$DESTDIR$STATEDIR"
+fi
 
 docdir=$DESTDIR$PREFIX/share/doc/hyper2kvm
 for doc in README.md docs; do
@@ -101,8 +140,7 @@ for doc in README.md docs; do
     fi
 done
 
-if [ -z "$DESTDIR" ] && [ "$(id -u)" -eq 0 ] && command -v systemctl >/dev/null 2>&1 &&
-    [ -d /run/systemd/system ]; then
+if [ "$live" -eq 1 ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi
 
@@ -112,4 +150,6 @@ hyper2kvm installed. Next:
   edit $SYSCONFDIR/hyper2kvm/hyper2kvm.conf (shared) and hyper2kvm-INSTANCE.conf (per daemon)
   systemctl enable --now hyper2kvm.target hyper2kvm@vsphere.service
   journalctl -fu hyper2kvm@vsphere
+The daemons run as user hyper2kvm: a queue or output directory outside /var/lib/hyper2kvm
+needs write access for it and a drop-in with ReadWritePaths= (docs/OPERATIONS.md).
 EOF

@@ -18,6 +18,7 @@ use crate::convert::JobControl;
 use crate::engine::Auto;
 use crate::host::Identity;
 use crate::job::{self, JobContext, JobEnd};
+use crate::libvirt;
 use crate::publish;
 use crate::queue::{self, Beat, Claim, Layout, Outcome, Queue, Scanner};
 use crate::service;
@@ -26,10 +27,20 @@ use crate::source::SourceRoots;
 /// How often retention is applied while running.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+/// How often a job's progress is looked at when VERBOSE_PROGRESS is on; a line is logged
+/// only when it crossed another [`PROGRESS_STEP`].
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// Percent between two progress lines.
+const PROGRESS_STEP: f64 = 5.0;
+
+/// The watchdog period when systemd asked for none (the timer must exist for `select!`).
+const NO_WATCHDOG: Duration = Duration::from_secs(3600);
+
 /// Why the daemon cannot start.
 #[derive(Debug, Error)]
 pub enum DaemonError {
-    #[error("cannot create {what} {path}: {source}; create it or fix its permissions")]
+    #[error("cannot create {what} {path}: {source}; {}", directory_hint(.source))]
     Directory { what: &'static str, path: String, source: std::io::Error },
     #[error("TEMP_DIR {temp} is not on the same filesystem as OUTPUT_DIR {output}; results could not be published atomically, so set TEMP_DIR to a directory on the output filesystem")]
     TempOnOtherFilesystem { temp: String, output: String },
@@ -37,6 +48,22 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error("cannot scan WATCH_DIR {path}: {source}")]
     Scan { path: String, source: std::io::Error },
+}
+
+/// What to do about a directory the daemon cannot create. Under the packaged units the usual
+/// causes are the sandbox (read-only outside ReadWritePaths=) and the hyper2kvm user's rights.
+fn directory_hint(error: &std::io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::EROFS) => {
+            "it is read-only for this daemon: under systemd, add it to ReadWritePaths= in a drop-in \
+             (systemctl edit hyper2kvm@INSTANCE, see docs/OPERATIONS.md)"
+        }
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            "give the user the daemon runs as (hyper2kvm under systemd) write access to its parent, or create it \
+             owned by that user"
+        }
+        _ => "create it or fix its permissions",
+    }
 }
 
 /// Counters behind the STATUS line.
@@ -62,6 +89,9 @@ struct Daemon {
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let config = Arc::new(config);
     prepare_directories(&config)?;
+    if config.libvirt_integration {
+        probe_libvirt(config.libvirt_uri.clone());
+    }
     let identity = Identity::current(config.instance.clone());
     let layout = Layout::new(&config.watch_dir);
     let ctx = Arc::new(JobContext {
@@ -110,6 +140,19 @@ fn prepare_directories(config: &Config) -> Result<(), DaemonError> {
         Err(source) => {
             Err(DaemonError::Directory { what: "TEMP_DIR", path: config.temp_dir.display().to_string(), source })
         }
+    }
+}
+
+/// Says at start-up whether libvirt is there, so a missing libvirtd shows before the first job
+/// fails on it. On a thread of its own: a remote URI may take long to answer, and neither
+/// start-up nor shutdown should wait for it.
+fn probe_libvirt(uri: String) {
+    let probe = move || match libvirt::probe(&uri) {
+        Ok(version) => info!(uri = %uri, version = %version, "libvirt is reachable; converted VMs will be registered"),
+        Err(e) => warn!(uri = %uri, "{}; jobs will fail at stage libvirt until it is", e.with_libvirt_message()),
+    };
+    if let Err(e) = std::thread::Builder::new().name("libvirt-probe".into()).spawn(probe) {
+        warn!(error = %e, "could not start the libvirt probe");
     }
 }
 
@@ -166,7 +209,7 @@ impl Daemon {
         let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
         let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
         let _watcher = config.use_inotify.then(|| watch_events(&config.watch_dir, wake_tx)).flatten();
-        let mut watchdog = tokio::time::interval(service::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
+        let mut watchdog = tokio::time::interval(service::watchdog_interval().unwrap_or(NO_WATCHDOG));
         let mut prune_timer = tokio::time::interval(PRUNE_EVERY);
         info!(
             instance = config.instance.as_deref().unwrap_or(""),
@@ -200,7 +243,7 @@ impl Daemon {
             next = self.scan_and_claim()?;
             service::status(&self.status_line());
         }
-        self.drain().await;
+        self.drain(&mut watchdog).await;
         Ok(())
     }
 
@@ -272,13 +315,22 @@ impl Daemon {
         let heartbeat_every = ctx.config.lease / 3;
         let heartbeat = claim.heartbeat();
         let verbose = ctx.config.verbose_progress;
-        let span =
-            tracing::info_span!("job", instance = ctx.identity.instance.as_deref().unwrap_or(""), job_id = %job_id);
+        // The same fields as job::run's span, so the journal's JOB_ID/VM_NAME filters find
+        // the heartbeat and progress lines too.
+        let manifest = std::fs::read(claim.manifest_path()).unwrap_or_default();
+        let vm_name = crate::manifest::vm_name_hint(&manifest, &claim.record().manifest_name);
+        let span = tracing::info_span!(
+            "job",
+            instance = ctx.identity.instance.as_deref().unwrap_or(""),
+            job_id = %job_id,
+            vm_name = %vm_name
+        );
         let job_control = control.clone();
         self.running.spawn(
             async move {
                 let mut work = tokio::task::spawn_blocking(move || job::run(&ctx, claim, &job_control));
                 let mut beat = tokio::time::interval(heartbeat_every);
+                let mut progress = tokio::time::interval(PROGRESS_EVERY);
                 let mut reported = 0u32;
                 loop {
                     tokio::select! {
@@ -295,10 +347,8 @@ impl Daemon {
                                 warn!(stage = "heartbeat", "the lock is gone: another daemon took the job over; abandoning it");
                                 control.abandon();
                             }
-                            if verbose {
-                                report_progress(&control, &mut reported);
-                            }
                         }
+                        _ = progress.tick(), if verbose => report_progress(&control, &mut reported),
                     }
                 }
             }
@@ -341,7 +391,10 @@ impl Daemon {
 
     /// Stops claiming; lets running jobs finish within DRAIN_SECONDS (asking systemd for the
     /// time), then cancels the rest, whose claims are released back to the queue.
-    async fn drain(&mut self) {
+    ///
+    /// The watchdog keeps being fed: systemd ignores it once it sent SIGTERM, but not when the
+    /// stop began with SIGINT, and a drain can outlast WatchdogSec many times over.
+    async fn drain(&mut self, watchdog: &mut tokio::time::Interval) {
         let limit = self.ctx.config.drain_timeout;
         if self.running.is_empty() {
             info!("stopping: no job is running");
@@ -351,33 +404,37 @@ impl Daemon {
         info!(running = self.running.len(), limit_seconds = limit.as_secs_f64(), "stopping: draining running jobs");
         let deadline = tokio::time::Instant::now() + limit;
         let mut extend = tokio::time::interval(Duration::from_secs(5));
+        let mut cancelled = false;
         while !self.running.is_empty() {
             tokio::select! {
                 Some(joined) = self.running.join_next() => self.record_end(joined),
-                _ = extend.tick() => service::stopping(Duration::from_secs(15), &format!("draining: {}", self.status_line())),
-                _ = tokio::time::sleep_until(deadline) => break,
-            }
-        }
-        if !self.running.is_empty() {
-            warn!(running = self.running.len(), "drain limit reached: releasing unfinished jobs to the queue");
-            for control in self.controls.values() {
-                control.cancel();
-            }
-            while let Some(joined) = self.running.join_next().await {
-                self.record_end(joined);
+                _ = extend.tick() => {
+                    let doing = if cancelled { "releasing" } else { "draining" };
+                    service::stopping(Duration::from_secs(15), &format!("{doing}: {}", self.status_line()));
+                }
+                _ = watchdog.tick() => service::watchdog(),
+                // Past the limit, cancel, and keep asking for time while the cancelled
+                // conversions stop and their claims are released.
+                _ = tokio::time::sleep_until(deadline), if !cancelled => {
+                    warn!(running = self.running.len(), "drain limit reached: releasing unfinished jobs to the queue");
+                    for control in self.controls.values() {
+                        control.cancel();
+                    }
+                    cancelled = true;
+                }
             }
         }
         info!("stopped");
     }
 }
 
-/// Logs progress every 10 % when VERBOSE_PROGRESS is on.
+/// Logs progress every [`PROGRESS_STEP`] percent when VERBOSE_PROGRESS is on.
 fn report_progress(control: &JobControl, reported: &mut u32) {
     if let Some(percent) = control.progress.percent() {
-        let step = (percent / 10.0).floor() as u32;
+        let step = (percent / PROGRESS_STEP).floor() as u32;
         if step > *reported {
             *reported = step;
-            info!(stage = "convert", percent = format!("{percent:.0}"), "progress");
+            info!(stage = "convert", percent = format!("{percent:.0}"), "converting: {percent:.0}%");
         }
     }
 }
@@ -396,4 +453,23 @@ fn watch_events(dir: &std::path::Path, wake: mpsc::Sender<()>) -> Option<notify:
         .map_err(|e| warn!(error = %e, "cannot watch WATCH_DIR with inotify; polling only"))
         .ok()?;
     Some(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_errors_say_what_to_do_under_systemd() {
+        let error = |errno| DaemonError::Directory {
+            what: "WATCH_DIR",
+            path: "/mnt/q".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        let read_only = error(libc::EROFS).to_string();
+        assert!(read_only.starts_with("cannot create WATCH_DIR /mnt/q: "), "{read_only}");
+        assert!(read_only.contains("ReadWritePaths="), "{read_only}");
+        assert!(error(libc::EACCES).to_string().contains("hyper2kvm"));
+        assert!(error(libc::ENOSPC).to_string().ends_with("create it or fix its permissions"));
+    }
 }

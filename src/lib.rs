@@ -25,3 +25,4 @@ pub mod service;
 pub mod source;
 pub mod status;
 pub mod submit;
+pub mod systemd_units;

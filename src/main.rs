@@ -80,6 +80,8 @@ enum Command {
     Capabilities {
         #[arg(long)]
         json_output: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
 }
 
@@ -190,7 +192,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { json, config } => {
             let config = load_config(&cli.config_dir, log_level, &config)?;
-            let status = status::collect(&config);
+            let overrides = Overrides { config_dir: cli.config_dir.clone(), flags: Vec::new() };
+            let status =
+                status::with_instances(status::collect(&config), &config::config_dir(&overrides, &config::ProcessEnv));
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -198,8 +202,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Capabilities { json_output } => {
-            let caps = capabilities::probe();
+        Command::Capabilities { json_output, config } => {
+            let config = load_config(&cli.config_dir, log_level, &config)?;
+            let caps = capabilities::probe(&config);
             if json_output {
                 println!("{}", serde_json::to_string_pretty(&caps)?);
             } else {

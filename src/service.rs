@@ -20,10 +20,12 @@ pub fn watchdog() {
     send(&[NotifyState::Watchdog]);
 }
 
-/// The watchdog period systemd asked for, if any. Pings go out at half of it.
+/// How often to send WATCHDOG=1 when systemd asked for it (WatchdogSec=), if it did: a third
+/// of the period, so that pings stay within WatchdogSec/2 of each other even when a slow scan
+/// delays one.
 pub fn watchdog_interval() -> Option<Duration> {
     let mut usec = 0;
-    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2))
+    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 3).max(Duration::from_millis(1)))
 }
 
 /// Stopping, and asking for `extra` more time so a draining conversion is not killed.

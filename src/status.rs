@@ -15,6 +15,7 @@ use crate::queue::layout::is_manifest_name;
 use crate::queue::records::{self, EventLog};
 use crate::queue::Queue;
 use crate::queue::{JobState, Layout};
+use crate::systemd_units::InstanceView;
 
 /// One job, running or finished.
 #[derive(Debug, Clone, Serialize)]
@@ -63,6 +64,9 @@ pub struct Status {
     pub jobs: Vec<JobView>,
     pub queue: Vec<QueueEntry>,
     pub claims: Vec<ClaimView>,
+    /// The `hyper2kvm@*.service` daemons systemd knows on this host; empty where systemctl
+    /// cannot be asked. Filled by [`with_instances`].
+    pub instances: Vec<InstanceView>,
 }
 
 /// Reads the state of the queue described by `config`.
@@ -93,7 +97,15 @@ pub fn collect(config: &Config) -> Status {
         queue: queue(&config.watch_dir, now),
         claims,
         jobs,
+        instances: Vec::new(),
     }
+}
+
+/// Adds the systemd instances on this host, with directories read from the conf files in
+/// `config_dir` (the same files the units read).
+pub fn with_instances(mut status: Status, config_dir: &Path) -> Status {
+    status.instances = crate::systemd_units::instances(config_dir);
+    status
 }
 
 fn running_view(claim: &ClaimView) -> JobView {
@@ -194,5 +206,67 @@ pub fn render(status: &Status) -> String {
         };
         out.push_str(&format!("  {when}  {}  {:?}  on {}  {state}\n", j.job_id, j.vm_name, j.host));
     }
+    if !status.instances.is_empty() {
+        out.push_str(&format!("\nInstances on this host (systemd): {}\n", status.instances.len()));
+    }
+    for i in &status.instances {
+        let enabled = i.unit_file_state.as_deref().map(|s| format!(", {s}")).unwrap_or_default();
+        let pid = i.main_pid.map(|p| format!(", pid {p}")).unwrap_or_default();
+        let summary = i.status_text.as_deref().map(|s| format!("  {s}")).unwrap_or_default();
+        out.push_str(&format!("  {}  {} ({}){enabled}{pid}{summary}\n", i.unit, i.active_state, i.sub_state));
+        match (&i.watch_dir, &i.output_dir, &i.config_error) {
+            (Some(watch), Some(output), _) => out.push_str(&format!("      queue {watch}  output {output}\n")),
+            (_, _, Some(error)) => out.push_str(&format!("      configuration error: {error}\n")),
+            _ => {}
+        }
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn empty() -> Status {
+        Status {
+            watch_dir: "/q".into(),
+            output_dir: "/o".into(),
+            jobs: Vec::new(),
+            queue: Vec::new(),
+            claims: Vec::new(),
+            instances: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn instances_are_listed_when_systemd_knows_some() {
+        let mut status = empty();
+        assert!(!render(&status).contains("Instances"), "nothing is said without systemd");
+        assert_eq!(serde_json::to_value(&status).unwrap()["instances"], serde_json::json!([]));
+        status.instances.push(InstanceView {
+            name: "vsphere".into(),
+            unit: "hyper2kvm@vsphere.service".into(),
+            load_state: "loaded".into(),
+            active_state: "active".into(),
+            sub_state: "running".into(),
+            unit_file_state: Some("enabled".into()),
+            main_pid: Some(135),
+            status_text: Some("0 running, 0 queued, 1 done, 0 failed; last: web01 ok".into()),
+            watch_dir: Some("/var/lib/hyper2kvm/vsphere/queue".into()),
+            output_dir: Some("/var/lib/hyper2kvm/vsphere/output".into()),
+            config_error: None,
+        });
+        let text = render(&status);
+        assert!(
+            text.contains(
+                "  hyper2kvm@vsphere.service  active (running), enabled, pid 135  0 running, 0 queued, 1 done"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("queue /var/lib/hyper2kvm/vsphere/queue  output /var/lib/hyper2kvm/vsphere/output"));
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["instances"][0]["unit"], "hyper2kvm@vsphere.service");
+        assert_eq!(json["instances"][0]["status_text"], "0 running, 0 queued, 1 done, 0 failed; last: web01 ok");
+        assert!(json["instances"][0].get("config_error").is_none());
+    }
 }

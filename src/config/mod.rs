@@ -212,11 +212,7 @@ type Layer = BTreeMap<String, (String, Origin)>;
 impl Config {
     /// Loads the configuration from every layer.
     pub fn load(overrides: &Overrides, env: &dyn Environment) -> Result<Config, ConfigError> {
-        let config_dir = overrides
-            .config_dir
-            .clone()
-            .or_else(|| env.var("HYPER2KVM_CONFIG_DIR").filter(|s| !s.is_empty()).map(PathBuf::from))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_DIR));
+        let config_dir = config_dir(overrides, env);
         let mut warnings = Vec::new();
         let mut values: Layer = BTreeMap::new();
 
@@ -231,7 +227,14 @@ impl Config {
             let path = config_dir.join(format!("hyper2kvm-{name}.conf"));
             read_file_layer(&path, &mut values, &mut warnings)?;
         }
-        values.extend(env_layer);
+        for (key, (value, origin)) in env_layer {
+            // systemd's EnvironmentFile= exports the conf files' values to us as well: where the
+            // environment only repeats a file, the file (with its line) is the origin to name.
+            if values.get(&key).is_some_and(|(from_file, _)| *from_file == value) {
+                continue;
+            }
+            values.insert(key, (value, origin));
+        }
         values.extend(flag_layer);
         // The instance file itself may set INSTANCE_NAME; that value names the state root too.
         if let Some((name, origin)) = values.get("INSTANCE_NAME") {
@@ -240,6 +243,16 @@ impl Config {
         let instance = values.get("INSTANCE_NAME").map(|(v, _)| v.clone());
         Resolver { values, warnings }.resolve(instance)
     }
+}
+
+/// The directory holding `hyper2kvm.conf` and `hyper2kvm-INSTANCE.conf`: `--config-dir`, else
+/// `HYPER2KVM_CONFIG_DIR`, else `/etc/hyper2kvm`.
+pub fn config_dir(overrides: &Overrides, env: &dyn Environment) -> PathBuf {
+    overrides
+        .config_dir
+        .clone()
+        .or_else(|| env.var("HYPER2KVM_CONFIG_DIR").filter(|s| !s.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_DIR))
 }
 
 fn check_instance_name(name: &str, origin: &Origin) -> Result<(), ConfigError> {

@@ -470,3 +470,83 @@ fn config_dir_falls_back_to_the_environment() {
     let config = Config::load(&Overrides::default(), &env).unwrap();
     assert_eq!(config.max_concurrent, 3);
 }
+
+/// The example files shipped in conf.d/ (installed to /etc/hyper2kvm as conffiles).
+fn shipped_conf(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf.d").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+const SHIPPED: [&str; 3] = ["hyper2kvm.conf", "hyper2kvm-vsphere.conf", "hyper2kvm-aws.conf"];
+
+#[test]
+fn shipped_examples_show_every_key() {
+    for name in SHIPPED {
+        let text = shipped_conf(name);
+        for key in KNOWN_KEYS {
+            let shown = text.lines().any(|l| l.trim_start_matches('#').starts_with(&format!("{key}=")));
+            assert!(shown, "conf.d/{name} does not show {key}");
+        }
+    }
+}
+
+#[test]
+fn shipped_examples_load_as_they_are_and_with_every_line_uncommented() {
+    for uncomment in [false, true] {
+        let mut setup = Setup::new();
+        for name in SHIPPED {
+            let mut text = shipped_conf(name);
+            if uncomment {
+                // Every `#KEY=value` example must be a valid value, not a trap for whoever
+                // uncomments it. INSTANCE_NAME stays the unit's business.
+                text = text
+                    .lines()
+                    .map(|l| match l.strip_prefix('#') {
+                        Some(rest) if rest.starts_with(|c: char| c.is_ascii_uppercase()) && rest.contains('=') => {
+                            if rest.starts_with("INSTANCE_NAME=") {
+                                l
+                            } else {
+                                rest
+                            }
+                        }
+                        _ => l,
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+            }
+            let instance = name.strip_prefix("hyper2kvm-").and_then(|n| n.strip_suffix(".conf"));
+            setup.file(instance, &text);
+        }
+        for instance in ["vsphere", "aws"] {
+            setup.flags.clear();
+            setup.flag("INSTANCE_NAME", instance);
+            let config = setup.load().unwrap_or_else(|e| panic!("{instance} (uncommented: {uncomment}): {e}"));
+            assert!(config.warnings.is_empty(), "{instance}: {:?}", config.warnings);
+            if !uncomment {
+                assert_eq!(config.watch_dir, Path::new(DEFAULT_STATE_ROOT).join(instance).join("queue"));
+                assert_eq!(config.output_dir, Path::new(DEFAULT_STATE_ROOT).join(instance).join("output"));
+            }
+        }
+    }
+}
+
+#[test]
+fn under_systemd_an_invalid_value_names_its_file_not_the_environment() {
+    // EnvironmentFile= puts the file's values in the environment too; the error must still
+    // point at the file and line, where the operator can fix it.
+    let mut setup = Setup::new();
+    let path = setup.file(Some("bad"), "# comment\nPOLL_INTERVAL=soon\n");
+    setup.env("POLL_INTERVAL", "soon").flag("INSTANCE_NAME", "bad");
+    match setup.load() {
+        Err(ConfigError::Invalid { key: "POLL_INTERVAL", origin: Origin::File { path: p, line: 2 }, .. }) => {
+            assert_eq!(p, path)
+        }
+        other => panic!("{other:?}"),
+    }
+    // A different value in the environment is the environment's.
+    setup.env("POLL_INTERVAL", "later");
+    match setup.load() {
+        Err(ConfigError::Invalid { origin: Origin::Environment, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
