@@ -239,7 +239,7 @@ xml=$(in_ct virsh -c qemu:///system dumpxml --inactive "$domain")
 grep -q "00:50:56:aa:bb:01" <<<"$xml" || fail "the exported MAC is not in the domain: $xml"
 grep -Eq "<loader[^>]*type=.pflash" <<<"$xml" || grep -q "firmware='efi'" <<<"$xml" || fail "the domain does not boot UEFI: $xml"
 grep -q "<source file='[^']*Web 01.qcow2'" <<<"$xml" || fail "the domain does not use the converted disk: $xml"
-check "dominfo/dumpxml show 1 GiB, 2 vCPUs, autostart, UEFI, the disk and the MAC"
+check "dominfo/dumpxml show 1 GiB, 2 vCPUs, autostart, UEFI, the disk and the MAC ($(grep -o "<domain type='[a-z]*'" <<<"$xml"))"
 in_ct virsh -q -c qemu:///system vol-list vsphere | grep -q "Web 01.qcow2" ||
     fail "the pool does not list the disk: $(in_ct virsh -c qemu:///system vol-list vsphere)"
 check "virsh vol-list vsphere shows the disk"
@@ -299,6 +299,11 @@ listed=$(in_ct hyper2kvm status --json)
 grep -q 'hyper2kvm@aws' <<<"$listed" && grep -q 'hyper2kvm@vsphere' <<<"$listed" ||
     fail "hyper2kvm status does not list the systemd instances: $listed"
 check "hyper2kvm status lists the instances systemd knows"
+# Nothing is lost: the job released at the stop is retaken and finished.
+wait_for "$JOB_SECONDS" "big.qcow2 from the released job" test -e "$aws_out/big.qcow2" -o -e "$aws_out/big.error"
+[ -e "$aws_out/big.qcow2" ] || fail "the released job failed when retaken: $(cat "$aws_out/big.error")"
+in_ct qemu-img check -q /var/lib/hyper2kvm/aws/output/big.qcow2 || fail "qemu-img check of big.qcow2"
+check "the released job was retaken after the restart and published big.qcow2"
 in_ct systemctl stop hyper2kvm.target
 
 say "passed: $checks checks"
