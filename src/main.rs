@@ -139,6 +139,14 @@ impl From<Format> for SourceFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Rust ignores SIGPIPE, so `hyper2kvm status --json | head` would panic in println! when
+    // head exits; a one-shot command exits quietly instead, as command-line tools do. Never
+    // the daemon: a closed log stream must not kill it in the middle of a conversion.
+    if !matches!(cli.command, Command::Daemon(_)) {
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -105,3 +105,28 @@ fn log_levels_are_case_insensitive_and_warning_is_accepted() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("LOG_LEVEL"));
 }
+
+/// `hyper2kvm status --json | head -1`: a reader that goes away ends the command quietly (as
+/// SIGPIPE ends other tools), never with Rust's "failed printing to stdout" panic.
+#[test]
+fn a_closed_pipe_ends_a_one_shot_command_without_a_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new();
+    let (queue, output) = (env.queue.to_str().unwrap(), env.output.to_str().unwrap());
+    let (reader, writer) = nix::unistd::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(bin())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .arg("--config-dir")
+        .arg(&env.etc)
+        .args(["status", "--json", "--watch-dir", queue, "--output-dir", output])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run hyper2kvm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{out:?}");
+}
