@@ -10,6 +10,7 @@
 #   make soak        the chaos test over many more jobs (SOAK_JOBS_PER_PRODUCER, SOAK_ROUNDS)
 #   make system-test boot a Debian container with systemd + libvirtd, install the .deb, test it (root)
 #   make deb         Debian package target/debian/hyper2kvm_*.deb (installs cargo-deb if missing)
+#   make fuzz        run every fuzz target of fuzz/ for FUZZ_SECONDS (60) each (installs cargo-fuzz)
 #   make fmt         format the code
 #   make lint        format check and clippy
 #   make clean       stop the demo, remove build output and ./demo/
@@ -17,7 +18,7 @@
 CARGO ?= cargo
 
 .DEFAULT_GOAL := build
-.PHONY: build deps test demo demo-stop demo-check fmt lint clean deb system-test
+.PHONY: build deps test demo demo-stop demo-check fmt lint clean deb system-test fuzz
 
 build:
 	$(CARGO) build --release
@@ -80,3 +81,22 @@ deb:
 	$(CARGO) deb --version >/dev/null 2>&1 || $(CARGO) install cargo-deb --locked
 	packaging/check-units.sh
 	$(CARGO) deb
+
+# libFuzzer targets beside the parsers of hostile input (fuzz/, its own workspace; not in make
+# test). cargo fuzz passes nightly-only flags (-Zsanitizer=address …): RUSTC_BOOTSTRAP=1 lets the
+# stable toolchain take them. New inputs go to fuzz/corpus/<target> (ignored by git), the
+# committed seeds are fuzz/seeds/<target>; a crash stops that target's run and is saved under
+# fuzz/artifacts/<target>/, the other targets still run, and make fails at the end.
+# See docs/RELIABILITY.md ("Fuzzing").
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := manifest vmdk_descriptor vmdk_sparse ova ovf ova_mf config_envfile host_caps
+
+fuzz:
+	$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	failed=; for target in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$target; \
+		RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run $$target fuzz/corpus/$$target fuzz/seeds/$$target -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=512 -timeout=10 -print_final_stats=1 \
+			|| failed="$$failed $$target"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make fuzz: failed:$$failed (crashes, hangs and OOMs are in fuzz/artifacts/)" >&2; exit 1; fi

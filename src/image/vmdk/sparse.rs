@@ -258,7 +258,13 @@ impl SparseExtent {
                     // A VMware stream whose footer parses but leads to damaged tables: the
                     // markers still say where every grain is.
                     let scannable = first.gd_offset == GD_AT_END && first.deflate() && first.markers();
-                    if !scannable || !matches!(e, ImageError::Corrupt(_)) {
+                    // The scan sizes its tables by the first header; a footer with another
+                    // geometry would index them out of bounds (found by fuzzing). Such a file
+                    // says two things about itself: refuse it.
+                    let same_geometry = header.capacity == first.capacity
+                        && header.grain_size == first.grain_size
+                        && header.gtes_per_gt == first.gtes_per_gt;
+                    if !scannable || !same_geometry || !matches!(e, ImageError::Corrupt(_)) {
                         return Err(e);
                     }
                     budget.remaining = remaining;

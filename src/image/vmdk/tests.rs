@@ -1205,3 +1205,15 @@ fn bench_read() {
         );
     }
 }
+
+/// Found by the vmdk_sparse fuzz target: a stream whose footer's geometry differs from its
+/// header's, with a grain directory past the end. It must be refused, not rebuilt from the
+/// markers with the footer's geometry (which indexed out of bounds and panicked).
+#[test]
+fn a_footer_that_contradicts_the_header_is_refused() {
+    let bytes =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/fuzz/keep-footer-geometry-mismatch.vmdk"))
+            .unwrap();
+    let opened = open_stream(Arc::new(bytes), "fuzzed.vmdk", &Limits::default()).map(|image| drop(image.info()));
+    assert!(matches!(opened, Err(ImageError::Corrupt(_))), "{opened:?}");
+}
