@@ -501,7 +501,7 @@ pub(super) mod tests {
     use std::path::Path;
     use std::process::Command;
 
-    fn disk_spec(id: &str) -> DiskSpec {
+    pub(crate) fn disk_spec(id: &str) -> DiskSpec {
         DiskSpec {
             id: id.to_owned(),
             source_format: SourceFormat::Vmdk,

@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 
-use super::domain_xml::tests::assert_schema_valid;
-use super::domain_xml::{self, DiskBus, DomainDisk, NetworkAttachment};
+use super::domain_xml::tests::{assert_schema_valid, disk_spec};
+use super::domain_xml::{self, Acceleration, DiskBus, DomainDisk, NetworkAttachment};
 use super::pool::{DiskFile, Placement, DISK_MODE};
 use super::register::{disk_sources, register, Registration, Request};
 use super::{Connection, LibvirtError};
-use crate::manifest::{DiskSpec, DiskType, Firmware, Hardware, JobSpec, NicSpec, SourceFormat};
+use crate::manifest::{Firmware, Hardware, JobSpec, NicSpec};
 use crate::names;
 
 /// A domain the test driver's node file holds besides the pool.
@@ -82,20 +82,6 @@ impl TestLibvirt {
     }
 }
 
-fn disk_spec(id: &str) -> DiskSpec {
-    DiskSpec {
-        id: id.to_owned(),
-        source_format: SourceFormat::Vmdk,
-        local_path: PathBuf::from(format!("/exports/{id}.vmdk")),
-        bytes: None,
-        sha256: None,
-        boot_order_hint: None,
-        label: None,
-        disk_type: DiskType::Unknown,
-        ova_disk: None,
-    }
-}
-
 /// "Web 01": UEFI, 4 GiB, 3 vCPUs, two disks, two NICs with exported MACs.
 fn web01() -> JobSpec {
     JobSpec {
@@ -133,18 +119,24 @@ fn register_vm(
     disks: &[DiskFile],
     autostart: bool,
 ) -> Result<Registration, LibvirtError> {
+    register_in(lv, conn, spec, disks, "default", autostart, |paths, _| build_xml(spec, paths))
+}
+
+/// Registers `spec` with `disks` into `pool`, with the XML `build_xml` makes.
+fn register_in(
+    lv: &TestLibvirt,
+    conn: &Connection,
+    spec: &JobSpec,
+    disks: &[DiskFile],
+    pool: &str,
+    autostart: bool,
+    build_xml: impl FnOnce(&[PathBuf], Acceleration) -> String,
+) -> Result<Registration, LibvirtError> {
     let name = names::domain_name(&spec.vm_name);
     let uuid = domain_xml::domain_uuid(spec);
-    let request = Request {
-        domain_name: &name,
-        uuid: &uuid,
-        pool: "default",
-        output_dir: &lv.output,
-        autostart,
-        tag: "job-1.g1",
-        disks,
-    };
-    register(conn, &request, |paths, _| build_xml(spec, paths))
+    let request =
+        Request { domain_name: &name, uuid: &uuid, pool, output_dir: &lv.output, autostart, tag: "job-1.g1", disks };
+    register(conn, &request, build_xml)
 }
 
 /// The domain's XML as libvirt holds it.
@@ -301,17 +293,9 @@ fn a_missing_pool_is_named_with_what_to_do() {
     let conn = lv.connect();
     let spec = web01();
     let disks = lv.stage(&spec, "first");
-    let (name, uuid) = (names::domain_name(&spec.vm_name), domain_xml::domain_uuid(&spec));
-    let request = Request {
-        domain_name: &name,
-        uuid: &uuid,
-        pool: "images",
-        output_dir: &lv.output,
-        autostart: false,
-        tag: "job-1.g1",
-        disks: &disks,
-    };
-    let err = register(&conn, &request, |paths, _| build_xml(&spec, paths)).err().expect("refused");
+    let err = register_in(&lv, &conn, &spec, &disks, "images", false, |paths, _| build_xml(&spec, paths))
+        .err()
+        .expect("refused");
     assert_eq!(
         err.to_string(),
         format!("libvirt storage pool 'images' does not exist at {}: create it or set LIBVIRT_POOL", lv.uri)
@@ -389,17 +373,8 @@ fn a_refused_define_removes_the_placed_disks() {
     let conn = lv.connect();
     let spec = web01();
     let disks = lv.stage(&spec, "first");
-    let (name, uuid) = (names::domain_name(&spec.vm_name), domain_xml::domain_uuid(&spec));
-    let request = Request {
-        domain_name: &name,
-        uuid: &uuid,
-        pool: "default",
-        output_dir: &lv.output,
-        autostart: false,
-        tag: "job-1.g1",
-        disks: &disks,
-    };
-    let err = register(&conn, &request, |_, _| "<domain type='kvm'><name>web-01</name>".to_owned()).err().unwrap();
+    let broken = |_: &[PathBuf], _| "<domain type='kvm'><name>web-01</name>".to_owned();
+    let err = register_in(&lv, &conn, &spec, &disks, "default", false, broken).err().unwrap();
     assert!(matches!(err, LibvirtError::DefineRefused { .. }), "{err}");
     assert!(err.to_string().starts_with(&format!("libvirt at {} refused to define domain web-01: ", lv.uri)), "{err}");
     assert!(entries(&lv.pool_dir).is_empty(), "{:?}", entries(&lv.pool_dir));
