@@ -241,16 +241,55 @@ fn claims_of(env: &Env, host: &str) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-/// Waits until `host` holds a claim on a slow job; returns its job id.
-fn wait_for_slow_claim(env: &Env, host: &str, limit: Duration) -> Option<String> {
+/// Waits until one of `daemons` (other than `skip`) holds a claim on a slow job; returns the
+/// daemon's index and the job id. Any daemon will do: which one wins a job is up to the race.
+fn wait_for_slow_claim(
+    env: &Env,
+    daemons: &[NsDaemon],
+    skip: Option<usize>,
+    limit: Duration,
+) -> Option<(usize, String)> {
     let start = Instant::now();
     while start.elapsed() < limit {
-        if let Some((job, _)) = claims_of(env, host).into_iter().find(|(_, vm)| vm.contains("slow")) {
-            return Some(job);
+        for (i, daemon) in daemons.iter().enumerate().filter(|(i, _)| Some(*i) != skip) {
+            if let Some((job, _)) = claims_of(env, &daemon.host).into_iter().find(|(_, vm)| vm.contains("slow")) {
+                return Some((i, job));
+            }
         }
         sleep(Duration::from_millis(100));
     }
     None
+}
+
+/// Whether `job` is still claimed by `host` and unpublished (the daemon is stopped, so this
+/// cannot change until it is thawed).
+fn still_mid_job(env: &Env, host: &str, job: &str) -> bool {
+    let claim = env.status()["claims"].as_array().and_then(|claims| {
+        claims
+            .iter()
+            .find(|c| c["host"] == host && c["job_id"] == job)
+            .and_then(|c| c["vm_name"].as_str().map(str::to_owned))
+    });
+    claim.is_some_and(|vm| !env.output.join(format!("{vm}.qcow2")).exists())
+}
+
+/// Waits until every thread of every process in `pids` is in the stopped state: kill(2)
+/// returns before SIGSTOP has taken effect.
+fn wait_stopped(pids: &[i32]) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let stopped = |pid: &i32| {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return true };
+        tasks.flatten().all(|t| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            stat.rsplit(')')
+                .next()
+                .is_none_or(|rest| matches!(rest.trim_start().chars().next(), Some('T' | 't') | None))
+        })
+    };
+    while Instant::now() < deadline && !pids.iter().all(stopped) {
+        sleep(Duration::from_millis(10));
+    }
 }
 
 struct Report {
@@ -304,20 +343,37 @@ fn run_chaos(jobs_per_producer: usize, rounds: usize) -> Report {
             scope.spawn(move || produce(env, name, plan, stop));
         }
         for round in 0..rounds {
-            // Kill d2 in the middle of a slow job, then restart it under the same host name.
-            if wait_for_slow_claim(&env, "chaos-d2", Duration::from_secs(60)).is_some() {
-                daemons[1].kill();
+            // Kill a daemon in the middle of a slow job, then restart it under the same host name.
+            let mut killed = None;
+            if let Some((i, _)) = wait_for_slow_claim(&env, &daemons, None, Duration::from_secs(60)) {
+                let host = daemons[i].host.clone();
+                daemons[i].kill();
                 faults += 1;
                 sleep(Duration::from_millis(500));
-                daemons[1] = NsDaemon::start(&env, "chaos-d2", round + 1);
+                daemons[i] = NsDaemon::start(&env, &host, round + 1);
+                killed = Some(i);
             }
-            // Freeze d3 in the middle of a slow job for three leases, then thaw it.
-            if let Some(job) = wait_for_slow_claim(&env, "chaos-d3", Duration::from_secs(60)) {
-                daemons[2].signal_tree(libc::SIGSTOP);
-                faults += 1;
-                sleep(Duration::from_secs(3 * LEASE_SECONDS));
-                daemons[2].signal_tree(libc::SIGCONT);
-                frozen_jobs.push(job);
+            // Freeze another daemon in the middle of a slow job for three leases, then thaw it.
+            // Not the one just killed: the claims its last incarnation left still carry its host
+            // name. A job that finishes before the freeze lands does not count: try the next one.
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while Instant::now() < deadline {
+                let Some((i, job)) = wait_for_slow_claim(&env, &daemons, killed, Duration::from_secs(30)) else {
+                    continue;
+                };
+                let tree = daemons[i].tree();
+                daemons[i].signal_tree(libc::SIGSTOP);
+                wait_stopped(&tree);
+                let landed = still_mid_job(&env, &daemons[i].host, &job);
+                if landed {
+                    faults += 1;
+                    sleep(Duration::from_secs(3 * LEASE_SECONDS));
+                }
+                daemons[i].signal_tree(libc::SIGCONT);
+                if landed {
+                    frozen_jobs.push((daemons[i].host.clone(), daemons[i].log.clone(), job));
+                    break;
+                }
             }
         }
         // Wait for every result.
@@ -379,12 +435,13 @@ fn run_chaos(jobs_per_producer: usize, rounds: usize) -> Report {
     assert!(status["claims"].as_array().unwrap().is_empty() && status["queue"].as_array().unwrap().is_empty());
 
     // The jobs taken from the frozen daemon were finished by others, and it published nothing.
-    for job_id in &frozen_jobs {
+    for (host, log, job_id) in &frozen_jobs {
         let record = jobs.iter().find(|j| j["job_id"] == job_id.as_str()).expect("a record for the frozen job");
-        assert_ne!(record["host"], "chaos-d3", "the frozen daemon's job was taken over: {record:#}\n{}", dump());
+        assert_ne!(record["host"], host.as_str(), "the frozen daemon's job was taken over: {record:#}\n{}", dump());
         assert!(record["generation"].as_u64().unwrap() >= 2, "{record:#}\n{}", dump());
-        let abandoned = logs[2].lines().any(|l| l.contains(job_id.as_str()) && l.contains("abandon"));
-        assert!(abandoned, "the thawed daemon abandoned {job_id}:\n{}", logs[2]);
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        let abandoned = log.lines().any(|l| l.contains(job_id.as_str()) && l.contains("abandon"));
+        assert!(abandoned, "the thawed daemon ({host}) abandoned {job_id}:\n{log}");
     }
     assert_eq!(faults, 2 * rounds, "every round injected its two faults");
 
