@@ -21,6 +21,7 @@
 //!   that they count themselves, writes the header last and fsyncs: until then offset 0 holds
 //!   zeros, so an interrupted write never looks like a valid image.
 
+mod aligned;
 pub mod compress;
 mod header;
 mod refcount;

@@ -473,6 +473,69 @@ fn copy_clusters_from_a_source_file() {
     }
 }
 
+/// Whether the filesystem holding `dir` takes O_DIRECT writes for certain (ext4, XFS, btrfs).
+fn takes_direct_io(dir: &Path) -> bool {
+    const EXT4: i64 = 0xef53;
+    const XFS: i64 = 0x5846_5342;
+    const BTRFS: i64 = 0x9123_683e;
+    let magic = nix::sys::statfs::statfs(dir).map(|fs| fs.filesystem_type().0).unwrap_or(0);
+    [EXT4, XFS, BTRFS].contains(&magic)
+}
+
+#[test]
+fn direct_and_page_cache_writes_make_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cs = 1u64 << 16;
+    let size = 700 * cs - 512; // more than one buffer's worth, a short last cluster
+    let src_path = dir.path().join("src.bin");
+    let mut disk = vec![0u8; size as usize];
+    Rng(7).fill(&mut disk);
+    std::fs::write(&src_path, &disk).unwrap();
+    let src = File::open(&src_path).unwrap();
+    let mut files = Vec::new();
+    for direct in [true, false] {
+        let mut pair = Pair::new(dir.path(), &format!("direct-{direct}"), size, options(16, Some(Zlib)));
+        if takes_direct_io(dir.path()) {
+            assert!(pair.writer.direct, "O_DIRECT is used where the filesystem takes it");
+        }
+        if !direct {
+            pair.writer.use_page_cache();
+        }
+        pair.writer.copy_mode = CopyMode::ReadWrite;
+        for g in 0..300 {
+            match g % 3 {
+                0 => pair.plain(g, &cluster(kind_for(g), g, cs as usize)),
+                1 => {
+                    pair.compressed(g, &cluster(Kind::Text, g, cs as usize), 6);
+                }
+                _ => {}
+            }
+        }
+        pair.writer.copy_clusters_from(300, 400, &src, 300 * cs).unwrap();
+        pair.raw_write(300, &disk[(300 * cs) as usize..]);
+        let (_, qcow2, _) = pair.finish();
+        files.push(std::fs::read(qcow2).unwrap());
+    }
+    assert!(files[0] == files[1], "the same bytes whichever way they were written");
+}
+
+#[test]
+fn a_refused_direct_write_falls_back_to_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fallback.qcow2");
+    let mut writer = Qcow2Writer::create(&path, 1 << 30, WriterOptions::default()).unwrap();
+    if !writer.direct {
+        eprintln!("skipped: {} does not take O_DIRECT", dir.path().display());
+        return;
+    }
+    // No device takes a 100-byte direct write at an odd offset.
+    writer.write_buffer_for_test(b"x".repeat(100).as_slice(), (1 << 20) + 1).unwrap();
+    assert!(!writer.direct, "the writer switched to the page cache");
+    let mut back = [0u8; 100];
+    File::open(&path).unwrap().read_exact_at(&mut back, (1 << 20) + 1).unwrap();
+    assert_eq!(back, [b'x'; 100]);
+}
+
 #[test]
 fn cluster_sizes_from_512_bytes_to_2_mib() {
     let dir = tempfile::tempdir().unwrap();
