@@ -146,7 +146,9 @@ impl Work<'_> {
                 state.next_to_take += 1;
                 (index, state.spare.pop().unwrap_or_default())
             };
-            let out = self.process(index, buffer);
+            // A panic here would leave the writer waiting for this chunk until the timeout.
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.process(index, buffer)))
+                .unwrap_or_else(|panic| Err(ImageError::Internal(panic_message(panic.as_ref()))));
             self.lock().done.insert(index, out);
             self.ready.notify_all();
         }
@@ -247,6 +249,15 @@ fn cluster_spans(allocated: &[Range<u64>], start: u64, end: u64) -> Vec<Range<u6
     spans
 }
 
+/// The text a panic was raised with.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_owned(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".to_owned(),
+    }
+}
+
 /// Whether a buffer is all zeros, a word at a time.
 pub fn is_zero(data: &[u8]) -> bool {
     // SAFETY: every bit pattern is a valid u128; align_to only splits off unaligned ends.
@@ -259,6 +270,7 @@ pub fn image_error(e: ImageError) -> ConvertError {
     match e {
         ImageError::Corrupt(m) | ImageError::Limit(m) => ConvertError::Corrupt(m),
         ImageError::Unsupported(m) => ConvertError::Unsupported(m),
+        e @ ImageError::Internal(_) => ConvertError::Failed(e.to_string()),
         ImageError::Io { path, source } if source.raw_os_error() == Some(libc::ENOSPC) => {
             ConvertError::NoSpace(format!("{}: {source}", path.display()))
         }
@@ -281,6 +293,40 @@ mod tests {
         // A disk whose size is not a multiple of the cluster.
         let short = vec![0..100];
         assert_eq!(cluster_spans(&short, 0, 100), short);
+    }
+
+    /// A disk whose reader panics in its third chunk, as a library bug would.
+    struct PanickingSource;
+
+    impl DiskSource for PanickingSource {
+        fn size(&self) -> u64 {
+            16 << 20
+        }
+
+        fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>, ImageError> {
+            Ok(vec![range])
+        }
+
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+            assert!(offset < 8 << 20, "a bug in a reader");
+            buf.fill(1);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_panicking_reader_fails_the_conversion_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // Were the panic lost, the writer would wait for the chunk until this deadline.
+        let control = JobControl::new(std::time::Duration::from_secs(30));
+        let options = PipelineOptions { chunk_bytes: 4 << 20, threads: 2, ..PipelineOptions::default() };
+        let result = run(&PanickingSource, &dir.path().join("out.qcow2"), options, &control);
+        match result {
+            Err(ConvertError::Failed(m)) => {
+                assert!(m.contains("a bug in a reader") && m.contains("please report it"), "{m}")
+            }
+            other => panic!("expected a failed conversion naming the bug, got {other:?}"),
+        }
     }
 
     #[test]

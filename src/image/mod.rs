@@ -35,6 +35,10 @@ pub enum ImageError {
     Limit(String),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// A bug: code reading the image panicked (ours or a library's). The job fails instead of
+    /// the daemon, and the message asks for a report.
+    #[error("internal error while reading the image ({0}); this is a bug in hyper2kvm: please report it with the output of `hyper2kvm inspect` on the source")]
+    Internal(String),
 }
 
 impl ImageError {

@@ -82,7 +82,14 @@ fn deflate(level: u32, data: &[u8], out: &mut Vec<u8>) -> bool {
         let (_, compress) = slot.insert(entry);
         // Room for one byte less than the input: a stream that does not fit does not finish.
         out.reserve_exact(data.len() - 1);
-        matches!(compress.compress_vec(data, out, FlushCompress::Finish), Ok(Status::StreamEnd))
+        let finished = matches!(compress.compress_vec(data, out, FlushCompress::Finish), Ok(Status::StreamEnd));
+        if !finished {
+            // zlib-rs 0.6.8 at level 1 can panic on the stream after a reset that followed an
+            // unfinished one (see the test zlib_survives_the_cluster_after_one_that_did_not_fit):
+            // start the next cluster with a new compressor.
+            *slot = None;
+        }
+        finished
     })
 }
 

@@ -412,6 +412,36 @@ fn compressors_fall_back_and_round_trip() {
     assert!(back[1000..].iter().all(|&b| b == 0));
 }
 
+/// zlib-rs 0.6.8 at level 1 (deflate_quick): after a stream that ran out of room, a reset
+/// compressor panicked ("buf.len() must fit in remaining()") on some next clusters — found with
+/// `make bench` data at COMPRESS_LEVEL=1; these clusters (random, then 4-bit values) were found
+/// by searching seeds. The compressor is not reused after such a stream.
+#[test]
+fn zlib_survives_the_cluster_after_one_that_did_not_fit() {
+    let cs = 65536;
+    let random = cluster(Kind::Random, 11, cs);
+    let mut out = Vec::new();
+    for level in [1, 6] {
+        for (seed, random_kib) in [(22u64, 39usize), (223, 48), (240, 33), (242, 35)] {
+            let mut rng = Rng(seed);
+            let mut next = vec![0u8; cs];
+            rng.fill(&mut next[..random_kib * 1024]);
+            next[random_kib * 1024..].iter_mut().for_each(|b| *b = (rng.next() % 16) as u8);
+            assert!(!compress_cluster(Zlib, level, &random, &mut out));
+            // Level 1 codes literals with fixed Huffman codes: 4-bit values do not shrink.
+            let compressed = compress_cluster(Zlib, level, &next, &mut out);
+            assert_eq!(compressed, level > 1, "level {level}, seed {seed}");
+            if !compressed {
+                continue;
+            }
+            let mut inflate = flate2::Decompress::new_with_window_bits(false, 12);
+            let mut back = Vec::with_capacity(cs);
+            inflate.decompress_vec(&out, &mut back, flate2::FlushDecompress::Finish).unwrap();
+            assert!(back == next, "level {level}, seed {seed}: round trip");
+        }
+    }
+}
+
 #[test]
 fn many_l2_tables_and_refcount_blocks() {
     // 4 KiB clusters: an L2 table maps 2 MiB, a refcount block covers 8 MiB of output, so a

@@ -229,6 +229,7 @@ fn expect_kind(r: Result<impl std::fmt::Debug, ImageError>, kind: &str, words: &
         ImageError::Unsupported(_) => "unsupported",
         ImageError::Limit(_) => "limit",
         ImageError::Io { .. } => "io",
+        ImageError::Internal(_) => "internal",
     };
     let m = err_text(&e);
     assert_eq!(actual, kind, "{m}");
