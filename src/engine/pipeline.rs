@@ -42,14 +42,23 @@ impl Default for PipelineOptions {
 enum Payload {
     /// Uncompressed: this range of the chunk's buffer.
     Raw(Range<usize>),
-    Compressed(Vec<u8>),
+    /// Compressed: this range of the chunk's `packed` bytes.
+    Compressed(Range<usize>),
 }
 
 /// A processed chunk, ready to write.
 struct ChunkOut {
     first_cluster: u64,
-    buffer: Vec<u8>,
+    buffers: Buffers,
     clusters: Vec<(u64, Payload)>,
+}
+
+/// A chunk's memory, recycled from chunk to chunk so that the hot path allocates nothing:
+/// the chunk's bytes, and its compressed clusters back to back.
+#[derive(Default)]
+struct Buffers {
+    data: Vec<u8>,
+    packed: Vec<u8>,
 }
 
 /// State shared by workers and the writer.
@@ -58,7 +67,7 @@ struct Shared {
     next_to_write: u64,
     done: BTreeMap<u64, Result<ChunkOut, ImageError>>,
     /// Spare chunk buffers, so large allocations are not repeated per chunk.
-    spare: Vec<Vec<u8>>,
+    spare: Vec<Buffers>,
     stop: bool,
 }
 
@@ -131,7 +140,7 @@ impl Work<'_> {
 
     fn worker(&self) {
         loop {
-            let (index, buffer) = {
+            let (index, buffers) = {
                 let mut state = self.lock();
                 loop {
                     if state.stop || state.next_to_take >= self.chunks {
@@ -147,7 +156,7 @@ impl Work<'_> {
                 (index, state.spare.pop().unwrap_or_default())
             };
             // A panic here would leave the writer waiting for this chunk until the timeout.
-            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.process(index, buffer)))
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.process(index, buffers)))
                 .unwrap_or_else(|panic| Err(ImageError::Internal(panic_message(panic.as_ref()))));
             self.lock().done.insert(index, out);
             self.ready.notify_all();
@@ -155,16 +164,18 @@ impl Work<'_> {
     }
 
     /// Reads one chunk's allocated clusters and prepares their payloads.
-    fn process(&self, index: u64, mut buffer: Vec<u8>) -> Result<ChunkOut, ImageError> {
+    fn process(&self, index: u64, mut buffers: Buffers) -> Result<ChunkOut, ImageError> {
         let start = index * self.chunk_bytes;
         let end = (start + self.chunk_bytes).min(self.size);
         let first_cluster = start / CLUSTER;
         let mut clusters = Vec::new();
         let spans = cluster_spans(&self.source.allocated(start..end)?, start, end);
         if spans.is_empty() {
-            return Ok(ChunkOut { first_cluster, buffer, clusters });
+            return Ok(ChunkOut { first_cluster, buffers, clusters });
         }
+        let Buffers { data: buffer, packed } = &mut buffers;
         buffer.resize((end - start) as usize, 0);
+        packed.clear();
         let mut scratch = Vec::new();
         for span in spans {
             let local = (span.start - start) as usize..(span.end - start) as usize;
@@ -176,17 +187,18 @@ impl Work<'_> {
                     continue;
                 }
                 let cluster = (start + at as u64) / CLUSTER;
-                clusters.push((cluster, self.payload(data, range, &mut scratch)));
+                clusters.push((cluster, self.payload(data, range, packed, &mut scratch)));
             }
         }
-        Ok(ChunkOut { first_cluster, buffer, clusters })
+        Ok(ChunkOut { first_cluster, buffers, clusters })
     }
 
-    fn payload(&self, data: &[u8], range: Range<usize>, scratch: &mut Vec<u8>) -> Payload {
+    fn payload(&self, data: &[u8], range: Range<usize>, packed: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Payload {
         if let Some(c) = self.compression {
             // qemu inflates exactly one cluster, so the disk's short last cluster is padded.
             if compress::compress_padded(c.kind, c.level, data, CLUSTER as usize, scratch) {
-                return Payload::Compressed(std::mem::take(scratch));
+                packed.extend_from_slice(scratch);
+                return Payload::Compressed(packed.len() - scratch.len()..packed.len());
             }
         }
         Payload::Raw(range)
@@ -198,8 +210,10 @@ impl Work<'_> {
             let chunk = self.wait_for(index, control)?.map_err(image_error)?;
             for (cluster, payload) in &chunk.clusters {
                 match payload {
-                    Payload::Raw(range) => writer.write_cluster(*cluster, &chunk.buffer[range.clone()]),
-                    Payload::Compressed(bytes) => writer.write_compressed(*cluster, bytes),
+                    Payload::Raw(range) => writer.write_cluster(*cluster, &chunk.buffers.data[range.clone()]),
+                    Payload::Compressed(range) => {
+                        writer.write_compressed(*cluster, &chunk.buffers.packed[range.clone()])
+                    }
                 }
                 .map_err(image_error)?;
             }
@@ -208,7 +222,7 @@ impl Work<'_> {
             control.progress.done_bytes.store(done, Ordering::Relaxed);
             let mut state = self.lock();
             state.next_to_write = index + 1;
-            state.spare.push(chunk.buffer);
+            state.spare.push(chunk.buffers);
             drop(state);
             self.ready.notify_all();
         }
