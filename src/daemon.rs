@@ -19,6 +19,7 @@ use crate::engine::Auto;
 use crate::host::Identity;
 use crate::job::{self, JobContext, JobEnd};
 use crate::libvirt;
+use crate::metrics::{self, ByteSampler, Health, Metrics, MetricsError, QueueOperation};
 use crate::publish;
 use crate::queue::{self, Beat, Claim, Layout, Outcome, Queue, Scanner};
 use crate::service;
@@ -27,8 +28,9 @@ use crate::source::SourceRoots;
 /// How often retention is applied while running.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
-/// How often a job's progress is looked at when VERBOSE_PROGRESS is on; a line is logged
-/// only when it crossed another [`PROGRESS_STEP`].
+/// How often a running job's progress is looked at: it advances the byte counters of the
+/// metrics, and with VERBOSE_PROGRESS a line is logged when it crossed another
+/// [`PROGRESS_STEP`].
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
 /// Percent between two progress lines.
@@ -36,6 +38,10 @@ const PROGRESS_STEP: f64 = 5.0;
 
 /// The watchdog period when systemd asked for none (the timer must exist for `select!`).
 const NO_WATCHDOG: Duration = Duration::from_secs(3600);
+
+/// How long, beyond two POLL_INTERVALs, the main loop may go without a round before
+/// `/healthz` calls it stalled: a scan of a large queue on a slow NFS server may take a while.
+const STALL_GRACE: Duration = Duration::from_secs(60);
 
 /// Why the daemon cannot start.
 #[derive(Debug, Error)]
@@ -48,6 +54,9 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error("cannot scan WATCH_DIR {path}: {source}")]
     Scan { path: String, source: std::io::Error },
+    /// METRICS_ADDR cannot be served.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// What to do about a directory the daemon cannot create. Under the packaged units the usual
@@ -83,11 +92,24 @@ struct Daemon {
     running: JoinSet<(String, JobEnd)>,
     controls: HashMap<String, JobControl>,
     counters: Counters,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
     let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(2 * config.poll_interval + STALL_GRACE));
+    // Bound first: a taken address is a configuration error, told before anything is touched.
+    let server = match config.metrics_addr {
+        Some(addr) => {
+            let server = metrics::Server::start(addr, metrics.clone(), health.clone())?;
+            info!(address = %addr, "serving Prometheus metrics on /metrics and health on /healthz");
+            Some(server)
+        }
+        None => None,
+    };
     prepare_directories(&config)?;
     if config.libvirt_integration {
         probe_libvirt(config.libvirt_uri.clone());
@@ -110,8 +132,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         running: JoinSet::new(),
         controls: HashMap::new(),
         counters: Counters::default(),
+        metrics,
+        health,
     };
-    daemon.serve().await
+    let served = daemon.serve().await;
+    if let Some(server) = server {
+        server.stop();
+    }
+    served
 }
 
 fn prepare_directories(config: &Config) -> Result<(), DaemonError> {
@@ -229,6 +257,7 @@ impl Daemon {
             "configuration"
         );
         let mut next = self.scan_and_claim()?;
+        self.went_round();
         service::ready(&self.status_line());
         loop {
             tokio::select! {
@@ -241,10 +270,19 @@ impl Daemon {
                 _ = sigint.recv() => break,
             }
             next = self.scan_and_claim()?;
+            self.went_round();
             service::status(&self.status_line());
         }
+        self.health.stopping();
         self.drain(&mut watchdog).await;
         Ok(())
+    }
+
+    /// The main loop went round: `/healthz` hears of it and the queue gauges are brought up to
+    /// date.
+    fn went_round(&self) {
+        self.health.alive();
+        self.metrics.set_queue(self.running.len(), self.counters.waiting);
     }
 
     /// Scans once and claims as many ready manifests as there are free slots. Returns how
@@ -254,6 +292,7 @@ impl Daemon {
         let scan = match self.scanner.scan() {
             Ok(scan) => scan,
             Err(source) if queue::fs::is_transient(&source) => {
+                self.metrics.queue_error(QueueOperation::Scan);
                 warn!(error = %source, "WATCH_DIR could not be read; retrying at the next poll");
                 return Ok(config.poll_interval);
             }
@@ -268,9 +307,12 @@ impl Daemon {
             }
             self.scanner.forget(&candidate.name);
             match self.queue.claim(&candidate, &self.ctx.identity) {
-                Ok(Some(claim)) => self.start(claim),
+                Ok(Some(claim)) => self.start(claim, false),
                 Ok(None) => debug!(manifest = %candidate.name, "another daemon took the manifest first"),
-                Err(e) => warn!(manifest = %candidate.name, error = %e, "could not claim; will retry"),
+                Err(e) => {
+                    self.metrics.queue_error(QueueOperation::Claim);
+                    warn!(manifest = %candidate.name, error = %e, "could not claim; will retry");
+                }
             }
         }
         let next = scan.next_check.map_or(config.poll_interval, |d| d.min(config.poll_interval));
@@ -287,6 +329,7 @@ impl Daemon {
         let stale = match self.queue.stale(lease) {
             Ok(stale) => stale,
             Err(e) => {
+                self.metrics.queue_error(QueueOperation::StaleCheck);
                 warn!(error = %e, "could not look for stale claims; will retry");
                 return;
             }
@@ -299,15 +342,21 @@ impl Daemon {
                 Ok(Some(claim)) => {
                     info!(job_id = %job.job_id, age_seconds = job.age.as_secs_f64(), generation = claim.record().generation, "took over a stale job");
                     remove_staging(&self.ctx.config.temp_dir, &job.job_id);
-                    self.start(claim);
+                    self.start(claim, true);
                 }
                 Ok(None) => debug!(job_id = %job.job_id, "another daemon took the stale job, or its owner is alive"),
-                Err(e) => warn!(job_id = %job.job_id, error = %e, "could not take over a stale job"),
+                Err(e) => {
+                    self.metrics.queue_error(QueueOperation::Takeover);
+                    warn!(job_id = %job.job_id, error = %e, "could not take over a stale job");
+                }
             }
         }
     }
 
-    fn start(&mut self, claim: Claim) {
+    /// Runs a claimed job (`taken_over`: a stale claim of another daemon) on a blocking
+    /// thread, with its heartbeat and progress sampling beside it.
+    fn start(&mut self, claim: Claim, taken_over: bool) {
+        self.metrics.job_started(taken_over);
         let job_id = claim.job_id().to_owned();
         let control = JobControl::new(self.ctx.config.conversion_timeout);
         self.controls.insert(job_id.clone(), control.clone());
@@ -326,12 +375,16 @@ impl Daemon {
             vm_name = %vm_name
         );
         let job_control = control.clone();
+        let metrics = self.metrics.clone();
+        let started = std::time::Instant::now();
         self.running.spawn(
             async move {
                 let mut work = tokio::task::spawn_blocking(move || job::run(&ctx, claim, &job_control));
                 let mut beat = tokio::time::interval(heartbeat_every);
                 let mut progress = tokio::time::interval(PROGRESS_EVERY);
                 let mut reported = 0u32;
+                let mut sampler = ByteSampler::default();
+                let mut lost = false;
                 loop {
                     tokio::select! {
                         end = &mut work => {
@@ -339,16 +392,31 @@ impl Daemon {
                                 error!(error = %e, "the job's thread failed; its claim stays until its lease expires");
                                 JobEnd::Abandoned
                             });
+                            sampler.sample(&control.progress, &metrics);
+                            metrics.job_ended((&end).into(), started.elapsed(), control.progress.output_bytes());
                             return (job_id, end);
                         }
                         _ = beat.tick() => {
                             let beat = heartbeat.clone();
-                            if tokio::task::spawn_blocking(move || beat.beat()).await.ok() == Some(Beat::Lost) {
-                                warn!(stage = "heartbeat", "the lock is gone: another daemon took the job over; abandoning it");
-                                control.abandon();
+                            match tokio::task::spawn_blocking(move || beat.beat()).await {
+                                Ok(Beat::Alive) => {}
+                                Ok(Beat::Lost) => {
+                                    if !lost {
+                                        lost = true;
+                                        metrics.lock_lost();
+                                    }
+                                    warn!(stage = "heartbeat", "the lock is gone: another daemon took the job over; abandoning it");
+                                    control.abandon();
+                                }
+                                Ok(Beat::Unknown) | Err(_) => metrics.heartbeat_error(),
                             }
                         }
-                        _ = progress.tick(), if verbose => report_progress(&control, &mut reported),
+                        _ = progress.tick() => {
+                            sampler.sample(&control.progress, &metrics);
+                            if verbose {
+                                report_progress(&control, &mut reported);
+                            }
+                        }
                     }
                 }
             }
@@ -407,7 +475,10 @@ impl Daemon {
         let mut cancelled = false;
         while !self.running.is_empty() {
             tokio::select! {
-                Some(joined) = self.running.join_next() => self.record_end(joined),
+                Some(joined) = self.running.join_next() => {
+                    self.record_end(joined);
+                    self.metrics.set_queue(self.running.len(), self.counters.waiting);
+                }
                 _ = extend.tick() => {
                     let doing = if cancelled { "releasing" } else { "draining" };
                     service::stopping(Duration::from_secs(15), &format!("{doing}: {}", self.status_line()));

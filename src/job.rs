@@ -207,6 +207,8 @@ fn execute(
     let mut disks = Vec::with_capacity(sources.len());
     for (index, source) in sources.iter().enumerate() {
         events.append(Stage::Convert.as_str(), &format!("converting {}", source.disk.id), control.progress.percent());
+        // Per disk, so that the daemon's byte counters add up the whole job.
+        control.progress.start_disk(source.info.virtual_size);
         disks.push(convert_disk(ctx, &spec, index, source, staging, compression, control)?);
     }
 
@@ -579,6 +581,7 @@ fn convert_disk(
     let digest =
         checksum::sha256_file(&staged, control).map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
     let output_bytes = std::fs::metadata(&staged).map_err(io_failure)?.len();
+    control.progress.add_output_bytes(output_bytes);
     Ok(DiskReport {
         id: disk.id.clone(),
         boot: index == 0,

@@ -17,6 +17,7 @@ pub mod job;
 pub mod libvirt;
 pub mod logging;
 pub mod manifest;
+pub mod metrics;
 pub mod names;
 pub mod publish;
 pub mod queue;

@@ -52,10 +52,20 @@ pub struct ImageInfo {
 }
 
 /// Byte counters a conversion advances while it runs.
+///
+/// `done_bytes` and `total_bytes` are the converter's, for the disk being converted now (the
+/// converters restart them for each disk). The job adds up its earlier disks and the qcow2
+/// bytes it wrote, so that the daemon's metrics can count a whole job while it runs.
 #[derive(Debug, Default)]
 pub struct Progress {
+    /// Guest bytes of the current disk converted so far.
     pub done_bytes: AtomicU64,
+    /// Guest size of the current disk (before the first disk starts: of the whole job).
     pub total_bytes: AtomicU64,
+    /// Guest bytes of the job's disks converted before the current one.
+    earlier_bytes: AtomicU64,
+    /// Bytes of the qcow2 files the job has written and finished.
+    output_bytes: AtomicU64,
 }
 
 impl Progress {
@@ -63,6 +73,34 @@ impl Progress {
     pub fn percent(&self) -> Option<f64> {
         let total = self.total_bytes.load(Ordering::Relaxed);
         (total > 0).then(|| 100.0 * self.done_bytes.load(Ordering::Relaxed) as f64 / total as f64)
+    }
+
+    /// Moves on to the next disk of a job, `size` guest bytes: what the previous disk got
+    /// through is kept in [`Progress::job_bytes`], and the per-disk counters restart.
+    ///
+    /// `done_bytes` is zeroed before `earlier_bytes` grows, and [`Progress::job_bytes`] reads
+    /// them in the opposite order, so a reader may see a job's total dip for a moment but
+    /// never count the previous disk twice.
+    pub fn start_disk(&self, size: u64) {
+        let previous = self.done_bytes.swap(0, Ordering::SeqCst);
+        self.earlier_bytes.fetch_add(previous, Ordering::SeqCst);
+        self.total_bytes.store(size, Ordering::SeqCst);
+    }
+
+    /// Guest bytes the job has converted, over all its disks so far.
+    pub fn job_bytes(&self) -> u64 {
+        let earlier = self.earlier_bytes.load(Ordering::SeqCst);
+        earlier.saturating_add(self.done_bytes.load(Ordering::SeqCst))
+    }
+
+    /// Records a finished qcow2 of `bytes` bytes.
+    pub fn add_output_bytes(&self, bytes: u64) {
+        self.output_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes of the qcow2 files the job has finished writing.
+    pub fn output_bytes(&self) -> u64 {
+        self.output_bytes.load(Ordering::Relaxed)
     }
 }
 
