@@ -6,7 +6,9 @@
 #   virt-xml-validate     libvirt-clients (validates the libvirt domain XML we write)
 #   xmllint               libxml2-utils
 #   unshare               util-linux      (private mount namespaces in tests)
-#   mke2fs                e2fsprogs       (small scratch file systems in tests)
+#   mke2fs, filefrag      e2fsprogs       (small scratch file systems in tests; shared extents)
+#   mkfs.xfs              xfsprogs        (a reflinking XFS, loop-mounted, in tests/reflink.rs)
+#   mount, umount         mount
 #   python3               python3         (test fixtures, demo manifest)
 #   libvirt.h, pkg-config libvirt-dev     (the virt crate links libvirt)
 #   cargo fmt, clippy     rustup components rustfmt and clippy
@@ -34,7 +36,9 @@ fi
 have virt-xml-validate || need libvirt-clients
 have xmllint || need libxml2-utils
 have unshare || need util-linux
-have_sbin mke2fs || need e2fsprogs
+{ have_sbin mke2fs && have_sbin filefrag; } || need e2fsprogs
+have_sbin mkfs.xfs || need xfsprogs
+have mount || need mount
 have python3 || need python3
 [ -e /usr/include/libvirt/libvirt.h ] || need libvirt-dev
 have pkg-config || need pkg-config

@@ -58,6 +58,14 @@ pub trait ReadAt: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The file these bytes are, and where byte 0 of this source lies in it, when they are a
+    /// file's bytes read as they are; `None` (the default) for anything else (memory).
+    /// [`DiskSource::plain_runs`] builds on it, so that a converter can copy such bytes from
+    /// file to file without reading them.
+    fn as_file(&self) -> Option<(&File, u64)> {
+        None
+    }
 }
 
 /// A whole file, with its length taken when opened.
@@ -96,6 +104,10 @@ impl ReadAt for FileSource {
     fn len(&self) -> u64 {
         self.len
     }
+
+    fn as_file(&self) -> Option<(&File, u64)> {
+        Some((&self.file, 0))
+    }
 }
 
 /// A byte range of another source: an OVA member read in place.
@@ -129,6 +141,10 @@ impl<R: ReadAt + ?Sized> ReadAt for Slice<R> {
 
     fn len(&self) -> u64 {
         self.len
+    }
+
+    fn as_file(&self) -> Option<(&File, u64)> {
+        self.inner.as_file().map(|(file, at)| (file, at + self.base))
     }
 }
 
@@ -173,6 +189,50 @@ pub trait DiskSource: Send + Sync {
     /// Reads `buf.len()` bytes of the virtual disk at `offset`. The caller never reads past
     /// `size()`. Unallocated parts read as zeros.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError>;
+
+    /// The parts of `range` whose bytes are stored verbatim (uncompressed, untransformed) in a
+    /// file: raw images, FLAT/VMFS extents, runs of plain grains of sparse extents that lie
+    /// back to back in their file. A converter may copy them file to file — `copy_file_range`,
+    /// which a reflinking or network filesystem turns into shared blocks or a server-side copy
+    /// — instead of reading them.
+    ///
+    /// The runs are sorted, non-overlapping, non-empty, and lie inside what
+    /// [`DiskSource::allocated`] reports for `range`: holes are never part of a run. Parts of
+    /// `range` in no run are read with [`DiskSource::read_at`] as usual, so the answer may be
+    /// partial, and the default — no runs at all — is always correct.
+    fn plain_runs(&self, range: Range<u64>) -> Result<Vec<PlainRun<'_>>, ImageError> {
+        let _ = range;
+        Ok(Vec::new())
+    }
+}
+
+/// A part of a virtual disk stored verbatim in a file; see [`DiskSource::plain_runs`].
+#[derive(Debug, Clone)]
+pub struct PlainRun<'a> {
+    /// The bytes of the virtual disk concerned.
+    pub range: Range<u64>,
+    /// The file that holds them.
+    pub file: &'a File,
+    /// Where `range.start` lies in `file`; the run goes on for `range`'s length from there.
+    pub file_offset: u64,
+}
+
+/// Appends `run` to `runs`, merging it with the last one when it continues it both in the
+/// virtual disk and in the same file.
+pub(crate) fn push_plain_run<'a>(runs: &mut Vec<PlainRun<'a>>, run: PlainRun<'a>) {
+    if run.range.is_empty() {
+        return;
+    }
+    if let Some(last) = runs.last_mut() {
+        if last.range.end == run.range.start
+            && std::ptr::eq(last.file, run.file)
+            && last.file_offset + (last.range.end - last.range.start) == run.file_offset
+        {
+            last.range.end = run.range.end;
+            return;
+        }
+    }
+    runs.push(run);
 }
 
 /// What `inspect` tells about a source, and what a job reports.

@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use super::{DiskSource, FileSource, ImageError, ReadAt, SourceInfo};
+use super::{DiskSource, FileSource, ImageError, PlainRun, ReadAt, SourceInfo};
 
 /// A raw image file.
 #[derive(Debug)]
@@ -64,6 +64,12 @@ impl DiskSource for RawImage {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         self.file.read_exact_at(buf, offset).map_err(|e| ImageError::io(self.file.path(), e))
     }
+
+    /// The file is the disk: every data range of the file is a run, at its own offset.
+    fn plain_runs(&self, range: Range<u64>) -> Result<Vec<PlainRun<'_>>, ImageError> {
+        let file = self.file.file();
+        Ok(self.allocated(range)?.into_iter().map(|r| PlainRun { file_offset: r.start, range: r, file }).collect())
+    }
 }
 
 #[cfg(test)]
@@ -91,5 +97,11 @@ mod tests {
         let mut buf = [0u8; 8];
         raw.read_at(40 << 20, &mut buf).unwrap();
         assert_eq!(buf, [9u8; 8]);
+        // The data ranges are plain runs of the file itself, at their own offsets.
+        let runs = raw.plain_runs(0..64 << 20).unwrap();
+        let ranges: Vec<_> = runs.iter().map(|r| r.range.clone()).collect();
+        assert_eq!(ranges, allocated);
+        assert!(runs.iter().all(|r| r.file_offset == r.range.start));
+        assert!(raw.plain_runs(16 << 20..32 << 20).unwrap().is_empty(), "holes are never runs");
     }
 }

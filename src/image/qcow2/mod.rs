@@ -17,6 +17,9 @@
 //!   the disk size: L1, one L2 table, one or two refcount blocks, the refcount table (8 bytes
 //!   per refcount block), and the 8 MiB write buffer — no per-cluster syscall. See
 //!   [`Qcow2Writer::memory_bytes`].
+//! - The buffer is page-aligned and flushed in whole clusters with `O_DIRECT` where the
+//!   filesystem takes it (the page-cache copy was the writer's largest cost), through the page
+//!   cache otherwise; see docs/DECISIONS.md.
 //! - [`Qcow2Writer::finish`] writes what is left, sizes the final refcount blocks and table so
 //!   that they count themselves, writes the header last and fsyncs: until then offset 0 holds
 //!   zeros, so an interrupted write never looks like a valid image.
@@ -30,7 +33,9 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use writer::Qcow2Writer;
+#[cfg(test)]
+pub(crate) use writer::CopyMode;
+pub use writer::{CopyOffload, Qcow2Writer};
 
 use crate::config::CompressionType;
 
@@ -58,6 +63,8 @@ pub struct WriteStats {
     pub file_bytes: u64,
     /// Guest clusters stored uncompressed (including those copied with `copy_clusters_from`).
     pub data_clusters: u64,
+    /// Of those, the clusters copied from a file with `copy_clusters_from`.
+    pub copied_clusters: u64,
     /// Guest clusters stored compressed.
     pub compressed_clusters: u64,
     /// Guest clusters never written: they read as zeros and take no space.

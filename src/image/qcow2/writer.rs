@@ -64,6 +64,9 @@ pub struct Qcow2Writer {
     /// How `copy_clusters_from` moves bytes; `Auto` becomes `ReadWrite` for good when
     /// `copy_file_range` turns out unsupported.
     pub(super) copy_mode: CopyMode,
+    /// The output's filesystem type (`f_type`) when `copy_file_range` into it can be offloaded
+    /// (see [`offloading_fs`]); taken once, at creation.
+    offload_fs: Option<u32>,
     /// Largest single `pwrite` when the buffer is written out through the page cache.
     pub(super) write_chunk: usize,
     /// Whether the buffer is written with `O_DIRECT`; see [`Qcow2Writer::flush_buffer`].
@@ -72,7 +75,7 @@ pub struct Qcow2Writer {
 
 /// How [`Qcow2Writer::copy_clusters_from`] moves bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum CopyMode {
+pub(crate) enum CopyMode {
     /// `copy_file_range` where the filesystem can share or offload the copy, else read+write.
     Auto,
     /// Always `copy_file_range` (falls back on an "unsupported" error). Chosen by tests, to
@@ -81,6 +84,48 @@ pub(super) enum CopyMode {
     CopyFileRange,
     /// Always read+write.
     ReadWrite,
+}
+
+/// Whether [`Qcow2Writer::copy_clusters_from`] hands copies from a given source file to
+/// `copy_file_range` (a reflink or a server-side copy) or reads and writes them, as a value
+/// other threads can ask while the writer is busy: the conversion pipeline's workers use it
+/// to leave such copies to the writer instead of reading the bytes themselves. Taken from
+/// [`Qcow2Writer::copy_offload`]; it does not see a later switch to read+write (after
+/// `copy_file_range` turned out unsupported), which the writer's own answer does.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyOffload {
+    mode: CopyMode,
+    output_fs: Option<u32>,
+}
+
+impl CopyOffload {
+    /// Whether any copy into the output can be offloaded: false on ext4, tmpfs and other
+    /// filesystems that can neither share blocks nor copy server-side, where no source file
+    /// needs to be asked about.
+    pub fn possible(&self) -> bool {
+        match self.mode {
+            CopyMode::Auto => self.output_fs.is_some(),
+            CopyMode::CopyFileRange => true,
+            CopyMode::ReadWrite => false,
+        }
+    }
+
+    /// `None` when copies from `src` are read and written; otherwise the source filesystem's
+    /// block size (`f_bsize`, at least 512), a multiple of which a source offset must be for a
+    /// reflinking filesystem to share the blocks — from elsewhere the kernel copies them
+    /// instead, correctly but with none of the gain.
+    pub fn source_alignment(&self, src: &File) -> Option<u64> {
+        let fs = nix::sys::statfs::fstatfs(src).ok();
+        let block = fs.as_ref().and_then(|fs| u64::try_from(fs.block_size()).ok()).unwrap_or(4096).max(512);
+        match self.mode {
+            CopyMode::Auto => {
+                let src_fs = fs.map(|fs| fs.filesystem_type().0 as u32);
+                (self.output_fs.is_some() && src_fs == self.output_fs).then_some(block)
+            }
+            CopyMode::CopyFileRange => Some(block),
+            CopyMode::ReadWrite => None,
+        }
+    }
 }
 
 impl Qcow2Writer {
@@ -117,6 +162,10 @@ impl Qcow2Writer {
             .map_err(|e| ImageError::io(path, e))?;
         // Filesystems without O_DIRECT (tmpfs before Linux 6.6, some FUSE) refuse the flag.
         let direct = set_direct(&file, true).is_ok();
+        let offload_fs = nix::sys::statfs::fstatfs(&file)
+            .ok()
+            .map(|fs| fs.filesystem_type().0 as u32)
+            .filter(|&fs_type| offloading_fs(fs_type));
 
         let mut writer = Qcow2Writer {
             file,
@@ -140,6 +189,7 @@ impl Qcow2Writer {
             stats: WriteStats::default(),
             failed: false,
             copy_mode: CopyMode::Auto,
+            offload_fs,
             write_chunk: WRITE_CHUNK_BYTES,
             direct,
         };
@@ -317,11 +367,7 @@ impl Qcow2Writer {
         }
         let l2_bits = self.cluster_bits - 3;
         let max_piece = (COPY_PIECE_BYTES >> self.cluster_bits).clamp(1, self.refs.per_block());
-        let offload = match self.copy_mode {
-            CopyMode::Auto => copy_offloads(src, &self.file),
-            CopyMode::CopyFileRange => true,
-            CopyMode::ReadWrite => false,
-        };
+        let offload = self.copy_offloads_from(src);
         let end = first_guest_cluster + count;
         let mut guest = first_guest_cluster;
         let mut src_at = src_offset;
@@ -342,9 +388,29 @@ impl Qcow2Writer {
             guest += piece;
             self.next_guest = guest;
             self.stats.data_clusters += piece;
+            self.stats.copied_clusters += piece;
             self.settle_refcounts()?;
         }
         Ok(())
+    }
+
+    /// How copies into this file are made, for other threads to ask; see [`CopyOffload`].
+    pub fn copy_offload(&self) -> CopyOffload {
+        CopyOffload { mode: self.copy_mode, output_fs: self.offload_fs }
+    }
+
+    /// Whether [`Qcow2Writer::copy_clusters_from`] would copy from `src` with
+    /// `copy_file_range` now: both files on one filesystem that shares blocks or copies
+    /// server-side (or a test forcing it), and `copy_file_range` not yet found unsupported.
+    pub fn copy_offloads_from(&self, src: &File) -> bool {
+        self.copy_offload().source_alignment(src).is_some()
+    }
+
+    /// Chooses how `copy_clusters_from` moves bytes, for tests that exercise one way on any
+    /// filesystem.
+    #[cfg(test)]
+    pub(crate) fn set_copy_mode(&mut self, mode: CopyMode) {
+        self.copy_mode = mode;
     }
 
     /// Writes L2 tables still pending, L1, the last refcount blocks and the refcount table, then
@@ -727,13 +793,14 @@ fn copy_file_range(src: &File, src_at: u64, dst: &File, dst_at: u64, len: u64) -
     }
 }
 
-/// Whether `copy_file_range` between these files can skip moving the bytes through this host:
-/// a reflink (btrfs, XFS, bcachefs, OCFS2) or a server-side copy (NFS 4.2, SMB, Ceph), or an
-/// overlay that may pass either down. Elsewhere (ext4, tmpfs …) the kernel falls back to an
-/// in-kernel splice that measured slower than our read+write through the 8 MiB buffer: 1 GiB
-/// from the page cache, 4 runs each, read+write won every run on ext4 (median ~790 vs ~650 MiB
-/// per CPU second) and on tmpfs (~1790 vs ~1190).
-fn copy_offloads(src: &File, dst: &File) -> bool {
+/// Whether `copy_file_range` between two files of a filesystem of type `fs_type` can skip
+/// moving the bytes through this host: a reflink (btrfs, XFS, bcachefs, OCFS2) or a server-side
+/// copy (NFS 4.2, SMB, Ceph), or an overlay that may pass either down. Elsewhere (ext4, tmpfs …)
+/// the kernel falls back to an in-kernel splice that measured slower than our read+write
+/// through the 8 MiB buffer: 1 GiB from the page cache, 4 runs each, read+write won every run on
+/// ext4 (median ~790 vs ~650 MiB per CPU second) and on tmpfs (~1790 vs ~1190). Source and
+/// output must both be of that type (see [`CopyOffload::source_alignment`]).
+fn offloading_fs(fs_type: u32) -> bool {
     const OFFLOADING: [u32; 10] = [
         0x9123_683e, // btrfs
         0x5846_5342, // XFS
@@ -746,11 +813,7 @@ fn copy_offloads(src: &File, dst: &File) -> bool {
         0x00c3_6400, // Ceph
         0x794c_7630, // overlayfs
     ];
-    let fs_type = |file: &File| nix::sys::statfs::fstatfs(file).ok().map(|fs| fs.filesystem_type().0 as u32);
-    match (fs_type(src), fs_type(dst)) {
-        (Some(a), Some(b)) => a == b && OFFLOADING.contains(&b),
-        _ => false,
-    }
+    OFFLOADING.contains(&fs_type)
 }
 
 /// Errors that mean "not between these two files": fall back to read+write.

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use super::sparse::{push_region, Region};
-use crate::image::{FileSource, ImageError, ReadAt};
+use crate::image::{push_plain_run, FileSource, ImageError, PlainRun, ReadAt};
 
 #[derive(Debug)]
 pub(crate) struct FlatExtent {
@@ -53,6 +53,19 @@ impl FlatExtent {
             let hole = if hole == data { end } else { hole };
             push_region(out, to_virtual(data)..to_virtual(hole), Region::Data);
             at = hole;
+        }
+    }
+
+    /// The data of `range` (extent-relative) as plain runs of the file: what
+    /// [`FlatExtent::map`] reports as data, placed at virtual offsets from `base`.
+    pub(crate) fn plain_runs<'a>(&'a self, range: Range<u64>, base: u64, out: &mut Vec<PlainRun<'a>>) {
+        let mut regions = Vec::new();
+        self.map(range, base, &mut regions);
+        for (r, region) in regions {
+            if region == Region::Data {
+                let file_offset = self.offset + (r.start - base);
+                push_plain_run(out, PlainRun { range: r, file: self.file.file(), file_offset });
+            }
         }
     }
 }

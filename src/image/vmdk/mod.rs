@@ -37,7 +37,7 @@ pub use stream::{read_stream_sequential, scan_stream_markers, StreamMap};
 #[cfg(test)]
 use header::FLAG_COMPRESSED;
 
-use super::{DiskSource, ImageError, ReadAt, SourceInfo};
+use super::{push_plain_run, DiskSource, ImageError, PlainRun, ReadAt, SourceInfo};
 use flat::FlatExtent;
 use sparse::{Budget, Region, SparseExtent};
 
@@ -262,6 +262,48 @@ impl DiskSource for VmdkImage {
             index += 1;
         }
         Ok(())
+    }
+
+    /// FLAT/VMFS extents where their file has data, plain grains of sparse extents (runs of
+    /// grains back to back in the file), and for the unallocated grains of a delta, the
+    /// parent's runs. Zero extents, zeroed and compressed grains are never runs.
+    fn plain_runs(&self, range: Range<u64>) -> Result<Vec<PlainRun<'_>>, ImageError> {
+        let range = range.start.min(self.size)..range.end.min(self.size);
+        let mut runs = Vec::new();
+        let mut holes = Vec::new();
+        let mut index = self.first_extent(range.start);
+        while let Some(p) = self.extents.get(index) {
+            if p.start >= range.end {
+                break;
+            }
+            let local = range.start.max(p.start) - p.start..range.end.min(p.start + p.len) - p.start;
+            match &p.extent {
+                Extent::Zero => {}
+                Extent::Flat(f) => f.plain_runs(local, p.start, &mut runs),
+                Extent::Sparse(s) => s.plain_runs(local, p.start, &mut runs, &mut holes),
+            }
+            index += 1;
+        }
+        if let Some(parent) = &self.parent {
+            let mut below = Vec::new();
+            for hole in holes {
+                let hole = hole.start.min(parent.size)..hole.end.min(parent.size);
+                if !hole.is_empty() {
+                    below.extend(parent.plain_runs(hole)?);
+                }
+            }
+            if !below.is_empty() {
+                // The parent's runs fall in the child's holes: put them in order, then merge.
+                runs.extend(below);
+                runs.sort_unstable_by_key(|r| r.range.start);
+                let mut merged = Vec::with_capacity(runs.len());
+                for run in runs {
+                    push_plain_run(&mut merged, run);
+                }
+                runs = merged;
+            }
+        }
+        Ok(runs)
     }
 }
 

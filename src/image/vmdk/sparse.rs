@@ -17,7 +17,7 @@ use libdeflater::{DecompressionError, Decompressor};
 
 use super::header::*;
 use super::{stream, Limits};
-use crate::image::{ImageError, ReadAt};
+use crate::image::{push_plain_run, ImageError, PlainRun, ReadAt};
 
 /// Compressed grains further apart than one grain span plus this are read separately.
 const GAP_SLACK: u64 = 64 << 10;
@@ -440,6 +440,47 @@ impl SparseExtent {
             };
             push_region(out, base + pos..base + end, region);
             pos = end;
+        }
+    }
+
+    /// The plain (uncompressed) grains of `range` (extent-relative) as runs of the extent's
+    /// file, placed at virtual offsets from `base`; grains back to back in the file make one
+    /// run. The unallocated parts (`Region::Hole`: the parent's data, or zeros) go to `holes`,
+    /// for the caller to ask the parent about. Compressed grains, zeroed grains, and grains of
+    /// a source that is not a file are in neither: they are read as usual.
+    pub(crate) fn plain_runs<'a>(
+        &'a self,
+        range: Range<u64>,
+        base: u64,
+        runs: &mut Vec<PlainRun<'a>>,
+        holes: &mut Vec<Range<u64>>,
+    ) {
+        let mut regions = Vec::new();
+        self.map(range, base, &mut regions);
+        for (r, region) in regions {
+            match region {
+                Region::Hole => holes.push(r),
+                Region::Zero => {}
+                Region::Data => {
+                    let Some((file, file_base)) = self.source.as_file() else { continue };
+                    if self.deflate {
+                        continue;
+                    }
+                    // Grain by grain: consecutive grains need not be consecutive in the file.
+                    let mut pos = r.start - base;
+                    let end = r.end - base;
+                    while pos < end {
+                        let grain = pos / self.grain_bytes;
+                        let grain_start = grain * self.grain_bytes;
+                        let stop = (grain_start + self.grain_bytes).min(end);
+                        if let Grain::At(at) = self.grain(grain) {
+                            let file_offset = file_base + at + (pos - grain_start);
+                            push_plain_run(runs, PlainRun { range: base + pos..base + stop, file, file_offset });
+                        }
+                        pos = stop;
+                    }
+                }
+            }
         }
     }
 

@@ -145,13 +145,49 @@ fn check_allocated(image: &dyn DiskSource, expected: &[u8], what: &str) -> u64 {
     all.iter().map(|r| r.end - r.start).sum()
 }
 
+/// Checks `plain_runs()`: sorted, non-empty, inside what `allocated()` reports, the same over
+/// sub-ranges, and each run's file holds `expected`'s bytes at the run's offset. Returns the
+/// bytes in runs.
+fn check_plain_runs(image: &dyn DiskSource, expected: &[u8], what: &str) -> u64 {
+    let size = image.size();
+    let allocated = image.allocated(0..size).unwrap();
+    let runs = image.plain_runs(0..size).unwrap();
+    let mut at = 0;
+    for run in &runs {
+        let r = &run.range;
+        assert!(r.start >= at && r.start < r.end && r.end <= size, "{what}: bad runs {runs:?}");
+        assert!(allocated.iter().any(|a| a.start <= r.start && r.end <= a.end), "{what}: run {r:?} not allocated");
+        let mut bytes = vec![0u8; (r.end - r.start) as usize];
+        run.file.read_exact_at(&mut bytes, run.file_offset).unwrap();
+        assert_same(&bytes, &expected[r.start as usize..r.end as usize], &format!("{what}: run {r:?}"));
+        at = r.end;
+    }
+    let mut rng = Rng(size | 3);
+    for _ in 0..50 {
+        let a = rng.next() % size;
+        let b = a + rng.next() % (size - a) + 1;
+        let sub: Vec<_> = image.plain_runs(a..b).unwrap().into_iter().map(|r| (r.range, r.file_offset)).collect();
+        let want: Vec<_> = runs
+            .iter()
+            .filter(|r| r.range.end > a && r.range.start < b)
+            .map(|r| {
+                let start = r.range.start.max(a);
+                (start..r.range.end.min(b), r.file_offset + (start - r.range.start))
+            })
+            .collect();
+        assert_eq!(sub, want, "{what}: plain_runs({a}..{b})");
+    }
+    runs.iter().map(|r| r.range.end - r.range.start).sum()
+}
+
 /// Reads the whole disk in 1 MiB chunks, in unaligned chunks, from four threads, and from the
-/// allocated parts only: each must equal `expected`.
+/// allocated parts only: each must equal `expected`. Checks the plain runs too.
 fn verify(image: &dyn DiskSource, expected: &[u8], what: &str) -> u64 {
     assert_eq!(image.size(), expected.len() as u64, "{what}: size");
     assert_same(&read_all(image, MIB), expected, &format!("{what}: 1 MiB chunks"));
     assert_same(&read_all(image, 300_007), expected, &format!("{what}: unaligned chunks"));
     assert_same(&read_parallel(image, MIB, 4), expected, &format!("{what}: 4 threads"));
+    check_plain_runs(image, expected, what);
     check_allocated(image, expected, what)
 }
 
@@ -512,6 +548,9 @@ fn every_qemu_subformat_reads_like_qemu() {
         assert_same(&expected, &data, &format!("{subformat}: qemu-img itself"));
         let image = open(&vmdk, &Limits::default()).unwrap_or_else(|e| panic!("{subformat}: {e}"));
         let allocated = verify(&image, &expected, subformat);
+        // Flat data and plain grains are stored verbatim; compressed grains are not.
+        let plain = check_plain_runs(&image, &expected, subformat);
+        assert_eq!(plain, if subformat == "streamOptimized" { 0 } else { allocated }, "{subformat}: plain runs");
         let info = image.info();
         assert_eq!(info.format, "vmdk");
         assert_eq!(info.subformat.as_deref(), Some(subformat));
@@ -534,10 +573,18 @@ fn every_qemu_subformat_reads_like_qemu() {
             let mut container = vec![0x77u8; 1536];
             container.extend(&bytes);
             container.extend([0x77u8; 1000]);
+            let container_path = write_file(&dir.path().join(format!("{subformat}.container")), &container);
             let slice = Slice::new(Arc::new(container), 1536, bytes.len() as u64).unwrap();
             let image = open_stream(Arc::new(slice), "member.vmdk", &Limits::default()).unwrap();
             assert_same(&read_all(&image, MIB), &expected, &format!("{subformat} via open_stream"));
             assert_eq!(image.info().subformat.as_deref(), Some(subformat));
+            assert!(image.plain_runs(0..image.size()).unwrap().is_empty(), "bytes in memory are no file's");
+            // A member of a file on disk: its plain grains are runs of the container file.
+            let file = Arc::new(FileSource::open(&container_path).unwrap());
+            let slice = Slice::new(file, 1536, bytes.len() as u64).unwrap();
+            let image = open_stream(Arc::new(slice), "member.vmdk", &Limits::default()).unwrap();
+            let plain = check_plain_runs(&image, &expected, &format!("{subformat} in a container file"));
+            assert_eq!(plain, if subformat == "streamOptimized" { 0 } else { allocated }, "{subformat} member");
         }
     }
 }
