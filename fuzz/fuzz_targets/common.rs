@@ -78,6 +78,9 @@ fn walk_with(image: &dyn DiskSource, caps: Caps, buf: &mut [u8], full: &mut [u8]
                 from_allocated_ok = false;
             }
         }
+        if from_allocated_ok {
+            check_plain_runs(image, start..end, &ranges, &buf[..len]);
+        }
         if chunk < caps.full_chunks && budget >= len as u64 {
             budget -= len as u64;
             // Holes read as zeros: the whole chunk must equal its allocated parts alone.
@@ -109,6 +112,30 @@ fn walk_with(image: &dyn DiskSource, caps: Caps, buf: &mut [u8], full: &mut [u8]
     }
     // Past the end: an error, not a panic.
     let _ = image.read_at(size, &mut buf[..1]);
+}
+
+/// Checks what `DiskSource::plain_runs` promises for `chunk`, whose bytes are `disk`: sorted
+/// runs inside the allocated `ranges`, and where the file can be read there, the file's bytes
+/// are the disk's (the engine copies them file to file without looking).
+fn check_plain_runs(image: &dyn DiskSource, chunk: Range<u64>, ranges: &[Range<u64>], disk: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let Ok(runs) = image.plain_runs(chunk.clone()) else { return };
+    let mut at = chunk.start;
+    let mut file_bytes = Vec::new();
+    for run in &runs {
+        let r = &run.range;
+        assert!(r.start >= at && r.start < r.end && r.end <= chunk.end, "plain_runs({chunk:?}) out of order: {runs:?}");
+        assert!(
+            ranges.iter().any(|a| a.start <= r.start && r.end <= a.end),
+            "plain run {r:?} outside the allocated ranges {ranges:?}"
+        );
+        at = r.end;
+        file_bytes.resize((r.end - r.start) as usize, 0);
+        if run.file.read_exact_at(&mut file_bytes, run.file_offset).is_ok() {
+            let local = (r.start - chunk.start) as usize..(r.end - chunk.start) as usize;
+            assert!(file_bytes == disk[local], "plain run {r:?} at file byte {} differs from the disk", run.file_offset);
+        }
+    }
 }
 
 /// A private directory for targets whose API takes paths: tmpfs when there is one, so that

@@ -1,7 +1,8 @@
 //! A monolithic sparse or stream-optimized VMDK from bytes, as an OVA member is read: the
 //! structural check, the one-pass marker scan (and the sequential reader that inflates), then
 //! `vmdk::open_stream` and a walk of the virtual disk like the engine's (see common.rs for the
-//! bounds). Mirrors `mutations_never_panic` in src/image/vmdk/tests.rs.
+//! bounds), from memory and from a file (plain runs checked). Mirrors `mutations_never_panic`
+//! in src/image/vmdk/tests.rs.
 
 #![no_main]
 
@@ -10,7 +11,7 @@ mod common;
 use std::sync::Arc;
 
 use hyper2kvm::image::vmdk::{self, Limits};
-use hyper2kvm::image::{DiskSource, ReadAt};
+use hyper2kvm::image::{DiskSource, FileSource, ReadAt};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -28,4 +29,15 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(info.virtual_size, image.size());
     let _ = image.rebuilt_from_markers();
     common::walk(&image, common::DEFAULT_CAPS);
+    // From a file too: then uncompressed grains are plain runs the engine may copy unread,
+    // and the walk checks them against the bytes it reads.
+    let path = common::scratch_dir().join("input.vmdk");
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    let Ok(file) = FileSource::open(&path) else { return };
+    let source: Arc<dyn ReadAt> = Arc::new(file);
+    if let Ok(image) = vmdk::open_stream(source, "fuzz.vmdk", &limits) {
+        common::walk(&image, common::DEFAULT_CAPS);
+    }
 });
