@@ -45,6 +45,9 @@ enum Command {
         /// Write compressed clusters (zlib unless zstd is named)
         #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "zlib", require_equals = true)]
         compress: Option<Codec>,
+        /// Compression level, 0-9 as COMPRESS_LEVEL (zstd levels are mapped); qemu's is 6
+        #[arg(long, requires = "compress", default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
+        level: u32,
         /// Source format; guessed from the file name when omitted
         #[arg(long, value_enum)]
         format: Option<Format>,
@@ -170,14 +173,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(daemon::run(config))?;
             Ok(())
         }
-        Command::Convert { source, output, compress, format } => {
+        Command::Convert { source, output, compress, level, format } => {
             let format = format.map(SourceFormat::from).unwrap_or_else(|| oneshot::guess_format(&source));
             let compression = compress.map(|c| Compression {
                 kind: match c {
                     Codec::Zlib => CompressionType::Zlib,
                     Codec::Zstd => CompressionType::Zstd,
                 },
-                level: 6,
+                level,
             });
             oneshot::convert(&source, format, &output, compression)?;
             Ok(())
