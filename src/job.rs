@@ -751,6 +751,10 @@ fn publish_error(
     let finished_at = record.finished_at.unwrap_or_else(Utc::now);
     let record_path = Layout::new(&ctx.config.watch_dir).record_file(Outcome::Failed, finished_at, claim.job_id());
     let text = error_text(ctx, claim.job_id(), failure, &record_path);
+    // Partial outputs go first: a poller that sees the .error may check that nothing is left.
+    if let Err(e) = staging.clear() {
+        warn!(error = %e, "could not clear the staging directory before publishing the .error");
+    }
     staging.write_new("error", text.as_bytes())?;
     if fence(claim).is_err() {
         return Ok(None);

@@ -53,6 +53,21 @@ impl Staging {
         Ok(target)
     }
 
+    /// Removes everything staged so far, keeping the directory: a failed job clears its
+    /// partial outputs before it publishes its `.error`, so that a poller which sees the
+    /// `.error` never finds the job's temporary files still there.
+    pub fn clear(&self) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(entry.path())?;
+            } else {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes the staging directory and whatever is left in it.
     pub fn remove(self) {
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
@@ -115,6 +130,19 @@ pub fn check_same_filesystem(temp_dir: &Path, output_dir: &Path) -> std::io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clearing_the_staging_directory_keeps_it_and_empties_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Staging::create(dir.path(), "job").unwrap();
+        staging.write_new("disk-0.qcow2", b"partial").unwrap();
+        std::fs::create_dir(staging.path("sub")).unwrap();
+        std::fs::write(staging.path("sub/x"), b"x").unwrap();
+        staging.clear().unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join("job")).unwrap().count(), 0);
+        staging.write_new("error", b"failed").unwrap();
+        assert!(staging.path("error").exists());
+    }
 
     #[test]
     fn staging_refuses_an_existing_directory() {
