@@ -259,7 +259,7 @@ impl<'a> Work<'a> {
         let source: &'a dyn DiskSource = self.source;
         let mut out = Vec::new();
         // One fstatfs per distinct file, not per run.
-        let mut alignments: Vec<(*const File, Option<u64>)> = Vec::new();
+        let mut alignments: Vec<(&File, Option<u64>)> = Vec::new();
         for run in source.plain_runs(start..end)? {
             // Defensive: a run outside the chunk would hand the writer clusters twice.
             let range = run.range.start.max(start)..run.range.end.min(end);
@@ -267,12 +267,11 @@ impl<'a> Work<'a> {
                 continue;
             }
             let file_offset = run.file_offset + (range.start - run.range.start);
-            let key: *const File = run.file;
-            let alignment = match alignments.iter().find(|(k, _)| *k == key) {
+            let alignment = match alignments.iter().find(|(f, _)| std::ptr::eq(*f, run.file)) {
                 Some((_, a)) => *a,
                 None => {
                     let a = offload.source_alignment(run.file);
-                    alignments.push((key, a));
+                    alignments.push((run.file, a));
                     a
                 }
             };

@@ -160,6 +160,16 @@ impl VmdkImage {
         self.extents.partition_point(|p| p.start + p.len <= offset)
     }
 
+    /// The extents that `range` (clamped to the disk) touches, each with the part of it
+    /// concerned, relative to the extent's start.
+    fn extents_in(&self, range: Range<u64>) -> impl Iterator<Item = (&Placed, Range<u64>)> {
+        let range = range.start.min(self.size)..range.end.min(self.size);
+        self.extents[self.first_extent(range.start)..].iter().take_while(move |p| p.start < range.end).map(move |p| {
+            let local = range.start.max(p.start) - p.start..range.end.min(p.start + p.len) - p.start;
+            (p, local)
+        })
+    }
+
     /// Fills `buf` (virtual offset `at`) from the parent, or with zeros.
     fn read_below(&self, at: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         match &self.parent {
@@ -180,14 +190,8 @@ impl DiskSource for VmdkImage {
     }
 
     fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>, ImageError> {
-        let range = range.start.min(self.size)..range.end.min(self.size);
         let mut regions = Vec::new();
-        let mut index = self.first_extent(range.start);
-        while let Some(p) = self.extents.get(index) {
-            if p.start >= range.end {
-                break;
-            }
-            let local = range.start.max(p.start) - p.start..range.end.min(p.start + p.len) - p.start;
+        for (p, local) in self.extents_in(range) {
             match &p.extent {
                 Extent::Zero => {
                     sparse::push_region(&mut regions, p.start + local.start..p.start + local.end, Region::Zero)
@@ -195,7 +199,6 @@ impl DiskSource for VmdkImage {
                 Extent::Flat(f) => f.map(local, p.start, &mut regions),
                 Extent::Sparse(s) => s.map(local, p.start, &mut regions),
             }
-            index += 1;
         }
         let mut out: Vec<Range<u64>> = Vec::new();
         let mut push = |r: Range<u64>| {
@@ -268,21 +271,14 @@ impl DiskSource for VmdkImage {
     /// grains back to back in the file), and for the unallocated grains of a delta, the
     /// parent's runs. Zero extents, zeroed and compressed grains are never runs.
     fn plain_runs(&self, range: Range<u64>) -> Result<Vec<PlainRun<'_>>, ImageError> {
-        let range = range.start.min(self.size)..range.end.min(self.size);
         let mut runs = Vec::new();
         let mut holes = Vec::new();
-        let mut index = self.first_extent(range.start);
-        while let Some(p) = self.extents.get(index) {
-            if p.start >= range.end {
-                break;
-            }
-            let local = range.start.max(p.start) - p.start..range.end.min(p.start + p.len) - p.start;
+        for (p, local) in self.extents_in(range) {
             match &p.extent {
                 Extent::Zero => {}
                 Extent::Flat(f) => f.plain_runs(local, p.start, &mut runs),
                 Extent::Sparse(s) => s.plain_runs(local, p.start, &mut runs, &mut holes),
             }
-            index += 1;
         }
         if let Some(parent) = &self.parent {
             let mut below = Vec::new();

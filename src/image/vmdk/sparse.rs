@@ -457,15 +457,13 @@ impl SparseExtent {
     ) {
         let mut regions = Vec::new();
         self.map(range, base, &mut regions);
+        let file = self.source.as_file().filter(|_| !self.deflate);
         for (r, region) in regions {
             match region {
                 Region::Hole => holes.push(r),
                 Region::Zero => {}
                 Region::Data => {
-                    let Some((file, file_base)) = self.source.as_file() else { continue };
-                    if self.deflate {
-                        continue;
-                    }
+                    let Some((file, file_base)) = file else { continue };
                     // Grain by grain: consecutive grains need not be consecutive in the file.
                     let mut pos = r.start - base;
                     let end = r.end - base;
