@@ -51,6 +51,8 @@ pub enum Stage {
     Domain,
     Libvirt,
     Publish,
+    /// A bug in hyper2kvm (a panic) rather than anything about the job's input.
+    Internal,
 }
 
 impl Stage {
@@ -65,6 +67,7 @@ impl Stage {
             Stage::Domain => "domain",
             Stage::Libvirt => "libvirt",
             Stage::Publish => "publish",
+            Stage::Internal => "internal",
         }
     }
 }
@@ -142,8 +145,9 @@ pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
             return fail(ctx, claim, None, &vm_name, safe_name, failure, started_at, &events);
         }
     };
-    let outcome =
-        execute(ctx, &claim, &bytes, &manifest_name, &staging, control, &events, safe_name.then_some(&vm_name));
+    let outcome = isolated(|| {
+        execute(ctx, &claim, &bytes, &manifest_name, &staging, control, &events, safe_name.then_some(&vm_name))
+    });
     let end = match outcome {
         Ok((spec, report)) => done(ctx, claim, &spec, &report, started_at, &events),
         Err(Stop::Failed(failure)) => {
@@ -169,6 +173,22 @@ pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
     };
     staging.remove();
     end
+}
+
+/// Runs a job's work so that a panic — a bug, whatever the input — fails this job with an
+/// `.error` instead of unwinding out of the job's thread: that would leave the claim to be
+/// retaken after every lease, and the same manifest would hit the same bug for ever.
+fn isolated<T>(work: impl FnOnce() -> Result<T, Stop>) -> Result<T, Stop> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let message = crate::engine::pipeline::panic_message(panic.as_ref());
+        Err(Stop::Failed(
+            Failure::new(
+                Stage::Internal,
+                "hyper2kvm hit an internal error (a bug) on this job; report it with the lines below and the job's record.",
+            )
+            .because(format!("panic: {message}")),
+        ))
+    })
 }
 
 /// Each generation of a job stages apart, so a new owner never meets the files of a frozen
@@ -890,4 +910,24 @@ fn convert_failure(stage: Stage, disk: &DiskSpec, path: &Path, error: ConvertErr
         }
     };
     Stop::Failed(Failure::new(stage, summary).because(error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_a_job_fails_it_at_stage_internal() {
+        let out: Result<(), Stop> = isolated(|| panic!("boom at cluster 7"));
+        let Err(Stop::Failed(failure)) = out else { panic!("a panic must become a failure") };
+        assert_eq!(failure.stage, Stage::Internal);
+        assert!(failure.summary.starts_with("hyper2kvm hit an internal error"), "{}", failure.summary);
+        assert_eq!(failure.causes, ["panic: boom at cluster 7"]);
+    }
+
+    #[test]
+    fn work_that_does_not_panic_keeps_its_outcome() {
+        assert!(matches!(isolated(|| Ok::<_, Stop>(5)), Ok(5)));
+        assert!(matches!(isolated(|| Err::<(), _>(Stop::Cancelled)), Err(Stop::Cancelled)));
+    }
 }

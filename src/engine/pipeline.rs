@@ -435,7 +435,8 @@ fn cluster_spans(allocated: &[Range<u64>], start: u64, end: u64) -> Vec<Range<u6
 }
 
 /// The text a panic was raised with.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+/// The text a panic was raised with, for an error message.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
         (Some(s), _) => (*s).to_owned(),
         (_, Some(s)) => s.clone(),
