@@ -368,10 +368,10 @@ EOF
 }
 
 run_demo() {
-    if ! have qemu-img || ! have python3; then
-        say "Installing missing tools (scripts/install-deps.sh)"
-        scripts/install-deps.sh
-    fi
+    # Always: it installs only what is missing (libvirt-dev for the build, too) and is
+    # silent and offline on a ready machine.
+    say "Checking the tools the demo needs (scripts/install-deps.sh)"
+    scripts/install-deps.sh
 
     say "Building hyper2kvm (cargo build --release)"
     cargo build --release

@@ -196,7 +196,13 @@ fn recover_orphans(ctx: &JobContext, queue: &Queue) {
             let job_id = record.job_id.clone();
             info!(job_id = %job_id, pid = owner.pid, "releasing a claim left by an earlier run of this daemon");
             remove_staging(&ctx.config.temp_dir, &job_id);
-            if let Err(e) = queue.adopt(record).release() {
+            // A job that got as far as publishing everything is recorded, not redone.
+            let claim = queue.adopt(record);
+            if let Some(vm_name) = job::published_by_this_job(ctx, &claim) {
+                job::record_published(ctx, claim, &vm_name);
+                continue;
+            }
+            if let Err(e) = claim.release() {
                 warn!(job_id = %job_id, error = %e, "could not release an orphaned claim");
             }
         }

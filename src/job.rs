@@ -16,7 +16,7 @@ use chrono::Utc;
 use tracing::{info, warn};
 
 use crate::checksum;
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_COMPRESS_LEVEL};
 use crate::convert::{Compression, ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
 use crate::host::Identity;
 use crate::image::vmdk;
@@ -119,6 +119,9 @@ pub enum JobEnd {
 
 /// Runs a claimed job to its end. Never panics on bad input; every error is an outcome.
 pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
+    if let Some(vm_name) = published_by_this_job(ctx, &claim) {
+        return record_published(ctx, claim, &vm_name);
+    }
     let started_at = Utc::now();
     let manifest_name = claim.record().manifest_name.clone();
     let bytes = std::fs::read(claim.manifest_path()).unwrap_or_default();
@@ -130,49 +133,111 @@ pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
     let _entered = span.enter();
     info!(stage = "claim", manifest = %manifest_name, "claimed");
     events.append("claim", &format!("claimed {manifest_name}"), None);
+    let ending = Ending { ctx, vm_name: &vm_name, safe_name, started_at, events: &events };
 
-    let staging = match Staging::create(&ctx.config.temp_dir, &staging_name(&claim)) {
+    let staging = match prepare(ctx, &claim, safe_name.then_some(&vm_name)) {
         Ok(staging) => staging,
-        Err(e) => {
-            let failure = Failure::new(
+        Err(stop) => {
+            // Without a staging directory in TEMP_DIR the .error is staged in OUTPUT_DIR
+            // itself, so the poller still gets its answer.
+            let fallback = Staging::create(&ctx.config.output_dir, &format!(".hyper2kvm-error-{}", claim.job_id()));
+            let end = ending.conclude(claim, fallback.as_ref().ok(), Err(stop));
+            fallback.map(Staging::remove).unwrap_or_default();
+            return end;
+        }
+    };
+    let outcome = isolated(|| execute(ctx, &claim, &bytes, &manifest_name, &staging, control, &events));
+    let end = ending.conclude(claim, Some(&staging), outcome);
+    staging.remove();
+    end
+}
+
+/// Moves an earlier job's results for this VM aside, so that they cannot answer this job's
+/// poller whatever happens next, and creates the job's staging directory.
+fn prepare(ctx: &JobContext, claim: &Claim, safe_vm_name: Option<&String>) -> Result<Staging, Stop> {
+    if let Some(vm_name) = safe_vm_name {
+        move_aside_stale(ctx, claim, vm_name, &[])?;
+    }
+    Staging::create(&ctx.config.temp_dir, &staging_name(claim)).map_err(|e| {
+        Stop::Failed(
+            Failure::new(
                 Stage::Publish,
                 format!(
                     "Could not create a staging directory in TEMP_DIR ({}); check that it exists and is writable.",
                     ctx.config.temp_dir.display()
                 ),
             )
-            .because(e);
-            return fail(ctx, claim, None, &vm_name, safe_name, failure, started_at, &events);
-        }
-    };
-    let outcome = isolated(|| {
-        execute(ctx, &claim, &bytes, &manifest_name, &staging, control, &events, safe_name.then_some(&vm_name))
-    });
-    let end = match outcome {
-        Ok((spec, report)) => done(ctx, claim, &spec, &report, started_at, &events),
-        Err(Stop::Failed(failure)) => {
-            fail(ctx, claim, Some(&staging), &vm_name, safe_name, failure, started_at, &events)
-        }
-        Err(Stop::Cancelled) => {
-            info!(stage = "release", "stopping: the job goes back to the queue");
-            match claim.release() {
-                Ok(()) => JobEnd::Released,
-                Err(e) => {
+            .because(e),
+        )
+    })
+}
+
+/// What the end of a job needs besides its claim and outcome.
+struct Ending<'a> {
+    ctx: &'a JobContext,
+    vm_name: &'a str,
+    safe_name: bool,
+    started_at: chrono::DateTime<Utc>,
+    events: &'a EventLog,
+}
+
+impl Ending<'_> {
+    fn conclude(&self, claim: Claim, staging: Option<&Staging>, outcome: Result<(JobSpec, Report), Stop>) -> JobEnd {
+        let Ending { ctx, vm_name, safe_name, started_at, events } = *self;
+        match outcome {
+            Ok((spec, report)) => done(ctx, claim, &spec, &report, started_at, events),
+            Err(Stop::Failed(failure)) => fail(ctx, claim, staging, vm_name, safe_name, failure, started_at, events),
+            Err(Stop::Cancelled) => {
+                info!(stage = "release", "stopping: the job goes back to the queue");
+                if let Err(e) = claim.release() {
                     warn!(error = %e, "could not release the claim; it will be retaken when its lease expires");
-                    JobEnd::Released
                 }
+                JobEnd::Released
+            }
+            Err(Stop::LostLock) => {
+                warn!(
+                    stage = "publish",
+                    "the lock was taken over by another daemon; abandoning the job without publishing"
+                );
+                JobEnd::Abandoned
             }
         }
-        Err(Stop::LostLock) => {
-            warn!(
-                stage = "publish",
-                "the lock was taken over by another daemon; abandoning the job without publishing"
-            );
-            JobEnd::Abandoned
-        }
-    };
-    staging.remove();
-    end
+    }
+}
+
+/// Records as done a job whose earlier owner published every result but died before it could
+/// record them (between the boot disk's rename and `finish`; see [`published_by_this_job`]),
+/// rather than converting it a second time.
+pub fn record_published(ctx: &JobContext, claim: Claim, vm_name: &str) -> JobEnd {
+    if !claim.still_owned() {
+        return JobEnd::Abandoned;
+    }
+    info!(
+        job_id = %claim.job_id(),
+        vm_name = %vm_name,
+        stage = "done",
+        "an earlier owner published this job's results but did not record them; recording the job as done"
+    );
+    let events = EventLog::new(claim.event_log());
+    events.append("done", "published by an earlier owner of the job; recorded as done", Some(100.0));
+    let boot = ctx.config.output_dir.join(names::boot_disk_file(vm_name));
+    let record = record(ctx, &claim, vm_name, JobState::Done, Utc::now(), "done", Some(boot), None);
+    finish(claim, record, JobEnd::Done)
+}
+
+/// The VM name, when `V.json` in OUTPUT_DIR names this job and `V.qcow2` (published after
+/// it, last of all) is there.
+pub fn published_by_this_job(ctx: &JobContext, claim: &Claim) -> Option<String> {
+    let bytes = std::fs::read(claim.manifest_path()).ok()?;
+    let vm_name = manifest::vm_name_hint(&bytes, &claim.record().manifest_name);
+    names::check_vm_name(&vm_name).ok()?;
+    let out = &ctx.config.output_dir;
+    let report: serde_json::Value =
+        serde_json::from_slice(&publish::read_small(&out.join(names::report_file(&vm_name))).ok()?).ok()?;
+    if report.get("job_id")?.as_str()? != claim.job_id() {
+        return None;
+    }
+    std::fs::symlink_metadata(out.join(names::boot_disk_file(&vm_name))).ok()?.is_file().then_some(vm_name)
 }
 
 /// Runs a job's work so that a panic — a bug, whatever the input — fails this job with an
@@ -206,24 +271,20 @@ fn execute(
     staging: &Staging,
     control: &JobControl,
     events: &EventLog,
-    safe_vm_name: Option<&String>,
 ) -> Result<(JobSpec, Report), Stop> {
     let started_at = Utc::now();
     let clock = Instant::now();
-    if let Some(vm_name) = safe_vm_name {
-        move_aside_stale(ctx, vm_name, &[], claim.job_id());
-    }
     let spec = manifest::parse(bytes, manifest_name).map_err(|e| Failure::new(Stage::Manifest, e.to_string()))?;
     let spec = expand_ova_disks(ctx, spec, control, events)?;
     let disk_ids: Vec<&str> = spec.disks.iter().map(|d| d.id.as_str()).collect();
-    move_aside_stale(ctx, &spec.vm_name, &disk_ids, claim.job_id());
+    move_aside_stale(ctx, claim, &spec.vm_name, &disk_ids)?;
 
     let mut warnings = Vec::new();
     let sources = prepare_sources(ctx, &spec, control, events, &mut warnings)?;
     let total: u64 = sources.iter().map(|s| s.info.virtual_size).sum();
     control.progress.total_bytes.store(total, Ordering::Relaxed);
 
-    let compression = compression_for(&ctx.config, &spec, &mut warnings, ctx.converter.name());
+    let compression = compression_for(&ctx.config, &spec, &mut warnings, ctx.converter.as_ref());
     let mut disks = Vec::with_capacity(sources.len());
     for (index, source) in sources.iter().enumerate() {
         events.append(Stage::Convert.as_str(), &format!("converting {}", source.disk.id), control.progress.percent());
@@ -421,6 +482,10 @@ fn expand_ova_disks(
         );
         return Err(Failure::new(Stage::Manifest, summary).into());
     }
+    for disk in &disks {
+        manifest::check_result_name(&spec.vm_name, &disk.id)
+            .map_err(|e| Failure::new(Stage::Manifest, e.to_string()))?;
+    }
     spec.disks = disks;
     Ok(spec)
 }
@@ -561,13 +626,17 @@ fn compression_for(
     config: &Config,
     spec: &JobSpec,
     warnings: &mut Vec<String>,
-    converter: &str,
+    converter: &dyn Converter,
 ) -> Option<Compression> {
     let wanted = spec.compress.unwrap_or(config.convert_options.compress);
     let level = spec.compress_level.unwrap_or(config.compress_level);
-    if wanted && converter == "qemu-img" && level != 6 {
-        warnings
-            .push(format!("compress level {level} is not honoured by the qemu-img backend; it uses its own default"));
+    let by_qemu_img: Vec<&str> =
+        spec.disks.iter().filter(|d| !converter.reads_natively(d.source_format)).map(|d| d.id.as_str()).collect();
+    if wanted && level != DEFAULT_COMPRESS_LEVEL && !by_qemu_img.is_empty() {
+        warnings.push(format!(
+            "compress level {level} is not honoured for {} (converted by qemu-img, which uses its own default)",
+            by_qemu_img.join(", ")
+        ));
     }
     wanted.then_some(Compression { kind: config.convert_options.compression_type, level })
 }
@@ -651,7 +720,7 @@ fn build_domain_xml(config: &Config, spec: &JobSpec, paths: &[PathBuf], accel: A
 }
 
 /// Publishes data disks, `V.xml`, `V.json`, then the boot disk last. The lock is re-checked
-/// before the renames: a daemon that lost its job must not publish.
+/// before each rename: a daemon that lost its job must not publish.
 fn publish_results(
     ctx: &JobContext,
     claim: &Claim,
@@ -676,12 +745,21 @@ fn publish_results(
     let report_json = serde_json::to_vec_pretty(report).map_err(|e| failure(std::io::Error::other(e)))?;
     staging.write_new("domain.xml", xml.as_bytes()).map_err(failure)?;
     staging.write_new("report.json", &report_json).map_err(failure)?;
-    fence(claim)?;
-    for (index, disk) in spec.disks.iter().enumerate().skip(1) {
-        staging.publish(&staged_disk(disk), out, &output_name(spec, index)).map_err(failure)?;
+    let mut renames: Vec<(String, String)> = spec
+        .disks
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(index, disk)| (staged_disk(disk), output_name(spec, index)))
+        .collect();
+    renames.push(("domain.xml".to_owned(), names::domain_xml_file(&spec.vm_name)));
+    renames.push(("report.json".to_owned(), names::report_file(&spec.vm_name)));
+    for (staged, name) in &renames {
+        // Each rename fenced on its own: on a hard NFS mount any one of them may stall past
+        // the lease, and the job's new owner may be publishing by then.
+        fence(claim)?;
+        staging.publish(staged, out, name).map_err(failure)?;
     }
-    staging.publish("domain.xml", out, &names::domain_xml_file(&spec.vm_name)).map_err(failure)?;
-    staging.publish("report.json", out, &names::report_file(&spec.vm_name)).map_err(failure)?;
     publish::fsync_dir(out).map_err(failure)?;
     fence(claim)?;
     staging.publish(&staged_disk(spec.boot_disk()), out, &output_name(spec, 0)).map_err(failure)?;
@@ -697,7 +775,10 @@ fn fence(claim: &Claim) -> Result<(), Stop> {
     }
 }
 
-fn move_aside_stale(ctx: &JobContext, vm_name: &str, disk_ids: &[&str], job_id: &str) {
+/// Moves the results of an earlier job for this VM (including this job's own disk names) out
+/// of the poller's sight. Fenced before each move: a daemon frozen since its claim must not
+/// move aside what the job's new owner has published meanwhile.
+fn move_aside_stale(ctx: &JobContext, claim: &Claim, vm_name: &str, disk_ids: &[&str]) -> Result<(), Stop> {
     let mut stale = vec![
         names::boot_disk_file(vm_name),
         names::error_file(vm_name),
@@ -705,11 +786,26 @@ fn move_aside_stale(ctx: &JobContext, vm_name: &str, disk_ids: &[&str], job_id: 
         names::domain_xml_file(vm_name),
     ];
     stale.extend(disk_ids.iter().map(|id| names::data_disk_file(vm_name, id)));
-    match publish::move_aside(&ctx.config.output_dir, &stale, job_id) {
-        Ok(moved) if !moved.is_empty() => info!(stage = "claim", moved = moved.len(), "moved earlier results aside"),
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "could not move earlier results aside"),
+    let out = &ctx.config.output_dir;
+    let mut moved = 0;
+    for name in stale.iter().filter(|name| std::fs::symlink_metadata(out.join(name)).is_ok()) {
+        fence(claim)?;
+        let failure = |e| {
+            Failure::new(
+                Stage::Publish,
+                format!(
+                    "Could not move the earlier results of {vm_name} aside in OUTPUT_DIR ({}); check that it is writable.",
+                    out.display()
+                ),
+            )
+            .because(e)
+        };
+        moved += publish::move_aside(out, std::slice::from_ref(name), claim.job_id()).map_err(failure)?.len();
     }
+    if moved > 0 {
+        info!(stage = "claim", moved, "moved earlier results aside");
+    }
+    Ok(())
 }
 
 fn done(

@@ -58,6 +58,8 @@ pub enum ManifestError {
     ConversionDisabled,
     #[error("pipeline.convert.compress_level is {0}; use a level from 0 to 9.")]
     BadCompressLevel(i64),
+    #[error("The result file for disk {id} would be named with {bytes} bytes, over the {limit}-byte limit of file names; shorten source.vm_name or the disk id.")]
+    ResultNameTooLong { id: String, bytes: usize, limit: usize },
 }
 
 /// The source format a manifest names for a disk.
@@ -312,6 +314,7 @@ fn validate(raw: RawManifest, file_name: &str) -> Result<JobSpec, ManifestError>
         if disks.iter().any(|d: &DiskSpec| d.id == disk.id) {
             return Err(ManifestError::DuplicateDiskId { id: disk.id });
         }
+        check_result_name(&vm_name, &disk.id)?;
         disks.push(disk);
     }
     order_for_boot(&mut disks);
@@ -353,6 +356,19 @@ fn check_output(raw: &RawManifest) -> Result<(), ManifestError> {
     let enabled = raw.pipeline.convert.as_ref().and_then(|c| c.enabled.as_ref()).and_then(as_bool);
     if enabled == Some(false) {
         return Err(ManifestError::ConversionDisabled);
+    }
+    Ok(())
+}
+
+/// Any disk may become a data disk (`V-<id>.qcow2`), the longest of the result names.
+pub fn check_result_name(vm_name: &str, disk_id: &str) -> Result<(), ManifestError> {
+    let bytes = names::data_disk_file(vm_name, disk_id).len();
+    if bytes > names::MAX_FILE_NAME_BYTES {
+        return Err(ManifestError::ResultNameTooLong {
+            id: disk_id.to_owned(),
+            bytes,
+            limit: names::MAX_FILE_NAME_BYTES,
+        });
     }
     Ok(())
 }

@@ -9,6 +9,9 @@ use thiserror::Error;
 /// within the usual 255-byte file name limit.
 pub const MAX_VM_NAME_BYTES: usize = 200;
 
+/// The longest file name Linux filesystems (and NFS) accept, in bytes.
+pub const MAX_FILE_NAME_BYTES: usize = 255;
+
 /// Why a `vm_name` cannot name result files.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum UnsafeName {

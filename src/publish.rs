@@ -93,6 +93,15 @@ pub fn fsync_dir(path: &Path) -> std::io::Result<()> {
     File::open(path)?.sync_all()
 }
 
+/// Reads a published result of at most 4 MiB (a report) without following a symlink.
+pub fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    let mut contents = Vec::new();
+    file.take(4 << 20).read_to_end(&mut contents)?;
+    Ok(contents)
+}
+
 /// Moves earlier results named `names` out of `output_dir` into
 /// `output_dir/.hyper2kvm-superseded/<job_id>/`, so they cannot answer a new job's poller.
 /// They are kept, never destroyed. Returns where each one went.

@@ -433,6 +433,15 @@ fn run_chaos(jobs_per_producer: usize, rounds: usize) -> Report {
     assert!(duplicates.is_empty(), "manifests done more than once: {duplicates:?}");
     assert_eq!(done_per_vm.len(), all_vms.len(), "every manifest has a record");
     assert!(status["claims"].as_array().unwrap().is_empty() && status["queue"].as_array().unwrap().is_empty());
+    // Every VM name is used once, so anything superseded was a result replaced by a second run.
+    let superseded = files_under(&env.output.join(".hyper2kvm-superseded"));
+    assert!(superseded.is_empty(), "results moved aside by a second run: {superseded:?}\n{}", dump());
+    for job in jobs {
+        let vm = job["vm_name"].as_str().unwrap();
+        let report: Value =
+            serde_json::from_slice(&std::fs::read(env.output.join(format!("{vm}.json"))).unwrap()).unwrap();
+        assert_eq!(report["job_id"], job["job_id"], "{vm}.json comes from the recorded job\n{}", dump());
+    }
 
     // The jobs taken from the frozen daemon were finished by others, and it published nothing.
     for (host, log, job_id) in &frozen_jobs {

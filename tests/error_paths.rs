@@ -230,6 +230,13 @@ fn unsafe_vm_names_get_no_error_file() {
         loop {
             let st = s.env.status();
             if failed(&st) > n {
+                let job = st["jobs"].as_array().unwrap().iter().find(|j| j["vm_name"] == *name).cloned();
+                let error = job.as_ref().and_then(|j| j["error"].as_str()).unwrap_or_default().to_owned();
+                let why = if name.contains('/') { "it contains '/'" } else { "it starts with '.'" };
+                assert!(
+                    error.starts_with(&format!("source.vm_name {name:?} cannot name the result files because {why}")),
+                    "the recorded error names the field and the reason: {job:#?}"
+                );
                 break;
             }
             s.daemon.assert_running();
@@ -280,4 +287,23 @@ fn conversion_disabled() {
     let mut m = manifest("bad-vm", vec![disk("disk-0", "vmdk", &vmdk)]);
     m["pipeline"]["convert"]["enabled"] = json!(false);
     bad_then_good(s, &m, "bad-vm", "mention pipeline.convert.enabled", |l| l.contains("pipeline.convert.enabled"));
+}
+
+/// TEMP_DIR became unusable after start-up (here: a file where the directory was): the job
+/// still answers with a `.error` (staged in OUTPUT_DIR itself), naming TEMP_DIR, and leaves
+/// nothing behind; once TEMP_DIR is back, the daemon converts again.
+#[test]
+fn a_job_that_cannot_stage_still_gets_its_error() {
+    let mut s = Session::start(&[], &[]);
+    let vmdk = valid_vmdk(&s.env.exports.join("t"));
+    let temp = s.env.output.join(".hyper2kvm-tmp");
+    wait_for(&s.daemon, Duration::from_secs(30), "TEMP_DIR", || temp.is_dir());
+    fs::remove_dir_all(&temp).unwrap();
+    fs::write(&temp, b"not a directory").unwrap();
+    let first = s.convert_err(&manifest("stageless-vm", vec![disk("disk-0", "vmdk", &vmdk)]), "stageless-vm");
+    assert!(first.starts_with("Could not create a staging directory in TEMP_DIR"), "first line: {first}");
+    let hidden: Vec<String> = list_tree(&s.env.output).into_iter().filter(|p| p.contains("hyper2kvm-error")).collect();
+    assert!(hidden.is_empty(), "the fallback staging directory is removed: {hidden:?}");
+    fs::remove_file(&temp).unwrap();
+    good_after(s);
 }

@@ -11,7 +11,8 @@ use std::io::Read;
 use common::fixtures::small_raw;
 use common::*;
 
-/// Compressed output makes qemu-img slow enough (several seconds) to interrupt on purpose.
+/// Compressing 512 MiB of random data takes the native engine several seconds on two cores
+/// (zlib cannot shrink it, and tries at every cluster): long enough to interrupt on purpose.
 const SLOW: (&str, &str) = ("QEMU_CONVERT_OPTIONS", "-O qcow2 -c");
 
 /// A 512 MiB raw disk of random (incompressible) data; /dev/urandom is much faster than
@@ -126,4 +127,52 @@ fn conversion_timeout_fails_the_job_with_a_clear_error_and_the_daemon_goes_on() 
     assert_no_temp_files(&s.daemon, &s.env);
     let small = small_raw(&s.env.exports.join("small/disk-0.raw"));
     s.convert_ok(&manifest("after-timeout", vec![disk("disk-0", "raw", &small)]));
+}
+
+/// The state a daemon leaves when it dies after publishing every result of a job but before
+/// recording it: the claim and its lock, `V.json` naming the job, and `V.qcow2`. The source
+/// disk is gone, so a second conversion would fail and move the published results aside.
+fn published_but_unrecorded(env: &Env, vm: &str, job_id: &str, lock_host: &str) {
+    let state = env.queue.join(".hyper2kvm");
+    std::fs::create_dir_all(state.join("claimed")).unwrap();
+    std::fs::create_dir_all(state.join("locks")).unwrap();
+    std::fs::create_dir_all(&env.output).unwrap();
+    let gone = env.exports.join("gone/disk-0.raw");
+    let m = manifest(vm, vec![disk("disk-0", "raw", &gone)]);
+    std::fs::write(state.join(format!("claimed/{job_id}.json")), m.to_string()).unwrap();
+    let lock = serde_json::json!({
+        "job_id": job_id, "host": lock_host, "boot_id": "an-earlier-boot", "pid": 1, "instance": null,
+        "generation": 1, "claimed_at": "2026-01-01T00:00:00Z", "manifest_name": MANIFEST_NAME,
+    });
+    let lock_path = state.join(format!("locks/{job_id}.lock"));
+    std::fs::write(&lock_path, lock.to_string()).unwrap();
+    // Stale by any clock, for the takeover case.
+    let old = std::fs::File::options().write(true).open(&lock_path).unwrap();
+    old.set_modified(std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)).unwrap();
+    std::fs::write(env.output.join(format!("{vm}.json")), serde_json::json!({ "job_id": job_id }).to_string()).unwrap();
+    std::fs::write(env.output.join(format!("{vm}.qcow2")), b"published by the earlier owner").unwrap();
+}
+
+/// Restart recovery (same host) and takeover (another host's stale lock) both find such a
+/// job and record it as done, once, without converting it again or touching its results.
+#[test]
+fn a_job_published_before_its_owner_died_is_recorded_not_redone() {
+    let this_host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned();
+    for (vm, lock_host) in [("recovered-vm", this_host.as_str()), ("taken-over-vm", "another-host")] {
+        let env = Env::new();
+        let job_id = "20260101T000000Z-00000000deadbeef";
+        published_but_unrecorded(&env, vm, job_id, lock_host);
+        let daemon = Daemon::start(&env, &[("LEASE_SECONDS", "3")], &[]);
+        let job = wait_status_job(&daemon, &env, "the job's record", |j| {
+            j["job_id"] == job_id && !j["finished_at"].is_null()
+        });
+        assert_eq!(job["state"], "done", "{vm}: {job:#}");
+        let qcow2 = std::fs::read(env.output.join(format!("{vm}.qcow2"))).unwrap();
+        assert_eq!(qcow2, b"published by the earlier owner", "{vm}: the result was replaced");
+        let visible = visible_entries(&env.output);
+        assert!(!visible.iter().any(|n| n.ends_with(".error")), "{vm}: {visible:?}");
+        assert!(!env.output.join(".hyper2kvm-superseded").exists(), "{vm}: results were moved aside");
+        assert_eq!(env.status()["jobs"].as_array().map(Vec::len), Some(1), "{vm}: one job, recorded once");
+        assert!(visible_entries(&env.queue).is_empty(), "{vm}: the manifest was requeued");
+    }
 }

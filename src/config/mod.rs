@@ -22,6 +22,9 @@ pub const DEFAULT_CONFIG_DIR: &str = "/etc/hyper2kvm";
 /// Root of the daemon's state when the defaults are used.
 pub const DEFAULT_STATE_ROOT: &str = "/var/lib/hyper2kvm";
 
+/// COMPRESS_LEVEL when unset: qemu's own level for zlib, so outputs match `qemu-img -c`'s.
+pub const DEFAULT_COMPRESS_LEVEL: u32 = 6;
+
 /// Every key the daemon reads. Keys not in the contract (`SETTLE_SECONDS`,
 /// `INVALID_MANIFEST_GRACE`, `DRAIN_SECONDS`, `USE_INOTIFY`) are documented in docs/CONFIG.md.
 pub const KNOWN_KEYS: &[&str] = &[
@@ -405,7 +408,7 @@ impl Resolver {
             invalid_manifest_grace: self.seconds("INVALID_MANIFEST_GRACE", 60.0, 0.0, 86_400.0)?,
             max_concurrent,
             convert_options,
-            compress_level: self.integer("COMPRESS_LEVEL", 6, 0, 9)? as u32,
+            compress_level: self.integer("COMPRESS_LEVEL", DEFAULT_COMPRESS_LEVEL.into(), 0, 9)? as u32,
             cleanup_source: self.boolean("CLEANUP_SOURCE", false)?,
             conversion_timeout: self.minutes("CONVERSION_TIMEOUT", 60.0, 0.01, 10_080.0)?,
             libvirt_integration: self.boolean("LIBVIRT_INTEGRATION", false)?,

@@ -79,6 +79,24 @@ fn example_with(pointer: &str, new: Value) -> Value {
     value
 }
 
+/// A 200-byte vm_name (the limit) with a 64-byte disk id (the limit): `V-<id>.qcow2` would be
+/// 271 bytes.
+fn long_result_name() -> Value {
+    let mut value = example_with("/source/vm_name", json!("v".repeat(names::MAX_VM_NAME_BYTES)));
+    *value.pointer_mut("/disks/1/id").unwrap() = json!("d".repeat(64));
+    value
+}
+
+#[test]
+fn a_result_name_over_the_file_name_limit_is_refused() {
+    let err = parse_value(&long_result_name()).unwrap_err();
+    assert!(matches!(err, ManifestError::ResultNameTooLong { bytes: 271, limit: 255, .. }), "{err:?}");
+    assert!(err.to_string().contains("shorten source.vm_name or the disk id"), "{err}");
+    let mut fits = long_result_name();
+    *fits.pointer_mut("/disks/1/id").unwrap() = json!("d".repeat(48));
+    parse_value(&fits).expect("a 255-byte result name is accepted");
+}
+
 /// The example with the key at `pointer` removed.
 fn example_without(pointer: &str) -> Value {
     let mut value = example();
@@ -498,6 +516,7 @@ fn error_messages_are_distinct() {
         parse_value(&example_with("/output/format", json!("vmdk"))).unwrap_err(),
         parse_value(&example_with("/pipeline/convert/enabled", json!(false))).unwrap_err(),
         parse_value(&example_with("/pipeline/convert", json!({ "compress_level": 42 }))).unwrap_err(),
+        parse_value(&long_result_name()).unwrap_err(),
     ];
     let variants: std::collections::BTreeSet<String> =
         errors.iter().map(|e| format!("{e:?}").split(['(', ' ', '{']).next().unwrap().to_owned()).collect();
