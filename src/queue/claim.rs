@@ -7,14 +7,18 @@
 //! - **Heartbeat**: the owner touches the lock (server-stamped mtime) every LEASE_SECONDS/3.
 //! - **Takeover**: a lock older than the lease by the *file server's* clock is renamed aside
 //!   (one renamer wins), re-checked for a heartbeat that raced in (then restored), and
-//!   replaced by a lock with generation + 1 for the same job.
+//!   replaced by a lock with generation + 1 for the same job. While a lock is aside, the aside
+//!   stands for it: its mtime is the job's heartbeat, and a heartbeat or fence that finds the
+//!   lock missing waits a moment for it to be restored.
+//! - **Release**: the owner moves its lock aside (one renamer wins) and gives the manifest back
+//!   only if the lock moved is still its own.
 //! - **Fence**: before every publishing rename the owner touches its lock and re-reads it; a
 //!   missing lock or another owner/generation means the job is lost: publish nothing.
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -27,6 +31,15 @@ use crate::host::{self, Identity};
 
 /// Suffix of a lock file; anything else in `locks/` is a lock being taken over.
 const LOCK_SUFFIX: &str = ".lock";
+
+/// Infix of a lock moved aside (`<job>.lock.taken-<random>`) by a takeover, release or sweep.
+const ASIDE_INFIX: &str = ".lock.taken-";
+
+/// How long a heartbeat or fence that finds its lock missing waits for a taker to put it back.
+/// A taker restores a live owner's lock within a few file operations; far longer than that
+/// means the taker died, and its aside is judged by age like any lock.
+const RESTORE_WAIT: Duration = Duration::from_secs(2);
+const RESTORE_POLL: Duration = Duration::from_millis(150);
 
 /// The owner record stored in a lock file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,7 +74,8 @@ pub struct Stale {
     pub job_id: String,
     /// Age by the file server's clock.
     pub age: Duration,
-    /// Whether a lock file exists (false: a takeover or claim died half-way).
+    /// Whether a lock file exists (false: a takeover, release or claim died half-way; the age is
+    /// then the newest aside's, or the manifest's where no aside is left).
     pub has_lock: bool,
 }
 
@@ -140,21 +154,20 @@ impl Queue {
     }
 
     /// Every lock older than `lease`, and every claimed manifest without a lock for that long,
-    /// judged against the file server's clock.
+    /// judged against the file server's clock. Locks left without a claimed manifest are swept
+    /// on the way (see [`Queue::sweep_orphans`]).
     pub fn stale(&self, lease: Duration) -> std::io::Result<Vec<Stale>> {
-        let now = self.fs.server_now(&self.layout.locks_dir())?;
+        let now = self.server_now()?;
+        self.sweep_orphans(now, lease);
         let mut stale = Vec::new();
         for job_id in list_ids(&self.layout.claimed_dir(), ".json")? {
-            let lock = self.layout.lock_file(&job_id);
             // A lock that vanished between listing and stat was finished or taken: skip it.
-            let (has_lock, stamp) = match self.fs.modified(&lock) {
+            let (has_lock, stamp) = match self.fs.modified(&self.layout.lock_file(&job_id)) {
                 Ok(t) => (true, t),
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    match self.fs.modified(&self.layout.claimed_manifest(&job_id)) {
-                        Ok(t) => (false, t),
-                        Err(_) => continue,
-                    }
-                }
+                Err(e) if e.kind() == ErrorKind::NotFound => match self.lockless_stamp(&job_id) {
+                    Ok(Some(t)) => (false, t),
+                    _ => continue,
+                },
                 Err(e) if fs::is_transient(&e) => continue,
                 Err(e) => return Err(e),
             };
@@ -166,50 +179,177 @@ impl Queue {
         Ok(stale)
     }
 
-    /// Takes over a stale job. `Ok(None)` when another daemon won, or the owner proved alive.
-    pub fn take_over(&self, stale: &Stale, me: &Identity, lease: Duration) -> std::io::Result<Option<Claim>> {
-        let lock = self.layout.lock_file(&stale.job_id);
-        let aside = self.layout.locks_dir().join(format!("{}.lock.taken-{}", stale.job_id, host::random_hex()));
-        let previous = if stale.has_lock {
-            let renamed = self.fs.rename(&lock, &aside);
-            if !fs::retry("confirming a takeover", || self.fs.exists(&aside))? {
-                if let Some(e) = renamed.as_ref().err().filter(|e| e.kind() != ErrorKind::NotFound) {
-                    tracing::warn!(job_id = %stale.job_id, error = %e, "could not move a stale lock aside");
-                }
-                return Ok(None);
-            }
-            // The owner may have heartbeated between our judgement and the rename.
-            let now = self.fs.server_now(&self.layout.locks_dir())?;
-            if fs::age(self.fs.modified(&aside)?, now) <= lease {
-                let _ = self.fs.hard_link(&aside, &lock);
-                remove_if_present(self.fs.as_ref(), &aside)?;
-                return Ok(None);
-            }
-            self.read_lock(&aside).ok()
-        } else {
-            self.highest_aside(&stale.job_id)
-        };
-        let Some(previous) = previous.or_else(|| self.record_from_manifest(&stale.job_id)) else {
-            return Ok(None);
-        };
-        let record =
-            LockRecord { owner: me.clone(), generation: previous.generation + 1, claimed_at: Utc::now(), ..previous };
-        let created = self.fs.create_exclusive(&lock, &serde_json::to_vec_pretty(&record)?);
-        self.remove_asides(&stale.job_id);
-        match created {
-            Ok(()) => Ok(Some(Claim { queue: self.clone(), record })),
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(None),
+    /// The heartbeat of a claim without a lock. A lock aside is one a takeover or release is
+    /// working on — a live owner's, perhaps, about to be restored — so its mtime stands for
+    /// the lock's. Only without any is the manifest's (the producer's write time) used.
+    fn lockless_stamp(&self, job_id: &str) -> std::io::Result<Option<SystemTime>> {
+        if let Some(t) = self.newest_aside(job_id)? {
+            return Ok(Some(t));
+        }
+        match self.fs.modified(&self.layout.claimed_manifest(job_id)) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// The newest record among locks moved aside by a takeover that did not finish.
-    fn highest_aside(&self, job_id: &str) -> Option<LockRecord> {
-        self.asides(job_id).iter().filter_map(|p| self.read_lock(p).ok()).max_by_key(|r| r.generation)
+    /// Takes over a stale job. `Ok(None)` when another daemon won, or the owner proved alive.
+    pub fn take_over(&self, stale: &Stale, me: &Identity, lease: Duration) -> std::io::Result<Option<Claim>> {
+        let job_id = &stale.job_id;
+        let aside = self.aside_path(job_id);
+        let previous = if stale.has_lock {
+            self.move_stale_lock(job_id, &aside, lease)?
+        } else {
+            self.previous_without_lock(job_id, lease)?
+        };
+        let Some(previous) = previous else { return Ok(None) };
+        let record =
+            LockRecord { owner: me.clone(), generation: previous.generation + 1, claimed_at: Utc::now(), ..previous };
+        let created = serde_json::to_vec_pretty(&record)
+            .map_err(std::io::Error::from)
+            .and_then(|bytes| self.fs.create_exclusive(&self.layout.lock_file(job_id), &bytes));
+        match created {
+            Ok(()) => {
+                self.remove_asides(job_id);
+                Ok(Some(Claim { queue: self.clone(), record }))
+            }
+            // Another taker created the lock first; the record we moved aside is obsolete.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                let _ = remove_if_present(self.fs.as_ref(), &aside);
+                Ok(None)
+            }
+            Err(e) => {
+                // Without the lock put back, the next taker would not know the generation.
+                if stale.has_lock {
+                    self.restore(job_id, &aside);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Renames a stale lock aside and returns its record, or `None` when another taker won or
+    /// the owner proved alive. Whenever the takeover does not go on, the lock is put back:
+    /// every error after the rename would otherwise leave the job looking lockless.
+    fn move_stale_lock(&self, job_id: &str, aside: &Path, lease: Duration) -> std::io::Result<Option<LockRecord>> {
+        let renamed = self.fs.rename(&self.layout.lock_file(job_id), aside);
+        match fs::retry("confirming a takeover", || self.fs.exists(aside)) {
+            Ok(true) => {}
+            Ok(false) => {
+                if let Some(e) = renamed.err().filter(|e| e.kind() != ErrorKind::NotFound) {
+                    tracing::warn!(job_id, error = %e, "could not move a stale lock aside");
+                }
+                return Ok(None);
+            }
+            Err(e) => {
+                self.restore(job_id, aside);
+                return Err(e);
+            }
+        }
+        let judged = match self.judge_aside(job_id, aside, lease) {
+            // Another taker, judging the job by this aside's age, finished first and removed it.
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            judged => judged,
+        };
+        if !matches!(judged, Ok(Some(_))) {
+            self.restore(job_id, aside);
+        }
+        judged
+    }
+
+    /// The record of a stale lock just moved aside, if the takeover may go on.
+    fn judge_aside(&self, job_id: &str, aside: &Path, lease: Duration) -> std::io::Result<Option<LockRecord>> {
+        let now = self.server_now()?;
+        // The owner may have heartbeated between our judgement and the rename.
+        if fs::age(fs::retry("checking a stale lock", || self.fs.modified(aside))?, now) <= lease {
+            return Ok(None);
+        }
+        match fs::retry("reading a stale lock", || self.read_lock(aside)) {
+            Ok(previous) => Ok(Some(previous)),
+            // Unparseable: torn by a daemon that died creating it, so no owner ever ran under
+            // it, and the asides its takeover had not yet removed hold the generation before.
+            Err(e) if e.kind() == ErrorKind::InvalidData => {
+                tracing::warn!(job_id, error = %e, "a stale lock is unreadable; taking over from the records left aside");
+                Ok(self.highest_aside(job_id)?.or_else(|| self.record_from_manifest(job_id)))
+            }
+            // Taking over without the generation could hand the new owner the old one's.
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                tracing::warn!(job_id, error = %e, "could not read a stale lock; leaving the job for a later takeover");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The record to take over from for a claim without a lock, unless a lock aside shows that
+    /// a takeover or release is under way (a lock aside younger than the lease).
+    fn previous_without_lock(&self, job_id: &str, lease: Duration) -> std::io::Result<Option<LockRecord>> {
+        let now = self.server_now()?;
+        if self.newest_aside(job_id)?.is_some_and(|t| fs::age(t, now) <= lease) {
+            return Ok(None);
+        }
+        Ok(self.highest_aside(job_id)?.or_else(|| self.record_from_manifest(job_id)))
+    }
+
+    /// Puts a lock moved aside back, by link: it fails rather than replace a lock another
+    /// taker created meanwhile. The aside is removed only once a lock is there again; if not,
+    /// it stays, for [`Queue::stale`] to judge by age and the next taker to read.
+    fn restore(&self, job_id: &str, aside: &Path) {
+        let lock = self.layout.lock_file(job_id);
+        let linked = fs::retry("restoring a lock", || self.fs.hard_link(aside, &lock));
+        // Look, whatever link said: a retransmitted link reports EEXIST after succeeding.
+        match fs::retry("confirming a restored lock", || self.fs.exists(&lock)) {
+            Ok(true) => {
+                if let Err(e) = remove_if_present(self.fs.as_ref(), aside) {
+                    tracing::warn!(job_id, error = %e, "could not remove a lock moved aside");
+                }
+            }
+            _ if linked.as_ref().is_err_and(|e| e.kind() == ErrorKind::NotFound) => {
+                tracing::debug!(job_id, "the lock moved aside is gone; nothing to restore");
+            }
+            looked => tracing::warn!(
+                job_id,
+                link = ?linked.err(),
+                look = ?looked.err(),
+                "could not restore a lock moved aside; it stays aside and is judged by its age"
+            ),
+        }
+    }
+
+    /// The newest record among locks moved aside by a takeover that did not finish. Only
+    /// unparseable or vanished ones are skipped: a record that cannot be read now may carry
+    /// the highest generation.
+    fn highest_aside(&self, job_id: &str) -> std::io::Result<Option<LockRecord>> {
+        let mut highest: Option<LockRecord> = None;
+        for path in self.asides(job_id) {
+            match fs::retry("reading a lock moved aside", || self.read_lock(&path)) {
+                Ok(r) if highest.as_ref().is_none_or(|h| r.generation > h.generation) => highest = Some(r),
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InvalidData) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(highest)
+    }
+
+    /// The mtime of the newest lock moved aside for `job_id`, if any.
+    fn newest_aside(&self, job_id: &str) -> std::io::Result<Option<SystemTime>> {
+        let mut newest = None;
+        for path in self.asides(job_id) {
+            match fs::retry("checking a lock moved aside", || self.fs.modified(&path)) {
+                Ok(t) => newest = newest.max(Some(t)),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(newest)
     }
 
     /// A record for a claimed manifest whose every lock is gone (a claim interrupted after
-    /// the rename): generation 0, so the takeover makes it 1.
+    /// the rename): generation 0, so the takeover makes it 1. The manifest's name in WATCH_DIR
+    /// went with the lock; HyperSDK's fixed name stands in for it. It only names the file a
+    /// release puts back (`<stem>.requeued-<job>.json`, unique by the job id whatever the
+    /// stem) and the VM in `status` until the manifest is read.
     fn record_from_manifest(&self, job_id: &str) -> Option<LockRecord> {
         self.fs.exists(&self.layout.claimed_manifest(job_id)).ok()?.then(|| LockRecord {
             job_id: job_id.to_owned(),
@@ -220,8 +360,12 @@ impl Queue {
         })
     }
 
+    fn aside_path(&self, job_id: &str) -> PathBuf {
+        self.layout.locks_dir().join(format!("{job_id}{ASIDE_INFIX}{}", host::random_hex()))
+    }
+
     fn asides(&self, job_id: &str) -> Vec<PathBuf> {
-        let prefix = format!("{job_id}.lock.taken-");
+        let prefix = format!("{job_id}{ASIDE_INFIX}");
         std::fs::read_dir(self.layout.locks_dir())
             .map(|d| {
                 d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&prefix)).map(|e| e.path()).collect()
@@ -232,6 +376,86 @@ impl Queue {
     fn remove_asides(&self, job_id: &str) {
         for path in self.asides(job_id) {
             let _ = self.fs.remove_file(&path);
+        }
+    }
+
+    /// Removes what a crash leaves in `locks/` for a job with no claimed manifest: a lock
+    /// whose claim died between its `O_EXCL` create and its rename (a phantom claim in
+    /// `status` forever, else), or an aside a release or takeover did not get to remove.
+    /// Only past the lease by the server's clock, so a claim in progress is never touched.
+    fn sweep_orphans(&self, now: SystemTime, lease: Duration) {
+        let Ok(entries) = std::fs::read_dir(self.layout.locks_dir()) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(job_id) = job_of_lock_file(&name) else { continue };
+            if !self.orphaned(job_id, &entry.path(), now, lease) {
+                continue;
+            }
+            if name.ends_with(LOCK_SUFFIX) {
+                self.sweep_lock(job_id);
+            } else if remove_if_present(self.fs.as_ref(), &entry.path()).is_ok() {
+                tracing::info!(job_id, "removed a lock left aside for a job that is no longer claimed");
+            }
+        }
+    }
+
+    fn orphaned(&self, job_id: &str, path: &Path, now: SystemTime, lease: Duration) -> bool {
+        let old = self.fs.modified(path).is_ok_and(|t| fs::age(t, now) > lease);
+        old && matches!(self.fs.exists(&self.layout.claimed_manifest(job_id)), Ok(false))
+    }
+
+    /// Removes an orphaned lock by moving it aside first, so that of several sweepers one
+    /// acts, and so that a claim completing late (frozen between lock and rename) is seen.
+    fn sweep_lock(&self, job_id: &str) {
+        let aside = self.aside_path(job_id);
+        let _ = self.fs.rename(&self.layout.lock_file(job_id), &aside);
+        if !matches!(fs::retry("confirming a sweep", || self.fs.exists(&aside)), Ok(true)) {
+            return;
+        }
+        match fs::retry("checking an orphaned lock", || self.fs.exists(&self.layout.claimed_manifest(job_id))) {
+            Ok(false) => match remove_if_present(self.fs.as_ref(), &aside) {
+                Ok(()) => tracing::info!(job_id, "removed an orphaned lock (a claim died before moving its manifest)"),
+                Err(e) => tracing::warn!(job_id, error = %e, "could not remove an orphaned lock"),
+            },
+            _ => self.restore(job_id, &aside),
+        }
+    }
+
+    /// The file server's now, for judging lock ages.
+    fn server_now(&self) -> std::io::Result<SystemTime> {
+        fs::retry("reading the file server's clock", || self.fs.server_now(&self.layout.locks_dir()))
+    }
+
+    /// Touches a job's lock and reads it back. A lock found missing while a taker holds it
+    /// aside is waited for: the taker restores it at once if its owner proves alive.
+    fn refresh(&self, job_id: &str) -> std::io::Result<LockRecord> {
+        match self.touch_and_read(job_id) {
+            Err(e) if e.kind() == ErrorKind::NotFound && self.lock_reappears(job_id) => self.touch_and_read(job_id),
+            other => other,
+        }
+    }
+
+    fn touch_and_read(&self, job_id: &str) -> std::io::Result<LockRecord> {
+        let lock = self.layout.lock_file(job_id);
+        fs::retry("refreshing the lock", || self.fs.touch(&lock))?;
+        fs::retry("reading the lock", || self.read_lock(&lock))
+    }
+
+    /// Whether a missing lock is back within [`RESTORE_WAIT`]; given up at once when no lock is
+    /// aside. The asides are listed before the lock is looked at, because a restore links the
+    /// lock back before it removes the aside.
+    fn lock_reappears(&self, job_id: &str) -> bool {
+        let lock = self.layout.lock_file(job_id);
+        let deadline = Instant::now() + RESTORE_WAIT;
+        loop {
+            let aside_left = !self.asides(job_id).is_empty();
+            if matches!(self.fs.exists(&lock), Ok(true)) {
+                return true;
+            }
+            if !aside_left || Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(RESTORE_POLL);
         }
     }
 
@@ -252,6 +476,12 @@ impl Queue {
     pub fn adopt(&self, record: LockRecord) -> Claim {
         Claim { queue: self.clone(), record }
     }
+}
+
+/// The job a file in `locks/` belongs to: `<job>.lock` or `<job>.lock.taken-<random>`.
+fn job_of_lock_file(name: &str) -> Option<&str> {
+    let job_id = name.strip_suffix(LOCK_SUFFIX).or_else(|| name.split_once(ASIDE_INFIX).map(|(id, _)| id))?;
+    (!job_id.is_empty() && !name.starts_with('.')).then_some(job_id)
 }
 
 /// File stems in `dir` whose names end with `suffix`.
@@ -293,17 +523,14 @@ impl Claim {
     /// Whether this daemon still owns the job: the lock exists, is freshly touched by us, and
     /// carries our owner record and generation. Transient errors are retried; an answer that
     /// cannot be had counts as lost, because publishing without ownership is the worse mistake.
+    /// Touch first: a takeover that renames the lock after this sees a fresh heartbeat and
+    /// backs off; one that renamed it before makes the touch fail, and the lock is waited for.
     pub fn still_owned(&self) -> bool {
-        let lock = self.queue.layout.lock_file(&self.record.job_id);
-        // Touch first: a takeover that renames the lock after this sees a fresh heartbeat and
-        // backs off; one that renamed it before makes the touch fail.
-        if fs::retry("refreshing the lock", || self.queue.fs.touch(&lock)).is_err() {
-            return false;
-        }
-        match fs::retry("reading the lock", || self.queue.read_lock(&lock)) {
-            Ok(current) => current.owner == self.record.owner && current.generation == self.record.generation,
-            Err(_) => false,
-        }
+        self.queue.refresh(&self.record.job_id).is_ok_and(|current| self.is_ours(&current))
+    }
+
+    fn is_ours(&self, lock: &LockRecord) -> bool {
+        lock.owner == self.record.owner && lock.generation == self.record.generation
     }
 
     /// Records the job's end: the record and the manifest go to the dated `done/` or
@@ -325,29 +552,89 @@ impl Claim {
     /// Gives the job back to the queue untouched, for another daemon (or this one, later) to
     /// take at once: the manifest returns to WATCH_DIR as `<stem>.requeued-<job>.json`. Never
     /// under its original name: HyperSDK rewrites that fixed name in place as soon as it looks
-    /// free, and would overwrite a manifest put back there. Only an owner may release.
+    /// free, and would overwrite a manifest put back there.
+    ///
+    /// Only the owner may release, and ownership is judged on the lock moved aside, where no
+    /// taker can reach it: a job taken over meanwhile is left to its new owner (`Ok`, with a
+    /// warning), its manifest and lock untouched.
     pub fn release(self) -> std::io::Result<()> {
-        let layout = &self.queue.layout;
-        let job_id = &self.record.job_id;
-        let claimed = self.manifest_path();
-        if self.queue.fs.exists(&claimed)? {
-            let stem = self.record.manifest_name.trim_end_matches(".json");
-            // A manifest released before keeps its first job id rather than growing a chain.
-            let stem = stem.split(".requeued-").next().unwrap_or(stem);
-            let requeued = layout.watch_dir().join(format!("{stem}.requeued-{job_id}.json"));
-            // link, not rename: it fails rather than replace anything already there.
-            match self.queue.fs.hard_link(&claimed, &requeued) {
-                Ok(()) => self.queue.fs.remove_file(&claimed)?,
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => self.queue.fs.remove_file(&claimed)?,
-                // fs.protected_hardlinks forbids linking a file another user owns, and the
-                // producer's manifest usually is one (the system test found this). The name
-                // carries this job's id, so a rename cannot replace anyone else's file.
-                Err(e) if e.raw_os_error() == Some(libc::EPERM) => self.queue.fs.rename(&claimed, &requeued)?,
-                Err(e) => return Err(e),
-            }
+        let Some(aside) = self.hold_lock()? else { return Ok(()) };
+        if let Err(e) = self.requeue() {
+            self.queue.restore(&self.record.job_id, &aside);
+            return Err(e);
         }
-        remove_if_present(self.queue.fs.as_ref(), &self.event_log())?;
-        remove_if_present(self.queue.fs.as_ref(), &layout.lock_file(job_id))
+        let fs = self.queue.fs.as_ref();
+        remove_if_present(fs, &self.event_log())?;
+        remove_if_present(fs, &aside)
+    }
+
+    /// Moves the lock aside if it is still ours, and returns where to; `None` (after a
+    /// warning, with the lock left or put back) if it is not.
+    fn hold_lock(&self) -> std::io::Result<Option<PathBuf>> {
+        let queue = &self.queue;
+        let job_id = &self.record.job_id;
+        // Touched first, so that the aside looks alive to `stale` while the release runs.
+        match queue.refresh(job_id) {
+            Ok(current) if self.is_ours(&current) => {}
+            Ok(current) => return Ok(self.not_ours(Some(&current))),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(self.not_ours(None)),
+            Err(e) => return Err(e),
+        }
+        let aside = queue.aside_path(job_id);
+        let _ = queue.fs.rename(&queue.layout.lock_file(job_id), &aside);
+        // Looked at, whatever rename said; then the check that counts, on the lock moved
+        // aside: a takeover could have run between the touch and the rename.
+        let held = fs::retry("confirming a release", || queue.fs.exists(&aside)).and_then(|moved| {
+            if moved {
+                fs::retry("reading the lock to release", || queue.read_lock(&aside)).map(Some)
+            } else {
+                Ok(None)
+            }
+        });
+        match held {
+            Ok(Some(lock)) if self.is_ours(&lock) => return Ok(Some(aside)),
+            Ok(None) => return Ok(self.not_ours(None)),
+            _ => queue.restore(job_id, &aside),
+        }
+        held.map(|lock| self.not_ours(lock.as_ref()))
+    }
+
+    fn not_ours(&self, current: Option<&LockRecord>) -> Option<PathBuf> {
+        tracing::warn!(
+            job_id = %self.record.job_id,
+            owner = ?current.map(|c| (&c.owner.host, c.owner.pid, c.generation)),
+            "not releasing a job this daemon no longer owns; it is left to its current owner"
+        );
+        None
+    }
+
+    /// Puts the claimed manifest back into WATCH_DIR under its requeued name.
+    fn requeue(&self) -> std::io::Result<()> {
+        let fs = self.queue.fs.as_ref();
+        let claimed = self.manifest_path();
+        if !fs::retry("looking for the claimed manifest", || fs.exists(&claimed))? {
+            return Ok(());
+        }
+        let stem = self.record.manifest_name.trim_end_matches(".json");
+        // A manifest released before keeps its first job id rather than growing a chain.
+        let stem = stem.split(".requeued-").next().unwrap_or(stem);
+        let requeued = self.queue.layout.watch_dir().join(format!("{stem}.requeued-{}.json", self.record.job_id));
+        // link, not rename: it fails rather than replace anything already there.
+        match fs.hard_link(&claimed, &requeued) {
+            // AlreadyExists: the name carries this job's id, so it is our own link (a
+            // retransmitted reply, or a release interrupted after linking).
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            // fs.protected_hardlinks forbids linking a file another user owns, and the
+            // producer's manifest usually is one (the system test found this). The name
+            // carries this job's id, so a rename cannot replace anyone else's file.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => return fs.rename(&claimed, &requeued),
+            Err(e) => return Err(e),
+        }
+        fs::retry("removing a released claim", || remove_if_present(fs, &claimed)).inspect_err(|_| {
+            // Two copies would be converted twice: take back the one in the queue.
+            let _ = remove_if_present(fs, &requeued);
+        })
     }
 }
 
@@ -370,12 +657,10 @@ pub enum Beat {
 
 impl Heartbeat {
     /// Touches the lock, then checks it is still ours: after a takeover the path holds the
-    /// new owner's lock, which a touch alone would not notice.
+    /// new owner's lock, which a touch alone would not notice. A lock a taker has moved aside
+    /// is waited for before the job is called lost.
     pub fn beat(&self) -> Beat {
-        let lock = self.queue.layout.lock_file(&self.record.job_id);
-        let touched = fs::retry("heartbeat", || self.queue.fs.touch(&lock))
-            .and_then(|()| fs::retry("heartbeat", || self.queue.read_lock(&lock)));
-        match touched {
+        match self.queue.refresh(&self.record.job_id) {
             Ok(current) if current.owner == self.record.owner && current.generation == self.record.generation => {
                 Beat::Alive
             }

@@ -21,6 +21,12 @@ struct Faults {
     link_eperm: usize,
     /// Offset of the file server's clock from ours, applied to every server timestamp.
     server_clock_offset: i64,
+    /// EIO from modified, this many times (usize::MAX: forever).
+    modified_eio: usize,
+    /// EIO from read, this many times (usize::MAX: forever).
+    read_eio: usize,
+    /// EIO from server_now, this many times.
+    server_now_eio: usize,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +69,13 @@ impl FaultyFs {
         }
         Ok(())
     }
+
+    fn eio(&self, pick: impl FnOnce(&mut Faults) -> &mut usize) -> std::io::Result<()> {
+        if self.take(pick) {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
 }
 
 impl QueueFs for FaultyFs {
@@ -87,6 +100,7 @@ impl QueueFs for FaultyFs {
     }
     fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
         self.estale()?;
+        self.eio(|f| &mut f.read_eio)?;
         RealFs.read(path)
     }
     fn remove_file(&self, path: &Path) -> std::io::Result<()> {
@@ -102,6 +116,7 @@ impl QueueFs for FaultyFs {
     }
     fn modified(&self, path: &Path) -> std::io::Result<SystemTime> {
         self.estale()?;
+        self.eio(|f| &mut f.modified_eio)?;
         Ok(self.skew(RealFs.modified(path)?))
     }
     fn touch(&self, path: &Path) -> std::io::Result<()> {
@@ -111,6 +126,7 @@ impl QueueFs for FaultyFs {
         RealFs.touch(path)
     }
     fn server_now(&self, dir: &Path) -> std::io::Result<SystemTime> {
+        self.eio(|f| &mut f.server_now_eio)?;
         Ok(self.skew(RealFs.server_now(dir)?))
     }
 }
@@ -144,6 +160,44 @@ fn judged(s: &Setup, name: &str) -> Candidate {
 fn age_lock(s: &Setup, job_id: &str, seconds: u64) {
     let file = std::fs::File::options().write(true).open(s.layout.lock_file(job_id)).unwrap();
     file.set_modified(SystemTime::now() - Duration::from_secs(seconds)).unwrap();
+}
+
+fn age_file(path: &Path, seconds: u64) {
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    file.set_modified(SystemTime::now() - Duration::from_secs(seconds)).unwrap();
+}
+
+/// Everything in `locks/` whose name marks a lock moved aside.
+fn asides(s: &Setup) -> Vec<PathBuf> {
+    std::fs::read_dir(s.layout.locks_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains(".lock.taken-"))
+        .collect()
+}
+
+fn requeued(s: &Setup) -> Vec<String> {
+    std::fs::read_dir(s.dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".requeued-"))
+        .collect()
+}
+
+/// A job whose owner `a` stopped heartbeating past the lease, and a queue `b` that judged it stale.
+fn stale_job(s: &Setup, b: &Queue) -> (Claim, Stale) {
+    drop_manifest(s, "m.json");
+    let owner = Queue::new(s.layout.clone()).claim(&judged(s, "m.json"), &host("a")).unwrap().unwrap();
+    age_lock(s, owner.job_id(), 200);
+    let mut stale = b.stale(LEASE).unwrap();
+    assert_eq!(stale.len(), 1);
+    (owner, stale.remove(0))
+}
+
+fn lock_on_disk(s: &Setup, job_id: &str) -> LockRecord {
+    Queue::new(s.layout.clone()).read_lock(&s.layout.lock_file(job_id)).unwrap()
 }
 
 const LEASE: Duration = Duration::from_secs(90);
@@ -355,4 +409,206 @@ fn release_requeues_under_a_new_name_and_never_touches_the_producers_name() {
     let second = again.job_id().to_owned();
     again.release().unwrap();
     assert!(s.dir.path().join(format!("m.requeued-{second}.json")).exists());
+}
+
+#[test]
+fn release_leaves_a_job_taken_over_meanwhile_to_its_new_owner() {
+    let s = setup();
+    let b = Queue::new(s.layout.clone());
+    let (old, stale) = stale_job(&s, &b);
+    let job_id = old.job_id().to_owned();
+    let new = b.take_over(&stale, &host("b"), LEASE).unwrap().unwrap();
+    // The frozen owner thaws into a drain and gives back what it believes is its job.
+    old.release().unwrap();
+    assert!(requeued(&s).is_empty(), "the new owner's manifest is not requeued");
+    assert!(s.layout.claimed_manifest(&job_id).exists());
+    assert_eq!(lock_on_disk(&s, &job_id), *new.record(), "the new owner's lock is untouched");
+    assert!(asides(&s).is_empty());
+    assert!(new.still_owned());
+}
+
+#[test]
+fn release_of_a_lock_left_by_an_earlier_life_requeues_even_past_the_lease() {
+    let s = setup();
+    drop_manifest(&s, "m.json");
+    let q = Queue::new(s.layout.clone());
+    let claim = q.claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
+    age_lock(&s, claim.job_id(), 200);
+    let (_, record) = q.locks().remove(0);
+    q.adopt(record).release().unwrap();
+    assert_eq!(requeued(&s).len(), 1);
+    assert_eq!(std::fs::read_dir(s.layout.locks_dir()).unwrap().count(), 0);
+    assert_eq!(std::fs::read_dir(s.layout.claimed_dir()).unwrap().count(), 0);
+}
+
+#[test]
+fn a_job_whose_lock_is_aside_is_judged_by_the_aside_not_the_manifest() {
+    let s = setup();
+    drop_manifest(&s, "m.json");
+    let owner = Queue::new(s.layout.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
+    let job_id = owner.job_id().to_owned();
+    // The producer wrote the manifest long ago; a first taker has the live lock aside.
+    age_file(&s.layout.claimed_manifest(&job_id), 200);
+    let aside = s.layout.locks_dir().join(format!("{job_id}.lock.taken-first"));
+    std::fs::rename(s.layout.lock_file(&job_id), &aside).unwrap();
+    let third = Queue::new(s.layout.clone());
+    assert!(third.stale(LEASE).unwrap().is_empty(), "a fresh aside stands for a live lock");
+    let judged_earlier = Stale { job_id: job_id.clone(), age: Duration::from_secs(200), has_lock: false };
+    assert!(third.take_over(&judged_earlier, &host("c"), LEASE).unwrap().is_none());
+    assert!(aside.exists(), "the first taker's aside is left alone");
+    assert!(!s.layout.lock_file(&job_id).exists());
+    // Once the aside is past the lease, its taker died: the job is taken from its record.
+    age_file(&aside, 200);
+    let stale = third.stale(LEASE).unwrap();
+    assert_eq!(stale.len(), 1);
+    let taken = third.take_over(&stale[0], &host("c"), LEASE).unwrap().expect("taken from the aside");
+    assert_eq!(taken.record().generation, 2);
+}
+
+#[test]
+fn a_lock_that_cannot_be_restored_stays_aside_alive() {
+    let s = setup();
+    let b = Queue::with_fs(s.layout.clone(), FaultyFs::with(Faults { link_eperm: usize::MAX, ..Faults::default() }));
+    let (owner, stale) = stale_job(&s, &b);
+    assert_eq!(owner.heartbeat().beat(), Beat::Alive);
+    assert!(b.take_over(&stale, &host("b"), LEASE).unwrap().is_none());
+    assert_eq!(asides(&s).len(), 1, "the owner's record is kept aside, not deleted");
+    assert!(Queue::new(s.layout.clone()).stale(LEASE).unwrap().is_empty(), "and it still looks alive");
+}
+
+#[test]
+fn an_error_after_moving_a_lock_aside_puts_it_back() {
+    let s = setup();
+    let fs = FaultyFs::with(Faults::default());
+    let b = Queue::with_fs(s.layout.clone(), fs.clone());
+    let (owner, stale) = stale_job(&s, &b);
+    fs.faults.lock().unwrap().modified_eio = usize::MAX;
+    assert!(b.take_over(&stale, &host("b"), LEASE).is_err());
+    assert_eq!(lock_on_disk(&s, owner.job_id()), *owner.record(), "the lock is back");
+    assert!(asides(&s).is_empty());
+}
+
+#[test]
+fn transient_errors_mid_takeover_are_retried() {
+    let s = setup();
+    let fs = FaultyFs::with(Faults::default());
+    let b = Queue::with_fs(s.layout.clone(), fs.clone());
+    let (_, stale) = stale_job(&s, &b);
+    {
+        let mut faults = fs.faults.lock().unwrap();
+        faults.server_now_eio = 1;
+        faults.modified_eio = 2;
+    }
+    let taken = b.take_over(&stale, &host("b"), LEASE).unwrap().expect("takeover wins");
+    assert_eq!(taken.record().generation, 2);
+}
+
+#[test]
+fn a_stale_lock_that_cannot_be_read_is_restored_not_taken_at_generation_one() {
+    let s = setup();
+    let fs = FaultyFs::with(Faults::default());
+    let b = Queue::with_fs(s.layout.clone(), fs.clone());
+    let (owner, stale) = stale_job(&s, &b);
+    fs.faults.lock().unwrap().read_eio = usize::MAX;
+    assert!(b.take_over(&stale, &host("b"), LEASE).unwrap().is_none());
+    assert_eq!(lock_on_disk(&s, owner.job_id()), *owner.record(), "the lock is back");
+    assert!(asides(&s).is_empty());
+    fs.faults.lock().unwrap().read_eio = 2;
+    let taken = b.take_over(&stale, &host("b"), LEASE).unwrap().expect("a read that succeeds on retry");
+    assert_eq!(taken.record().generation, 2);
+}
+
+#[test]
+fn a_torn_stale_lock_is_taken_over_from_the_record_left_aside() {
+    let s = setup();
+    let b = Queue::new(s.layout.clone());
+    let (owner, stale) = stale_job(&s, &b);
+    let job_id = owner.job_id().to_owned();
+    // A takeover to generation 3 died writing its lock, before removing generation 2's aside.
+    let earlier = LockRecord { generation: 2, ..owner.record().clone() };
+    let aside = s.layout.locks_dir().join(format!("{job_id}.lock.taken-earlier"));
+    std::fs::write(&aside, serde_json::to_vec(&earlier).unwrap()).unwrap();
+    std::fs::write(s.layout.lock_file(&job_id), b"{\"job_id\": \"").unwrap();
+    age_lock(&s, &job_id, 200);
+    let taken = b.take_over(&stale, &host("b"), LEASE).unwrap().expect("takeover wins");
+    assert_eq!(taken.record().generation, 3);
+}
+
+/// Moves `job_id`'s lock aside now, and runs `then` on it from another thread after a moment.
+fn taker_holding_the_lock(s: &Setup, job_id: &str, then: fn(&Path, &Path)) -> std::thread::JoinHandle<()> {
+    let lock = s.layout.lock_file(job_id);
+    let aside = s.layout.locks_dir().join(format!("{job_id}.lock.taken-taker"));
+    std::fs::rename(&lock, &aside).unwrap();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        then(&aside, &lock);
+    })
+}
+
+fn put_back(aside: &Path, lock: &Path) {
+    std::fs::hard_link(aside, lock).unwrap();
+    std::fs::remove_file(aside).unwrap();
+}
+
+#[test]
+fn heartbeat_and_fence_wait_for_a_lock_a_taker_puts_back() {
+    let s = setup();
+    drop_manifest(&s, "m.json");
+    let claim = Queue::new(s.layout.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
+    let taker = taker_holding_the_lock(&s, claim.job_id(), put_back);
+    assert_eq!(claim.heartbeat().beat(), Beat::Alive);
+    taker.join().unwrap();
+    let taker = taker_holding_the_lock(&s, claim.job_id(), put_back);
+    assert!(claim.still_owned());
+    taker.join().unwrap();
+}
+
+#[test]
+fn heartbeat_and_fence_see_a_takeover_that_completes_while_they_wait() {
+    let s = setup();
+    drop_manifest(&s, "m.json");
+    let claim = Queue::new(s.layout.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
+    let take = |aside: &Path, lock: &Path| {
+        let mut record: LockRecord = serde_json::from_slice(&std::fs::read(aside).unwrap()).unwrap();
+        (record.owner, record.generation) = (host("b"), record.generation + 1);
+        std::fs::write(lock, serde_json::to_vec(&record).unwrap()).unwrap();
+        std::fs::remove_file(aside).unwrap();
+    };
+    let taker = taker_holding_the_lock(&s, claim.job_id(), take);
+    assert!(!claim.still_owned());
+    taker.join().unwrap();
+    assert_eq!(claim.heartbeat().beat(), Beat::Lost);
+    // Without any lock aside, a missing lock is lost at once.
+    std::fs::remove_file(s.layout.lock_file(claim.job_id())).unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(claim.heartbeat().beat(), Beat::Lost);
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[test]
+fn a_lock_left_without_a_claim_is_swept_once_past_the_lease() {
+    let s = setup();
+    let q = Queue::new(s.layout.clone());
+    // A claim that died between creating its lock and moving the manifest, and an old aside.
+    let record = LockRecord {
+        job_id: "orphan".into(),
+        owner: host("a"),
+        generation: 1,
+        claimed_at: Utc::now(),
+        manifest_name: "m.json".into(),
+    };
+    std::fs::write(s.layout.lock_file("orphan"), serde_json::to_vec(&record).unwrap()).unwrap();
+    assert!(q.stale(LEASE).unwrap().is_empty());
+    assert_eq!(q.locks().len(), 1, "a claim in progress is left alone");
+    age_lock(&s, "orphan", 200);
+    let aside = s.layout.locks_dir().join("gone.lock.taken-x");
+    std::fs::write(&aside, b"{}").unwrap();
+    age_file(&aside, 200);
+    // A live job's old lock is stale, not orphaned.
+    let b = Queue::new(s.layout.clone());
+    let (owner, _) = stale_job(&s, &b);
+    assert!(q.stale(LEASE).unwrap().len() == 1);
+    assert!(q.locks().iter().all(|(_, r)| r.job_id == owner.job_id()), "the orphaned lock is gone");
+    assert!(s.layout.lock_file(owner.job_id()).exists());
+    assert!(!aside.exists() && asides(&s).is_empty());
 }
