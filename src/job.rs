@@ -411,8 +411,11 @@ fn keep_unregistered(
     let kept = publish::keep(&dir, disks.iter().map(|d| (d.staged.as_path(), d.name.as_str())))
         .and_then(|()| staging.write_new("unregistered.xml", xml.as_bytes()))
         .and_then(|_| staging.publish("unregistered.xml", &dir, &names::domain_xml_file(&spec.vm_name)));
+    let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
     let summary = match &kept {
-        Ok(_) => format!("{} The converted disks are kept in {}.", sentence(error), dir.display()),
+        Ok(_) => {
+            format!("{} The converted disks ({}) are kept in {}.", sentence(error), names.join(", "), dir.display())
+        }
         Err(e) => format!(
             "{} Keeping the converted disks in {} failed ({e}); submit the manifest again once libvirt is fixed.",
             sentence(error),

@@ -159,7 +159,7 @@ fn an_unreachable_libvirt_fails_the_job_at_stage_libvirt_and_keeps_the_disks() {
     assert_eq!(
         first,
         format!(
-            "libvirt at {uri} is not reachable: is libvirtd running? The converted disks are kept in {}.",
+            "libvirt at {uri} is not reachable: is libvirtd running? The converted disks (app01.qcow2, app01-data.qcow2) are kept in {}.",
             kept.display()
         )
     );
@@ -204,7 +204,7 @@ fn a_domain_name_held_by_another_vm_fails_the_job_with_what_to_do() {
     let first = s.convert_err(&m, "web02");
     let prefix = format!(
         "a libvirt domain named web02 already exists for another VM (uuid {OTHER_UUID}): undefine or rename it. \
-         The converted disks are kept in {}",
+         The converted disks (web02.qcow2) are kept in {}",
         s.env.output.join(".hyper2kvm-unregistered").display()
     );
     assert!(first.starts_with(&prefix), "{first}");
