@@ -26,6 +26,8 @@ use common::fixtures::{create_raw, write_random};
 use common::*;
 use serde_json::Value;
 
+/// Jobs each daemon may run at once; the watcher checks no daemon ever holds more locks.
+const MAX_CONCURRENT: usize = 2;
 const LEASE_SECONDS: u64 = 4;
 
 /// One daemon in its own UTS+PID namespace.
@@ -58,7 +60,7 @@ impl NsDaemon {
             cmd.env(k, v);
         }
         cmd.env("LOG_LEVEL", "info")
-            .env("MAX_CONCURRENT", "2")
+            .env("MAX_CONCURRENT", MAX_CONCURRENT.to_string())
             .env("POLL_INTERVAL", "0.3")
             .env("LEASE_SECONDS", LEASE_SECONDS.to_string())
             .env("QEMU_CONVERT_OPTIONS", "-O qcow2 -c")
@@ -156,16 +158,19 @@ struct Findings {
     seen: BTreeMap<String, u64>,
     check_failures: Vec<String>,
     republished: Vec<String>,
+    /// The most locks one daemon (host, boot id, pid) held at one look.
+    most_locks_held: usize,
 }
 
 impl Watcher {
-    fn start(output: PathBuf) -> Watcher {
+    fn start(output: PathBuf, locks: PathBuf) -> Watcher {
         let stop = Arc::new(AtomicBool::new(false));
         let findings = Arc::new(Mutex::new(Findings::default()));
         let (s, f) = (stop.clone(), findings.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 watch_once(&output, &f);
+                count_locks(&locks, &f);
                 sleep(Duration::from_millis(30));
             }
             watch_once(&output, &f);
@@ -204,6 +209,28 @@ fn watch_once(output: &Path, findings: &Mutex<Findings>) {
             }
         }
     }
+}
+
+/// Counts the locks each daemon holds, from the owner records in the lock files.
+fn count_locks(locks: &Path, findings: &Mutex<Findings>) {
+    let Ok(entries) = std::fs::read_dir(locks) else { return };
+    let mut held: BTreeMap<(String, String, u64), usize> = BTreeMap::new();
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().ends_with(".lock") {
+            continue;
+        }
+        let Ok(record) = std::fs::read(entry.path()).map(|b| serde_json::from_slice::<Value>(&b)) else { continue };
+        let Ok(record) = record else { continue };
+        let owner = (
+            record["host"].as_str().unwrap_or_default().to_owned(),
+            record["boot_id"].as_str().unwrap_or_default().to_owned(),
+            record["pid"].as_u64().unwrap_or_default(),
+        );
+        *held.entry(owner).or_default() += 1;
+    }
+    let most = held.values().copied().max().unwrap_or(0);
+    let mut f = findings.lock().unwrap();
+    f.most_locks_held = f.most_locks_held.max(most);
 }
 
 /// A producer: HyperSDK's behaviour with its own fixed file name.
@@ -333,7 +360,7 @@ fn run_chaos(jobs_per_producer: usize, rounds: usize) -> Report {
         .collect();
 
     let mut daemons: Vec<NsDaemon> = (1..=4).map(|n| NsDaemon::start(&env, &format!("chaos-d{n}"), 0)).collect();
-    let watcher = Watcher::start(env.output.clone());
+    let watcher = Watcher::start(env.output.clone(), env.queue.join(".hyper2kvm/locks"));
     let stop = AtomicBool::new(false);
     let mut faults = 0;
     let mut frozen_jobs = Vec::new();
@@ -421,6 +448,11 @@ fn run_chaos(jobs_per_producer: usize, rounds: usize) -> Report {
         findings.check_failures
     );
     assert!(findings.republished.is_empty(), "results published twice: {:?}", findings.republished);
+    assert!(
+        (1..=MAX_CONCURRENT).contains(&findings.most_locks_held),
+        "a daemon held {} locks at once; MAX_CONCURRENT is {MAX_CONCURRENT}",
+        findings.most_locks_held
+    );
 
     let status = env.status();
     let jobs = status["jobs"].as_array().unwrap();

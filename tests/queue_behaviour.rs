@@ -243,3 +243,15 @@ fn status_lists_done_and_failed_jobs() {
     check(&s, &status, "daemon stopped");
     s.assert_output();
 }
+
+/// With inotify on, a manifest is taken long before the next poll: here polling is once an
+/// hour, so only the wake-up (and the settle re-check it schedules) can bring the job in.
+#[test]
+fn inotify_wakes_the_daemon_between_polls() {
+    let mut s = Session::start(&[("USE_INOTIFY", "true"), ("POLL_INTERVAL", "3600")], &[]);
+    for vm in ["woken-1", "woken-2"] {
+        let m = s.good_manifest(vm);
+        s.convert_ok(&m);
+    }
+    s.finish();
+}
