@@ -70,13 +70,13 @@ clean:
 soak: deps
 	$(CARGO) test --release --test chaos -- --ignored soak --nocapture
 
-# The Debian package (metadata: [package.metadata.deb] in Cargo.toml; maintainer scripts in
-# packaging/debian/). The units are checked first with systemd-analyze where it exists.
 # Boots a Debian container with systemd and libvirtd, installs the .deb and runs an operator's
 # path through it (scripts/system-test.sh). Needs root; `make test` runs it where it can.
 system-test:
 	scripts/system-test.sh
 
+# The Debian package (metadata: [package.metadata.deb] in Cargo.toml; maintainer scripts in
+# packaging/debian/). The units are checked first with systemd-analyze where it exists.
 deb:
 	$(CARGO) deb --version >/dev/null 2>&1 || $(CARGO) install cargo-deb --locked
 	packaging/check-units.sh

@@ -44,6 +44,8 @@ have nsenter || missing+=(util-linux)
 if [ "${#missing[@]}" -gt 0 ]; then
     have apt-get || skip "needs ${missing[*]} and apt-get is not available to install them"
     say "installing ${missing[*]}"
+    # A fresh container or CI image has empty package lists: install alone would find nothing.
+    apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null || skip "apt-get update failed (no network to the mirror?)"
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y --no-install-recommends \
         "${missing[@]}" >/dev/null || skip "could not install ${missing[*]}"
 fi

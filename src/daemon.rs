@@ -264,7 +264,8 @@ impl Daemon {
         );
         let mut next = self.scan_and_claim()?;
         self.went_round();
-        service::ready(&self.status_line());
+        let mut status = self.status_line();
+        service::ready(&status);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(next) => {}
@@ -277,7 +278,12 @@ impl Daemon {
             }
             next = self.scan_and_claim()?;
             self.went_round();
-            service::status(&self.status_line());
+            // Only changes: the loop goes round every POLL_INTERVAL and on every wake-up.
+            let line = self.status_line();
+            if line != status {
+                service::status(&line);
+                status = line;
+            }
         }
         self.health.stopping();
         self.drain(&mut watchdog).await;

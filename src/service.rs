@@ -17,7 +17,10 @@ pub fn status(line: &str) {
 
 /// The main loop is alive.
 pub fn watchdog() {
-    send(&[NotifyState::Watchdog]);
+    // The main loop's timer also ticks (once an hour) when systemd asked for no watchdog.
+    if watchdog_interval().is_some() {
+        send(&[NotifyState::Watchdog]);
+    }
 }
 
 /// How often to send WATCHDOG=1 when systemd asked for it (WatchdogSec=), if it did: a third

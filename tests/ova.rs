@@ -11,6 +11,52 @@ use serde_json::Value;
 
 const SAMPLE: &str = "tests/data/ova/vsphere-ustar.ova";
 
+/// What [`sample_with_hardware`] puts in the OVF: neither equals a built-in default (2 vCPUs,
+/// 2048 MiB), so the domain XML shows whether the OVF was read.
+const OVF_CPUS: u32 = 4;
+const OVF_MEMORY_MIB: u32 = 3072;
+
+/// The sample OVA with the OVF's CPU count and memory (2, 2048 MiB: the built-in defaults)
+/// replaced by [`OVF_CPUS`] and [`OVF_MEMORY_MIB`], and its `.mf` digest updated to match.
+/// The replacements keep every length, so the tar headers (sizes, checksums) stay valid; the
+/// other tests and the unit tests use the sample as it is.
+fn sample_with_hardware(out: &Path) -> PathBuf {
+    let mut bytes = std::fs::read(SAMPLE).unwrap();
+    let members: Value = serde_json::from_slice(&std::fs::read(format!("{SAMPLE}.members.json")).unwrap()).unwrap();
+    let range = |name: &str| {
+        let m = members.as_array().unwrap().iter().find(|m| m["name"] == name).expect("member listed");
+        let start = m["offset_data"].as_u64().unwrap() as usize;
+        start..start + m["size"].as_u64().unwrap() as usize
+    };
+    let (ovf_range, mf_range) = (range("ova-sample.ovf"), range("ova-sample.mf"));
+    let old_ovf = String::from_utf8(bytes[ovf_range.clone()].to_vec()).unwrap();
+    let mut new_ovf = old_ovf.clone();
+    for (from, to) in [
+        (
+            "<rasd:VirtualQuantity>2</rasd:VirtualQuantity>".to_owned(),
+            format!("<rasd:VirtualQuantity>{OVF_CPUS}</rasd:VirtualQuantity>"),
+        ),
+        ("2 virtual CPU(s)".to_owned(), format!("{OVF_CPUS} virtual CPU(s)")),
+        (
+            "<rasd:VirtualQuantity>2048</rasd:VirtualQuantity>".to_owned(),
+            format!("<rasd:VirtualQuantity>{OVF_MEMORY_MIB}</rasd:VirtualQuantity>"),
+        ),
+        ("2048MB of memory".to_owned(), format!("{OVF_MEMORY_MIB}MB of memory")),
+    ] {
+        assert_eq!(new_ovf.matches(&from).count(), 1, "the sample's OVF has one {from:?}");
+        assert_eq!(from.len(), to.len(), "the member's size must not change");
+        new_ovf = new_ovf.replace(&from, &to);
+    }
+    let digest = |text: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()));
+    let mf = String::from_utf8(bytes[mf_range.clone()].to_vec()).unwrap();
+    assert_eq!(mf.matches(&digest(&old_ovf)).count(), 1, "the .mf lists the OVF's SHA-256:\n{mf}");
+    let new_mf = mf.replace(&digest(&old_ovf), &digest(&new_ovf));
+    bytes[ovf_range].copy_from_slice(new_ovf.as_bytes());
+    bytes[mf_range].copy_from_slice(new_mf.as_bytes());
+    std::fs::write(out, bytes).unwrap();
+    out.to_owned()
+}
+
 /// The OVA's members cut out by the byte ranges Python's tarfile recorded.
 fn extract_member(ova: &Path, members: &Value, name_suffix: &str, out: &Path) -> PathBuf {
     let member = members
@@ -37,8 +83,7 @@ fn ova_manifest(vm: &str, ova: &Path) -> Value {
 #[test]
 fn an_ova_is_converted_in_place_with_its_hardware() {
     let env = Env::new();
-    let ova = env.exports.join("appliance.ova");
-    std::fs::copy(SAMPLE, &ova).unwrap();
+    let ova = sample_with_hardware(&env.exports.join("appliance.ova"));
     let members: Value = serde_json::from_slice(&std::fs::read(format!("{SAMPLE}.members.json")).unwrap()).unwrap();
     let mut s = Session::start_in(env, &[], &[]);
     hypersdk_submit(&s.daemon, &s.env, &ova_manifest("ova-vm", &ova));
@@ -52,14 +97,36 @@ fn an_ova_is_converted_in_place_with_its_hardware() {
     assert_converted(&s.daemon, &s.env.output.join("ova-vm.qcow2"), &disk1, "vmdk");
     assert_converted(&s.daemon, &s.env.output.join(&data_disk), &disk2, "vmdk");
     let xml = std::fs::read_to_string(s.env.output.join("ova-vm.xml")).unwrap();
-    assert!(xml.contains("<vcpu placement='static'>2</vcpu>"), "CPUs from the OVF:\n{xml}");
-    assert!(xml.contains("<memory unit='MiB'>2048</memory>"), "memory from the OVF:\n{xml}");
+    assert!(xml.contains(&format!("<vcpu placement='static'>{OVF_CPUS}</vcpu>")), "CPUs from the OVF:\n{xml}");
+    assert!(xml.contains(&format!("<memory unit='MiB'>{OVF_MEMORY_MIB}</memory>")), "memory from the OVF:\n{xml}");
     assert!(xml.contains("00:50:56:a1:00:01"), "the NIC's MAC from the OVF:\n{xml}");
     let report: Value = serde_json::from_slice(&std::fs::read(s.env.output.join("ova-vm.json")).unwrap()).unwrap();
     let ids: Vec<&str> = report["disks"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["vmdisk1", "vmdisk2"]);
     assert_eq!(std::fs::metadata(&ova).unwrap().len(), std::fs::metadata(SAMPLE).unwrap().len(), "read in place");
     s.expected.extend(["ova-vm.qcow2", "ova-vm.xml", "ova-vm.json", data_disk.as_str()].map(str::to_owned));
+    assert_output_exactly(&s.daemon, &s.env, &s.expected);
+}
+
+/// The manifest's `vm` block is what HyperSDK read from vCenter: where it gives a value, that
+/// value wins over the OVF's; what it leaves out comes from the OVF.
+#[test]
+fn the_manifests_vm_values_win_over_the_ovf_where_given() {
+    let env = Env::new();
+    let ova = sample_with_hardware(&env.exports.join("appliance.ova"));
+    let mut m = ova_manifest("cpu6-vm", &ova);
+    m["vm"] = serde_json::json!({ "cpu": 6 });
+    let mut s = Session::start_in(env, &[], &[]);
+    hypersdk_submit(&s.daemon, &s.env, &m);
+    let data_disk = "cpu6-vm-vmdisk2.qcow2".to_owned();
+    match hypersdk_wait(&s.daemon, &s.env, "cpu6-vm", std::slice::from_ref(&data_disk)) {
+        Outcome::Success { .. } => {}
+        Outcome::Failed(text) => s.daemon.fail(&format!("the OVA job failed:\n{text}")),
+    }
+    let xml = std::fs::read_to_string(s.env.output.join("cpu6-vm.xml")).unwrap();
+    assert!(xml.contains("<vcpu placement='static'>6</vcpu>"), "CPUs from the manifest:\n{xml}");
+    assert!(xml.contains(&format!("<memory unit='MiB'>{OVF_MEMORY_MIB}</memory>")), "memory from the OVF:\n{xml}");
+    s.expected.extend(["cpu6-vm.qcow2", "cpu6-vm.xml", "cpu6-vm.json", data_disk.as_str()].map(str::to_owned));
     assert_output_exactly(&s.daemon, &s.env, &s.expected);
 }
 

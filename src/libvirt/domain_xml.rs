@@ -890,6 +890,8 @@ pub(super) mod tests {
                 disk("/var/lib/hyper2kvm/output/Web Server-logs.qcow2", DiskBus::Sata),
             ];
             cases.push((label, domain_xml(&job, &disks, &bridge())));
+            // What a host without /dev/kvm defines (the system test's UEFI guest among them).
+            cases.push((label, domain_xml_with(&job, &disks, &bridge(), Acceleration::Emulated)));
             let network = NetworkAttachment::Network("default".to_owned());
             let many: Vec<DomainDisk> = (0..28).map(|i| disk(&format!("/out/d{i}.qcow2"), bus)).collect();
             cases.push((label, domain_xml(&job, &many, &network)));
@@ -920,6 +922,18 @@ pub(super) mod tests {
         let file = dir.path().join("domain.xml");
         std::fs::write(&file, xml).expect("write xml");
         validate_with_libvirt_schema(&validator, &file);
+    }
+
+    /// The schema test is only as good as its cases: both domain types libvirt may be given.
+    #[test]
+    fn schema_cases_cover_kvm_and_emulated_domains() {
+        let cases = schema_cases();
+        for domain in ["<domain type='kvm'>", "<domain type='qemu'>"] {
+            let with: Vec<&str> = cases.iter().filter(|(_, xml)| xml.starts_with(domain)).map(|(l, _)| *l).collect();
+            for label in ["bios", "uefi", "uefi-secureboot", "windows"] {
+                assert!(with.contains(&label), "no {label} case starts with {domain}");
+            }
+        }
     }
 
     #[test]
