@@ -111,6 +111,12 @@ fn a_daemon_killed_outright_does_not_strand_its_job() {
         Outcome::Failed(text) => second.fail(&format!("the retaken job failed:\n{text}")),
     }
     wait_for(&second, Duration::from_secs(10), "the lock to be removed", || lock_count(&env) == 0);
+    // Recovered at start-up, not taken over once the 90 s lease ran out.
+    assert!(
+        second.log().contains("releasing a claim left by an earlier run of this daemon"),
+        "the restarted daemon did not recover the claim itself:\n{}",
+        second.log()
+    );
     let status = env.status();
     let done: Vec<_> = status["jobs"].as_array().unwrap().iter().filter(|j| j["state"] == "done").collect();
     assert_eq!(done.len(), 1, "exactly one job completed: {status:#}");
