@@ -536,12 +536,8 @@ fn fill_hardware(spec: &mut JobSpec, package: &ova::OvaPackage) {
 
 fn inspect_ova_disk(path: &Path, index: usize) -> Result<ImageInfo, ConvertError> {
     let (_, info) = crate::engine::open_ova_disk(path, index).map_err(crate::engine::pipeline::image_error)?;
-    Ok(ImageInfo {
-        format: "vmdk".into(),
-        subformat: info.subformat,
-        virtual_size: info.virtual_size,
-        referenced_files: Vec::new(),
-    })
+    // The members are read in place: nothing outside the OVA, already confined, is opened.
+    Ok(ImageInfo { format: "vmdk".into(), referenced_files: Vec::new(), ..info.into() })
 }
 
 /// A disk whose source passed every check.
@@ -682,6 +678,9 @@ fn convert_disk(
         detected_format: source.info.format.clone(),
         subformat: source.info.subformat.clone(),
         virtual_size: source.info.virtual_size,
+        allocated_bytes: source.info.allocated_bytes,
+        chain: source.info.chain.clone(),
+        ddb: source.info.ddb.clone(),
         source_bytes: std::fs::metadata(&source.path).map(|m| m.len()).unwrap_or(0),
         output: output_name(spec, index),
         output_format: "qcow2",

@@ -20,6 +20,15 @@ pub struct DiskReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subformat: Option<String>,
     pub virtual_size: u64,
+    /// Bytes of the source disk that hold data, when its reader knows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocated_bytes: Option<u64>,
+    /// The source's delta chain below it, child first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<PathBuf>,
+    /// The VMDK descriptor's `ddb.*` keys, as exported.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ddb: std::collections::BTreeMap<String, String>,
     pub source_bytes: u64,
     /// File name in OUTPUT_DIR.
     pub output: String,

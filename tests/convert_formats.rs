@@ -50,12 +50,20 @@ fn vmdk_two_gb_extent_subformats() {
 fn vmdk_delta_chain_is_flattened() {
     let mut s = Session::start(&[], &[]);
     let raw = small_raw(&s.env.exports.join("disk.raw"));
-    let (_base, child) = delta_chain(&s.env.exports.join("chain"), &raw);
+    let (base, child) = delta_chain(&s.env.exports.join("chain"), &raw);
     // compare(out, child) is done by verify_success since local_path is the child.
     s.convert_ok(&manifest("chain-vm", vec![disk("disk-0", "vmdk", &child)]));
     // The output is standalone: no backing file.
     let info = qemu_img_info(&s.env.output.join("chain-vm.qcow2"), Some("qcow2"));
     assert!(info.get("backing-filename").is_none(), "output still has a backing file: {info}");
+    // The report keeps what the source said about itself: its chain and VMware's ddb keys.
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.env.output.join("chain-vm.json")).unwrap()).unwrap();
+    let disk = &report["disks"][0];
+    let chain: Vec<&str> = disk["chain"].as_array().unwrap().iter().filter_map(|p| p.as_str()).collect();
+    assert!(chain.contains(&base.to_str().unwrap()), "the chain names the base disk: {disk:#}");
+    assert!(disk["ddb"].as_object().unwrap().keys().any(|k| k.contains("adapterType")), "{disk:#}");
+    assert!(disk["allocated_bytes"].as_u64().unwrap() > 0, "{disk:#}");
     s.finish();
 }
 

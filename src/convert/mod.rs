@@ -49,6 +49,26 @@ pub struct ImageInfo {
     /// Every other file reading this image would open: extents, parents, backing files.
     /// The job confines these to SOURCE_ROOTS before converting.
     pub referenced_files: Vec<PathBuf>,
+    /// Bytes of the virtual disk that hold data, when the reader knows.
+    pub allocated_bytes: Option<u64>,
+    /// The delta chain below the image, child first (parents, backing files).
+    pub chain: Vec<PathBuf>,
+    /// A VMDK descriptor's `ddb.*` keys (VMware's adapter type, tools version, UUID …).
+    pub ddb: std::collections::BTreeMap<String, String>,
+}
+
+impl From<crate::image::SourceInfo> for ImageInfo {
+    fn from(info: crate::image::SourceInfo) -> ImageInfo {
+        ImageInfo {
+            format: info.format,
+            subformat: info.subformat,
+            virtual_size: info.virtual_size,
+            referenced_files: info.referenced_files,
+            allocated_bytes: info.allocated_bytes,
+            chain: info.chain,
+            ddb: info.ddb,
+        }
+    }
 }
 
 /// Byte counters a conversion advances while it runs.

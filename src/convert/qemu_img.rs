@@ -212,11 +212,15 @@ fn parse_info(json: &Value, source: &Path) -> Result<ImageInfo, ConvertError> {
     referenced.sort();
     referenced.dedup();
     referenced.retain(|p| p != source);
+    let backing = chain.iter().skip(1).filter_map(|image| image["filename"].as_str()).map(|f| base_dir.join(f));
     Ok(ImageInfo {
         format: top["format"].as_str().unwrap_or("unknown").to_owned(),
         subformat: top["format-specific"]["data"]["create-type"].as_str().map(str::to_owned),
         virtual_size: top["virtual-size"].as_u64().unwrap_or(0),
         referenced_files: referenced,
+        allocated_bytes: None,
+        chain: backing.collect(),
+        ddb: Default::default(),
     })
 }
 

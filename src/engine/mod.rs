@@ -72,12 +72,7 @@ impl Converter for Native {
     fn inspect(&self, source: &Path, format: SourceFormat, control: &JobControl) -> Result<ImageInfo, ConvertError> {
         control.check()?;
         let (_, info) = open(source, format).map_err(pipeline::image_error)?;
-        Ok(ImageInfo {
-            format: info.format,
-            subformat: info.subformat,
-            virtual_size: info.virtual_size,
-            referenced_files: info.referenced_files,
-        })
+        Ok(info.into())
     }
 
     fn convert(&self, request: &ConversionRequest<'_>, control: &JobControl) -> Result<(), ConvertError> {
