@@ -3,27 +3,14 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use std::io::Read;
-
-use common::fixtures::small_raw;
+use common::fixtures::{slow_disk, small_raw};
 use common::*;
 
 /// Compressing 512 MiB of random data takes the native engine several seconds on two cores
 /// (zlib cannot shrink it, and tries at every cluster): long enough to interrupt on purpose.
 const SLOW: (&str, &str) = ("QEMU_CONVERT_OPTIONS", "-O qcow2 -c");
-
-/// A 512 MiB raw disk of random (incompressible) data; /dev/urandom is much faster than
-/// generating it in a debug-built test.
-fn slow_disk(env: &Env) -> PathBuf {
-    let path = env.exports.join("slow/disk-0.raw");
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut random = std::fs::File::open("/dev/urandom").unwrap().take(512 << 20);
-    std::io::copy(&mut random, &mut std::fs::File::create(&path).unwrap()).unwrap();
-    path
-}
 
 fn lock_count(env: &Env) -> usize {
     std::fs::read_dir(env.queue.join(".hyper2kvm/locks")).map(|d| d.count()).unwrap_or(0)
@@ -46,7 +33,7 @@ fn assert_no_partial_results(daemon: &Daemon, env: &Env, vm: &str) {
 #[test]
 fn sigterm_past_the_drain_limit_releases_the_job_to_the_queue() {
     let env = Env::new();
-    let source = slow_disk(&env);
+    let source = slow_disk(&env.exports);
     let mut daemon = Daemon::start(&env, &[SLOW, ("DRAIN_SECONDS", "0.5")], &[]);
     hypersdk_submit(&daemon, &env, &manifest("slow-vm", vec![disk("disk-0", "raw", &source)]));
     wait_until_converting(&daemon, &env);
@@ -71,7 +58,7 @@ fn sigterm_past_the_drain_limit_releases_the_job_to_the_queue() {
 #[test]
 fn sigterm_waits_for_a_running_job_within_the_drain_limit() {
     let env = Env::new();
-    let source = slow_disk(&env);
+    let source = slow_disk(&env.exports);
     let mut daemon = Daemon::start(&env, &[SLOW], &[]);
     hypersdk_submit(&daemon, &env, &manifest("drained-vm", vec![disk("disk-0", "raw", &source)]));
     wait_until_converting(&daemon, &env);
@@ -93,7 +80,7 @@ fn sigterm_waits_for_a_running_job_within_the_drain_limit() {
 #[test]
 fn a_daemon_killed_outright_does_not_strand_its_job() {
     let env = Env::new();
-    let source = slow_disk(&env);
+    let source = slow_disk(&env.exports);
     let mut first = Daemon::start(&env, &[SLOW], &[]);
     hypersdk_submit(&first, &env, &manifest("killed-vm", vec![disk("disk-0", "raw", &source)]));
     wait_until_converting(&first, &env);
@@ -125,7 +112,7 @@ fn a_daemon_killed_outright_does_not_strand_its_job() {
 #[test]
 fn conversion_timeout_fails_the_job_with_a_clear_error_and_the_daemon_goes_on() {
     let env = Env::new();
-    let source = slow_disk(&env);
+    let source = slow_disk(&env.exports);
     // 0.03 minutes = 1.8 s: enough for the small job, not for the slow one.
     let mut s = Session::start_in(env, &[SLOW, ("CONVERSION_TIMEOUT", "0.03")], &[]);
     let first = s.convert_err(&manifest("timeout-vm", vec![disk("disk-0", "raw", &source)]), "timeout-vm");

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -14,7 +13,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::thread::{sleep, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::fixtures::small_raw;
+use common::fixtures::{slow_disk, small_raw};
 use common::*;
 
 /// What the units' WatchdogSec= would put there, shortened so pings come often.
@@ -237,15 +236,6 @@ fn no_watchdog_pings_when_watchdog_pid_names_another_process() {
     assert_eq!(pings, 0, "WATCHDOG=1 for another process's watchdog: {received:#?}");
 }
 
-/// A 512 MiB raw disk of random (incompressible) data.
-fn slow_disk(env: &Env) -> PathBuf {
-    let path = env.exports.join("slow/disk-0.raw");
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    let mut random = std::fs::File::open("/dev/urandom").unwrap().take(512 << 20);
-    std::io::copy(&mut random, &mut std::fs::File::create(&path).unwrap()).unwrap();
-    path
-}
-
 fn lock_count(queue: &Path) -> usize {
     std::fs::read_dir(queue.join(".hyper2kvm/locks")).map(|d| d.count()).unwrap_or(0)
 }
@@ -254,7 +244,7 @@ fn lock_count(queue: &Path) -> usize {
 fn sigterm_during_a_job_sends_stopping_and_asks_for_time_to_drain() {
     daemon_knows_its_watchdog_pid();
     let env = Env::new();
-    let source = slow_disk(&env);
+    let source = slow_disk(&env.exports);
     let manager = Manager::listen(&env);
     let usec = WATCHDOG_USEC.to_string();
     // A short drain limit: the job is released rather than finished, which keeps the test short.

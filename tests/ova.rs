@@ -57,21 +57,6 @@ fn sample_with_hardware(out: &Path) -> PathBuf {
     out.to_owned()
 }
 
-/// The OVA's members cut out by the byte ranges Python's tarfile recorded.
-fn extract_member(ova: &Path, members: &Value, name_suffix: &str, out: &Path) -> PathBuf {
-    let member = members
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"].as_str().unwrap().ends_with(name_suffix))
-        .expect("member listed");
-    let bytes = std::fs::read(ova).unwrap();
-    let start = member["offset_data"].as_u64().unwrap() as usize;
-    let end = start + member["size"].as_u64().unwrap() as usize;
-    std::fs::write(out, &bytes[start..end]).unwrap();
-    out.to_owned()
-}
-
 fn ova_manifest(vm: &str, ova: &Path) -> Value {
     let mut m = manifest(vm, vec![disk("appliance", "ova", ova)]);
     // Let the OVF describe the hardware.
@@ -92,8 +77,8 @@ fn an_ova_is_converted_in_place_with_its_hardware() {
         Outcome::Success { .. } => {}
         Outcome::Failed(text) => s.daemon.fail(&format!("the OVA job failed:\n{text}")),
     }
-    let disk1 = extract_member(&ova, &members, "ova-sample-disk1.vmdk", &s.env.root.join("disk1.vmdk"));
-    let disk2 = extract_member(&ova, &members, "disk2.vmdk", &s.env.root.join("disk2.vmdk"));
+    let disk1 = common::fixtures::ova_member(&ova, &members, "ova-sample-disk1.vmdk", &s.env.root.join("disk1.vmdk"));
+    let disk2 = common::fixtures::ova_member(&ova, &members, "disk2.vmdk", &s.env.root.join("disk2.vmdk"));
     assert_converted(&s.daemon, &s.env.output.join("ova-vm.qcow2"), &disk1, "vmdk");
     assert_converted(&s.daemon, &s.env.output.join(&data_disk), &disk2, "vmdk");
     let xml = std::fs::read_to_string(s.env.output.join("ova-vm.xml")).unwrap();

@@ -267,3 +267,30 @@ pub fn qemu_img_info(path: &Path, format: Option<&str>) -> serde_json::Value {
     cmd.arg(path);
     serde_json::from_str(&run(&mut cmd)).expect("qemu-img info JSON")
 }
+
+/// A 512 MiB raw disk of random (incompressible) data under `exports`: compressing it keeps a
+/// job busy for seconds, long enough to interrupt on purpose. /dev/urandom is much faster than
+/// generating it in a debug-built test.
+pub fn slow_disk(exports: &Path) -> PathBuf {
+    let path = exports.join("slow/disk-0.raw");
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut random = File::open("/dev/urandom").unwrap().take(512 * MIB);
+    std::io::copy(&mut random, &mut File::create(&path).unwrap()).unwrap();
+    path
+}
+
+/// An OVA member cut out by the byte range Python's tarfile recorded in `members`
+/// (`<ova>.members.json`).
+pub fn ova_member(ova: &Path, members: &serde_json::Value, name_suffix: &str, out: &Path) -> PathBuf {
+    let member = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"].as_str().unwrap().ends_with(name_suffix))
+        .expect("member listed");
+    let bytes = fs::read(ova).unwrap();
+    let start = member["offset_data"].as_u64().unwrap() as usize;
+    let end = start + member["size"].as_u64().unwrap() as usize;
+    fs::write(out, &bytes[start..end]).unwrap();
+    out.to_owned()
+}
