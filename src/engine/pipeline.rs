@@ -465,7 +465,7 @@ pub fn image_error(e: ImageError) -> ConvertError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -586,8 +586,14 @@ mod tests {
 
     /// Converts `source` with the writer copying the way `mode` says; checks the result with
     /// `qemu-img check` and `qemu-img compare` against `original` (read as `format`), and that
-    /// progress reached the end.
-    fn convert(source: &dyn DiskSource, out: &Path, mode: CopyMode, original: &Path, format: &str) -> WriteStats {
+    /// progress reached the end. The VMDK reader's tests convert their fixtures with it.
+    pub(crate) fn convert(
+        source: &dyn DiskSource,
+        out: &Path,
+        mode: CopyMode,
+        original: &Path,
+        format: &str,
+    ) -> WriteStats {
         let control = JobControl::new(std::time::Duration::from_secs(60));
         let options = PipelineOptions { threads: 2, ..PipelineOptions::default() };
         let stats = run_with(source, out, options, &control, |w| w.set_copy_mode(mode))

@@ -251,4 +251,31 @@ pub struct SourceInfo {
     pub chain: Vec<PathBuf>,
     /// `ddb.*` keys of a VMDK descriptor, kept for the report.
     pub ddb: std::collections::BTreeMap<String, String>,
+    /// The extents the descriptors list, of every disk of the chain (child first); empty for
+    /// formats without extents (raw).
+    pub extents: Vec<ExtentInfo>,
+}
+
+/// One extent of a VMDK, as its descriptor lists it (a monolithic sparse or stream file is
+/// one SPARSE extent: itself).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ExtentInfo {
+    /// The disk whose descriptor lists the extent: the top disk or a parent of its chain.
+    pub disk: PathBuf,
+    /// The descriptor's TYPE column: `SPARSE`, `FLAT`, `ZERO`, `VMFS` …
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `RW`, `RDONLY` or `NOACCESS`.
+    pub access: String,
+    /// The file holding the extent's data; `None` for ZERO.
+    pub file: Option<PathBuf>,
+    /// Size in 512-byte sectors, as listed.
+    pub sectors: u64,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Where the extent begins in the virtual disk of `disk`, in bytes.
+    pub virtual_offset: u64,
+    /// Where its data begins in `file`, in bytes: the descriptor's offset column (FLAT and
+    /// VMFS), 0 otherwise.
+    pub file_offset: u64,
 }

@@ -10,8 +10,8 @@ use super::descriptor::{self, Access, Descriptor, ExtentType};
 use super::flat::FlatExtent;
 use super::header::{SparseHeader, COWD_MAGIC, SECTOR, SPARSE_MAGIC};
 use super::sparse::{Budget, SparseExtent};
-use super::{Extent, Limits, Placed, VmdkImage, MAX_VIRTUAL_BYTES};
-use crate::image::{FileSource, ImageError, ReadAt};
+use super::{whole_file_extent, Extent, Limits, Placed, VmdkImage, MAX_VIRTUAL_BYTES};
+use crate::image::{ExtentInfo, FileSource, ImageError, ReadAt};
 
 /// Opens the VMDK at `path` — a descriptor file (`# Disk DescriptorFile`) or a monolithic
 /// sparse/stream file — with its extents (resolved next to the descriptor) and, for a delta
@@ -87,7 +87,7 @@ fn open_layer(path: &Path, ctx: &mut Ctx) -> Result<VmdkImage, ImageError> {
     let mut probe = vec![0u8; file.len().min(1024) as usize];
     file.read_exact_at(&mut probe, 0).map_err(|e| ImageError::io(path, e))?;
     let magic = probe.get(..4).map(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
-    let (extents, descriptor, extent_files, size) = if magic == Some(SPARSE_MAGIC) {
+    let (layout, descriptor) = if magic == Some(SPARSE_MAGIC) {
         let source: Arc<dyn ReadAt> = file;
         let (extent, embedded) = SparseExtent::open(source, path.to_owned(), &name, ctx.limits, &mut ctx.budget)?;
         let descriptor = match embedded {
@@ -99,7 +99,13 @@ fn open_layer(path: &Path, ctx: &mut Ctx) -> Result<VmdkImage, ImageError> {
             descriptor.create_type = Some(inferred_type(extent.header()).into());
         }
         let size = extent.header().capacity * SECTOR;
-        (vec![Placed { start: 0, len: size, extent: Extent::Sparse(extent) }], descriptor, Vec::new(), size)
+        let layout = Layout {
+            placed: vec![Placed { start: 0, len: size, extent: Extent::Sparse(extent) }],
+            files: Vec::new(),
+            info: vec![whole_file_extent(path, size)],
+            size,
+        };
+        (layout, descriptor)
     } else if magic == Some(COWD_MAGIC) {
         return Err(cowd_unsupported(&name));
     } else if descriptor::looks_like_descriptor(&probe) {
@@ -113,8 +119,7 @@ fn open_layer(path: &Path, ctx: &mut Ctx) -> Result<VmdkImage, ImageError> {
         let mut text = vec![0u8; file.len() as usize];
         file.read_exact_at(&mut text, 0).map_err(|e| ImageError::io(path, e))?;
         let descriptor = descriptor::parse(&text, &name, ctx.limits, true)?;
-        let (extents, files, size) = open_extents(path, &name, &descriptor, ctx)?;
-        (extents, descriptor, files, size)
+        (open_extents(path, &name, &descriptor, ctx)?, descriptor)
     } else {
         return Err(ImageError::Corrupt(format!(
             "{name} is neither a VMDK descriptor nor a sparse VMDK extent (it starts with {})",
@@ -128,13 +133,14 @@ fn open_layer(path: &Path, ctx: &mut Ctx) -> Result<VmdkImage, ImageError> {
         Some(parent_cid) => Some(Box::new(open_parent(path, &name, parent_cid, &descriptor, ctx)?)),
     };
     Ok(VmdkImage {
-        size,
-        extents,
+        size: layout.size,
+        extents: layout.placed,
         parent,
         path: path.to_owned(),
         create_type: descriptor.create_type,
         ddb: descriptor.ddb,
-        extent_files,
+        extent_files: layout.files,
+        extent_info: layout.info,
         cid,
     })
 }
@@ -211,19 +217,25 @@ fn resolve_parent(child: &Path, hint: &str) -> Result<PathBuf, ImageError> {
     ))
 }
 
+/// The extents of one disk, laid end to end.
+struct Layout {
+    placed: Vec<Placed>,
+    /// Extent files other than the disk's own.
+    files: Vec<PathBuf>,
+    /// Every extent line, for `inspect`.
+    info: Vec<ExtentInfo>,
+    size: u64,
+}
+
 /// Opens the extents of a descriptor file and lays them end to end.
-fn open_extents(
-    path: &Path,
-    name: &str,
-    d: &Descriptor,
-    ctx: &mut Ctx,
-) -> Result<(Vec<Placed>, Vec<PathBuf>, u64), ImageError> {
+fn open_extents(path: &Path, name: &str, d: &Descriptor, ctx: &mut Ctx) -> Result<Layout, ImageError> {
     if d.extents.is_empty() {
         return Err(ImageError::Corrupt(format!("the descriptor {name} lists no extents")));
     }
     let dir = path.parent().unwrap_or(Path::new(""));
     let mut placed = Vec::new();
     let mut files = Vec::new();
+    let mut info = Vec::new();
     let mut start = 0u64;
     for line in &d.extents {
         let at = format!("the {} extent on line {} of {name}", line.kind.name(), line.line);
@@ -276,12 +288,22 @@ fn open_extents(
                 }
             }
         };
+        info.push(ExtentInfo {
+            disk: path.to_owned(),
+            kind: line.kind.name().into(),
+            access: line.access.name().into(),
+            file: line.file.as_deref().map(|f| dir.join(f)),
+            sectors: line.sectors,
+            bytes: len,
+            virtual_offset: start,
+            file_offset: if line.kind.takes_offset() { line.offset.saturating_mul(SECTOR) } else { 0 },
+        });
         if len > 0 {
             placed.push(Placed { start, len, extent });
         }
         start += len;
     }
-    Ok((placed, files, start))
+    Ok(Layout { placed, files, info, size: start })
 }
 
 fn open_sparse_extent(path: &Path, file: Arc<FileSource>, at: &str, ctx: &mut Ctx) -> Result<Extent, ImageError> {

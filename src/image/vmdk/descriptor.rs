@@ -28,6 +28,17 @@ pub enum Access {
     NoAccess,
 }
 
+impl Access {
+    /// The word as descriptors write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::ReadWrite => "RW",
+            Access::ReadOnly => "RDONLY",
+            Access::NoAccess => "NOACCESS",
+        }
+    }
+}
+
 /// The `TYPE` column of an extent line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtentType {
@@ -59,7 +70,7 @@ impl ExtentType {
     }
 
     /// Whether the extent line may carry an offset after the file name.
-    fn takes_offset(self) -> bool {
+    pub(crate) fn takes_offset(self) -> bool {
         matches!(self, ExtentType::Flat | ExtentType::Vmfs)
     }
 

@@ -14,6 +14,10 @@ pub(crate) const FLAG_COMPRESSED: u32 = 1 << 16;
 pub(crate) const FLAG_MARKERS: u32 = 1 << 17;
 /// Largest virtual size accepted for one extent: 64 TiB.
 pub(crate) const MAX_CAPACITY_SECTORS: u64 = 1 << 37;
+/// Smallest grain: 16 sectors. The specification wants a power of two greater than 8; a
+/// smaller grain is a damaged header (seSparse's 4 KiB grains are another format, with
+/// another header).
+pub(crate) const MIN_GRAIN_SECTORS: u64 = 16;
 /// Largest grain: 32 MiB.
 pub(crate) const MAX_GRAIN_SECTORS: u64 = 1 << 16;
 /// qemu's limit on grain table entries.
@@ -107,8 +111,12 @@ impl SparseHeader {
             return Err(VmdkError::BadVersion(self.version));
         }
         let bad = |field, value, range| Err(VmdkError::BadField { field, value, range });
-        if !self.grain_size.is_power_of_two() || self.grain_size > MAX_GRAIN_SECTORS {
-            return bad("grain size", self.grain_size, "a power of two up to 65536 sectors");
+        if !self.grain_size.is_power_of_two() || !(MIN_GRAIN_SECTORS..=MAX_GRAIN_SECTORS).contains(&self.grain_size) {
+            return bad(
+                "grain size",
+                self.grain_size,
+                "a power of two from 16 to 65536 sectors (the VMDK specification requires more than 8)",
+            );
         }
         if self.gtes_per_gt == 0 || self.gtes_per_gt > MAX_GTES_PER_GT {
             return bad("grain table entry count", u64::from(self.gtes_per_gt), "1 to 512");

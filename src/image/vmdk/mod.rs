@@ -19,13 +19,14 @@ mod chain;
 mod check;
 mod descriptor;
 mod flat;
+mod gt_cache;
 mod header;
 mod sparse;
 mod stream;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use chain::open;
@@ -37,7 +38,7 @@ pub use stream::{read_stream_sequential, scan_stream_markers, StreamMap};
 #[cfg(test)]
 use header::FLAG_COMPRESSED;
 
-use super::{push_plain_run, DiskSource, ImageError, PlainRun, ReadAt, SourceInfo};
+use super::{push_plain_run, DiskSource, ExtentInfo, ImageError, PlainRun, ReadAt, SourceInfo};
 use flat::FlatExtent;
 use sparse::{Budget, Region, SparseExtent};
 
@@ -59,9 +60,18 @@ pub struct Limits {
     /// Largest compressed grain, in bytes, also bounded by structure (2 × grain + 4 KiB).
     /// Default 4 MiB: any grain up to 2 MiB, however incompressible.
     pub max_compressed_grain_bytes: u64,
-    /// Memory for grain tables kept for reads, over the whole image (every extent and parent).
-    /// All-zero tables cost nothing. Default 1 GiB: 16 TiB of allocated 64 KiB grains.
+    /// Memory for grain tables, over the whole image (every extent and parent), whatever the
+    /// disk size. Tables read from the file are checked at open, then loaded when a read needs
+    /// them into a cache of this many bytes that every reader thread shares (2 KiB per table
+    /// of 512 entries, one per 32 MiB of disk with 64 KiB grains, plus 64 bytes of
+    /// bookkeeping). Default 64 MiB: the tables of about 1 TiB of disk stay cached; larger
+    /// disks are read with one `pread` per 1 GiB of disk when the cache misses.
     pub max_grain_table_bytes: u64,
+    /// Memory for the grain map of a stream rebuilt from its markers (a VMware stream whose
+    /// footer or tables are damaged, or one read from a pipe), held whole because there are
+    /// no tables to read again: 2 KiB per 32 MiB of allocated disk. Default 1 GiB, 16 TiB of
+    /// allocated grains; the only reader memory that grows with the disk.
+    pub max_stream_map_bytes: u64,
 }
 
 impl Default for Limits {
@@ -72,7 +82,8 @@ impl Default for Limits {
             max_chain_depth: 16,
             max_grain_directory_entries: 2 << 20,
             max_compressed_grain_bytes: 4 << 20,
-            max_grain_table_bytes: 1 << 30,
+            max_grain_table_bytes: 64 << 20,
+            max_stream_map_bytes: 1 << 30,
         }
     }
 }
@@ -108,16 +119,20 @@ pub struct VmdkImage {
     ddb: BTreeMap<String, String>,
     /// Extent files of this disk other than `path`.
     extent_files: Vec<PathBuf>,
+    /// This disk's extents as its descriptor lists them, for `inspect`.
+    extent_info: Vec<ExtentInfo>,
     /// The descriptor's content id, which a child's parentCID must match.
     cid: Option<u32>,
 }
 
 impl VmdkImage {
     /// What `inspect` shows: format `vmdk`, subformat = createType, sizes, every file read
-    /// besides the top one, the chain (child first) and the top descriptor's `ddb.*` keys.
+    /// besides the top one, the chain (child first), the extents of every disk of the chain
+    /// and the top descriptor's `ddb.*` keys.
     pub fn info(&self) -> SourceInfo {
         let mut referenced = Vec::new();
         let mut chain = Vec::new();
+        let mut extents = Vec::new();
         let mut layer = Some(self);
         while let Some(image) = layer {
             if !std::ptr::eq(image, self) {
@@ -125,6 +140,7 @@ impl VmdkImage {
             }
             referenced.extend(image.extent_files.iter().cloned());
             chain.push(image.path.clone());
+            extents.extend(image.extent_info.iter().cloned());
             layer = image.parent.as_deref();
         }
         let mut seen = std::collections::HashSet::new();
@@ -141,6 +157,7 @@ impl VmdkImage {
             referenced_files: referenced,
             chain,
             ddb: self.ddb.clone(),
+            extents,
         }
     }
 
@@ -197,7 +214,7 @@ impl DiskSource for VmdkImage {
                     sparse::push_region(&mut regions, p.start + local.start..p.start + local.end, Region::Zero)
                 }
                 Extent::Flat(f) => f.map(local, p.start, &mut regions),
-                Extent::Sparse(s) => s.map(local, p.start, &mut regions),
+                Extent::Sparse(s) => s.map(local, p.start, &mut regions)?,
             }
         }
         let mut out: Vec<Range<u64>> = Vec::new();
@@ -277,7 +294,7 @@ impl DiskSource for VmdkImage {
             match &p.extent {
                 Extent::Zero => {}
                 Extent::Flat(f) => f.plain_runs(local, p.start, &mut runs),
-                Extent::Sparse(s) => s.plain_runs(local, p.start, &mut runs, &mut holes),
+                Extent::Sparse(s) => s.plain_runs(local, p.start, &mut runs, &mut holes)?,
             }
         }
         if let Some(parent) = &self.parent {
@@ -352,7 +369,23 @@ pub fn open_stream(source: Arc<dyn ReadAt>, name: &str, limits: &Limits) -> Resu
         cid: descriptor.cid.as_deref().and_then(descriptor::parse_cid),
         ddb: descriptor.ddb,
         extent_files: Vec::new(),
+        extent_info: vec![whole_file_extent(Path::new(name), size)],
     })
+}
+
+/// A monolithic sparse or stream file as the one extent it is (its embedded descriptor's
+/// extent line names the file as it was first created, which may no longer be its name).
+fn whole_file_extent(path: &Path, size: u64) -> ExtentInfo {
+    ExtentInfo {
+        disk: path.to_owned(),
+        kind: ExtentType::Sparse.name().into(),
+        access: Access::ReadWrite.name().into(),
+        file: Some(path.to_owned()),
+        sectors: size / header::SECTOR,
+        bytes: size,
+        virtual_offset: 0,
+        file_offset: 0,
+    }
 }
 
 #[cfg(test)]

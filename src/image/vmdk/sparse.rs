@@ -2,19 +2,24 @@
 //! delta disks) and zlib-compressed grains behind markers (streamOptimized, in qemu-img's and
 //! VMware's shapes).
 //!
-//! The grain directory and the non-empty grain tables are read once at open and shared by
-//! every reader thread; a read takes `&self` and keeps no cursor. Compressed grains that lie
-//! next to each other in the file (streamOptimized writes them in LBA order) are fetched
-//! with one positioned read per chunk and inflated one by one into grain-sized buffers.
+//! The grain directory is read at open and kept (4 bytes per grain table). Every grain table
+//! is checked at open too, a few MiB at a time, so that a damaged file is refused before a
+//! conversion starts, but tables are not kept: reads load them on demand, checked again, into
+//! the image's [`GtCache`], whose size is bounded whatever the disk size, and which every
+//! reader thread shares. A read takes `&self` and keeps no cursor between calls. Compressed
+//! grains that lie next to each other in the file (streamOptimized writes them in LBA order)
+//! are fetched with one positioned read per chunk and inflated one by one into grain-sized
+//! buffers.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use libdeflater::{DecompressionError, Decompressor};
 
+use super::gt_cache::{self, GtCache, Table};
 use super::header::*;
 use super::{stream, Limits};
 use crate::image::{push_plain_run, ImageError, PlainRun, ReadAt};
@@ -27,6 +32,10 @@ const MAX_GROUP_BYTES: u64 = 32 << 20;
 const LOOKAHEAD_GRAINS: u64 = 512;
 /// Grain tables read in one go at open.
 const MAX_TABLE_READ: u64 = 4 << 20;
+/// Grain tables read with one `pread` on a cache miss, when the directory's next entries
+/// point at the tables that follow in the file (they usually do): 64 KiB, 1 GiB of disk with
+/// 64 KiB grains.
+const READAHEAD_TABLES: u64 = 32;
 
 /// What one grain of an extent is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,9 +82,8 @@ pub(crate) struct SparseExtent {
     /// Bytes the header's capacity covers.
     data_bytes: u64,
     gtes: u64,
-    /// Per grain directory entry: the grain table (byte offsets are entry × 512), or `None`
-    /// when absent or all zero.
-    tables: Vec<Option<Arc<[u32]>>>,
+    capacity_grains: u64,
+    tables: Tables,
     deflate: bool,
     markers: bool,
     zeroed: bool,
@@ -95,6 +103,37 @@ impl std::fmt::Debug for SparseExtent {
             .field("header", &self.header)
             .field("rebuilt_from_markers", &self.rebuilt_from_markers)
             .finish_non_exhaustive()
+    }
+}
+
+/// Where an extent's grain tables (byte offsets are entry × 512) come from. Boxed: an
+/// extent is a variant of `Extent` next to small ones.
+enum Tables {
+    Directory(Box<Directory>),
+    /// Rebuilt from a stream's markers: held whole, as nothing in the file says it again.
+    /// `None` when absent.
+    Rebuilt(Box<[Option<Table>]>),
+}
+
+/// The grain directory (the sector of each table, 0 when absent); tables are read on demand
+/// through the image's cache, in key space `owner`.
+struct Directory {
+    gd: Box<[u32]>,
+    cache: Arc<GtCache>,
+    owner: u32,
+}
+
+/// The grain table a walk over ascending grains is in: a walk costs one table lookup per
+/// table it crosses (one per 32 MiB of disk), not one per grain.
+struct Cursor {
+    index: u64,
+    /// `None`: absent or all zero.
+    table: Option<Table>,
+}
+
+impl Cursor {
+    fn new() -> Cursor {
+        Cursor { index: u64::MAX, table: None }
     }
 }
 
@@ -145,22 +184,29 @@ pub(crate) fn check_packed_size(
     Ok(())
 }
 
-/// Tracks memory granted to grain tables across a whole open (every extent and parent).
+/// Memory for grain tables across a whole open (every extent and parent): the cache that
+/// tables read from the file share, and the budget of maps rebuilt from stream markers, which
+/// are held whole.
 #[derive(Debug)]
 pub(crate) struct Budget {
     pub(crate) remaining: u64,
     pub(crate) limit: u64,
+    pub(crate) cache: Arc<GtCache>,
 }
 
 impl Budget {
     pub(crate) fn new(limits: &Limits) -> Budget {
-        Budget { remaining: limits.max_grain_table_bytes, limit: limits.max_grain_table_bytes }
+        Budget {
+            remaining: limits.max_stream_map_bytes,
+            limit: limits.max_stream_map_bytes,
+            cache: Arc::new(GtCache::new(limits.max_grain_table_bytes)),
+        }
     }
 
     pub(crate) fn take(&mut self, bytes: u64, name: &str) -> Result<(), ImageError> {
         if bytes > self.remaining {
             return Err(ImageError::Limit(format!(
-                "the grain tables of {name} (with the rest of the disk) need more than {} bytes of memory, over the limit (max_grain_table_bytes)",
+                "the grain map of {name} rebuilt from its markers (with the rest of the disk) needs more than {} bytes of memory, over the limit (max_stream_map_bytes)",
                 self.limit
             )));
         }
@@ -241,7 +287,8 @@ impl SparseExtent {
             grain_bytes,
             data_bytes: header.capacity * SECTOR,
             gtes: u64::from(header.gtes_per_gt),
-            tables: Vec::new(),
+            capacity_grains: header.capacity_grains(),
+            tables: Tables::Rebuilt(Box::default()),
             deflate: header.deflate(),
             markers: header.markers(),
             zeroed: header.zeroed_grains(),
@@ -251,7 +298,7 @@ impl SparseExtent {
             rebuilt_from_markers: rebuilt.is_some(),
         };
         match rebuilt {
-            Some(map) => extent.tables = map.tables.into_iter().map(|t| t.map(Arc::from)).collect(),
+            Some(map) => extent.tables = rebuilt_tables(map),
             None => {
                 let remaining = budget.remaining;
                 if let Err(e) = extent.load_tables(limits, budget) {
@@ -269,7 +316,7 @@ impl SparseExtent {
                     }
                     budget.remaining = remaining;
                     let map = stream::scan_at(&*extent.source, name, limits, budget).map_err(|_| e)?;
-                    extent.tables = map.tables.into_iter().map(|t| t.map(Arc::from)).collect();
+                    extent.tables = rebuilt_tables(map);
                     extent.rebuilt_from_markers = true;
                 }
             }
@@ -281,8 +328,9 @@ impl SparseExtent {
         &self.header
     }
 
-    /// Reads the grain directory and every non-empty grain table, and checks that every
-    /// grain they point at starts inside the file.
+    /// Reads the grain directory, and checks every grain table it points at: each lies inside
+    /// the file, and every grain it maps starts (plain: lies) inside the file. The directory
+    /// is kept; tables only as far as the image's cache has room for them.
     fn load_tables(&mut self, limits: &Limits, budget: &mut Budget) -> Result<(), ImageError> {
         let h = self.header;
         let name = self.name.clone();
@@ -302,8 +350,10 @@ impl SparseExtent {
         let gd = read_u32s(&*self.source, gd_offset, entries as usize)
             .map_err(|e| read_error(&self.path, &name, "the grain directory", gd_offset, gd_size, len, e))?;
         let gt_bytes = h.gt_bytes();
-        // Distinct tables, in directory order, each checked to lie inside the file.
-        let mut order = Vec::new();
+        // Distinct tables, in directory order with the first entry naming each (a table shared
+        // by several entries, which only a hostile file has, is read and checked once), each
+        // checked to lie inside the file.
+        let mut order: Vec<(u32, u64)> = Vec::new();
         let mut seen = HashSet::new();
         for (index, &sector) in gd.iter().enumerate() {
             if sector == 0 || !seen.insert(sector) {
@@ -319,77 +369,134 @@ impl SparseExtent {
                     len,
                 ));
             }
-            order.push(sector);
+            order.push((sector, index as u64));
         }
-        let mut loaded: HashMap<u32, Option<Arc<[u32]>>> = HashMap::with_capacity(order.len());
+        drop(seen);
+        let cache = budget.cache.clone();
+        // Tables checked here are kept while the cache has room (all of them for disks up to
+        // about 1 TiB by default): the reads that follow then find them there.
+        let mut room = cache.room();
+        let mut warm: Vec<(u64, Table)> = Vec::new();
+        let mut bytes = Vec::new();
         let mut at = 0;
         while at < order.len() {
             // A run of tables back to back in the file is read at once.
-            let start = u64::from(order[at]) * SECTOR;
+            let start = u64::from(order[at].0) * SECTOR;
             let mut end = at + 1;
             while end < order.len()
-                && u64::from(order[end]) * SECTOR == start + (end - at) as u64 * gt_bytes
+                && u64::from(order[end].0) * SECTOR == start + (end - at) as u64 * gt_bytes
                 && (end - at + 1) as u64 * gt_bytes <= MAX_TABLE_READ
             {
                 end += 1;
             }
             let run = (end - at) as u64 * gt_bytes;
-            let mut bytes = vec![0u8; run as usize];
+            bytes.resize(run as usize, 0);
             self.source
                 .read_exact_at(&mut bytes, start)
                 .map_err(|e| read_error(&self.path, &name, "a grain table", start, run, len, e))?;
             for (i, chunk) in bytes.chunks_exact(gt_bytes as usize).enumerate() {
-                let table: Vec<u32> =
-                    chunk.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-                let kept = if table.iter().all(|&e| e == 0) {
-                    None
-                } else {
-                    budget.take(gt_bytes, &name)?;
-                    Some(Arc::from(table))
-                };
-                loaded.insert(order[at + i], kept);
+                let index = order[at + i].1;
+                let table = self.check_table(index, chunk)?;
+                let cost = gt_cache::cost(&table);
+                if !table.is_empty() && cost > cache.capacity() {
+                    return Err(ImageError::Limit(format!(
+                        "a grain table of {name} takes {cost} bytes of memory, more than the {} bytes allowed for the grain tables of the whole disk (max_grain_table_bytes)",
+                        cache.capacity()
+                    )));
+                }
+                if cost <= room {
+                    room -= cost;
+                    warm.push((index, table));
+                }
             }
             at = end;
         }
-        self.tables = gd.iter().map(|&s| if s == 0 { None } else { loaded.get(&s).cloned().flatten() }).collect();
-        self.check_grain_pointers()
+        let owner = cache.register();
+        // Only now: a stream whose tables turn out damaged is read from its markers instead,
+        // and must leave nothing behind in the cache.
+        for (index, table) in warm {
+            cache.insert_if_room(owner, index, table);
+        }
+        self.tables = Tables::Directory(Box::new(Directory { gd: gd.into_boxed_slice(), cache, owner }));
+        Ok(())
     }
 
-    /// Every reachable grain pointer must start (plain: lie) inside the file.
-    fn check_grain_pointers(&self) -> Result<(), ImageError> {
-        let capacity_grains = self.header.capacity_grains();
-        let mut checked = HashSet::new();
-        for (index, table) in self.tables.iter().enumerate() {
-            let Some(table) = table else { continue };
-            let first = index as u64 * self.gtes;
-            let reach = capacity_grains.saturating_sub(first).min(self.gtes) as usize;
-            let last_table = first + self.gtes >= capacity_grains;
-            // A table shared by several directory entries (hostile) is checked once.
-            if !last_table && !checked.insert(Arc::as_ptr(table) as *const u32 as usize) {
-                continue;
-            }
-            for (i, &entry) in table.iter().take(reach).enumerate() {
-                let grain = first + i as u64;
-                let Grain::At(offset) = self.classify(entry) else { continue };
-                let need = if !self.deflate {
-                    self.grain_len(grain)
-                } else if self.markers {
-                    GRAIN_MARKER_HEADER
-                } else {
-                    1
-                };
-                if offset.checked_add(need).is_none_or(|end| end > self.file_len) {
-                    return Err(past_end(
-                        &format!("grain table {index} (grain {grain})"),
-                        &self.name,
-                        offset,
-                        need,
-                        self.file_len,
-                    ));
-                }
+    /// Parses grain table `index` from its bytes and checks that every grain it maps (inside
+    /// the capacity) starts (plain: lies) inside the file. An all-zero table comes back empty.
+    fn check_table(&self, index: u64, bytes: &[u8]) -> Result<Table, ImageError> {
+        if bytes.iter().all(|&b| b == 0) {
+            return Ok(Arc::from([]));
+        }
+        let table: Table = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let first = index * self.gtes;
+        let reach = self.capacity_grains.saturating_sub(first).min(self.gtes) as usize;
+        for (i, &entry) in table.iter().take(reach).enumerate() {
+            let grain = first + i as u64;
+            let Grain::At(offset) = self.classify(entry) else { continue };
+            let need = if !self.deflate {
+                self.grain_len(grain)
+            } else if self.markers {
+                GRAIN_MARKER_HEADER
+            } else {
+                1
+            };
+            if offset.checked_add(need).is_none_or(|end| end > self.file_len) {
+                return Err(past_end(
+                    &format!("grain table {index} (grain {grain})"),
+                    &self.name,
+                    offset,
+                    need,
+                    self.file_len,
+                ));
             }
         }
-        Ok(())
+        Ok(table)
+    }
+
+    /// Grain table `index`, from the cache or the file; `None` when absent or all zero.
+    fn table(&self, index: u64) -> Result<Option<Table>, ImageError> {
+        let table = match &self.tables {
+            Tables::Rebuilt(tables) => return Ok(tables.get(index as usize).cloned().flatten()),
+            Tables::Directory(d) => {
+                if d.gd.get(index as usize).is_none_or(|&sector| sector == 0) {
+                    return Ok(None);
+                }
+                match d.cache.get(d.owner, index) {
+                    Some(table) => table,
+                    None => self.load(&d.gd, &d.cache, d.owner, index)?,
+                }
+            }
+        };
+        Ok(if table.is_empty() { None } else { Some(table) })
+    }
+
+    /// Reads grain table `index` (present in `gd`) into the cache, with the tables that follow
+    /// it in both the directory and the file, and returns it.
+    fn load(&self, gd: &[u32], cache: &GtCache, owner: u32, index: u64) -> Result<Table, ImageError> {
+        let gt_bytes = self.header.gt_bytes();
+        let start = u64::from(gd[index as usize]) * SECTOR;
+        // Never more than a quarter of the cache, so that reading ahead cannot evict what the
+        // other readers are using.
+        let ahead = (cache.capacity() / 4 / (gt_bytes + gt_cache::ENTRY_OVERHEAD)).clamp(1, READAHEAD_TABLES);
+        let mut count = 1;
+        while count < ahead
+            && gd.get((index + count) as usize).is_some_and(|&s| u64::from(s) * SECTOR == start + count * gt_bytes)
+        {
+            count += 1;
+        }
+        let size = count * gt_bytes;
+        let mut bytes = vec![0u8; size as usize];
+        self.source
+            .read_exact_at(&mut bytes, start)
+            .map_err(|e| read_error(&self.path, &self.name, "a grain table", start, size, self.file_len, e))?;
+        let wanted = self.check_table(index, &bytes[..gt_bytes as usize])?;
+        cache.insert(owner, index, wanted.clone());
+        for (k, chunk) in bytes.chunks_exact(gt_bytes as usize).enumerate().skip(1) {
+            // A damaged table read ahead is left for the read that wants it to report.
+            let Ok(table) = self.check_table(index + k as u64, chunk) else { break };
+            cache.insert(owner, index + k as u64, table);
+        }
+        Ok(wanted)
     }
 
     fn classify(&self, entry: u32) -> Grain {
@@ -400,13 +507,28 @@ impl SparseExtent {
         }
     }
 
-    /// What grain `grain` is. Grains past the capacity are holes.
-    pub(crate) fn grain(&self, grain: u64) -> Grain {
-        let table = (grain / self.gtes) as usize;
-        match self.tables.get(table) {
-            Some(Some(t)) if grain < self.header.capacity_grains() => self.classify(t[(grain % self.gtes) as usize]),
-            _ => Grain::Hole,
+    /// What grain `grain` is, with `cursor` on its table. Grains past the capacity are holes.
+    fn grain(&self, cursor: &mut Cursor, grain: u64) -> Result<Grain, ImageError> {
+        if grain >= self.capacity_grains {
+            return Ok(Grain::Hole);
         }
+        self.seek(cursor, grain / self.gtes)?;
+        Ok(match &cursor.table {
+            Some(t) => self.classify(t[(grain % self.gtes) as usize]),
+            None => Grain::Hole,
+        })
+    }
+
+    /// Puts `cursor` on table `index`.
+    fn seek(&self, cursor: &mut Cursor, index: u64) -> Result<(), ImageError> {
+        if cursor.index != index {
+            // Invalidated first: a failed load must not leave the previous table under the
+            // new index.
+            cursor.index = u64::MAX;
+            cursor.table = self.table(index)?;
+            cursor.index = index;
+        }
+        Ok(())
     }
 
     /// Bytes of grain `grain` inside the capacity (the last one may be short).
@@ -415,16 +537,23 @@ impl SparseExtent {
     }
 
     /// How `range` (extent-relative) reads, grain by grain, merged into runs.
-    pub(crate) fn map(&self, range: Range<u64>, base: u64, out: &mut Vec<(Range<u64>, Region)>) {
+    pub(crate) fn map(
+        &self,
+        range: Range<u64>,
+        base: u64,
+        out: &mut Vec<(Range<u64>, Region)>,
+    ) -> Result<(), ImageError> {
+        let mut cursor = Cursor::new();
         let mut pos = range.start;
         while pos < range.end {
             if pos >= self.data_bytes {
                 push_region(out, base + pos..base + range.end, Region::Hole);
-                return;
+                return Ok(());
             }
             let grain = pos / self.grain_bytes;
             let table = grain / self.gtes;
-            if !matches!(self.tables.get(table as usize), Some(Some(_))) {
+            self.seek(&mut cursor, table)?;
+            if cursor.table.is_none() {
                 // No table: the whole span it would map is a hole.
                 let span_end = (table + 1).saturating_mul(self.gtes).saturating_mul(self.grain_bytes);
                 let end = span_end.min(self.data_bytes).min(range.end);
@@ -433,7 +562,7 @@ impl SparseExtent {
                 continue;
             }
             let end = ((grain + 1) * self.grain_bytes).min(self.data_bytes).min(range.end);
-            let region = match self.grain(grain) {
+            let region = match self.grain(&mut cursor, grain)? {
                 Grain::Hole => Region::Hole,
                 Grain::Zero => Region::Zero,
                 Grain::At(_) => Region::Data,
@@ -441,6 +570,7 @@ impl SparseExtent {
             push_region(out, base + pos..base + end, region);
             pos = end;
         }
+        Ok(())
     }
 
     /// The plain (uncompressed) grains of `range` (extent-relative) as runs of the extent's
@@ -454,10 +584,11 @@ impl SparseExtent {
         base: u64,
         runs: &mut Vec<PlainRun<'a>>,
         holes: &mut Vec<Range<u64>>,
-    ) {
+    ) -> Result<(), ImageError> {
         let mut regions = Vec::new();
-        self.map(range, base, &mut regions);
+        self.map(range, base, &mut regions)?;
         let file = self.source.as_file().filter(|_| !self.deflate);
+        let mut cursor = Cursor::new();
         for (r, region) in regions {
             match region {
                 Region::Hole => holes.push(r),
@@ -471,7 +602,7 @@ impl SparseExtent {
                         let grain = pos / self.grain_bytes;
                         let grain_start = grain * self.grain_bytes;
                         let stop = (grain_start + self.grain_bytes).min(end);
-                        if let Grain::At(at) = self.grain(grain) {
+                        if let Grain::At(at) = self.grain(&mut cursor, grain)? {
                             let file_offset = file_base + at + (pos - grain_start);
                             push_plain_run(runs, PlainRun { range: base + pos..base + stop, file, file_offset });
                         }
@@ -480,6 +611,7 @@ impl SparseExtent {
                 }
             }
         }
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes at extent offset `offset`. Holes (unallocated grains, and
@@ -490,6 +622,7 @@ impl SparseExtent {
         let mut packed: Vec<Packed> = Vec::new();
         // A run of plain grains back to back in the file: (file offset, range of buf).
         let mut run: Option<(u64, Range<usize>)> = None;
+        let mut cursor = Cursor::new();
         let mut pos = offset;
         while pos < end {
             let dst_start = (pos - offset) as usize;
@@ -501,7 +634,7 @@ impl SparseExtent {
             let grain_start = grain * self.grain_bytes;
             let stop = (grain_start + self.grain_bytes).min(self.data_bytes).min(end);
             let dst = dst_start..(stop - offset) as usize;
-            match self.grain(grain) {
+            match self.grain(&mut cursor, grain)? {
                 Grain::Hole => push_hole(holes, dst),
                 Grain::Zero => buf[dst].fill(0),
                 Grain::At(at) if self.deflate => {
@@ -530,7 +663,7 @@ impl SparseExtent {
             self.read_plain(run_at, &mut buf[run_dst])?;
         }
         if !packed.is_empty() {
-            with_scratch(|scratch| self.read_packed(&packed, buf, scratch))?;
+            with_scratch(|scratch| self.read_packed(&packed, buf, scratch, &mut cursor))?;
         }
         Ok(())
     }
@@ -549,24 +682,30 @@ impl SparseExtent {
 
     /// Where the packed grain `grain` at byte `at` ends at the latest: the next grain in the
     /// file when it follows closely, else one maximal span.
-    fn packed_end_hint(&self, grain: u64, at: u64) -> u64 {
+    fn packed_end_hint(&self, grain: u64, at: u64, cursor: &mut Cursor) -> Result<u64, ImageError> {
         let span = self.packed_span();
-        let limit = (grain + 1 + LOOKAHEAD_GRAINS).min(self.header.capacity_grains());
+        let limit = (grain + 1 + LOOKAHEAD_GRAINS).min(self.capacity_grains);
         let mut bound = at.saturating_add(span);
         for next in grain + 1..limit {
-            if let Grain::At(next_at) = self.grain(next) {
+            if let Grain::At(next_at) = self.grain(cursor, next)? {
                 if next_at > at {
                     bound = bound.min(next_at);
                 }
                 break;
             }
         }
-        bound.min(self.file_len)
+        Ok(bound.min(self.file_len))
     }
 
     /// Inflates the compressed grains `packed` (grain, range of `buf`, file offset), reading
     /// grains that lie close together in the file with one read.
-    fn read_packed(&self, packed: &[Packed], buf: &mut [u8], scratch: &mut Scratch) -> Result<(), ImageError> {
+    fn read_packed(
+        &self,
+        packed: &[Packed],
+        buf: &mut [u8],
+        scratch: &mut Scratch,
+        cursor: &mut Cursor,
+    ) -> Result<(), ImageError> {
         let span = self.packed_span();
         let mut first = 0;
         while first < packed.len() {
@@ -579,7 +718,7 @@ impl SparseExtent {
                 }
                 last += 1;
             }
-            let end = self.packed_end_hint(packed[last].grain, packed[last].at).max(start);
+            let end = self.packed_end_hint(packed[last].grain, packed[last].at, cursor)?.max(start);
             let size = (end - start) as usize;
             scratch.packed.clear();
             scratch.packed.resize(size, 0);
@@ -685,6 +824,11 @@ impl SparseExtent {
         dst.copy_from_slice(&grain_buf[p.within..p.within + dst.len()]);
         Ok(())
     }
+}
+
+/// The tables of a map rebuilt from markers, shared as the cache's are.
+fn rebuilt_tables(map: stream::StreamMap) -> Tables {
+    Tables::Rebuilt(map.tables.into_iter().map(|t| t.map(Arc::from)).collect())
 }
 
 /// A compressed grain a read needs.
@@ -797,5 +941,203 @@ pub(crate) fn prefix(e: ImageError, what: &str) -> ImageError {
         ImageError::Unsupported(m) => ImageError::Unsupported(format!("{what}{m}")),
         ImageError::Limit(m) => ImageError::Limit(format!("{what}{m}")),
         io => io,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
+
+    use super::super::{open_stream, Extent, VmdkImage};
+    use super::*;
+    use crate::image::DiskSource;
+
+    const GRAIN: u64 = 64 << 10;
+    const GTES: u64 = 512;
+    /// Disk bytes one grain table maps.
+    const SPAN: u64 = GRAIN * GTES;
+    /// Distinct grain tables and grains in the file.
+    const TABLES: u64 = 4;
+    const GRAINS: u64 = 4;
+
+    /// Bytes that can change after open, counting the reads that touch the grain tables.
+    struct Bytes {
+        bytes: Mutex<Vec<u8>>,
+        tables: Range<u64>,
+        table_reads: AtomicU64,
+    }
+
+    impl ReadAt for Bytes {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            if offset < self.tables.end && offset + buf.len() as u64 > self.tables.start {
+                self.table_reads.fetch_add(1, Ordering::Relaxed);
+            }
+            self.bytes.lock().unwrap().read_exact_at(buf, offset)
+        }
+
+        fn len(&self) -> u64 {
+            self.bytes.lock().unwrap().len() as u64
+        }
+    }
+
+    /// A monolithicSparse file of about 2 MiB whose header claims `capacity` bytes, every
+    /// grain of them allocated: each grain directory entry points at one of `TABLES` tables,
+    /// each entry of those at one of `GRAINS` grains. With `distinct`, the directory points
+    /// at `entries` tables back to back instead (each the copy of one of the `TABLES`).
+    fn huge_disk(capacity: u64, distinct: bool) -> (Vec<u8>, Range<u64>) {
+        let entries = capacity / SPAN;
+        let gd_sectors = (entries * 4).div_ceil(SECTOR);
+        let table_sectors = GTES * 4 / SECTOR;
+        let tables_at = 1 + gd_sectors;
+        let stored = if distinct { entries } else { TABLES };
+        let grains_at = tables_at + stored * table_sectors;
+        let mut f = vec![0u8; ((grains_at + GRAINS * GRAIN / SECTOR) * SECTOR) as usize];
+        f[0..4].copy_from_slice(b"KDMV");
+        f[4..8].copy_from_slice(&1u32.to_le_bytes());
+        f[12..20].copy_from_slice(&(capacity / SECTOR).to_le_bytes());
+        f[20..28].copy_from_slice(&(GRAIN / SECTOR).to_le_bytes());
+        f[44..48].copy_from_slice(&(GTES as u32).to_le_bytes());
+        f[56..64].copy_from_slice(&1u64.to_le_bytes());
+        f[64..72].copy_from_slice(&grains_at.to_le_bytes());
+        f[73..77].copy_from_slice(b"\n \r\n");
+        for t in 0..entries {
+            let stored_at = if distinct { t } else { t % TABLES };
+            let sector = (tables_at + stored_at * table_sectors) as u32;
+            let at = (SECTOR + t * 4) as usize;
+            f[at..at + 4].copy_from_slice(&sector.to_le_bytes());
+        }
+        for s in 0..stored {
+            for e in 0..GTES {
+                let grain = (s % TABLES + e) % GRAINS;
+                let sector = (grains_at + grain * GRAIN / SECTOR) as u32;
+                let at = ((tables_at + s * table_sectors) * SECTOR + e * 4) as usize;
+                f[at..at + 4].copy_from_slice(&sector.to_le_bytes());
+            }
+        }
+        for g in 0..GRAINS {
+            let at = ((grains_at + g * GRAIN / SECTOR) * SECTOR) as usize;
+            for (i, b) in f[at..at + GRAIN as usize].iter_mut().enumerate() {
+                *b = (g as usize * 97 + i / 7) as u8;
+            }
+        }
+        let tables = tables_at * SECTOR..grains_at * SECTOR;
+        (f, tables)
+    }
+
+    /// What byte `offset` of `huge_disk` reads as.
+    fn expected(offset: u64) -> u8 {
+        let grain = offset / GRAIN;
+        let data = ((grain / GTES) % TABLES + grain % GTES) % GRAINS;
+        (data as usize * 97 + (offset % GRAIN) as usize / 7) as u8
+    }
+
+    fn open(bytes: Vec<u8>, tables: Range<u64>, cache_bytes: u64) -> (VmdkImage, Arc<Bytes>) {
+        let source = Arc::new(Bytes { bytes: Mutex::new(bytes), tables, table_reads: AtomicU64::new(0) });
+        let limits = Limits { max_grain_table_bytes: cache_bytes, ..Limits::default() };
+        let image = open_stream(source.clone(), "huge.vmdk", &limits).unwrap();
+        (image, source)
+    }
+
+    fn cache_of(image: &VmdkImage) -> &GtCache {
+        match &image.extents[0].extent {
+            Extent::Sparse(SparseExtent { tables: Tables::Directory(d), .. }) => &d.cache,
+            other => panic!("not a sparse extent read through its directory: {other:?}"),
+        }
+    }
+
+    fn check_read(image: &VmdkImage, offset: u64, len: usize) {
+        let mut buf = vec![0u8; len];
+        image.read_at(offset, &mut buf).unwrap();
+        for (i, &b) in buf.iter().enumerate() {
+            assert_eq!(b, expected(offset + i as u64), "byte {} of the disk", offset + i as u64);
+        }
+    }
+
+    /// 16 TiB claimed, all of it allocated, in a 2 MiB file: 512 Ki directory entries whose
+    /// tables would take 1 GiB if all were held. Reads all over the disk, from two threads,
+    /// keep the tables held within the cache's capacity.
+    #[test]
+    fn table_memory_stays_within_the_cache_whatever_the_disk_size() {
+        let capacity = 16u64 << 40;
+        let (bytes, tables) = huge_disk(capacity, false);
+        let tables_held = 16;
+        let limit = tables_held * (GTES * 4 + gt_cache::ENTRY_OVERHEAD);
+        let (image, _) = open(bytes, tables, limit);
+        assert_eq!(image.size(), capacity);
+        let cache = cache_of(&image);
+        assert_eq!(cache.capacity(), limit);
+        assert!(cache.bytes() <= limit);
+        std::thread::scope(|scope| {
+            for lane in 0..2u64 {
+                let image = &image;
+                scope.spawn(move || {
+                    for k in 0..150u64 {
+                        // Spread over the whole disk, with reads across grain and table
+                        // boundaries, going forward as the pipeline does, then back.
+                        let table = (k * 7919 + lane * 104_729) % (capacity / SPAN);
+                        let offset = table * SPAN + if k % 3 == 0 { SPAN - 3 * GRAIN - 5 } else { k * GRAIN + 11 };
+                        let offset = offset.min(capacity - 300_000);
+                        check_read(image, offset, 300_000);
+                        assert!(cache_of(image).bytes() <= limit, "{} > {limit}", cache_of(image).bytes());
+                    }
+                });
+            }
+        });
+        // The last bytes of the disk, and what the engine asks before it reads.
+        check_read(&image, capacity - 100, 100);
+        let chunk = capacity - SPAN - (4 << 20)..capacity - SPAN + (4 << 20);
+        assert_eq!(image.allocated(chunk.clone()).unwrap(), vec![chunk.clone()]);
+        assert!(cache.bytes() <= limit);
+        assert!(cache.len() as u64 <= tables_held);
+    }
+
+    /// Tables the directory lists back to back are read ahead with one `pread`, and every
+    /// table is checked again when it is read on demand.
+    #[test]
+    fn tables_are_read_ahead_and_checked_when_loaded() {
+        let capacity = 64 * SPAN;
+        let (bytes, tables) = huge_disk(capacity, true);
+        let table_bytes = GTES * 4 + gt_cache::ENTRY_OVERHEAD;
+        // Room for nothing at open beyond 8 tables; reads ahead 8 / 4 = 2 at a time.
+        let (image, source) = open(bytes, tables.clone(), 8 * table_bytes);
+        let at_open = source.table_reads.load(Ordering::Relaxed);
+        assert_eq!(at_open, 1, "the 64 tables, back to back, are checked with one read");
+        assert_eq!(cache_of(&image).len(), 8, "the first tables are kept as far as the cache has room");
+        for table in 0..64 {
+            check_read(&image, table * SPAN + GRAIN - 10, 20);
+        }
+        let reads = source.table_reads.load(Ordering::Relaxed) - at_open;
+        assert_eq!(reads, (64 - 8) / 2, "two tables per read once past the warm ones");
+        assert!(cache_of(&image).bytes() <= 8 * table_bytes);
+
+        // A table damaged after open (the file changed under us) is refused when loaded.
+        let (bytes, _) = huge_disk(capacity, true);
+        let (image, source) = open(bytes, tables.clone(), 8 * table_bytes);
+        let last = tables.start + 63 * GTES * 4;
+        let len = source.len();
+        source.bytes.lock().unwrap()[last as usize + 8..last as usize + 12]
+            .copy_from_slice(&((len / SECTOR) as u32).to_le_bytes());
+        let mut buf = vec![0u8; GRAIN as usize * 4];
+        match image.read_at(63 * SPAN, &mut buf) {
+            Err(ImageError::Corrupt(m)) => {
+                assert!(m.contains("grain table 63 (grain 32258)") && m.contains("points past the end"), "{m}")
+            }
+            other => panic!("expected a corrupt table, got {other:?}"),
+        }
+        assert!(image.allocated(63 * SPAN..64 * SPAN).is_err());
+        // The tables before it still read.
+        check_read(&image, 62 * SPAN, 1000);
+    }
+
+    /// The cache's floor: not even one table fits.
+    #[test]
+    fn a_cache_smaller_than_a_table_is_refused() {
+        let (bytes, _) = huge_disk(4 * SPAN, false);
+        let limits = Limits { max_grain_table_bytes: GTES * 4, ..Limits::default() };
+        match open_stream(Arc::new(bytes), "small.vmdk", &limits) {
+            Err(ImageError::Limit(m)) => assert!(m.contains("max_grain_table_bytes"), "{m}"),
+            other => panic!("expected a limit, got {other:?}"),
+        }
     }
 }
