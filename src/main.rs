@@ -36,10 +36,12 @@ struct Cli {
 enum Command {
     /// Watch WATCH_DIR for manifests and convert them (what systemd runs)
     Daemon(ConfigArgs),
-    /// Convert one disk image to qcow2
+    /// Convert a disk image (or every disk of an OVA) to qcow2
     Convert {
+        /// The image; `-`, a pipe or a FIFO is read in one pass (streamOptimized VMDK only)
         source: PathBuf,
-        /// The qcow2 to create
+        /// The qcow2 to create. The other disks of an OVA go beside it as DST-<disk id>.qcow2,
+        /// and their paths are printed
         #[arg(short, long, value_name = "DST.qcow2")]
         output: PathBuf,
         /// Write compressed clusters (zlib unless zstd is named)
@@ -48,11 +50,11 @@ enum Command {
         /// Compression level, 0-9 as COMPRESS_LEVEL (zstd levels are mapped); qemu's is 6
         #[arg(long, requires = "compress", default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
         level: u32,
-        /// Source format; guessed from the file name when omitted
+        /// Source format; guessed from the file name when omitted (from the first bytes for `-` or a pipe)
         #[arg(long, value_enum)]
         format: Option<Format>,
     },
-    /// Describe a disk image: format, subformat, size, referenced files
+    /// Describe a disk image: format, subformat, sizes, extents, delta chain; an OVA's disks and hardware
     Inspect {
         source: PathBuf,
         #[arg(long)]
@@ -155,6 +157,13 @@ fn main() -> ExitCode {
         Err(e) => {
             // Library errors already name their cause; the chain would repeat it.
             eprintln!("hyper2kvm: {e}");
+            if let Some(signal) = oneshot::interrupted() {
+                // Now that the partial files are gone, end as the signal would have, so
+                // that a shell or script sees an interruption and not a failure.
+                unsafe {
+                    libc::raise(signal);
+                }
+            }
             ExitCode::FAILURE
         }
     }
@@ -174,7 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Convert { source, output, compress, level, format } => {
-            let format = format.map(SourceFormat::from).unwrap_or_else(|| oneshot::guess_format(&source));
+            let format = format.map(SourceFormat::from);
             let compression = compress.map(|c| Compression {
                 kind: match c {
                     Codec::Zlib => CompressionType::Zlib,
@@ -182,7 +191,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 level,
             });
-            oneshot::convert(&source, format, &output, compression)?;
+            let written = if oneshot::is_stream(&source) {
+                oneshot::convert_stream(&source, format, &output, compression)?
+            } else {
+                let format = format.unwrap_or_else(|| oneshot::guess_format(&source));
+                oneshot::convert(&source, format, &output, compression)?
+            };
+            // Only names the user did not choose are worth printing.
+            if written.len() > 1 {
+                for path in written {
+                    println!("{}", path.display());
+                }
+            }
             Ok(())
         }
         Command::Inspect { source, json, format } => {
@@ -257,25 +277,89 @@ fn load_config(config_dir: &Option<PathBuf>, log_level: Option<String>, args: &C
     Ok(Config::load(&overrides, &config::ProcessEnv)?)
 }
 
-/// Prints a JSON description as indented `key: value` lines.
+/// Keys shown first, in this order, by the human form of `inspect`; the others follow
+/// alphabetically.
+const FIRST_KEYS: &[&str] = &[
+    "format",
+    "subformat",
+    "virtual_size",
+    "allocated_bytes",
+    "disk",
+    "type",
+    "access",
+    "file",
+    "sectors",
+    "bytes",
+    "virtual_offset",
+    "file_offset",
+    "ovf",
+    "hardware",
+    "disks",
+    "disk_id",
+    "href",
+    "capacity_bytes",
+    "extents",
+    "chain",
+    "referenced_files",
+];
+
+/// Prints a JSON description as indented `key: value` lines: the main facts first, sizes
+/// also in binary units, empty lists as `none`.
 fn print_fields(value: &serde_json::Value, indent: &str) {
     match value {
         serde_json::Value::Object(map) => {
-            for (key, v) in map {
-                if v.is_object() || v.is_array() {
-                    println!("{indent}{key}:");
-                    print_fields(v, &format!("{indent}  "));
-                } else if !v.is_null() {
-                    println!("{indent}{key}: {}", v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+            let rank = |key: &str| FIRST_KEYS.iter().position(|k| *k == key).unwrap_or(FIRST_KEYS.len());
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_by_key(|k| (rank(k), k.as_str()));
+            for key in keys {
+                let v = &map[key];
+                match v {
+                    serde_json::Value::Null => {}
+                    serde_json::Value::Array(a) if a.is_empty() => println!("{indent}{key}: none"),
+                    serde_json::Value::Object(o) if o.is_empty() => println!("{indent}{key}: none"),
+                    serde_json::Value::Array(_) | serde_json::Value::Object(_) => {
+                        println!("{indent}{key}:");
+                        print_fields(v, &format!("{indent}  "));
+                    }
+                    serde_json::Value::Number(n) if is_size(key) && n.as_u64().is_some_and(|n| n >= 1024) => {
+                        println!("{indent}{key}: {n} ({})", binary_size(n.as_u64().unwrap_or_default()));
+                    }
+                    _ => println!("{indent}{key}: {}", scalar(v)),
                 }
             }
         }
         serde_json::Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
-                println!("{indent}- [{i}]");
-                print_fields(item, &format!("{indent}  "));
+                if item.is_object() || item.is_array() {
+                    println!("{indent}- [{i}]");
+                    print_fields(item, &format!("{indent}  "));
+                } else {
+                    println!("{indent}- {}", scalar(item));
+                }
             }
         }
-        other => println!("{indent}{other}"),
+        other => println!("{indent}{}", scalar(other)),
     }
+}
+
+fn scalar(v: &serde_json::Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+}
+
+fn is_size(key: &str) -> bool {
+    key == "virtual_size" || key == "bytes" || key.ends_with("_bytes")
+}
+
+/// `1.5 GiB`: two decimals at most, trailing zeros dropped.
+fn binary_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    let text = format!("{value:.2}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("{text} {}", UNITS[unit])
 }

@@ -1,16 +1,22 @@
 //! `hyper2kvm convert` and `hyper2kvm inspect`: the engine used by hand, outside the queue.
 
-use std::io::IsTerminal;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::fs::File;
+use std::io::{ErrorKind, IsTerminal, Read};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
 use super::{Compression, ConversionRequest, ConvertError, Converter, JobControl};
 use crate::engine::pipeline::image_error;
-use crate::engine::Auto;
+use crate::engine::{sequential, Auto, PipelineOptions};
 use crate::image::ova;
 use crate::manifest::SourceFormat;
+use crate::{host, publish};
 
 /// One-shot conversions have no CONVERSION_TIMEOUT.
 const NO_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -79,53 +85,424 @@ fn inspect_ova(source: &Path) -> Result<serde_json::Value, ConvertError> {
     }))
 }
 
-/// Converts `source` to a new qcow2 at `destination`, with a progress line on a terminal.
+/// One qcow2 to write: which disk of the source, and its final name.
+struct Output {
+    /// With an OVA: the disk's index (boot order).
+    ova_disk: Option<usize>,
+    path: PathBuf,
+    /// The hidden name it is written under, in the same directory.
+    temp: PathBuf,
+}
+
+/// Converts `source` to qcow2 and returns the files written.
+///
+/// One file, `destination`, except for an OVA with several disks: its first (boot) disk
+/// becomes `destination` and each other one `<destination's stem>-<disk id>.qcow2` beside it,
+/// the names the daemon gives them. An OVA's `.mf` is verified before anything is written.
+///
+/// Every file is written under a hidden temporary name in its final directory and linked to
+/// its name only once all of them converted, so that a failed or interrupted run (SIGINT,
+/// SIGTERM, SIGHUP) leaves nothing under a final name; its temporary files are removed. A
+/// progress bar is drawn when stderr is a terminal, nothing is printed otherwise.
 pub fn convert(
     source: &Path,
     format: SourceFormat,
     destination: &Path,
     compression: Option<Compression>,
-) -> Result<(), ConvertError> {
-    if destination.exists() {
+) -> Result<Vec<PathBuf>, ConvertError> {
+    check_destination(destination)?;
+    let outputs = plan(source, format, destination)?;
+    let interrupt = Interrupt::install();
+    let converter = Auto::default();
+    let mut result = Ok(());
+    for (n, output) in outputs.iter().enumerate() {
+        let label = (outputs.len() > 1).then(|| format!("disk {}/{}", n + 1, outputs.len()));
+        let request =
+            ConversionRequest { source, format, destination: &output.temp, compression, ova_disk: output.ova_disk };
+        result = convert_one(&converter, &request, label);
+        if result.is_err() {
+            break;
+        }
+    }
+    conclude(outputs, interrupt, result)
+}
+
+/// Publishes the outputs after a successful run, removes the temporary files either way, and
+/// reports an interruption as one, not as the error it caused.
+fn conclude(
+    outputs: Vec<Output>,
+    interrupt: Interrupt,
+    result: Result<(), ConvertError>,
+) -> Result<Vec<PathBuf>, ConvertError> {
+    let result = result.and_then(|()| interrupt.check()).and_then(|()| publish_outputs(&outputs));
+    for output in &outputs {
+        // After publishing these are second names of the results; after a failure, the
+        // partial files.
+        let _ = std::fs::remove_file(&output.temp);
+    }
+    drop(interrupt);
+    match (result, interrupted()) {
+        (Ok(()), _) => Ok(outputs.into_iter().map(|o| o.path).collect()),
+        // The conversion's own error would only say it was cancelled.
+        (Err(_), Some(sig)) => {
+            let name = Signal::try_from(sig).map_or("a signal", |s| s.as_str());
+            Err(ConvertError::Failed(format!("interrupted by {name}; nothing was written")))
+        }
+        (Err(e), None) => Err(e),
+    }
+}
+
+/// Whether `source` can only be read front to back: `-` (standard input), a FIFO, a socket
+/// or a character device. Such a source looks like an empty file to the random-access readers.
+pub fn is_stream(source: &Path) -> bool {
+    if source == Path::new("-") {
+        return true;
+    }
+    std::fs::metadata(source).is_ok_and(|m| {
+        let kind = m.file_type();
+        kind.is_fifo() || kind.is_socket() || kind.is_char_device()
+    })
+}
+
+/// [`convert`] for a source that cannot seek (see [`is_stream`]): a stream-optimized VMDK
+/// read in one pass ([`crate::engine::sequential`]); every other format is refused before
+/// anything is written. Without `format`, the first bytes tell. The result is published as
+/// [`convert`] publishes it.
+pub fn convert_stream(
+    source: &Path,
+    format: Option<SourceFormat>,
+    destination: &Path,
+    compression: Option<Compression>,
+) -> Result<Vec<PathBuf>, ConvertError> {
+    let name = stream_name(source);
+    if let Some(format) = format.filter(|f| *f != SourceFormat::Vmdk) {
+        return Err(not_streamable(&name, &format!("--format {} was given", format.as_str())));
+    }
+    check_destination(destination)?;
+    // Before the handlers: opening a FIFO waits for a writer, and a signal meanwhile should
+    // end the process as usual (nothing is written yet); once they are installed, it would
+    // only be noted, and the wait would go on.
+    let file = open_stream(source)?;
+    let outputs = vec![Output { ova_disk: None, temp: temp_name(destination), path: destination.to_owned() }];
+    let interrupt = Interrupt::install();
+    let control = JobControl::new(NO_DEADLINE);
+    let result = watched(&control, None, || {
+        let mut reader =
+            std::io::BufReader::with_capacity(STREAM_BUFFER, Cancellable { file, control: control.clone() });
+        let mut first = [0u8; 512];
+        reader.read_exact(&mut first).map_err(|e| read_failed(&control, &name, e))?;
+        sequential::stream_header(&first).map_err(|why| not_streamable(&name, &why))?;
+        let options = PipelineOptions { compression, ..PipelineOptions::default() };
+        let reader = std::io::Cursor::new(first).chain(reader);
+        sequential::convert_stream(reader, &outputs[0].temp, options, &control).map(drop)
+    });
+    conclude(outputs, interrupt, result)
+}
+
+/// Read ahead from a stream: large reads, few wake-ups.
+const STREAM_BUFFER: usize = 1 << 20;
+
+fn stream_name(source: &Path) -> String {
+    if source == Path::new("-") {
+        "standard input".into()
+    } else {
+        source.display().to_string()
+    }
+}
+
+fn not_streamable(name: &str, why: &str) -> ConvertError {
+    ConvertError::Failed(format!(
+        "{name} cannot seek; only streamOptimized VMDK can be converted from a pipe — save it to a file first ({why})"
+    ))
+}
+
+fn read_failed(control: &JobControl, name: &str, e: std::io::Error) -> ConvertError {
+    if let Err(stop) = control.check() {
+        return stop;
+    }
+    match e.kind() {
+        ErrorKind::UnexpectedEof => {
+            ConvertError::Corrupt(format!("{name} ended before the end of its first 512 bytes: it is not a VMDK"))
+        }
+        _ => ConvertError::Failed(format!("reading {name} failed: {e}")),
+    }
+}
+
+fn open_stream(source: &Path) -> Result<File, ConvertError> {
+    let opened = if source == Path::new("-") {
+        // A duplicate of fd 0, unbuffered: `Cancellable` polls it, and bytes already taken
+        // into std's stdin buffer would never show in a poll.
+        std::io::stdin().as_fd().try_clone_to_owned().map(File::from)
+    } else {
+        File::open(source)
+    };
+    opened.map_err(|e| ConvertError::Failed(format!("{}: {e}", stream_name(source))))
+}
+
+/// A stream that gives up once its conversion is cancelled, even while no byte comes: a
+/// writer that stalls must not keep an interrupted conversion from cleaning up.
+struct Cancellable {
+    file: File,
+    control: JobControl,
+}
+
+impl Read for Cancellable {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if self.control.check().is_err() {
+                return Err(std::io::Error::other("the conversion was stopped"));
+            }
+            let mut fd = libc::pollfd { fd: self.file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd, for a descriptor this struct owns.
+            match unsafe { libc::poll(&mut fd, 1, 200) } {
+                0 => continue,
+                n if n > 0 => return self.file.read(buf),
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_destination(destination: &Path) -> Result<(), ConvertError> {
+    refuse_existing(destination)?;
+    let dir = directory_of(destination);
+    if !dir.is_dir() {
+        // Said now: the writer would name the temporary file instead.
         return Err(ConvertError::Failed(format!(
-            "{} already exists; choose another name or remove it",
-            destination.display()
+            "{} cannot be written: the directory {} does not exist",
+            destination.display(),
+            dir.display()
         )));
     }
-    let converter = Auto::default();
-    let control = JobControl::new(NO_DEADLINE);
-    let info = converter.inspect(source, format, &control)?;
-    control.progress.total_bytes.store(info.virtual_size, Ordering::Relaxed);
-    let finished = Arc::new(AtomicBool::new(false));
-    let painter = std::io::stderr().is_terminal().then(|| spawn_progress(control.clone(), finished.clone()));
-    let request = ConversionRequest { source, format, destination, compression, ova_disk: None };
-    let result = converter.convert(&request, &control);
-    finished.store(true, Ordering::SeqCst);
-    if let Some(painter) = painter {
-        let _ = painter.join();
+    Ok(())
+}
+
+fn refuse_existing(path: &Path) -> Result<(), ConvertError> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(ConvertError::Failed(format!(
+            "{} already exists; choose another name or remove it",
+            path.display()
+        )));
     }
-    if result.is_err() {
-        let _ = std::fs::remove_file(destination);
+    Ok(())
+}
+
+/// The files to write. For an OVA: one per disk, once the `.mf` (when there is one) matched.
+fn plan(source: &Path, format: SourceFormat, destination: &Path) -> Result<Vec<Output>, ConvertError> {
+    let output = |ova_disk, path: PathBuf| Output { ova_disk, temp: temp_name(&path), path };
+    if format != SourceFormat::Ova {
+        return Ok(vec![output(None, destination.to_owned())]);
+    }
+    let package = ova::open(source, &ova::Limits::default()).map_err(image_error)?;
+    if package.disks.is_empty() {
+        return Err(ConvertError::Corrupt(format!(
+            "{} holds no disk to convert; check that the export included its disks",
+            source.display()
+        )));
+    }
+    let stem = destination.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+    let mut outputs = vec![output(Some(0), destination.to_owned())];
+    for (index, disk) in package.disks.iter().enumerate().skip(1) {
+        let path = destination.with_file_name(format!("{stem}-{}.qcow2", disk.disk_id));
+        refuse_existing(&path)?;
+        outputs.push(output(Some(index), path));
+    }
+    // After the names: hashing a large OVA takes a while, and a name taken is known at once.
+    if package.manifest.is_some() {
+        ova::verify_manifest(&package).map_err(image_error)?;
+    }
+    Ok(outputs)
+}
+
+/// `.<name>.<random>.tmp` beside `path`: hidden, and on the same filesystem, so that
+/// publishing is a link.
+fn temp_name(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.{}.tmp", host::random_hex()))
+}
+
+/// Converts one disk into `request.destination`, drawing a progress bar on a terminal.
+fn convert_one(converter: &Auto, request: &ConversionRequest<'_>, label: Option<String>) -> Result<(), ConvertError> {
+    let control = JobControl::new(NO_DEADLINE);
+    if !crate::engine::reads_natively(request.format) {
+        // The native engine sets the total itself; qemu-img only reports percentages.
+        let info = converter.inspect(request.source, request.format, &control)?;
+        control.progress.total_bytes.store(info.virtual_size, Ordering::Relaxed);
+    }
+    watched(&control, label, || converter.convert(request, &control))
+}
+
+/// Runs `work` while a watcher cancels `control` on a signal and draws a progress bar on a
+/// terminal.
+fn watched<T>(
+    control: &JobControl,
+    label: Option<String>,
+    work: impl FnOnce() -> Result<T, ConvertError>,
+) -> Result<T, ConvertError> {
+    let finished = Arc::new(AtomicBool::new(false));
+    let watcher = spawn_watcher(control.clone(), finished.clone(), std::io::stderr().is_terminal(), label);
+    let result = work();
+    finished.store(true, Ordering::SeqCst);
+    if let Ok(Some(bar)) = watcher.join() {
+        if result.is_ok() {
+            bar.finish();
+        } else {
+            bar.abandon();
+        }
     }
     result
 }
 
-/// A progress bar on stderr (rate and ETA) until `finished`.
-fn spawn_progress(control: JobControl, finished: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+/// Until `finished`: cancels the conversion when a signal asks to stop, and when `draw`,
+/// keeps a progress bar (rate and ETA) on stderr, which it returns to be finished.
+fn spawn_watcher(
+    control: JobControl,
+    finished: Arc<AtomicBool>,
+    draw: bool,
+    label: Option<String>,
+) -> std::thread::JoinHandle<Option<indicatif::ProgressBar>> {
     std::thread::spawn(move || {
-        let total = control.progress.total_bytes.load(Ordering::Relaxed);
-        let bar = indicatif::ProgressBar::new(total);
-        let style = indicatif::ProgressStyle::with_template(
-            "{bar:40.cyan/blue} {percent:>3}%  {bytes}/{total_bytes}  {binary_bytes_per_sec}  ETA {eta}",
-        );
-        if let Ok(style) = style {
-            bar.set_style(style);
-        }
+        let bar = draw.then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            let template = if label.is_some() {
+                "{msg} {bar:40.cyan/blue} {percent:>3}%  {bytes}/{total_bytes}  {binary_bytes_per_sec}  ETA {eta}"
+            } else {
+                "{bar:40.cyan/blue} {percent:>3}%  {bytes}/{total_bytes}  {binary_bytes_per_sec}  ETA {eta}"
+            };
+            if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+                bar.set_style(style);
+            }
+            if let Some(label) = label {
+                bar.set_message(label);
+            }
+            bar
+        });
+        let update = |bar: &Option<indicatif::ProgressBar>| {
+            if let Some(bar) = bar {
+                bar.set_length(control.progress.total_bytes.load(Ordering::Relaxed));
+                bar.set_position(control.progress.done_bytes.load(Ordering::Relaxed));
+            }
+        };
         while !finished.load(Ordering::SeqCst) {
-            bar.set_position(control.progress.done_bytes.load(Ordering::Relaxed));
+            if interrupted().is_some() {
+                control.cancel();
+            }
+            update(&bar);
             std::thread::sleep(Duration::from_millis(100));
         }
-        bar.set_position(control.progress.done_bytes.load(Ordering::Relaxed));
-        bar.finish();
+        update(&bar);
+        bar
     })
+}
+
+/// Links each temporary file to its final name, which fails rather than replace a file that
+/// appeared meanwhile; on failure, the names already given are taken back.
+fn publish_outputs(outputs: &[Output]) -> Result<(), ConvertError> {
+    let failed = |path: &Path, e: std::io::Error| ConvertError::Failed(format!("{}: {e}", path.display()));
+    for output in outputs {
+        // qemu-img does not flush what it writes; a name must never point at lost data.
+        publish::fsync_file(&output.temp).map_err(|e| failed(&output.temp, e))?;
+    }
+    for (n, output) in outputs.iter().enumerate() {
+        if let Err(e) = link_new(&output.temp, &output.path) {
+            for earlier in &outputs[..n] {
+                let _ = std::fs::remove_file(&earlier.path);
+            }
+            return Err(match e.kind() {
+                ErrorKind::AlreadyExists => ConvertError::Failed(format!(
+                    "{} was created by something else during the conversion; it was left alone and nothing was written",
+                    output.path.display()
+                )),
+                _ => failed(&output.path, e),
+            });
+        }
+    }
+    if let Some(first) = outputs.first() {
+        let dir = directory_of(&first.path);
+        publish::fsync_dir(dir).map_err(|e| failed(dir, e))?;
+    }
+    Ok(())
+}
+
+fn directory_of(path: &Path) -> &Path {
+    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// Gives `temp` the name `path` unless `path` exists. A hard link refuses an existing name
+/// atomically; on filesystems without hard links, a rename after a check has to do.
+fn link_new(temp: &Path, path: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(temp, path) {
+        Err(e) if e.kind() != ErrorKind::AlreadyExists => {
+            if std::fs::symlink_metadata(path).is_ok() {
+                return Err(ErrorKind::AlreadyExists.into());
+            }
+            std::fs::rename(temp, path)
+        }
+        linked => linked,
+    }
+}
+
+/// The first signal that asked a conversion to stop; 0 for none.
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn note_signal(signal: libc::c_int) {
+    // Only an atomic store: anything else is unsafe in a signal handler.
+    let _ = SIGNAL.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+}
+
+/// The signal that interrupted [`convert`], if one did. Once `convert` has returned, the
+/// signal's previous disposition is back: raising it again ends the process as the signal
+/// would have, for the shell to see.
+pub fn interrupted() -> Option<i32> {
+    match SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        signal => Some(signal),
+    }
+}
+
+/// While alive, SIGINT, SIGTERM and SIGHUP cancel the conversion instead of killing the
+/// process, so that its temporary files are removed. A signal ignored before (`nohup`) stays
+/// ignored.
+struct Interrupt {
+    previous: Vec<(Signal, SigAction)>,
+}
+
+impl Interrupt {
+    fn install() -> Interrupt {
+        let action = SigAction::new(SigHandler::Handler(note_signal), SaFlags::SA_RESTART, SigSet::empty());
+        let mut previous = Vec::new();
+        for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            // SAFETY: the handler only stores into an atomic.
+            match unsafe { signal::sigaction(sig, &action) } {
+                Ok(old) if old.handler() == SigHandler::SigIgn => {
+                    // SAFETY: puts back the disposition found.
+                    let _ = unsafe { signal::sigaction(sig, &old) };
+                }
+                Ok(old) => previous.push((sig, old)),
+                Err(_) => {}
+            }
+        }
+        Interrupt { previous }
+    }
+
+    fn check(&self) -> Result<(), ConvertError> {
+        match interrupted() {
+            Some(_) => Err(ConvertError::Cancelled),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Interrupt {
+    fn drop(&mut self) {
+        for (sig, old) in &self.previous {
+            // SAFETY: puts back the disposition found at install.
+            let _ = unsafe { signal::sigaction(*sig, old) };
+        }
+    }
 }

@@ -6,6 +6,7 @@
 //! read here, `qemu-img` for the rest (vhd, vhdx, vdi, qcow2 input).
 
 pub mod pipeline;
+pub mod sequential;
 
 use std::path::Path;
 use std::sync::Arc;
