@@ -658,6 +658,7 @@ fn convert_disk(
         destination: &staged,
         compression,
         ova_disk: disk.ova_disk,
+        inspected_files: Some(&source.info.referenced_files),
     };
     info!(stage = "convert", disk = %disk.id, source = %source.path.display(), "converting");
     ctx.converter.convert(&request, control).map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;

@@ -36,6 +36,25 @@ pub struct ConversionRequest<'a> {
     pub compression: Option<Compression>,
     /// With `format == Ova`: which of the archive's disks (in boot order).
     pub ova_disk: Option<usize>,
+    /// The files the source referred to when the job inspected it and confined them to
+    /// SOURCE_ROOTS. A converter that opens the source again refuses one that now refers to
+    /// any other: the descriptor was rewritten since, and the new file was never confined.
+    pub inspected_files: Option<&'a [PathBuf]>,
+}
+
+impl ConversionRequest<'_> {
+    /// Refuses a source whose files (as found by the converter's own open) are not the ones
+    /// that were inspected.
+    pub fn check_unchanged(&self, referenced_files: &[PathBuf]) -> Result<(), ConvertError> {
+        let Some(inspected) = self.inspected_files else { return Ok(()) };
+        match referenced_files.iter().find(|f| !inspected.contains(f)) {
+            None => Ok(()),
+            Some(new) => Err(ConvertError::Unsupported(format!(
+                "it now refers to {}, which it did not when it was inspected (the export changed during the job); submit the manifest again once the export is complete",
+                new.display()
+            ))),
+        }
+    }
 }
 
 /// What a source image is, as far as the job needs to know before converting it.

@@ -117,8 +117,14 @@ pub fn convert(
     let mut result = Ok(());
     for (n, output) in outputs.iter().enumerate() {
         let label = (outputs.len() > 1).then(|| format!("disk {}/{}", n + 1, outputs.len()));
-        let request =
-            ConversionRequest { source, format, destination: &output.temp, compression, ova_disk: output.ova_disk };
+        let request = ConversionRequest {
+            source,
+            format,
+            destination: &output.temp,
+            compression,
+            ova_disk: output.ova_disk,
+            inspected_files: None,
+        };
         result = convert_one(&converter, &request, label);
         if result.is_err() {
             break;

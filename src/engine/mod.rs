@@ -81,7 +81,8 @@ impl Converter for Native {
             (SourceFormat::Ova, Some(index)) => open_ova_disk(request.source, index),
             (format, _) => open(request.source, format),
         };
-        let (source, _) = opened.map_err(pipeline::image_error)?;
+        let (source, info) = opened.map_err(pipeline::image_error)?;
+        request.check_unchanged(&info.referenced_files)?;
         let options = PipelineOptions { compression: request.compression, ..self.options };
         pipeline::run(source.as_ref(), request.destination, options, control)?;
         Ok(())
@@ -120,5 +121,52 @@ impl Converter for Auto {
 
     fn convert(&self, request: &ConversionRequest<'_>, control: &JobControl) -> Result<(), ConvertError> {
         self.pick(request.format).convert(request, control)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// A monolithicFlat descriptor rewritten between the job's inspection and the conversion
+    /// to name another extent: the converter refuses it rather than read a file nobody
+    /// confined to SOURCE_ROOTS.
+    #[test]
+    fn a_source_rewritten_after_inspection_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let vmdk = dir.path().join("d.vmdk");
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat"])
+            .arg(&vmdk)
+            .arg("1M")
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let native = Native::default();
+        let control = JobControl::new(std::time::Duration::from_secs(60));
+        let inspected = native.inspect(&vmdk, SourceFormat::Vmdk, &control).unwrap().referenced_files;
+        assert_eq!(inspected, [dir.path().join("d-flat.vmdk")]);
+        let request = |destination| ConversionRequest {
+            source: &vmdk,
+            format: SourceFormat::Vmdk,
+            destination,
+            compression: None,
+            ova_disk: None,
+            inspected_files: Some(&inspected),
+        };
+        let same = dir.path().join("same.qcow2");
+        native.convert(&request(&same), &control).expect("an unchanged source converts");
+
+        std::fs::copy(dir.path().join("d-flat.vmdk"), dir.path().join("elsewhere-flat.vmdk")).unwrap();
+        let text = std::fs::read_to_string(&vmdk).unwrap().replace("d-flat.vmdk", "elsewhere-flat.vmdk");
+        std::fs::write(&vmdk, text).unwrap();
+        let changed = dir.path().join("changed.qcow2");
+        match native.convert(&request(&changed), &control) {
+            Err(ConvertError::Unsupported(detail)) => {
+                assert!(detail.contains("elsewhere-flat.vmdk") && detail.contains("export changed"), "{detail}")
+            }
+            other => panic!("a rewritten source must be refused, got {other:?}"),
+        }
     }
 }
