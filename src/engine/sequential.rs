@@ -62,14 +62,24 @@ pub fn convert_stream<R: Read>(
     let writer = Qcow2Writer::create(destination, size, writer_options).map_err(image_error)?;
     control.progress.total_bytes.store(size, Ordering::Relaxed);
     let mut clusters = Clusters::new(writer, size, options, control);
-    let input = QemuEnd::new(Cursor::new(prefix).chain(reader), &header);
-    vmdk::read_stream_sequential(input, &limits, |at, grain| clusters.grain(at, grain))
+    let mut input = QemuEnd::new(Cursor::new(prefix).chain(reader), &header);
+    vmdk::read_stream_sequential(&mut input, &limits, |at, grain| clusters.grain(at, grain))
         .map_err(|e| stopped_or(control, e))?;
+    drain_trailer(&mut input);
     let writer = clusters.close().map_err(|e| stopped_or(control, e))?;
     control.check()?;
     let stats = writer.finish().map_err(image_error)?;
     control.progress.done_bytes.store(size, Ordering::Relaxed);
     Ok(stats)
+}
+
+/// Reads what follows the end-of-stream marker (VMware's footer, padding) to the end of the
+/// input, so that the program writing into the pipe is not cut off with EPIPE and a pipeline
+/// under `pipefail` does not fail after a good conversion. Bounded: a source that goes on is
+/// left alone, and a read error there no longer matters.
+fn drain_trailer(input: &mut impl Read) {
+    const MAX_TRAILER: u64 = 16 << 20;
+    let _ = std::io::copy(&mut input.take(MAX_TRAILER), &mut std::io::sink());
 }
 
 /// The reason to stop when there is one: a failure seen after a cancellation (a reader told
