@@ -8,7 +8,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -119,8 +118,11 @@ pub enum JobEnd {
 
 /// Runs a claimed job to its end. Never panics on bad input; every error is an outcome.
 pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
-    if let Some(vm_name) = published_by_this_job(ctx, &claim) {
-        return record_published(ctx, claim, &vm_name);
+    // Only a taken-over job can have been published under its id; a fresh claim's id is new.
+    if claim.record().generation > 1 {
+        if let Some(vm_name) = published_by_this_job(ctx, &claim) {
+            return record_published(ctx, claim, &vm_name);
+        }
     }
     let started_at = Utc::now();
     let manifest_name = claim.record().manifest_name.clone();
@@ -281,8 +283,6 @@ fn execute(
 
     let mut warnings = Vec::new();
     let sources = prepare_sources(ctx, &spec, control, events, &mut warnings)?;
-    let total: u64 = sources.iter().map(|s| s.info.virtual_size).sum();
-    control.progress.total_bytes.store(total, Ordering::Relaxed);
 
     let compression = compression_for(&ctx.config, &spec, &mut warnings, ctx.converter.as_ref());
     let mut disks = Vec::with_capacity(sources.len());
@@ -790,20 +790,21 @@ fn move_aside_stale(ctx: &JobContext, claim: &Claim, vm_name: &str, disk_ids: &[
     ];
     stale.extend(disk_ids.iter().map(|id| names::data_disk_file(vm_name, id)));
     let out = &ctx.config.output_dir;
+    let failure = |e| {
+        Failure::new(
+            Stage::Publish,
+            format!(
+                "Could not move the earlier results of {vm_name} aside in OUTPUT_DIR ({}); check that it is writable.",
+                out.display()
+            ),
+        )
+        .because(e)
+    };
     let mut moved = 0;
+    // Only files that are there: each move costs a fence (a lock round trip on NFS).
     for name in stale.iter().filter(|name| std::fs::symlink_metadata(out.join(name)).is_ok()) {
         fence(claim)?;
-        let failure = |e| {
-            Failure::new(
-                Stage::Publish,
-                format!(
-                    "Could not move the earlier results of {vm_name} aside in OUTPUT_DIR ({}); check that it is writable.",
-                    out.display()
-                ),
-            )
-            .because(e)
-        };
-        moved += publish::move_aside(out, std::slice::from_ref(name), claim.job_id()).map_err(failure)?.len();
+        moved += usize::from(publish::move_aside(out, name, claim.job_id()).map_err(failure)?.is_some());
     }
     if moved > 0 {
         info!(stage = "claim", moved, "moved earlier results aside");

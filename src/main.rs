@@ -48,7 +48,7 @@ enum Command {
         #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "zlib", require_equals = true)]
         compress: Option<Codec>,
         /// Compression level, 0-9 as COMPRESS_LEVEL (zstd levels are mapped); qemu's is 6
-        #[arg(long, requires = "compress", default_value_t = 6, value_parser = clap::value_parser!(u32).range(0..=9))]
+        #[arg(long, requires = "compress", default_value_t = hyper2kvm::config::DEFAULT_COMPRESS_LEVEL, value_parser = clap::value_parser!(u32).range(0..=9))]
         level: u32,
         /// Source format; guessed from the file name when omitted (from the first bytes for `-` or a pipe)
         #[arg(long, value_enum)]

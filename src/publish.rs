@@ -102,23 +102,18 @@ pub fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(contents)
 }
 
-/// Moves earlier results named `names` out of `output_dir` into
-/// `output_dir/.hyper2kvm-superseded/<job_id>/`, so they cannot answer a new job's poller.
-/// They are kept, never destroyed. Returns where each one went.
-pub fn move_aside(output_dir: &Path, names: &[String], job_id: &str) -> std::io::Result<Vec<PathBuf>> {
-    let mut moved = Vec::new();
+/// Moves the earlier result `name` out of `output_dir` into
+/// `output_dir/.hyper2kvm-superseded/<job_id>/`, so it cannot answer a new job's poller. It is
+/// kept, never destroyed. Returns where it went; `None` when there was no such file.
+pub fn move_aside(output_dir: &Path, name: &str, job_id: &str) -> std::io::Result<Option<PathBuf>> {
     let aside_dir = output_dir.join(SUPERSEDED_DIR).join(job_id);
-    for name in names {
-        let current = output_dir.join(name);
-        if std::fs::symlink_metadata(&current).is_err() {
-            continue;
-        }
-        std::fs::create_dir_all(&aside_dir)?;
-        let target = aside_dir.join(name);
-        std::fs::rename(&current, &target)?;
-        moved.push(target);
+    std::fs::create_dir_all(&aside_dir)?;
+    let target = aside_dir.join(name);
+    match std::fs::rename(output_dir.join(name), &target) {
+        Ok(()) => Ok(Some(target)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
-    Ok(moved)
 }
 
 /// Moves each `(file, name)` into `dir` (created if missing) as `dir/name`. TEMP_DIR is on
@@ -188,7 +183,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("vm.qcow2"), b"old").unwrap();
         std::fs::write(dir.path().join("vm.error"), b"old error").unwrap();
-        let moved = move_aside(dir.path(), &["vm.qcow2".into(), "vm.error".into(), "vm.json".into()], "j1").unwrap();
+        let moved: Vec<PathBuf> = ["vm.qcow2", "vm.error", "vm.json"]
+            .iter()
+            .filter_map(|n| move_aside(dir.path(), n, "j1").unwrap())
+            .collect();
         assert_eq!(moved.len(), 2);
         assert!(!dir.path().join("vm.qcow2").exists());
         assert_eq!(std::fs::read(dir.path().join(SUPERSEDED_DIR).join("j1/vm.qcow2")).unwrap(), b"old");
