@@ -200,6 +200,39 @@ fn skip_to(input: &mut dyn Input, target: u64, name: &str, what: &str) -> Result
     skip_exact(input, n, name, what)
 }
 
+/// qemu-img writes a stream's grain directory and tables ahead of the grains, and may end the
+/// file with the last grain, without the end-of-stream marker VMware always writes. Reading
+/// those tables as they pass gives the byte offset of the last grain's marker (0: no grain), so
+/// that such an end can be told from a truncation. `None` for any other shape, where only the
+/// marker ends a stream.
+fn qemu_last_marker(input: &mut dyn Input, header: &SparseHeader, name: &str) -> Result<Option<u64>, ImageError> {
+    let gd_at = header.gd_offset.saturating_mul(SECTOR);
+    let gd_bytes = header.gd_entries() * 4;
+    let grains_at = header.overhead.saturating_mul(SECTOR);
+    if header.gd_offset == GD_AT_END || gd_at < input.pos() || gd_at.saturating_add(gd_bytes) > grains_at {
+        return Ok(None);
+    }
+    skip_to(input, gd_at, name, "the grain directory")?;
+    let mut gd = vec![0u8; gd_bytes as usize];
+    fill_exact(input, &mut gd, name, "the grain directory")?;
+    let mut tables: Vec<u64> =
+        (0..gd.len() / 4).map(|i| u64::from(u32_at(&gd, i * 4)) * SECTOR).filter(|&t| t != 0).collect();
+    tables.sort_unstable();
+    tables.dedup();
+    let mut gt = vec![0u8; header.gt_bytes() as usize];
+    let mut last = 0;
+    for table in tables {
+        if table < input.pos() || table.saturating_add(gt.len() as u64) > grains_at {
+            return Ok(None);
+        }
+        skip_to(input, table, name, "a grain table")?;
+        fill_exact(input, &mut gt, name, "a grain table")?;
+        let most = (0..gt.len() / 4).map(|i| u32_at(&gt, i * 4)).max().unwrap_or(0);
+        last = last.max(u64::from(most) * SECTOR);
+    }
+    Ok((last == 0 || last >= grains_at).then_some(last))
+}
+
 type Sink<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<(), ImageError>;
 
 fn scan(
@@ -245,6 +278,7 @@ fn scan(
         map.descriptor = Some(String::from_utf8_lossy(&text).into_owned());
     }
     let overhead = header.overhead.saturating_mul(SECTOR);
+    let last_marker = qemu_last_marker(input, &header, name)?;
     skip_to(input, overhead, name, "the space before the first grain")?;
     let aligned = input.pos().next_multiple_of(SECTOR);
     skip_to(input, aligned, name, "padding")?;
@@ -258,10 +292,20 @@ fn scan(
     let mut packed = Vec::new();
     let mut grain_buf = Vec::new();
     let mut inflater = sink.as_ref().map(|_| Decompressor::new());
+    let mut last_grain_at = None;
     loop {
         let at = input.pos();
         let mut head = [0u8; 12];
         let got = input.fill(&mut head).map_err(|e| io_error(name, e))?;
+        let after_last_grain = match last_marker {
+            Some(0) => map.grains == 0,
+            Some(marker) => last_grain_at == Some(marker),
+            None => false,
+        };
+        if got == 0 && after_last_grain {
+            map.stream_bytes = at;
+            return Ok(map);
+        }
         if got < 12 {
             return Err(truncated(name, input.pos(), "a marker"));
         }
@@ -305,6 +349,7 @@ fn scan(
             )));
         }
         previous = Some(grain);
+        last_grain_at = Some(at);
         check_packed_size(size, name, grain, grain_bytes, limits.max_compressed_grain_bytes)?;
         let sector = u32::try_from(at / SECTOR).map_err(|_| {
             ImageError::Unsupported(format!(
