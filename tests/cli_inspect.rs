@@ -74,14 +74,6 @@ fn show(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// Entries of `dir`, hidden ones included, sorted.
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
-    names
-}
-
 /// An OVA member cut out by the byte range Python's tarfile recorded.
 fn extract_member(ova: &str, name_suffix: &str, out: &Path) -> PathBuf {
     let members: Value = serde_json::from_slice(&std::fs::read(format!("{ova}.members.json")).unwrap()).unwrap();

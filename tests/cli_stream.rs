@@ -53,14 +53,6 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Entries of `dir`, hidden ones included, sorted.
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> =
-        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
-    names
-}
-
 /// A test directory with the 64 MiB disk (data and holes) as raw and as `subformat` VMDK.
 fn setup(subformat: &str) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
@@ -125,20 +117,6 @@ fn a_stream_optimized_vmdk_converts_from_a_fifo() {
         writer.join().unwrap().expect("the whole stream was read");
         std::fs::remove_file(&dst).unwrap();
     }
-}
-
-/// Writes `len` pseudo-random bytes (xorshift64) at `offset`.
-fn write_noise(path: &Path, offset: u64, len: usize, seed: u64) {
-    let mut x = seed | 1;
-    let mut bytes = Vec::with_capacity(len + 8);
-    while bytes.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        bytes.extend_from_slice(&x.to_le_bytes());
-    }
-    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, &bytes[..len], offset).unwrap();
 }
 
 /// qemu-img keeps its tables ahead of the grains and may end the file with the last grain,

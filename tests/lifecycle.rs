@@ -8,14 +8,6 @@ use std::time::Duration;
 use common::fixtures::{slow_disk, small_raw};
 use common::*;
 
-/// Compressing 512 MiB of random data takes the native engine several seconds on two cores
-/// (zlib cannot shrink it, and tries at every cluster): long enough to interrupt on purpose.
-const SLOW: (&str, &str) = ("QEMU_CONVERT_OPTIONS", "-O qcow2 -c");
-
-fn lock_count(env: &Env) -> usize {
-    std::fs::read_dir(env.queue.join(".hyper2kvm/locks")).map(|d| d.count()).unwrap_or(0)
-}
-
 fn wait_until_converting(daemon: &Daemon, env: &Env) {
     wait_for(daemon, Duration::from_secs(60), "the job to be claimed", || lock_count(env) == 1);
     // Give qemu-img a moment to start writing.

@@ -7,7 +7,7 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::{sleep, JoinHandle};
@@ -18,10 +18,6 @@ use common::*;
 
 /// What the units' WatchdogSec= would put there, shortened so pings come often.
 const WATCHDOG_USEC: u64 = 2_000_000;
-
-/// Compressing 512 MiB of random data takes several seconds: a job still running at SIGTERM
-/// (as in tests/lifecycle.rs).
-const SLOW: (&str, &str) = ("QEMU_CONVERT_OPTIONS", "-O qcow2 -c");
 
 /// systemd only honours WATCHDOG_USEC when WATCHDOG_PID is the service's main pid, and so does
 /// sd_watchdog_enabled() (and the sd-notify crate): the pid is not known before the spawn, so
@@ -236,10 +232,6 @@ fn no_watchdog_pings_when_watchdog_pid_names_another_process() {
     assert_eq!(pings, 0, "WATCHDOG=1 for another process's watchdog: {received:#?}");
 }
 
-fn lock_count(queue: &Path) -> usize {
-    std::fs::read_dir(queue.join(".hyper2kvm/locks")).map(|d| d.count()).unwrap_or(0)
-}
-
 #[test]
 fn sigterm_during_a_job_sends_stopping_and_asks_for_time_to_drain() {
     daemon_knows_its_watchdog_pid();
@@ -252,7 +244,7 @@ fn sigterm_during_a_job_sends_stopping_and_asks_for_time_to_drain() {
     let mut daemon = Daemon::start(&env, &vars, &[]);
     manager.wait_for(&daemon, Duration::from_secs(30), "READY=1", |d| d.has("READY=1"));
     hypersdk_submit(&daemon, &env, &manifest("slow-vm", vec![disk("disk-0", "raw", &source)]));
-    wait_for(&daemon, Duration::from_secs(60), "the job to be claimed", || lock_count(&env.queue) == 1);
+    wait_for(&daemon, Duration::from_secs(60), "the job to be claimed", || lock_count(&env) == 1);
     manager.wait_for(&daemon, Duration::from_secs(10), "a STATUS= with the running job", |d| {
         d.value("STATUS").is_some_and(|s| s.starts_with("1 running"))
     });

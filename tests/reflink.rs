@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::bin;
-use common::fixtures::run;
+use common::fixtures::{run, write_noise};
 
 const MIB: u64 = 1 << 20;
 const CLUSTER: u64 = 64 << 10;
@@ -84,20 +84,6 @@ impl Drop for XfsMount {
     }
 }
 
-/// Writes `len` pseudo-random bytes at `offset`.
-fn write_random(file: &File, offset: u64, len: u64, seed: u64) {
-    let mut x = seed | 1;
-    let mut buf = Vec::with_capacity(len as usize + 8);
-    while (buf.len() as u64) < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        buf.extend_from_slice(&x.to_le_bytes());
-    }
-    buf.truncate(len as usize);
-    file.write_all_at(&buf, offset).unwrap();
-}
-
 /// The disk's size: a short last cluster, but whole sectors, as a VMDK has.
 const DISK_BYTES: u64 = 64 * MIB + 1024;
 
@@ -107,12 +93,12 @@ const DISK_BYTES: u64 = 64 * MIB + 1024;
 fn fill_disk(path: &Path) -> u64 {
     let file = File::options().write(true).open(path).unwrap();
     file.set_len(DISK_BYTES).unwrap();
-    write_random(&file, 0, 16 * MIB, 1);
+    write_noise(path, 0, (16 * MIB) as usize, 1);
     // 16..24 MiB: a hole.
     file.write_all_at(&vec![0u8; 4 * MIB as usize], 24 * MIB).unwrap();
-    write_random(&file, 28 * MIB + 512, 12 * MIB - 512, 2);
+    write_noise(path, 28 * MIB + 512, (12 * MIB - 512) as usize, 2);
     // 40..56 MiB: a hole.
-    write_random(&file, 56 * MIB, DISK_BYTES - 56 * MIB, 3);
+    write_noise(path, 56 * MIB, (DISK_BYTES - 56 * MIB) as usize, 3);
     file.sync_all().unwrap();
     16 * MIB + 4 * MIB + (12 * MIB - 512) + (DISK_BYTES - 56 * MIB)
 }

@@ -172,6 +172,26 @@ pub fn files_starting_with(dir: &Path, stem: &str) -> Vec<String> {
     names
 }
 
+/// Entries of `dir`, hidden ones included, sorted.
+pub fn entries(dir: &Path) -> Vec<String> {
+    files_starting_with(dir, "")
+}
+
+/// Writes `len` incompressible pseudo-random bytes (xorshift64) at `offset` of the existing
+/// file `path`.
+pub fn write_noise(path: &Path, offset: u64, len: usize, seed: u64) {
+    let mut x = seed | 1;
+    let mut bytes = Vec::with_capacity(len + 8);
+    while bytes.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    let file = OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(&bytes[..len], offset).unwrap();
+}
+
 /// How an edited monolithicFlat descriptor names its extent.
 #[derive(Clone, Copy, Debug)]
 pub enum ExtentRef {

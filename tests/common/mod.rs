@@ -117,6 +117,16 @@ pub struct Daemon {
     exit: Cell<Option<ExitStatus>>,
 }
 
+/// Compressing 512 MiB of random data ([`fixtures::slow_disk`]) takes the native engine several
+/// seconds on two cores (zlib cannot shrink it, and tries at every cluster): long enough to
+/// interrupt on purpose.
+pub const SLOW: (&str, &str) = ("QEMU_CONVERT_OPTIONS", "-O qcow2 -c");
+
+/// Lock files in the queue: the jobs claimed and not finished.
+pub fn lock_count(env: &Env) -> usize {
+    fs::read_dir(env.queue.join(".hyper2kvm/locks")).map(|d| d.count()).unwrap_or(0)
+}
+
 /// The environment every test daemon gets; `extra_env` entries override these.
 pub fn base_env(env: &Env) -> Vec<(String, String)> {
     vec![
