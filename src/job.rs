@@ -535,7 +535,7 @@ fn fill_hardware(spec: &mut JobSpec, package: &ova::OvaPackage) {
 }
 
 fn inspect_ova_disk(path: &Path, index: usize) -> Result<ImageInfo, ConvertError> {
-    let (_, info) = crate::engine::open_ova_disk(path, index).map_err(crate::engine::pipeline::image_error)?;
+    let info = crate::engine::inspect_ova_disk(path, index).map_err(crate::engine::pipeline::image_error)?;
     // The members are read in place: nothing outside the OVA, already confined, is opened.
     Ok(ImageInfo { format: "vmdk".into(), referenced_files: Vec::new(), ..info.into() })
 }

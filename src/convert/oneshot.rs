@@ -44,7 +44,7 @@ pub fn inspect(source: &Path, format: SourceFormat) -> Result<serde_json::Value,
     if format == SourceFormat::Ova {
         return inspect_ova(source);
     }
-    let (_, info) = crate::engine::open(source, format).map_err(image_error)?;
+    let info = crate::engine::inspect(source, format).map_err(image_error)?;
     serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()))
 }
 
@@ -52,7 +52,7 @@ fn inspect_ova(source: &Path) -> Result<serde_json::Value, ConvertError> {
     let package = ova::open(source, &ova::Limits::default()).map_err(image_error)?;
     let mut disks = Vec::new();
     for (index, disk) in package.disks.iter().enumerate() {
-        let (_, info) = crate::engine::open_ova_disk(source, index).map_err(image_error)?;
+        let info = crate::engine::inspect_ova_disk(source, index).map_err(image_error)?;
         disks.push(serde_json::json!({
             "disk_id": disk.disk_id,
             "href": disk.href,

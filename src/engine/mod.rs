@@ -50,6 +50,21 @@ pub fn open_ova_disk(path: &Path, index: usize) -> Result<(Box<dyn DiskSource>, 
     Ok((Box::new(image), info))
 }
 
+/// [`open`], and the allocated bytes too: what `inspect` and a job's inspection show.
+pub fn inspect(path: &Path, format: SourceFormat) -> Result<SourceInfo, ImageError> {
+    with_allocated(open(path, format)?)
+}
+
+/// [`open_ova_disk`], and the allocated bytes too.
+pub fn inspect_ova_disk(path: &Path, index: usize) -> Result<SourceInfo, ImageError> {
+    with_allocated(open_ova_disk(path, index)?)
+}
+
+fn with_allocated((source, mut info): (Box<dyn DiskSource>, SourceInfo)) -> Result<SourceInfo, ImageError> {
+    info.allocated_bytes = source.allocated_bytes();
+    Ok(info)
+}
+
 /// Whether [`open`] reads `format`.
 pub fn reads_natively(format: SourceFormat) -> bool {
     matches!(format, SourceFormat::Raw | SourceFormat::Vmdk | SourceFormat::Ova)
@@ -72,8 +87,7 @@ impl Converter for Native {
 
     fn inspect(&self, source: &Path, format: SourceFormat, control: &JobControl) -> Result<ImageInfo, ConvertError> {
         control.check()?;
-        let (_, info) = open(source, format).map_err(pipeline::image_error)?;
-        Ok(info.into())
+        Ok(inspect(source, format).map_err(pipeline::image_error)?.into())
     }
 
     fn convert(&self, request: &ConversionRequest<'_>, control: &JobControl) -> Result<(), ConvertError> {

@@ -204,6 +204,12 @@ pub trait DiskSource: Send + Sync {
         let _ = range;
         Ok(Vec::new())
     }
+
+    /// Bytes of the whole disk that may hold data. A walk of every grain table or data range
+    /// of the disk: for inspection, not on the way to a conversion, which walks it anyway.
+    fn allocated_bytes(&self) -> Option<u64> {
+        self.allocated(0..self.size()).ok().map(|ranges| ranges.iter().map(|r| r.end - r.start).sum())
+    }
 }
 
 /// A part of a virtual disk stored verbatim in a file; see [`DiskSource::plain_runs`].
@@ -243,7 +249,8 @@ pub struct SourceInfo {
     /// VMDK `createType` (`monolithicSparse`, `streamOptimized` …) when known.
     pub subformat: Option<String>,
     pub virtual_size: u64,
-    /// Bytes of the virtual disk that are allocated, when cheap to know.
+    /// Bytes of the virtual disk that are allocated; filled in by inspection
+    /// ([`DiskSource::allocated_bytes`]), not by opening.
     pub allocated_bytes: Option<u64>,
     /// Every file read besides the one named (extents, parents), for SOURCE_ROOTS confinement.
     pub referenced_files: Vec<PathBuf>,

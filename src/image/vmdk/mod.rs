@@ -148,16 +148,16 @@ impl VmdkImage {
         if chain.len() == 1 {
             chain.clear();
         }
-        let allocated = self.allocated(0..self.size).ok().map(|r| r.iter().map(|r| r.end - r.start).sum());
         SourceInfo {
             format: "vmdk".into(),
             subformat: self.create_type.clone(),
             virtual_size: self.size,
-            allocated_bytes: allocated,
             referenced_files: referenced,
             chain,
             ddb: self.ddb.clone(),
             extents,
+            // An inspection adds it (DiskSource::allocated_bytes): a walk of every table.
+            allocated_bytes: None,
         }
     }
 

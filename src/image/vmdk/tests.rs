@@ -761,7 +761,7 @@ fn every_qemu_subformat_reads_like_qemu() {
         assert_eq!(info.format, "vmdk");
         assert_eq!(info.subformat.as_deref(), Some(subformat));
         assert_eq!(info.virtual_size, 16 * MIB as u64);
-        assert_eq!(info.allocated_bytes, Some(allocated));
+        assert_eq!(image.allocated_bytes(), Some(allocated));
         assert_eq!(info.ddb.get("ddb.adapterType").map(String::as_str), Some("ide"), "{subformat}");
         assert!(info.chain.is_empty());
         if subformat == "monolithicFlat" {
@@ -1078,7 +1078,7 @@ fn real_vmware_files_read_like_qemu() {
         assert_eq!(image.size(), size, "{file}");
         let info = image.info();
         assert_eq!(info.subformat.as_deref(), Some("streamOptimized"));
-        assert_eq!(info.allocated_bytes, Some(0), "{file}: no grain holds data");
+        assert_eq!(image.allocated_bytes(), Some(0), "{file}: no grain holds data");
         assert_eq!(
             info.ddb.get("ddb.adapterType").map(String::as_str),
             if file.starts_with("ubuntu") { Some("ide") } else { Some("lsilogic") }
