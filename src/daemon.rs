@@ -36,9 +36,6 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// Percent between two progress lines.
 const PROGRESS_STEP: f64 = 5.0;
 
-/// The watchdog period when systemd asked for none (the timer must exist for `select!`).
-const NO_WATCHDOG: Duration = Duration::from_secs(3600);
-
 /// How long, beyond two POLL_INTERVALs, the main loop may go without a round before
 /// `/healthz` calls it stalled: a scan of a large queue on a slow NFS server may take a while.
 const STALL_GRACE: Duration = Duration::from_secs(60);
@@ -225,6 +222,16 @@ fn process_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim().starts_with("hyper2kvm"))
 }
 
+/// The next WATCHDOG=1 is due; never, when systemd asked for no watchdog.
+async fn watchdog_tick(watchdog: &mut Option<tokio::time::Interval>) {
+    match watchdog {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 fn prune(config: &Config, layout: &Layout) {
     let today = Utc::now().date_naive();
     for (outcome, days) in [(Outcome::Done, config.retention_days), (Outcome::Failed, config.failed_retention_days)] {
@@ -243,7 +250,7 @@ impl Daemon {
         let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
         let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
         let _watcher = config.use_inotify.then(|| watch_events(&config.watch_dir, wake_tx)).flatten();
-        let mut watchdog = tokio::time::interval(service::watchdog_interval().unwrap_or(NO_WATCHDOG));
+        let mut watchdog = service::watchdog_interval().map(tokio::time::interval);
         let mut prune_timer = tokio::time::interval(PRUNE_EVERY);
         info!(
             instance = config.instance.as_deref().unwrap_or(""),
@@ -271,7 +278,7 @@ impl Daemon {
                 _ = tokio::time::sleep(next) => {}
                 Some(()) = wake_rx.recv() => debug!("woken by a local file event"),
                 Some(joined) = self.running.join_next(), if !self.running.is_empty() => self.record_end(joined),
-                _ = watchdog.tick() => service::watchdog(),
+                _ = watchdog_tick(&mut watchdog) => service::watchdog(),
                 _ = prune_timer.tick() => prune(&config, &self.queue.layout),
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
@@ -474,7 +481,7 @@ impl Daemon {
     ///
     /// The watchdog keeps being fed: systemd ignores it once it sent SIGTERM, but not when the
     /// stop began with SIGINT, and a drain can outlast WatchdogSec many times over.
-    async fn drain(&mut self, watchdog: &mut tokio::time::Interval) {
+    async fn drain(&mut self, watchdog: &mut Option<tokio::time::Interval>) {
         let limit = self.ctx.config.drain_timeout;
         if self.running.is_empty() {
             info!("stopping: no job is running");
@@ -495,7 +502,7 @@ impl Daemon {
                     let doing = if cancelled { "releasing" } else { "draining" };
                     service::stopping(Duration::from_secs(15), &format!("{doing}: {}", self.status_line()));
                 }
-                _ = watchdog.tick() => service::watchdog(),
+                _ = watchdog_tick(watchdog) => service::watchdog(),
                 // Past the limit, cancel, and keep asking for time while the cancelled
                 // conversions stop and their claims are released.
                 _ = tokio::time::sleep_until(deadline), if !cancelled => {

@@ -17,10 +17,7 @@ pub fn status(line: &str) {
 
 /// The main loop is alive.
 pub fn watchdog() {
-    // The main loop's timer also ticks (once an hour) when systemd asked for no watchdog.
-    if watchdog_interval().is_some() {
-        send(&[NotifyState::Watchdog]);
-    }
+    send(&[NotifyState::Watchdog]);
 }
 
 /// How often to send WATCHDOG=1 when systemd asked for it (WatchdogSec=), if it did: a third
