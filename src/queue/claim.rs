@@ -54,6 +54,13 @@ pub struct LockRecord {
     pub manifest_name: String,
 }
 
+impl LockRecord {
+    /// Whether `other` is this same holding of the job: the same owner at the same generation.
+    fn same_holder(&self, other: &LockRecord) -> bool {
+        self.owner == other.owner && self.generation == other.generation
+    }
+}
+
 /// The queue as one daemon sees it: its layout and the filesystem operations it uses.
 #[derive(Debug, Clone)]
 pub struct Queue {
@@ -530,7 +537,7 @@ impl Claim {
     }
 
     fn is_ours(&self, lock: &LockRecord) -> bool {
-        lock.owner == self.record.owner && lock.generation == self.record.generation
+        self.record.same_holder(lock)
     }
 
     /// Records the job's end: the record and the manifest go to the dated `done/` or
@@ -661,9 +668,7 @@ impl Heartbeat {
     /// is waited for before the job is called lost.
     pub fn beat(&self) -> Beat {
         match self.queue.refresh(&self.record.job_id) {
-            Ok(current) if current.owner == self.record.owner && current.generation == self.record.generation => {
-                Beat::Alive
-            }
+            Ok(current) if self.record.same_holder(&current) => Beat::Alive,
             Ok(_) => Beat::Lost,
             Err(e) if e.kind() == ErrorKind::NotFound => Beat::Lost,
             Err(e) => {
