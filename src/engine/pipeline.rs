@@ -351,9 +351,12 @@ impl<'a> Work<'a> {
         file_offset: u64,
         buffer: &mut Vec<u8>,
     ) -> Result<(), ImageError> {
-        if writer.copy_offloads_from(file) {
+        // The worker found `file` on a filesystem the output can copy from; only the writer's
+        // mode can have changed since (to read-and-write, after copy_file_range failed), and
+        // asking it costs no fstatfs.
+        if writer.copy_offload().possible() {
             writer.copy_clusters_from(first, count, file, file_offset)?;
-            if !writer.copy_offloads_from(file) {
+            if !writer.copy_offload().possible() {
                 self.offload_stopped.store(true, Ordering::Relaxed);
             }
             return Ok(());
