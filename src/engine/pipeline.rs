@@ -48,6 +48,16 @@ pub struct PipelineOptions {
     pub in_flight_per_worker: usize,
 }
 
+impl PipelineOptions {
+    /// The worker threads to start: `threads`, or one per core.
+    pub fn workers(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
 impl Default for PipelineOptions {
     fn default() -> Self {
         PipelineOptions { compression: None, threads: 0, chunk_bytes: 4 << 20, in_flight_per_worker: 3 }
@@ -113,10 +123,7 @@ fn run_with(
     let size = source.size();
     let chunk_bytes = options.chunk_bytes.max(CLUSTER) / CLUSTER * CLUSTER;
     let chunks = size.div_ceil(chunk_bytes);
-    let workers = match options.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    let workers = options.workers();
     let in_flight = (workers * options.in_flight_per_worker).max(2) as u64;
     let writer_options = WriterOptions { cluster_bits: CLUSTER_BITS, compression: options.compression.map(|c| c.kind) };
     let mut writer = Qcow2Writer::create(destination, size, writer_options).map_err(image_error)?;

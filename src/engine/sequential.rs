@@ -166,10 +166,7 @@ struct Clusters<'a> {
 
 impl<'a> Clusters<'a> {
     fn new(writer: Qcow2Writer, size: u64, options: PipelineOptions, control: &'a JobControl) -> Self {
-        let workers = match options.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
+        let workers = options.workers();
         Clusters {
             writer,
             size,
