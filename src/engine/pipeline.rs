@@ -444,7 +444,6 @@ fn cluster_spans(allocated: &[Range<u64>], start: u64, end: u64) -> Vec<Range<u6
     spans
 }
 
-/// The text a panic was raised with.
 /// The text a panic was raised with, for an error message.
 pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
