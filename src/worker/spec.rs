@@ -532,6 +532,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_specs_are_valid_without_warnings() {
+        for bytes in [
+            &include_bytes!("../../k8s/examples/inspect-job.json")[..],
+            &include_bytes!("../../k8s/examples/convert-job.json")[..],
+        ] {
+            let spec = parse(bytes).unwrap_or_else(|e| panic!("{e}"));
+            assert!(spec.warnings.is_empty(), "{:?}", spec.warnings);
+        }
+    }
+
+    #[test]
     fn defaults_and_backoff() {
         let v = json!({"version": 1, "job_id": "i", "operation": "inspect",
             "image": {"path": "/x/disk.raw"}, "artifacts": {"output_path": "/o"}});
