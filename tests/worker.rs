@@ -202,10 +202,26 @@ fn a_failed_attempt_is_retried_after_its_backoff() {
         assert!(child.try_wait().unwrap().is_none(), "run ended before retrying");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A follower of the run job, from its output path, until its state is terminal.
+    let follower = command(&["events", "retry-1", "--follow", "--json", "--poll", "0.1", "--output-dir"])
+        .arg(&out)
+        .arg("--watch-dir")
+        .arg(env.root.join("no-queue"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     // Written aside and renamed: the next attempt must not read a half-written image.
     let staged = small_raw(&env.root.join("staged.raw"));
     fs::rename(&staged, &image).unwrap();
     let status = child.wait().unwrap();
+    let followed = follower.wait_with_output().unwrap();
+    assert!(followed.status.success(), "{followed:?}");
+    let phases: Vec<String> = text(&followed.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["phase"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(phases.iter().filter(|p| *p == "retry").count(), 1, "{phases:?}");
+    assert_eq!(phases.last().map(String::as_str), Some("completed"), "{phases:?}");
     let mut stderr = String::new();
     child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     assert_eq!(status.code(), Some(0), "{stderr}");
@@ -295,4 +311,27 @@ fn capabilities_fail_the_readiness_probe_without_a_writable_queue_or_space() {
     assert_eq!(code, 1, "{json}");
     assert!(stderr.contains(&format!("OUTPUT_DIR {} has ", output.display())), "{stderr}");
     assert!(stderr.contains("MiB this worker needs"), "{stderr}");
+}
+
+#[test]
+fn a_signal_during_the_backoff_cancels_the_job_at_once() {
+    let env = Env::new();
+    let out = env.root.join("out");
+    let mut job = spec("wait-1", "inspect", &env.exports.join("never.raw"), &out);
+    job["execution_policy"] = json!({"retries": 3, "retry_backoff_seconds": 300});
+    let mut child = spawn(&env, &job);
+    let began = Instant::now();
+    while !events(&out, "wait-1").iter().any(|e| e["phase"] == "retry") {
+        assert!(began.elapsed() < Duration::from_secs(30), "no retry event");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let signalled = Instant::now();
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(signalled.elapsed() < Duration::from_secs(5), "{:?}", signalled.elapsed());
+    assert_eq!(states(&out, "wait-1"), ["created", "validated", "running", "cancelled"]);
+    assert_eq!(read_json(&out.join("wait-1.result.json"))["attempts"], 1);
 }
