@@ -400,6 +400,33 @@ mod tests {
     }
 
     #[test]
+    fn kvm_is_usable_only_when_it_answers_its_api_version() {
+        let missing = probe_kvm(Path::new("/nonexistent/kvm"));
+        assert!(!missing.present && !missing.usable);
+        // A device that opens read-write but is not KVM.
+        let null = probe_kvm(Path::new("/dev/null"));
+        assert!(null.present && !null.usable && null.api_version.is_none(), "{null:?}");
+        assert!(null.error.as_deref().is_some_and(|e| e.starts_with("KVM_GET_API_VERSION: ")), "{null:?}");
+    }
+
+    #[test]
+    fn directories_are_judged_by_writing_in_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let watch = directory("WATCH_DIR", dir.path(), false);
+        assert!(watch.exists && watch.writable && watch.free_bytes.is_some_and(|f| f > 0), "{watch:?}");
+        let missing = directory("WATCH_DIR", &dir.path().join("q"), false);
+        assert!(!missing.exists && !missing.writable, "{missing:?}");
+        // OUTPUT_DIR and TEMP_DIR are created by the daemon: their parent counts.
+        let temp = directory("TEMP_DIR", &dir.path().join("out/.hyper2kvm-tmp"), true);
+        assert!(!temp.exists && temp.writable, "{temp:?}");
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"").unwrap();
+        let not_dir = directory("WATCH_DIR", &file, false);
+        assert_eq!(not_dir.error.as_deref(), Some("it is not a directory"));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "the probes left files behind");
+    }
+
+    #[test]
     fn libvirt_reachability_is_probed_at_the_configured_uri() {
         let caps = probe(&config_with_uri("test:///default"));
         assert!(caps.libvirt_registration);

@@ -104,6 +104,8 @@ pub fn with_progress_events<T>(log: &EventLog, control: &JobControl, label: &str
                 std::thread::park_timeout(PROGRESS_POLL);
                 let Some(percent) = control.progress.percent() else { continue };
                 let step = (percent / PROGRESS_STEP).floor() as u32;
+                // The next disk of a job starts again from 0.
+                reported = reported.min(step);
                 if step > reported && percent < 100.0 {
                     reported = step;
                     log.append("convert", &format!("converting {label}: {percent:.0}%"), Some(percent));
@@ -444,7 +446,7 @@ mod tests {
         let control = JobControl::new(Duration::from_secs(60));
         control.progress.total_bytes.store(100, Ordering::SeqCst);
         with_progress_events(&log, &control, "disk-0", || {
-            for done in [5, 25, 55] {
+            for done in [5, 25, 55, 0, 35] {
                 control.progress.done_bytes.store(done, Ordering::SeqCst);
                 std::thread::sleep(PROGRESS_POLL * 3);
             }
@@ -452,6 +454,6 @@ mod tests {
         let text = std::fs::read_to_string(log.path()).unwrap();
         let percents: Vec<f64> =
             text.lines().map(|l| serde_json::from_str::<Event>(l).unwrap().progress_percent.unwrap()).collect();
-        assert_eq!(percents, [25.0, 55.0], "{text}");
+        assert_eq!(percents, [25.0, 55.0, 35.0], "{text}");
     }
 }
