@@ -40,6 +40,7 @@ pub struct Event {
     /// How far the job's current conversion is, when known (0–100).
     #[serde(alias = "percent")]
     pub progress_percent: Option<f64>,
+    /// What happened, for a person.
     pub message: String,
 }
 

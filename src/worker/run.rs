@@ -58,15 +58,23 @@ pub struct RunEnd {
 /// The result file's contents: `<output_path>/<job_id>.result.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobResult {
+    /// The spec's `job_id`.
     pub job_id: String,
+    /// The spec's `version` (empty for a spec too invalid to tell).
     pub version: String,
+    /// The operation, when the spec named a known one.
     pub operation: Option<Operation>,
+    /// The terminal state.
     pub state: State,
+    /// The exit status `run` ends with.
     pub exit_code: u8,
+    /// Attempts made (0 when none started).
     pub attempts: u32,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
+    /// From the first attempt to the end, retries and waits included.
     pub seconds: f64,
+    /// The image, for a valid spec.
     pub image: Option<ImageView>,
     /// For `convert`: the qcow2 files written (an OVA's other disks beside the first).
     pub outputs: Vec<OutputFile>,
@@ -74,6 +82,7 @@ pub struct JobResult {
     pub inspection: Option<serde_json::Value>,
     /// Why the job did not complete: one sentence.
     pub error: Option<String>,
+    /// The spec's unknown keys, ignored.
     pub warnings: Vec<String>,
 }
 
@@ -81,6 +90,7 @@ pub struct JobResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageView {
     pub path: PathBuf,
+    /// The format read (`image.format` or the guess).
     pub format: &'static str,
 }
 
@@ -88,6 +98,7 @@ pub struct ImageView {
 #[derive(Debug, Clone, Serialize)]
 pub struct OutputFile {
     pub path: PathBuf,
+    /// Its size.
     pub bytes: u64,
 }
 

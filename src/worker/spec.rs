@@ -63,7 +63,9 @@ impl Operation {
 /// The image a job works on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Image {
+    /// `image.path`: absolute.
     pub path: PathBuf,
+    /// `image.format`, or guessed from the file name.
     pub format: SourceFormat,
 }
 
@@ -89,7 +91,9 @@ impl ExecutionPolicy {
 /// A validated job spec.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobSpec {
+    /// The protocol version as the spec wrote it (`1` or `1.0`).
     pub version: String,
+    /// Names the job's files in `output_path`.
     pub job_id: String,
     pub operation: Operation,
     pub image: Image,
@@ -108,8 +112,11 @@ pub struct JobSpec {
 /// that the failure can be recorded in its state file.
 #[derive(Debug, Clone)]
 pub struct Invalid {
+    /// Each problem, naming its field (at most ten, then how many more).
     pub problems: Vec<String>,
+    /// `job_id`, when it was valid.
     pub job_id: Option<String>,
+    /// `artifacts.output_path`, when it was valid.
     pub output_path: Option<PathBuf>,
 }
 

@@ -65,14 +65,18 @@ impl State {
 /// One transition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Transition {
+    /// The state entered.
     pub state: State,
+    /// When (UTC).
     pub at: DateTime<Utc>,
+    /// Why, for a person: the attempt, the error, the signal.
     pub reason: String,
 }
 
 /// The state file's contents.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStateFile {
+    /// The spec's `job_id`.
     pub job_id: String,
     /// The operation, when the spec named a known one.
     pub operation: Option<String>,
@@ -80,7 +84,9 @@ pub struct JobStateFile {
     pub state: State,
     /// The attempt running or last run (1 for the first).
     pub attempt: u32,
+    /// When the file was last written.
     pub updated_at: DateTime<Utc>,
+    /// Every transition, oldest first (the middle dropped beyond 200).
     pub history: Vec<Transition>,
 }
 
