@@ -33,7 +33,7 @@ pub struct Event {
     #[serde(alias = "at")]
     pub timestamp: DateTime<Utc>,
     /// The job's stage: `claim`, `checksum`, `inspect`, `convert`, `libvirt`, `publish`, `done`
-    /// for a daemon job; `validate`, `inspect`, `convert`, `completed`, `failed`, `cancelled`
+    /// or `failed` for a daemon job; `validate`, `inspect`, `convert`, `completed`, `failed`, `cancelled`
     /// for a `run` job.
     #[serde(alias = "stage")]
     pub phase: String,

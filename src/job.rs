@@ -845,6 +845,8 @@ fn fail(
 ) -> JobEnd {
     warn!(stage = failure.stage.as_str(), causes = ?failure.causes, "failed: {}", failure.summary);
     events.append(failure.stage.as_str(), &failure.summary, None);
+    // The terminal event, as `done` is for a success: a follower need not know the stages.
+    events.append("failed", &format!("failed at stage {}", failure.stage.as_str()), None);
     let mut record =
         record(ctx, &claim, vm_name, JobState::Failed, started_at, failure.stage.as_str(), None, Some(&failure));
     if safe_name {

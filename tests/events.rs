@@ -105,6 +105,23 @@ fn events_follow_a_daemon_job_while_it_runs_and_stop_at_its_end() {
     let human = events_command(&env, &[&job_id]).output().unwrap();
     assert!(String::from_utf8_lossy(&human.stdout).lines().any(|l| l.contains("  done ")), "{human:?}");
 
+    // A failed job ends with a `failed` event after its failing stage's.
+    let missing = env.exports.join("missing.raw");
+    convert_err(&daemon, &env, &manifest("failing-vm", vec![disk("disk-0", "raw", &missing)]), "failing-vm");
+    let status = env.status();
+    let failed = status["jobs"].as_array().unwrap().iter().find(|j| j["vm_name"] == "failing-vm").cloned();
+    let failed_id = failed.as_ref().and_then(|j| j["job_id"].as_str()).unwrap_or_else(|| panic!("{status:#}"));
+    let out = events_command(&env, &[failed_id, "--json"]).output().unwrap();
+    let phases: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["phase"].clone())
+        .collect();
+    assert_eq!(
+        phases.iter().rev().take(2).collect::<Vec<_>>(),
+        [&Value::from("failed"), &Value::from("source")],
+        "{phases:?}"
+    );
+
     let unknown = events_command(&env, &["20260101T000000Z-0000000000000000"]).output().unwrap();
     assert_eq!(unknown.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&unknown.stderr);
