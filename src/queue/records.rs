@@ -1,5 +1,5 @@
 //! Job records (`done/` and `failed/`): what `status` reads, and what shows from outside that
-//! each manifest was done once. The per-job event logs are [`crate::events`]'.
+//! each manifest was done once. The per-job event logs are in [`crate::events`].
 
 use std::fs::OpenOptions;
 use std::io::Write;
