@@ -108,6 +108,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         None => None,
     };
     prepare_directories(&config)?;
+    crate::capabilities::publish_metric(config.clone(), metrics.clone());
     if config.libvirt_integration {
         probe_libvirt(config.libvirt_uri.clone());
     }
@@ -413,6 +414,7 @@ impl Daemon {
                             });
                             sampler.sample(&control.progress, &metrics);
                             metrics.job_ended((&end).into(), started.elapsed(), control.progress.output_bytes());
+                            metrics.migration_ended(&end, started.elapsed());
                             return (job_id, end);
                         }
                         _ = beat.tick() => {

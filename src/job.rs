@@ -129,7 +129,7 @@ pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
     let bytes = std::fs::read(claim.manifest_path()).unwrap_or_default();
     let vm_name = manifest::vm_name_hint(&bytes, &manifest_name);
     let safe_name = names::check_vm_name(&vm_name).is_ok();
-    let events = EventLog::new(claim.event_log());
+    let events = EventLog::new(claim.event_log(), claim.job_id());
     let instance = ctx.identity.instance.as_deref().unwrap_or("");
     let span = tracing::info_span!("job", instance, job_id = %claim.job_id(), vm_name = %vm_name);
     let _entered = span.enter();
@@ -220,7 +220,7 @@ pub fn record_published(ctx: &JobContext, claim: Claim, vm_name: &str) -> JobEnd
         stage = "done",
         "an earlier owner published this job's results but did not record them; recording the job as done"
     );
-    let events = EventLog::new(claim.event_log());
+    let events = EventLog::new(claim.event_log(), claim.job_id());
     events.append("done", "published by an earlier owner of the job; recorded as done", Some(100.0));
     let boot = ctx.config.output_dir.join(names::boot_disk_file(vm_name));
     let record = record(ctx, &claim, vm_name, JobState::Done, Utc::now(), "done", Some(boot), None);
@@ -290,7 +290,8 @@ fn execute(
         events.append(Stage::Convert.as_str(), &format!("converting {}", source.disk.id), control.progress.percent());
         // Per disk, so that the daemon's byte counters add up the whole job.
         control.progress.start_disk(source.info.virtual_size);
-        disks.push(convert_disk(ctx, &spec, index, source, staging, compression, control)?);
+        let convert = || convert_disk(ctx, &spec, index, source, staging, compression, control);
+        disks.push(crate::events::with_progress_events(events, control, &source.disk.id, convert)?);
     }
 
     let registration =
@@ -826,7 +827,8 @@ fn done(
     if ctx.config.cleanup_source {
         cleanup_sources(report);
     }
-    let record = record(ctx, &claim, &spec.vm_name, JobState::Done, started_at, "done", Some(boot), None);
+    let mut record = record(ctx, &claim, &spec.vm_name, JobState::Done, started_at, "done", Some(boot), None);
+    record.source_bytes = report.disks.iter().map(|d| d.source_bytes).collect();
     finish(claim, record, JobEnd::Done)
 }
 
@@ -843,6 +845,8 @@ fn fail(
 ) -> JobEnd {
     warn!(stage = failure.stage.as_str(), causes = ?failure.causes, "failed: {}", failure.summary);
     events.append(failure.stage.as_str(), &failure.summary, None);
+    // The terminal event, as `done` is for a success: a follower need not know the stages.
+    events.append("failed", &format!("failed at stage {}", failure.stage.as_str()), None);
     let mut record =
         record(ctx, &claim, vm_name, JobState::Failed, started_at, failure.stage.as_str(), None, Some(&failure));
     if safe_name {
@@ -923,6 +927,7 @@ fn record(
         result_file,
         error: failure.map(|f| f.summary.clone()),
         causes: failure.map(|f| f.causes.clone()).unwrap_or_default(),
+        source_bytes: Vec::new(),
     }
 }
 

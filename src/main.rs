@@ -1,5 +1,6 @@
 //! The `hyper2kvm` command: parses the command line and hands over to the library.
-//! Exit codes: 0 success, 1 failure (message on stderr), 2 usage error.
+//! Exit codes: 0 success, 1 failure (message on stderr), 2 usage error; `run` adds its own
+//! (docs/WORKER.md).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,7 @@ use hyper2kvm::config::{self, CompressionType, Config, Overrides};
 use hyper2kvm::convert::{oneshot, Compression};
 use hyper2kvm::logging::{self, LogFormat};
 use hyper2kvm::manifest::SourceFormat;
-use hyper2kvm::{capabilities, daemon, status, submit};
+use hyper2kvm::{capabilities, daemon, events, status, submit, worker};
 
 #[derive(Parser)]
 #[command(
@@ -81,10 +82,38 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
-    /// Show what this host can do
+    /// Show what this host can do; exits 1 when it cannot work (a readiness probe)
     Capabilities {
         #[arg(long)]
         json_output: bool,
+        /// Free space TEMP_DIR and OUTPUT_DIR need for this worker to be ready, in MiB
+        #[arg(long, value_name = "MIB", default_value_t = capabilities::DEFAULT_MIN_FREE_MIB)]
+        min_free_mib: u64,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Run one Worker Job Protocol v1 job (inspect, convert) from a job spec; exit codes in docs/WORKER.md
+    Run {
+        /// The job spec (JSON)
+        #[arg(value_name = "JOB.json")]
+        spec: PathBuf,
+    },
+    /// Print a job's progress events (daemon jobs from WATCH_DIR, run jobs from --output-dir)
+    Events {
+        /// The job id (a daemon job's, as `status` shows it, or a run spec's job_id)
+        job_id: String,
+        /// Keep printing new events until the job ends
+        #[arg(long)]
+        follow: bool,
+        /// Only events of this phase (claim, convert, publish, done, ...)
+        #[arg(long, value_name = "PHASE")]
+        phase: Option<String>,
+        /// Print the events as JSON lines
+        #[arg(long)]
+        json: bool,
+        /// How often --follow looks for new events, in seconds
+        #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+        poll: f64,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -151,6 +180,9 @@ fn main() -> ExitCode {
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
+    }
+    if let Command::Run { spec } = &cli.command {
+        return run_job(spec, cli.log_level.as_deref(), cli.log_format);
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -233,17 +265,63 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Capabilities { json_output, config } => {
+        Command::Capabilities { json_output, min_free_mib, config } => {
             let config = load_config(&cli.config_dir, log_level, &config)?;
-            let caps = capabilities::probe(&config);
+            let caps = capabilities::probe_with(&config, min_free_mib.saturating_mul(1 << 20));
             if json_output {
                 println!("{}", serde_json::to_string_pretty(&caps)?);
             } else {
                 print!("{}", capabilities::render(&caps));
             }
+            match caps.problems.first() {
+                None => Ok(()),
+                Some(first) => {
+                    anyhow::bail!("this worker is not ready: {first}{}", more(caps.problems.len()))
+                }
+            }
+        }
+        Command::Run { .. } => unreachable!("handled in main"),
+        Command::Events { job_id, follow, phase, json, poll, config } => {
+            let config = load_config(&cli.config_dir, log_level, &config)?;
+            let located = events::locate(&job_id, &config.watch_dir, &config.output_dir)?;
+            let filter = events::Filter { phase, json };
+            let mut out = std::io::stdout().lock();
+            if !follow {
+                return Ok(events::print(&located, &filter, &mut out)?);
+            }
+            let poll = std::time::Duration::try_from_secs_f64(poll.clamp(0.05, 60.0))?;
+            if events::follow(&located, &filter, poll, &mut out)? == events::FollowEnd::Released {
+                eprintln!(
+                    "hyper2kvm: job {job_id} was given back to the queue; its manifest runs again under a new job id"
+                );
+            }
             Ok(())
         }
     }
+}
+
+/// ` (and N more)` after the first of N+1 problems.
+fn more(count: usize) -> String {
+    if count > 1 {
+        format!(" (and {} more)", count - 1)
+    } else {
+        String::new()
+    }
+}
+
+/// `hyper2kvm run`: logs on stderr, the result as one JSON line on stdout, and the job's own
+/// exit status.
+fn run_job(spec: &std::path::Path, log_level: Option<&str>, log_format: LogFormat) -> ExitCode {
+    let level = log_level.and_then(config::LogLevel::parse).unwrap_or(config::LogLevel::Info);
+    logging::init(level, log_format, None);
+    let end = worker::run::run(spec);
+    if let Some(result) = &end.result {
+        println!("{result}");
+    }
+    if let Some(message) = &end.message {
+        eprintln!("hyper2kvm: {message}");
+    }
+    ExitCode::from(end.exit_code)
 }
 
 fn load_config(config_dir: &Option<PathBuf>, log_level: Option<String>, args: &ConfigArgs) -> anyhow::Result<Config> {

@@ -63,6 +63,27 @@ const ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 const DURATION_BUCKETS: [f64; 14] =
     [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0];
 
+/// `hyper2kvm_vmdk_size_bytes` buckets: source disks from a small appliance (64 MiB) to a
+/// large database server (16 TiB), by powers of four.
+const SIZE_BUCKETS: [f64; 10] = [
+    64.0 * MIB,
+    256.0 * MIB,
+    1024.0 * MIB,
+    4096.0 * MIB,
+    16384.0 * MIB,
+    65536.0 * MIB,
+    262144.0 * MIB,
+    1048576.0 * MIB,
+    4194304.0 * MIB,
+    16777216.0 * MIB,
+];
+const MIB: f64 = 1048576.0;
+
+/// The `stage` label values of `hyper2kvm_migration_failures_total`: the job's stages
+/// ([`crate::job::Stage`]), created at zero.
+const FAILURE_STAGES: [&str; 9] =
+    ["manifest", "source", "checksum", "inspect", "convert", "domain", "libvirt", "publish", "internal"];
+
 /// The content type of `/metrics`: what `prometheus-client` writes (with its `# EOF` line).
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -185,7 +206,15 @@ pub struct Metrics {
     heartbeat_errors: Counter,
     locks_lost: Counter,
     queue_errors: Family<Label, Counter>,
+    migration_duration: Family<Label, Histogram, fn() -> Histogram>,
+    migrations: Family<Label, Counter>,
+    migration_failures: Family<Label, Counter>,
+    vmdk_size: Histogram,
+    capability_info: Family<Vec<(String, String)>, Gauge>,
 }
+
+/// A migration's end, as `hyper2kvm_migration_total`'s `result` label says it.
+const MIGRATION_RESULTS: [&str; 2] = ["success", "failure"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -210,6 +239,11 @@ impl Metrics {
             heartbeat_errors: Counter::default(),
             locks_lost: Counter::default(),
             queue_errors: Family::default(),
+            migration_duration: Family::new_with_constructor(duration_histogram),
+            migrations: Family::default(),
+            migration_failures: Family::default(),
+            vmdk_size: Histogram::new(SIZE_BUCKETS),
+            capability_info: Family::default(),
         };
         // Creating a series is all that is wanted here; the guards are dropped at once.
         for result in JobResult::ALL {
@@ -218,6 +252,13 @@ impl Metrics {
         }
         for operation in QueueOperation::ALL {
             let _ = metrics.queue_errors.get_or_create(&operation.label());
+        }
+        for result in MIGRATION_RESULTS {
+            let _ = metrics.migrations.get_or_create(&[("result", result)]);
+            let _ = metrics.migration_duration.get_or_create(&[("result", result)]);
+        }
+        for stage in FAILURE_STAGES {
+            let _ = metrics.migration_failures.get_or_create(&[("stage", stage)]);
         }
         metrics.register()
     }
@@ -284,7 +325,63 @@ impl Metrics {
             "Queue operations that failed and will be retried, by operation: scan, claim, stale_check, takeover",
             self.queue_errors.clone(),
         );
+        registry.register_with_unit(
+            "migration_duration",
+            "How long migrations took, from claim to V.qcow2 or V.error, by result: success, failure",
+            Unit::Seconds,
+            self.migration_duration.clone(),
+        );
+        registry.register(
+            "migration",
+            "Migrations this daemon ended, by result: success (V.qcow2 published), failure (V.error)",
+            self.migrations.clone(),
+        );
+        registry.register(
+            "migration_failures",
+            "Failed migrations by the stage that failed: manifest, source, checksum, inspect, convert, domain, libvirt, publish, internal",
+            self.migration_failures.clone(),
+        );
+        registry.register_with_unit(
+            "vmdk_size",
+            "Sizes of the source disk files of successful migrations, one observation per disk",
+            Unit::Bytes,
+            self.vmdk_size.clone(),
+        );
+        registry.register(
+            "worker_capability_info",
+            "What this worker can do, as `hyper2kvm capabilities` found it at start-up (value 1)",
+            self.capability_info.clone(),
+        );
         self
+    }
+
+    /// A migration ended after `duration`: done jobs count as successes (and their source
+    /// disks' sizes are observed), failed ones as failures of their stage. Jobs given back or
+    /// abandoned are not migrations that ended.
+    pub fn migration_ended(&self, end: &JobEnd, duration: Duration) {
+        let (result, record) = match end {
+            JobEnd::Done(record) => ("success", record),
+            JobEnd::Failed(record) => ("failure", record),
+            JobEnd::Released | JobEnd::Abandoned => return,
+        };
+        self.migrations.get_or_create(&[("result", result)]).inc();
+        self.migration_duration.get_or_create(&[("result", result)]).observe(duration.as_secs_f64());
+        if result == "success" {
+            for bytes in &record.source_bytes {
+                self.vmdk_size.observe(*bytes as f64);
+            }
+        } else {
+            // A stage outside the fixed set (a record from a newer version) is counted as
+            // internal rather than creating a series.
+            let stage = FAILURE_STAGES.iter().find(|s| **s == record.stage).copied().unwrap_or("internal");
+            self.migration_failures.get_or_create(&[("stage", stage)]).inc();
+        }
+    }
+
+    /// Sets `hyper2kvm_worker_capability_info` to these labels (replacing earlier ones).
+    pub fn set_capabilities(&self, labels: Vec<(String, String)>) {
+        self.capability_info.clear();
+        self.capability_info.get_or_create(&labels).set(1);
     }
 
     /// A job started; `taken_over` when it was a stale claim of another daemon.
@@ -1009,9 +1106,64 @@ mod tests {
             let labels = line.split_once('{').map_or("", |(_, rest)| rest);
             for label in labels.split(',').filter(|l| l.contains('=')) {
                 let key = label.split('=').next().unwrap();
-                assert!(["result", "operation", "version", "le"].contains(&key), "unexpected label in {line}");
+                assert!(["result", "operation", "version", "le", "stage"].contains(&key), "unexpected label in {line}");
             }
         }
+    }
+
+    #[test]
+    fn migrations_are_counted_by_result_stage_and_source_size() {
+        let metrics = Metrics::new();
+        let text = metrics.encode().unwrap();
+        assert_eq!(value(&text, "hyper2kvm_migration_total{result=\"success\"}"), Some(0.0), "{text}");
+        assert_eq!(value(&text, "hyper2kvm_migration_failures_total{stage=\"convert\"}"), Some(0.0), "{text}");
+        assert_eq!(value(&text, "hyper2kvm_vmdk_size_bytes_count"), Some(0.0), "{text}");
+        let record = |state, stage: &str, source_bytes: Vec<u64>| crate::queue::JobRecord {
+            job_id: "20260101T000000Z-0000000000000000".into(),
+            vm_name: "secret-vm".into(),
+            host: "h".into(),
+            instance: None,
+            generation: 1,
+            state,
+            started_at: chrono::Utc::now(),
+            finished_at: None,
+            manifest_name: "m.json".into(),
+            stage: stage.into(),
+            result_file: None,
+            error: None,
+            causes: Vec::new(),
+            source_bytes,
+        };
+        use crate::queue::JobState;
+        let gib = 1u64 << 30;
+        metrics.migration_ended(
+            &JobEnd::Done(record(JobState::Done, "done", vec![gib, 3 * gib])),
+            Duration::from_secs(90),
+        );
+        metrics.migration_ended(&JobEnd::Failed(record(JobState::Failed, "checksum", vec![])), Duration::from_secs(2));
+        metrics.migration_ended(
+            &JobEnd::Failed(record(JobState::Failed, "from-the-future", vec![])),
+            Duration::from_secs(2),
+        );
+        metrics.migration_ended(&JobEnd::Released, Duration::from_secs(5));
+        metrics.set_capabilities(vec![("kvm".into(), "no".into())]);
+        metrics.set_capabilities(vec![("kvm".into(), "yes".into()), ("execution_mode".into(), "container".into())]);
+        let text = metrics.encode().unwrap();
+        assert_eq!(value(&text, "hyper2kvm_migration_total{result=\"success\"}"), Some(1.0), "{text}");
+        assert_eq!(value(&text, "hyper2kvm_migration_total{result=\"failure\"}"), Some(2.0), "{text}");
+        assert_eq!(value(&text, "hyper2kvm_migration_failures_total{stage=\"checksum\"}"), Some(1.0), "{text}");
+        assert_eq!(value(&text, "hyper2kvm_migration_failures_total{stage=\"internal\"}"), Some(1.0), "{text}");
+        assert_eq!(value(&text, "hyper2kvm_migration_duration_seconds_count{result=\"success\"}"), Some(1.0), "{text}");
+        assert_eq!(value(&text, "hyper2kvm_migration_duration_seconds_sum{result=\"success\"}"), Some(90.0), "{text}");
+        assert_eq!(value(&text, "hyper2kvm_vmdk_size_bytes_count"), Some(2.0), "{text}");
+        assert_eq!(value(&text, "hyper2kvm_vmdk_size_bytes_sum"), Some(4.0 * gib as f64), "{text}");
+        assert_eq!(value(&text, "hyper2kvm_vmdk_size_bytes_bucket{le=\"1073741824.0\"}"), Some(1.0), "{text}");
+        assert_eq!(
+            value(&text, "hyper2kvm_worker_capability_info{kvm=\"yes\",execution_mode=\"container\"}"),
+            Some(1.0),
+            "{text}"
+        );
+        assert!(!text.contains("kvm=\"no\"") && !text.contains("secret-vm"), "{text}");
     }
 
     #[test]

@@ -153,8 +153,8 @@ fn claims(layout: &Layout, now: SystemTime) -> Vec<ClaimView> {
             ClaimView {
                 vm_name: manifest::vm_name_hint(&manifest, &lock.manifest_name),
                 heartbeat_age_seconds: heartbeat.map(|h| age(Some(h), now)),
-                stage: last.as_ref().map(|e| e.stage.clone()),
-                percent: last.and_then(|e| e.percent),
+                stage: last.as_ref().map(|e| e.phase.clone()),
+                percent: last.and_then(|e| e.progress_percent),
                 lock,
             }
         })

@@ -129,6 +129,23 @@ fn metrics_count_jobs_and_bytes_while_the_daemon_serves_them() {
     assert_eq!(value(&text, PUBLISHED), Some(published + published2), "{text}");
     assert_eq!(value(&text, "hyper2kvm_jobs_started_total"), Some(3.0), "{text}");
 
+    // The migration metrics: two successes of three source disks, one failure at the stage
+    // that found the source missing, and what this worker can do.
+    assert_eq!(value(&text, "hyper2kvm_migration_total{result=\"success\"}"), Some(2.0), "{text}");
+    assert_eq!(value(&text, "hyper2kvm_migration_total{result=\"failure\"}"), Some(1.0), "{text}");
+    assert_eq!(value(&text, "hyper2kvm_migration_failures_total{stage=\"source\"}"), Some(1.0), "{text}");
+    assert_eq!(value(&text, "hyper2kvm_migration_failures_total{stage=\"convert\"}"), Some(0.0), "{text}");
+    assert_eq!(value(&text, "hyper2kvm_migration_duration_seconds_count{result=\"success\"}"), Some(2.0), "{text}");
+    assert_eq!(value(&text, "hyper2kvm_migration_duration_seconds_count{result=\"failure\"}"), Some(1.0), "{text}");
+    assert_eq!(value(&text, "hyper2kvm_vmdk_size_bytes_count"), Some(3.0), "{text}");
+    assert_eq!(value(&text, "hyper2kvm_vmdk_size_bytes_sum"), Some(2.0 * guest + file_size(&data)), "{text}");
+    let capability = text.lines().find(|l| l.starts_with("hyper2kvm_worker_capability_info{"));
+    assert!(
+        capability
+            .is_some_and(|l| l.contains("execution_mode=\"") && l.contains("qemu_img=\"yes\"") && l.ends_with(" 1")),
+        "{text}"
+    );
+
     for name in ["metrics-vm", "metrics-bad"].iter().copied().chain(s.jobs.iter().map(String::as_str)) {
         assert!(!text.contains(name), "{name} appears in the metrics:\n{text}");
     }

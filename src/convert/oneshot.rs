@@ -37,8 +37,18 @@ pub fn guess_format(path: &Path) -> SourceFormat {
 /// Describes a source image: format, subformat, virtual size, allocated bytes, referenced
 /// files and chain (native formats), and for an OVA its disks and OVF hardware.
 pub fn inspect(source: &Path, format: SourceFormat) -> Result<serde_json::Value, ConvertError> {
+    inspect_with(source, format, &JobControl::new(NO_DEADLINE))
+}
+
+/// [`inspect`] under `control`, whose deadline and cancellation stop a `qemu-img info` (the
+/// native readers only read headers and tables, and take no time worth stopping).
+pub fn inspect_with(
+    source: &Path,
+    format: SourceFormat,
+    control: &JobControl,
+) -> Result<serde_json::Value, ConvertError> {
     if !crate::engine::reads_natively(format) {
-        let info = Auto::default().inspect(source, format, &JobControl::new(NO_DEADLINE))?;
+        let info = Auto::default().inspect(source, format, control)?;
         return serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()));
     }
     if format == SourceFormat::Ova {
@@ -110,6 +120,18 @@ pub fn convert(
     destination: &Path,
     compression: Option<Compression>,
 ) -> Result<Vec<PathBuf>, ConvertError> {
+    convert_with(source, format, destination, compression, &JobControl::new(NO_DEADLINE))
+}
+
+/// [`convert`] under `control`: its deadline and cancellation stop the conversion (then
+/// nothing is published), and its progress advances disk by disk.
+pub fn convert_with(
+    source: &Path,
+    format: SourceFormat,
+    destination: &Path,
+    compression: Option<Compression>,
+    control: &JobControl,
+) -> Result<Vec<PathBuf>, ConvertError> {
     check_destination(destination)?;
     let outputs = plan(source, format, destination)?;
     let interrupt = Interrupt::install();
@@ -125,7 +147,7 @@ pub fn convert(
             ova_disk: output.ova_disk,
             inspected_files: None,
         };
-        result = convert_one(&converter, &request, label);
+        result = convert_one(&converter, &request, label, control);
         if result.is_err() {
             break;
         }
@@ -333,14 +355,19 @@ fn temp_name(path: &Path) -> PathBuf {
 }
 
 /// Converts one disk into `request.destination`, drawing a progress bar on a terminal.
-fn convert_one(converter: &Auto, request: &ConversionRequest<'_>, label: Option<String>) -> Result<(), ConvertError> {
-    let control = JobControl::new(NO_DEADLINE);
+fn convert_one(
+    converter: &Auto,
+    request: &ConversionRequest<'_>,
+    label: Option<String>,
+    control: &JobControl,
+) -> Result<(), ConvertError> {
+    control.progress.start_disk(0);
     if !crate::engine::reads_natively(request.format) {
         // The native engine sets the total itself; qemu-img only reports percentages.
-        let info = converter.inspect(request.source, request.format, &control)?;
+        let info = converter.inspect(request.source, request.format, control)?;
         control.progress.total_bytes.store(info.virtual_size, Ordering::Relaxed);
     }
-    watched(&control, label, || converter.convert(request, &control))
+    watched(control, label, || converter.convert(request, control))
 }
 
 /// Runs `work` while a watcher cancels `control` on a signal and draws a progress bar on a
@@ -477,12 +504,13 @@ pub fn interrupted() -> Option<i32> {
 /// While alive, SIGINT, SIGTERM and SIGHUP cancel the conversion instead of killing the
 /// process, so that its temporary files are removed. A signal ignored before (`nohup`) stays
 /// ignored.
-struct Interrupt {
+pub struct Interrupt {
     previous: Vec<(Signal, SigAction)>,
 }
 
 impl Interrupt {
-    fn install() -> Interrupt {
+    /// Catches the signals until dropped; [`interrupted`] tells whether one came.
+    pub fn install() -> Interrupt {
         let action = SigAction::new(SigHandler::Handler(note_signal), SaFlags::SA_RESTART, SigSet::empty());
         let mut previous = Vec::new();
         for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {

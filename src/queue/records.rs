@@ -1,5 +1,5 @@
-//! Job records (`done/` and `failed/`) and per-job event logs: what `status` reads, and what
-//! shows from outside that each manifest was done once.
+//! Job records (`done/` and `failed/`): what `status` reads, and what shows from outside that
+//! each manifest was done once. The per-job event logs are in [`crate::events`].
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -9,6 +9,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::layout::{Layout, Outcome};
+
+pub use crate::events::{Event, EventLog};
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +46,9 @@ pub struct JobRecord {
     /// The rest of the cause chain.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub causes: Vec<String>,
+    /// Sizes of the source disk files in bytes, boot disk first (done jobs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_bytes: Vec<u64>,
 }
 
 fn first_generation() -> u64 {
@@ -113,45 +118,6 @@ pub fn prune(layout: &Layout, outcome: Outcome, days: u32, today: NaiveDate) -> 
     Ok(removed)
 }
 
-/// One line of a job's event log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    pub at: DateTime<Utc>,
-    pub stage: String,
-    pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub percent: Option<f64>,
-}
-
-/// Appends events to a job's log. Failures to log never fail the job.
-#[derive(Debug, Clone)]
-pub struct EventLog {
-    path: PathBuf,
-}
-
-impl EventLog {
-    pub fn new(path: PathBuf) -> EventLog {
-        EventLog { path }
-    }
-
-    /// Appends one event.
-    pub fn append(&self, stage: &str, message: &str, percent: Option<f64>) {
-        let event = Event { at: Utc::now(), stage: stage.to_owned(), message: message.to_owned(), percent };
-        let Ok(mut line) = serde_json::to_vec(&event) else { return };
-        line.push(b'\n');
-        let result = OpenOptions::new().create(true).append(true).open(&self.path).and_then(|mut f| f.write_all(&line));
-        if let Err(e) = result {
-            tracing::debug!(path = %self.path.display(), error = %e, "could not append to the job's event log");
-        }
-    }
-
-    /// The newest event, if any.
-    pub fn last(path: &Path) -> Option<Event> {
-        let text = std::fs::read_to_string(path).ok()?;
-        text.lines().rev().find_map(|l| serde_json::from_str(l).ok())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,16 +136,6 @@ mod tests {
         assert!(!layout.outcome_dir(Outcome::Done, "2026-01-01").exists());
         assert!(layout.outcome_dir(Outcome::Done, "2026-01-05").exists());
         assert!(layout.outcome_root(Outcome::Done).join("not-a-date").exists());
-    }
-
-    #[test]
-    fn event_log_returns_the_newest_event() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = EventLog::new(dir.path().join("j.log"));
-        log.append("convert", "start", None);
-        log.append("convert", "progress", Some(42.0));
-        let last = EventLog::last(&dir.path().join("j.log")).unwrap();
-        assert_eq!(last.percent, Some(42.0));
     }
 
     #[test]
