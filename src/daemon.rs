@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use thiserror::Error;
@@ -40,6 +40,15 @@ const PROGRESS_STEP: f64 = 5.0;
 /// `/healthz` calls it stalled: a scan of a large queue on a slow NFS server may take a while.
 const STALL_GRACE: Duration = Duration::from_secs(60);
 
+/// How often, at most, OUTPUT_DIR is checked for room before claiming (a file written, fsynced,
+/// renamed and removed: a few round trips on NFS).
+const ROOM_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// After a job went back to the queue because its answer could not be published, how long
+/// nothing is claimed even when OUTPUT_DIR looks fine again: a failure the check cannot see
+/// must not turn into a claim-fail-release loop.
+const REQUEUE_HOLD: Duration = Duration::from_secs(10);
+
 /// Why the daemon cannot start.
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -47,6 +56,8 @@ pub enum DaemonError {
     Directory { what: &'static str, path: String, source: std::io::Error },
     #[error("TEMP_DIR {temp} is not on the same filesystem as OUTPUT_DIR {output}; results could not be published atomically, so set TEMP_DIR to a directory on the output filesystem")]
     TempOnOtherFilesystem { temp: String, output: String },
+    #[error("TEMP_DIR {0} is a symbolic link; set TEMP_DIR to the directory it points to (hyper2kvm replaces a symlink planted there while it runs, so it refuses one at start)")]
+    TempIsSymlink(String),
     #[error("cannot install the signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("cannot scan WATCH_DIR {path}: {source}")]
@@ -81,6 +92,16 @@ struct Counters {
     last: Option<String>,
 }
 
+/// Whether OUTPUT_DIR can take a result now, looked at before claiming.
+#[derive(Debug, Default)]
+struct Room {
+    checked: Option<Instant>,
+    /// Why nothing is claimed, while that is so.
+    problem: Option<String>,
+    /// No claims before this, after a job could not publish its answer.
+    hold_until: Option<Instant>,
+}
+
 /// A running daemon's state.
 struct Daemon {
     ctx: Arc<JobContext>,
@@ -91,6 +112,7 @@ struct Daemon {
     counters: Counters,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    room: Room,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -131,6 +153,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         counters: Counters::default(),
         metrics,
         health,
+        room: Room::default(),
     };
     let served = daemon.serve().await;
     if let Some(server) = server {
@@ -150,6 +173,9 @@ fn prepare_directories(config: &Config) -> Result<(), DaemonError> {
     create("WATCH_DIR", &config.watch_dir)?;
     create("OUTPUT_DIR", &config.output_dir)?;
     create("TEMP_DIR", &config.temp_dir)?;
+    if std::fs::symlink_metadata(&config.temp_dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(DaemonError::TempIsSymlink(config.temp_dir.display().to_string()));
+    }
     let layout = Layout::new(&config.watch_dir);
     layout.ensure().map_err(|source| DaemonError::Directory {
         what: "the queue state directory",
@@ -318,6 +344,12 @@ impl Daemon {
             Err(source) => return Err(DaemonError::Scan { path: config.watch_dir.display().to_string(), source }),
         };
         self.counters.waiting = scan.waiting;
+        let next = scan.next_check.map_or(config.poll_interval, |d| d.min(config.poll_interval));
+        let next = next.max(Duration::from_millis(20));
+        // Looked at afresh before each claim: the last look may be a second old.
+        if !self.has_room(!scan.ready.is_empty()) {
+            return Ok(next);
+        }
         // Stale jobs first: they are older, and their producers are already waiting.
         self.take_over_stale();
         for candidate in scan.ready {
@@ -334,8 +366,39 @@ impl Daemon {
                 }
             }
         }
-        let next = scan.next_check.map_or(config.poll_interval, |d| d.min(config.poll_interval));
-        Ok(next.max(Duration::from_millis(20)))
+        Ok(next)
+    }
+
+    /// Whether a claimed job could publish its answer: OUTPUT_DIR and TEMP_DIR can take a
+    /// file ([`publish::check_room`]) and no job was just given back for want of it. Looked at
+    /// most every [`ROOM_CHECK_EVERY`] unless `afresh`; `/healthz` and the STATUS line say why
+    /// not.
+    fn has_room(&mut self, afresh: bool) -> bool {
+        let now = Instant::now();
+        if !afresh && self.room.checked.is_some_and(|at| now.duration_since(at) < ROOM_CHECK_EVERY) {
+            return self.room.problem.is_none();
+        }
+        self.room.checked = Some(now);
+        let config = &self.ctx.config;
+        let tag = format!("{}-{}", self.ctx.identity.host, self.ctx.identity.pid);
+        let problem = match publish::check_room(&config.output_dir, &config.temp_dir, config.min_free_bytes, &tag) {
+            Err(e) => Some(e.to_string()),
+            Ok(()) => self.room.hold_until.filter(|until| now < *until).map(|until| {
+                format!(
+                    "a job's answer could not be published in OUTPUT_DIR {}; claiming again in {} s",
+                    config.output_dir.display(),
+                    until.duration_since(now).as_secs() + 1
+                )
+            }),
+        };
+        match (&self.room.problem, &problem) {
+            (None, Some(why)) => warn!("not claiming new jobs: {why}"),
+            (Some(_), None) => info!("OUTPUT_DIR can take results again; claiming"),
+            _ => {}
+        }
+        self.health.paused(problem.clone());
+        self.room.problem = problem;
+        self.room.problem.is_none()
     }
 
     /// Takes over jobs whose owner stopped heartbeating (crashed, frozen, cut off), while a
@@ -458,6 +521,10 @@ impl Daemon {
                 self.counters.failed += 1;
                 self.counters.last = Some(format!("{} failed", record.vm_name));
             }
+            JobEnd::Requeued => {
+                self.room.hold_until = Some(Instant::now() + REQUEUE_HOLD);
+                self.room.checked = None;
+            }
             JobEnd::Released | JobEnd::Abandoned => {}
         }
     }
@@ -472,6 +539,9 @@ impl Daemon {
         );
         if let Some(last) = &self.counters.last {
             line.push_str(&format!("; last: {last}"));
+        }
+        if let Some(why) = &self.room.problem {
+            line.push_str(&format!("; not claiming: {why}"));
         }
         line
     }

@@ -132,7 +132,7 @@ impl From<&JobEnd> for JobResult {
         match end {
             JobEnd::Done(_) => JobResult::Done,
             JobEnd::Failed(_) => JobResult::Failed,
-            JobEnd::Released => JobResult::Released,
+            JobEnd::Released | JobEnd::Requeued => JobResult::Released,
             JobEnd::Abandoned => JobResult::Abandoned,
         }
     }
@@ -362,8 +362,8 @@ const RUNNING: u8 = 1;
 const STOPPING: u8 = 2;
 
 /// What `/healthz` answers: 200 while the daemon's main loop goes round, 503 before its first
-/// scan, while it stops, and when the loop has not gone round for too long (stuck, e.g. on a
-/// hung NFS server).
+/// scan, while it stops, when the loop has not gone round for too long (stuck, e.g. on a
+/// hung NFS server), and while it claims nothing because OUTPUT_DIR cannot take a result.
 #[derive(Debug)]
 pub struct Health {
     state: AtomicU8,
@@ -371,13 +371,28 @@ pub struct Health {
     /// Milliseconds after `epoch` when the loop last went round.
     last_alive_ms: AtomicU64,
     stall_after: Duration,
+    /// Why the daemon claims nothing for now (OUTPUT_DIR cannot take a result), if it does not.
+    paused: std::sync::Mutex<Option<String>>,
 }
 
 impl Health {
     /// A daemon starting; it counts as stalled when its loop has not gone round for
     /// `stall_after`.
     pub fn new(stall_after: Duration) -> Health {
-        Health { state: AtomicU8::new(STARTING), epoch: Instant::now(), last_alive_ms: AtomicU64::new(0), stall_after }
+        Health {
+            state: AtomicU8::new(STARTING),
+            epoch: Instant::now(),
+            last_alive_ms: AtomicU64::new(0),
+            stall_after,
+            paused: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The daemon stopped claiming because of `why`, or (`None`) claims again.
+    pub fn paused(&self, why: Option<String>) {
+        if let Ok(mut paused) = self.paused.lock() {
+            *paused = why;
+        }
     }
 
     /// The main loop went round (after a scan). Does not undo [`Health::stopping`].
@@ -400,9 +415,11 @@ impl Health {
                 let idle =
                     Duration::from_millis(self.millis().saturating_sub(self.last_alive_ms.load(Ordering::SeqCst)));
                 if idle > self.stall_after {
-                    Err(format!("stalled: the main loop last went round {} s ago", idle.as_secs()))
-                } else {
-                    Ok(())
+                    return Err(format!("stalled: the main loop last went round {} s ago", idle.as_secs()));
+                }
+                match self.paused.lock().ok().and_then(|paused| paused.clone()) {
+                    Some(why) => Err(format!("paused: {why}")),
+                    None => Ok(()),
                 }
             }
         }
