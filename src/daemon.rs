@@ -1,6 +1,6 @@
 //! The daemon's main loop: scan the queue (always by polling, faster with inotify), claim
 //! manifests while a slot is free, run each job on a blocking thread with a heartbeat beside
-//! it, and on SIGTERM stop claiming, drain, then release what is left.
+//! it, and on SIGTERM (or SIGINT, SIGHUP) stop claiming, drain, then release what is left.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -274,6 +274,9 @@ impl Daemon {
         let config = self.ctx.config.clone();
         let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+        // SIGHUP stops like SIGTERM (docs/OPERATIONS.md): the configuration is read at start
+        // only, and its default action would kill the daemon with claims and staging left.
+        let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
         let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
         let _watcher = config.use_inotify.then(|| watch_events(&config.watch_dir, wake_tx)).flatten();
         let mut watchdog = service::watchdog_interval().map(tokio::time::interval);
@@ -308,6 +311,10 @@ impl Daemon {
                 _ = prune_timer.tick() => prune(&config, &self.queue.layout),
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
+                _ = sighup.recv() => {
+                    info!("SIGHUP: stopping as on SIGTERM (the configuration is read at start only; restart to apply a change)");
+                    break;
+                }
             }
             next = self.scan_and_claim()?;
             self.went_round();
