@@ -117,6 +117,7 @@ struct Daemon {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    raise_open_files_limit();
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(2 * config.poll_interval + STALL_GRACE));
@@ -160,6 +161,31 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         server.stop();
     }
     served
+}
+
+/// Raises the soft limit of open files to the hard one. A job holds a descriptor per VMDK
+/// extent (a descriptor may name thousands), and the usual soft limit of 1024 let one such job
+/// make a concurrent job fail with EMFILE. The daemon uses no `select(2)`, which is what the
+/// low soft default protects.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "could not read the open files limit");
+        return;
+    }
+    let (soft, hard) = (limit.rlim_cur, limit.rlim_max);
+    if soft >= hard {
+        info!(soft, hard, "open files limit");
+        return;
+    }
+    let raised = libc::rlimit { rlim_cur: hard, rlim_max: hard };
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        info!(soft = hard, hard, was = soft, "raised the open files limit to the hard limit");
+    } else {
+        warn!(soft, hard, error = %std::io::Error::last_os_error(), "could not raise the open files limit");
+    }
 }
 
 fn prepare_directories(config: &Config) -> Result<(), DaemonError> {

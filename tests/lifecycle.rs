@@ -196,3 +196,28 @@ fn sighup_drains_like_sigterm_instead_of_killing() {
     assert!(staging.is_empty(), "no staging directory is left: {staging:?}");
     assert_no_partial_results(&daemon, &env, "hup-vm");
 }
+
+/// The soft limit of open files (often 1024) is raised to the hard one at start: a job holds a
+/// descriptor per VMDK extent, and one with a thousand made a concurrent job fail with EMFILE.
+#[test]
+fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
+    let env = Env::new();
+    let wrapper = ["sh", "-c", "ulimit -Sn 256 && exec \"$@\"", "sh"];
+    let daemon = Daemon::start_wrapped(&env, "daemon", &wrapper, &[], &[]);
+    let limits = || {
+        let text = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap_or_default();
+        let line = text.lines().find(|l| l.starts_with("Max open files")).map(str::to_owned).unwrap_or_default();
+        let mut values = line.split_whitespace().skip(3).map(|v| v.parse::<u64>().ok());
+        (values.next().flatten(), values.next().flatten())
+    };
+    let (_, hard) = limits();
+    match hard {
+        Some(hard) if hard > 256 => {}
+        other => daemon.fail(&format!("setup: the hard limit of open files must be above 256 here, it is {other:?}")),
+    }
+    wait_for(&daemon, Duration::from_secs(10), "the soft limit to equal the hard one", || {
+        let (soft, hard) = limits();
+        soft.is_some() && soft == hard
+    });
+    assert!(daemon.log().contains("raised the open files limit to the hard limit"), "{}", daemon.log());
+}
