@@ -258,9 +258,13 @@ fn recover_orphans(ctx: &JobContext, queue: &Queue) {
     }
 }
 
-/// Removes every generation's staging directory of a job.
+/// Removes every generation's staging directory of a job. Never through a symlink planted at
+/// TEMP_DIR: it is replaced first ([`publish::own_dir`]).
 fn remove_staging(temp_dir: &std::path::Path, job_id: &str) {
     let prefix = format!("{job_id}.g");
+    if publish::own_dir(temp_dir).is_err() {
+        return;
+    }
     let Ok(entries) = std::fs::read_dir(temp_dir) else { return };
     for entry in entries.flatten() {
         if entry.file_name().to_string_lossy().starts_with(&prefix) {
@@ -651,6 +655,17 @@ fn watch_events(dir: &std::path::Path, wake: mpsc::Sender<()>) -> Option<notify:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staging_is_not_removed_through_a_symlinked_temp_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let (temp, outside) = (dir.path().join(".hyper2kvm-tmp"), dir.path().join("outside"));
+        std::fs::create_dir_all(outside.join("J.g1")).unwrap();
+        std::os::unix::fs::symlink(&outside, &temp).unwrap();
+        remove_staging(&temp, "J");
+        assert!(outside.join("J.g1").is_dir(), "nothing outside is removed");
+        assert!(std::fs::symlink_metadata(&temp).unwrap().is_dir(), "TEMP_DIR is a real directory again");
+    }
 
     #[test]
     fn directory_errors_say_what_to_do_under_systemd() {
