@@ -1,10 +1,10 @@
 //! The daemon's main loop: scan the queue (always by polling, faster with inotify), claim
 //! manifests while a slot is free, run each job on a blocking thread with a heartbeat beside
-//! it, and on SIGTERM stop claiming, drain, then release what is left.
+//! it, and on SIGTERM (or SIGINT, SIGHUP) stop claiming, drain, then release what is left.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use thiserror::Error;
@@ -40,6 +40,15 @@ const PROGRESS_STEP: f64 = 5.0;
 /// `/healthz` calls it stalled: a scan of a large queue on a slow NFS server may take a while.
 const STALL_GRACE: Duration = Duration::from_secs(60);
 
+/// How often, at most, OUTPUT_DIR is checked for room before claiming (a file written, fsynced,
+/// renamed and removed: a few round trips on NFS).
+const ROOM_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// After a job went back to the queue because its answer could not be published, how long
+/// nothing is claimed even when OUTPUT_DIR looks fine again: a failure the check cannot see
+/// must not turn into a claim-fail-release loop.
+const REQUEUE_HOLD: Duration = Duration::from_secs(10);
+
 /// Why the daemon cannot start.
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -47,6 +56,8 @@ pub enum DaemonError {
     Directory { what: &'static str, path: String, source: std::io::Error },
     #[error("TEMP_DIR {temp} is not on the same filesystem as OUTPUT_DIR {output}; results could not be published atomically, so set TEMP_DIR to a directory on the output filesystem")]
     TempOnOtherFilesystem { temp: String, output: String },
+    #[error("TEMP_DIR {0} is a symbolic link; set TEMP_DIR to the directory it points to (hyper2kvm replaces a symlink planted there while it runs, so it refuses one at start)")]
+    TempIsSymlink(String),
     #[error("cannot install the signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("cannot scan WATCH_DIR {path}: {source}")]
@@ -81,6 +92,16 @@ struct Counters {
     last: Option<String>,
 }
 
+/// Whether OUTPUT_DIR can take a result now, looked at before claiming.
+#[derive(Debug, Default)]
+struct Room {
+    checked: Option<Instant>,
+    /// Why nothing is claimed, while that is so.
+    problem: Option<String>,
+    /// No claims before this, after a job could not publish its answer.
+    hold_until: Option<Instant>,
+}
+
 /// A running daemon's state.
 struct Daemon {
     ctx: Arc<JobContext>,
@@ -91,10 +112,12 @@ struct Daemon {
     counters: Counters,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    room: Room,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), DaemonError> {
+    raise_open_files_limit();
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(2 * config.poll_interval + STALL_GRACE));
@@ -132,12 +155,38 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         counters: Counters::default(),
         metrics,
         health,
+        room: Room::default(),
     };
     let served = daemon.serve().await;
     if let Some(server) = server {
         server.stop();
     }
     served
+}
+
+/// Raises the soft limit of open files to the hard one. A job holds a descriptor per VMDK
+/// extent (a descriptor may name thousands), and the usual soft limit of 1024 let one such job
+/// make a concurrent job fail with EMFILE. The daemon uses no `select(2)`, which is what the
+/// low soft default protects.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "could not read the open files limit");
+        return;
+    }
+    let (soft, hard) = (limit.rlim_cur, limit.rlim_max);
+    if soft >= hard {
+        info!(soft, hard, "open files limit");
+        return;
+    }
+    let raised = libc::rlimit { rlim_cur: hard, rlim_max: hard };
+    // SAFETY: setrlimit only reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        info!(soft = hard, hard, was = soft, "raised the open files limit to the hard limit");
+    } else {
+        warn!(soft, hard, error = %std::io::Error::last_os_error(), "could not raise the open files limit");
+    }
 }
 
 fn prepare_directories(config: &Config) -> Result<(), DaemonError> {
@@ -151,6 +200,9 @@ fn prepare_directories(config: &Config) -> Result<(), DaemonError> {
     create("WATCH_DIR", &config.watch_dir)?;
     create("OUTPUT_DIR", &config.output_dir)?;
     create("TEMP_DIR", &config.temp_dir)?;
+    if std::fs::symlink_metadata(&config.temp_dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(DaemonError::TempIsSymlink(config.temp_dir.display().to_string()));
+    }
     let layout = Layout::new(&config.watch_dir);
     layout.ensure().map_err(|source| DaemonError::Directory {
         what: "the queue state directory",
@@ -207,9 +259,13 @@ fn recover_orphans(ctx: &JobContext, queue: &Queue) {
     }
 }
 
-/// Removes every generation's staging directory of a job.
+/// Removes every generation's staging directory of a job. Never through a symlink planted at
+/// TEMP_DIR: it is replaced first ([`publish::own_dir`]).
 fn remove_staging(temp_dir: &std::path::Path, job_id: &str) {
     let prefix = format!("{job_id}.g");
+    if publish::own_dir(temp_dir).is_err() {
+        return;
+    }
     let Ok(entries) = std::fs::read_dir(temp_dir) else { return };
     for entry in entries.flatten() {
         if entry.file_name().to_string_lossy().starts_with(&prefix) {
@@ -249,6 +305,9 @@ impl Daemon {
         let config = self.ctx.config.clone();
         let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+        // SIGHUP stops like SIGTERM (docs/OPERATIONS.md): the configuration is read at start
+        // only, and its default action would kill the daemon with claims and staging left.
+        let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
         let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
         let _watcher = config.use_inotify.then(|| watch_events(&config.watch_dir, wake_tx)).flatten();
         let mut watchdog = service::watchdog_interval().map(tokio::time::interval);
@@ -283,6 +342,10 @@ impl Daemon {
                 _ = prune_timer.tick() => prune(&config, &self.queue.layout),
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
+                _ = sighup.recv() => {
+                    info!("SIGHUP: stopping as on SIGTERM (the configuration is read at start only; restart to apply a change)");
+                    break;
+                }
             }
             next = self.scan_and_claim()?;
             self.went_round();
@@ -319,6 +382,12 @@ impl Daemon {
             Err(source) => return Err(DaemonError::Scan { path: config.watch_dir.display().to_string(), source }),
         };
         self.counters.waiting = scan.waiting;
+        let next = scan.next_check.map_or(config.poll_interval, |d| d.min(config.poll_interval));
+        let next = next.max(Duration::from_millis(20));
+        // Looked at afresh before each claim: the last look may be a second old.
+        if !self.has_room(!scan.ready.is_empty()) {
+            return Ok(next);
+        }
         // Stale jobs first: they are older, and their producers are already waiting.
         self.take_over_stale();
         for candidate in scan.ready {
@@ -335,8 +404,39 @@ impl Daemon {
                 }
             }
         }
-        let next = scan.next_check.map_or(config.poll_interval, |d| d.min(config.poll_interval));
-        Ok(next.max(Duration::from_millis(20)))
+        Ok(next)
+    }
+
+    /// Whether a claimed job could publish its answer: OUTPUT_DIR and TEMP_DIR can take a
+    /// file ([`publish::check_room`]) and no job was just given back for want of it. Looked at
+    /// most every [`ROOM_CHECK_EVERY`] unless `afresh`; `/healthz` and the STATUS line say why
+    /// not.
+    fn has_room(&mut self, afresh: bool) -> bool {
+        let now = Instant::now();
+        if !afresh && self.room.checked.is_some_and(|at| now.duration_since(at) < ROOM_CHECK_EVERY) {
+            return self.room.problem.is_none();
+        }
+        self.room.checked = Some(now);
+        let config = &self.ctx.config;
+        let tag = format!("{}-{}", self.ctx.identity.host, self.ctx.identity.pid);
+        let problem = match publish::check_room(&config.output_dir, &config.temp_dir, config.min_free_bytes, &tag) {
+            Err(e) => Some(e.to_string()),
+            Ok(()) => self.room.hold_until.filter(|until| now < *until).map(|until| {
+                format!(
+                    "a job's answer could not be published in OUTPUT_DIR {}; claiming again in {} s",
+                    config.output_dir.display(),
+                    until.duration_since(now).as_secs() + 1
+                )
+            }),
+        };
+        match (&self.room.problem, &problem) {
+            (None, Some(why)) => warn!("not claiming new jobs: {why}"),
+            (Some(_), None) => info!("OUTPUT_DIR can take results again; claiming"),
+            _ => {}
+        }
+        self.health.paused(problem.clone());
+        self.room.problem = problem;
+        self.room.problem.is_none()
     }
 
     /// Takes over jobs whose owner stopped heartbeating (crashed, frozen, cut off), while a
@@ -460,6 +560,10 @@ impl Daemon {
                 self.counters.failed += 1;
                 self.counters.last = Some(format!("{} failed", record.vm_name));
             }
+            JobEnd::Requeued => {
+                self.room.hold_until = Some(Instant::now() + REQUEUE_HOLD);
+                self.room.checked = None;
+            }
             JobEnd::Released | JobEnd::Abandoned => {}
         }
     }
@@ -474,6 +578,9 @@ impl Daemon {
         );
         if let Some(last) = &self.counters.last {
             line.push_str(&format!("; last: {last}"));
+        }
+        if let Some(why) = &self.room.problem {
+            line.push_str(&format!("; not claiming: {why}"));
         }
         line
     }
@@ -550,6 +657,17 @@ fn watch_events(dir: &std::path::Path, wake: mpsc::Sender<()>) -> Option<notify:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staging_is_not_removed_through_a_symlinked_temp_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let (temp, outside) = (dir.path().join(".hyper2kvm-tmp"), dir.path().join("outside"));
+        std::fs::create_dir_all(outside.join("J.g1")).unwrap();
+        std::os::unix::fs::symlink(&outside, &temp).unwrap();
+        remove_staging(&temp, "J");
+        assert!(outside.join("J.g1").is_dir(), "nothing outside is removed");
+        assert!(std::fs::symlink_metadata(&temp).unwrap().is_dir(), "TEMP_DIR is a real directory again");
+    }
 
     #[test]
     fn directory_errors_say_what_to_do_under_systemd() {

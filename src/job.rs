@@ -112,6 +112,9 @@ pub enum JobEnd {
     Failed(JobRecord),
     /// Given back to the queue untouched (shutdown).
     Released,
+    /// Given back to the queue because its answer (results or `.error`) could not be
+    /// published: OUTPUT_DIR is full, read-only or gone. It is retried once it can take one.
+    Requeued,
     /// The lock was lost; nothing was published.
     Abandoned,
 }
@@ -142,7 +145,7 @@ pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
         Err(stop) => {
             // Without a staging directory in TEMP_DIR the .error is staged in OUTPUT_DIR
             // itself, so the poller still gets its answer.
-            let fallback = Staging::create(&ctx.config.output_dir, &format!(".hyper2kvm-error-{}", claim.job_id()));
+            let fallback = Staging::create_in(&ctx.config.output_dir, &format!(".hyper2kvm-error-{}", claim.job_id()));
             let end = ending.conclude(claim, fallback.as_ref().ok(), Err(stop));
             fallback.map(Staging::remove).unwrap_or_default();
             return end;
@@ -850,17 +853,37 @@ fn fail(
     let mut record =
         record(ctx, &claim, vm_name, JobState::Failed, started_at, failure.stage.as_str(), None, Some(&failure));
     if safe_name {
-        if let Some(staging) = staging {
-            match publish_error(ctx, &claim, staging, vm_name, &failure, &record) {
-                Ok(Some(path)) => record.result_file = Some(path),
-                Ok(None) => return JobEnd::Abandoned,
-                Err(e) => warn!(error = %e, "could not publish the .error file"),
-            }
+        let published = match staging {
+            Some(staging) => publish_error(ctx, &claim, staging, vm_name, &failure, &record),
+            None => Err(std::io::Error::other("no staging directory could be created for it")),
+        };
+        match published {
+            Ok(Some(path)) => record.result_file = Some(path),
+            Ok(None) => return JobEnd::Abandoned,
+            // Recorded as failed with no .error, the job would leave its poller waiting for
+            // ever: it goes back to the queue instead, and the daemon claims nothing until
+            // OUTPUT_DIR can take an answer again.
+            Err(e) => return requeue(claim, events, &e),
         }
     } else {
         warn!("vm_name is not a safe file name: the error is recorded under .hyper2kvm/failed only");
     }
     finish(claim, record, JobEnd::Failed)
+}
+
+/// Gives a job whose answer could not be published back to the queue
+/// (`<stem>.requeued-<job>.json`), to be retried when OUTPUT_DIR can take it.
+fn requeue(claim: Claim, events: &EventLog, error: &std::io::Error) -> JobEnd {
+    warn!(
+        stage = "requeue",
+        error = %error,
+        "could not publish the .error file; the job goes back to the queue and is retried once OUTPUT_DIR can take it"
+    );
+    events.append("requeue", &format!("could not publish the answer ({error}); back to the queue"), None);
+    if let Err(e) = claim.release() {
+        warn!(error = %e, "could not release the claim; it will be retaken when its lease expires");
+    }
+    JobEnd::Requeued
 }
 
 fn publish_error(

@@ -6,8 +6,9 @@
 //! docs/OPERATIONS.md). They are exposed in the OpenMetrics text format that `prometheus-client`
 //! writes, which every Prometheus since 2.5 scrapes.
 //!
-//! The server runs on a thread of its own, with one short-lived thread per connection (a few
-//! at most), rather than on the daemon's tokio runtime: the runtime is built without tokio's
+//! The server runs on a thread of its own, with one short-lived thread per connection (at most
+//! 16; a new connection closes the oldest idle one, so idle clients cannot starve a probe),
+//! rather than on the daemon's tokio runtime: the runtime is built without tokio's
 //! `net` feature, and a thread apart keeps answering `/healthz` with "stalled" when the
 //! daemon's loop is stuck in a blocking call on a hung NFS server, which is when it matters.
 //! It reads no more than a request head, within a size limit and a deadline, and closes every
@@ -16,7 +17,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -51,8 +52,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
 const DRAIN_BYTES: usize = 64 * 1024;
 
 /// Connections served at once. A scraper needs one; the limit bounds the threads that slow
-/// clients can hold, and those beyond it are told 503 and closed.
-const MAX_CONNECTIONS: usize = 8;
+/// clients can hold. A connection beyond it closes the oldest one still waiting for its
+/// request, so idle clients cannot starve a health probe; only when every one is busy
+/// answering is the newcomer told 503.
+const MAX_CONNECTIONS: usize = 16;
 
 /// Pause after an accept error that is not about one connection (e.g. out of file
 /// descriptors), so that the loop does not spin while it lasts.
@@ -153,7 +156,7 @@ impl From<&JobEnd> for JobResult {
         match end {
             JobEnd::Done(_) => JobResult::Done,
             JobEnd::Failed(_) => JobResult::Failed,
-            JobEnd::Released => JobResult::Released,
+            JobEnd::Released | JobEnd::Requeued => JobResult::Released,
             JobEnd::Abandoned => JobResult::Abandoned,
         }
     }
@@ -459,8 +462,8 @@ const RUNNING: u8 = 1;
 const STOPPING: u8 = 2;
 
 /// What `/healthz` answers: 200 while the daemon's main loop goes round, 503 before its first
-/// scan, while it stops, and when the loop has not gone round for too long (stuck, e.g. on a
-/// hung NFS server).
+/// scan, while it stops, when the loop has not gone round for too long (stuck, e.g. on a
+/// hung NFS server), and while it claims nothing because OUTPUT_DIR cannot take a result.
 #[derive(Debug)]
 pub struct Health {
     state: AtomicU8,
@@ -468,13 +471,28 @@ pub struct Health {
     /// Milliseconds after `epoch` when the loop last went round.
     last_alive_ms: AtomicU64,
     stall_after: Duration,
+    /// Why the daemon claims nothing for now (OUTPUT_DIR cannot take a result), if it does not.
+    paused: std::sync::Mutex<Option<String>>,
 }
 
 impl Health {
     /// A daemon starting; it counts as stalled when its loop has not gone round for
     /// `stall_after`.
     pub fn new(stall_after: Duration) -> Health {
-        Health { state: AtomicU8::new(STARTING), epoch: Instant::now(), last_alive_ms: AtomicU64::new(0), stall_after }
+        Health {
+            state: AtomicU8::new(STARTING),
+            epoch: Instant::now(),
+            last_alive_ms: AtomicU64::new(0),
+            stall_after,
+            paused: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The daemon stopped claiming because of `why`, or (`None`) claims again.
+    pub fn paused(&self, why: Option<String>) {
+        if let Ok(mut paused) = self.paused.lock() {
+            *paused = why;
+        }
     }
 
     /// The main loop went round (after a scan). Does not undo [`Health::stopping`].
@@ -497,9 +515,11 @@ impl Health {
                 let idle =
                     Duration::from_millis(self.millis().saturating_sub(self.last_alive_ms.load(Ordering::SeqCst)));
                 if idle > self.stall_after {
-                    Err(format!("stalled: the main loop last went round {} s ago", idle.as_secs()))
-                } else {
-                    Ok(())
+                    return Err(format!("stalled: the main loop last went round {} s ago", idle.as_secs()));
+                }
+                match self.paused.lock().ok().and_then(|paused| paused.clone()) {
+                    Some(why) => Err(format!("paused: {why}")),
+                    None => Ok(()),
                 }
             }
         }
@@ -574,7 +594,7 @@ struct Site {
 }
 
 fn accept_loop(listener: &TcpListener, stop: &AtomicBool, site: &Arc<Site>) {
-    let active = Arc::new(AtomicUsize::new(0));
+    let active = Arc::new(Connections::default());
     loop {
         let accepted = listener.accept();
         if stop.load(Ordering::SeqCst) {
@@ -599,42 +619,93 @@ fn accept_loop(listener: &TcpListener, stop: &AtomicBool, site: &Arc<Site>) {
     }
 }
 
-/// Decrements the count of connections being served when a connection's thread ends.
-struct Active(Arc<AtomicUsize>);
+/// The connections being served, oldest first, each with a handle to close it.
+#[derive(Default)]
+struct Connections {
+    slots: std::sync::Mutex<Vec<Slot>>,
+    next_id: AtomicU64,
+}
 
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+struct Slot {
+    id: u64,
+    /// A clone of the connection's socket: shutting it down ends the thread's read at once.
+    stream: TcpStream,
+    /// Still waiting for the request head (rather than answering it).
+    reading: bool,
+}
+
+impl Connections {
+    /// Admits `stream`, closing the oldest connection still waiting for its request when all
+    /// slots are taken. `None` when every slot is busy answering.
+    fn admit(&self, stream: &TcpStream) -> Option<u64> {
+        let mut slots = self.slots.lock().ok()?;
+        if slots.len() >= MAX_CONNECTIONS {
+            let oldest_idle = slots.iter().position(|slot| slot.reading)?;
+            let evicted = slots.remove(oldest_idle);
+            let _ = evicted.stream.shutdown(Shutdown::Both);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        slots.push(Slot { id, stream: stream.try_clone().ok()?, reading: true });
+        Some(id)
+    }
+
+    /// The connection `id` has its request and is being answered: it is no longer evictable.
+    fn answering(&self, id: u64) {
+        if let Ok(mut slots) = self.slots.lock() {
+            if let Some(slot) = slots.iter_mut().find(|slot| slot.id == id) {
+                slot.reading = false;
+            }
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.retain(|slot| slot.id != id);
+        }
     }
 }
 
-fn dispatch(stream: TcpStream, site: &Arc<Site>, active: &Arc<AtomicUsize>) {
-    if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-        active.fetch_sub(1, Ordering::SeqCst);
-        // Busy with slow clients: say so without reading, and close.
+/// Frees a connection's slot when its thread ends.
+struct Admitted {
+    connections: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.connections.remove(self.id);
+    }
+}
+
+fn dispatch(stream: TcpStream, site: &Arc<Site>, connections: &Arc<Connections>) {
+    let Some(id) = connections.admit(&stream) else {
+        // Busy answering slow readers: say so without reading, and close.
         let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
         let busy = Response::text(503, "busy\n");
         let _ = write_response(&mut &stream, &busy, false);
         return;
-    }
-    let guard = Active(active.clone());
+    };
+    let admitted = Admitted { connections: connections.clone(), id };
     let site = site.clone();
     let spawned = std::thread::Builder::new().name("metrics-conn".into()).spawn(move || {
-        let _guard = guard;
-        serve_connection(stream, &site);
+        let answering = || admitted.connections.answering(admitted.id);
+        serve_connection(stream, &site, answering);
     });
     if let Err(e) = spawned {
-        // The closure, its stream and its guard were dropped with the error.
+        // The closure, its stream and its slot were dropped with the error.
         debug!(error = %e, "could not start a thread for a metrics connection");
     }
 }
 
-/// Answers one request on `stream`, then closes it.
-fn serve_connection(stream: TcpStream, site: &Site) {
+/// Answers one request on `stream`, then closes it; `answering` is told when the request head
+/// is in.
+fn serve_connection(stream: TcpStream, site: &Site, answering: impl FnOnce()) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let mut reader = DeadlineReader { stream: &stream, deadline: Instant::now() + READ_TIMEOUT };
-    let (response, head_only) = match read_head(&mut reader, MAX_HEAD_BYTES) {
+    let head = read_head(&mut reader, MAX_HEAD_BYTES);
+    answering();
+    let (response, head_only) = match head {
         Ok(head) => match parse_request(&head) {
             Ok(request) => (route(&request, site), request.method == "HEAD"),
             Err(e) => (Response::refusal(&e), false),
@@ -1256,6 +1327,29 @@ mod tests {
         server.stop();
         assert!(began.elapsed() < Duration::from_secs(2), "stopping took {:?}", began.elapsed());
         assert!(TcpStream::connect(addr).is_err(), "still listening after stop");
+    }
+
+    /// Idle clients (connected, sending nothing) must not starve a health probe: it is
+    /// answered 200 at once however many of them hold a connection open.
+    #[test]
+    fn health_is_answered_while_idle_clients_hold_connections() {
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        health.alive();
+        let server = Server::start("127.0.0.1:0".parse().unwrap(), Arc::new(Metrics::new()), health).unwrap();
+        let addr = server.local_addr().unwrap();
+        let mut idle = Vec::new();
+        for held in [8, 64] {
+            while idle.len() < held {
+                idle.push(TcpStream::connect(addr).unwrap());
+            }
+            // Let the server accept them all before the probe.
+            std::thread::sleep(Duration::from_millis(200));
+            let began = Instant::now();
+            let answer = exchange(addr, b"GET /healthz HTTP/1.1\r\n\r\n");
+            let took = began.elapsed();
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "with {held} idle connections: {answer}");
+            assert!(took < Duration::from_secs(1), "with {held} idle connections /healthz took {took:?}");
+        }
     }
 
     #[test]

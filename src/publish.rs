@@ -9,6 +9,8 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use thiserror::Error;
+
 /// Directory under OUTPUT_DIR where results replaced by a newer job are kept.
 pub const SUPERSEDED_DIR: &str = ".hyper2kvm-superseded";
 
@@ -23,10 +25,18 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Creates `temp_root/<job_id>`, which must not exist yet.
+    /// Creates `temp_root/<job_id>`, which must not exist yet. `temp_root` (TEMP_DIR) is a
+    /// directory of the daemon's own: a symlink planted in its place is replaced
+    /// ([`own_dir`]), never followed.
     pub fn create(temp_root: &Path, job_id: &str) -> std::io::Result<Staging> {
-        std::fs::create_dir_all(temp_root)?;
-        let dir = temp_root.join(job_id);
+        own_dir(temp_root)?;
+        Staging::create_in(temp_root, job_id)
+    }
+
+    /// Creates `parent/<name>`, which must not exist yet, in a directory the caller trusts
+    /// as it is (OUTPUT_DIR itself, which may be a symlink the administrator made).
+    pub fn create_in(parent: &Path, name: &str) -> std::io::Result<Staging> {
+        let dir = parent.join(name);
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         Ok(Staging { dir })
     }
@@ -107,7 +117,8 @@ pub fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
 /// kept, never destroyed. Returns where it went; `None` when there was no such file.
 pub fn move_aside(output_dir: &Path, name: &str, job_id: &str) -> std::io::Result<Option<PathBuf>> {
     let aside_dir = output_dir.join(SUPERSEDED_DIR).join(job_id);
-    std::fs::create_dir_all(&aside_dir)?;
+    own_dir(&output_dir.join(SUPERSEDED_DIR))?;
+    own_dir(&aside_dir)?;
     let target = aside_dir.join(name);
     match std::fs::rename(output_dir.join(name), &target) {
         Ok(()) => Ok(Some(target)),
@@ -117,9 +128,13 @@ pub fn move_aside(output_dir: &Path, name: &str, job_id: &str) -> std::io::Resul
 }
 
 /// Moves each `(file, name)` into `dir` (created if missing) as `dir/name`. TEMP_DIR is on
-/// the output filesystem, so these are renames.
+/// the output filesystem, so these are renames. `dir` and its parent are the daemon's own
+/// (`OUTPUT_DIR/.hyper2kvm-unregistered/<job>`): symlinks there are replaced, not followed.
 pub fn keep<'a>(dir: &Path, files: impl IntoIterator<Item = (&'a Path, &'a str)>) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    if let Some(parent) = dir.parent() {
+        own_dir(parent)?;
+    }
+    own_dir(dir)?;
     for (file, name) in files {
         std::fs::rename(file, dir.join(name))?;
     }
@@ -129,6 +144,113 @@ pub fn keep<'a>(dir: &Path, files: impl IntoIterator<Item = (&'a Path, &'a str)>
 /// Checks that TEMP_DIR and OUTPUT_DIR are on one filesystem, so publishing is a rename.
 pub fn check_same_filesystem(temp_dir: &Path, output_dir: &Path) -> std::io::Result<bool> {
     Ok(std::fs::metadata(temp_dir)?.dev() == std::fs::metadata(output_dir)?.dev())
+}
+
+/// Makes `path`, a directory of the daemon's own (TEMP_DIR, `.hyper2kvm-superseded`,
+/// `.hyper2kvm-unregistered` and the per-job directories in them), a real directory.
+///
+/// Anyone who can write OUTPUT_DIR can put a symlink there, and everything staged or moved
+/// aside would then land wherever it points. A symlink is removed (unlink does not follow it)
+/// and the directory created afresh; anything else that is not a directory is refused. The
+/// parent must exist: a vanished OUTPUT_DIR (an unmounted share) is not recreated underneath.
+pub fn own_dir(path: &Path) -> std::io::Result<()> {
+    // A few rounds: someone may be swapping the name while we look.
+    for _ in 0..3 {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_dir() => return Ok(()),
+            Ok(meta) if meta.file_type().is_symlink() => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "a symbolic link stands where hyper2kvm keeps a directory of its own; replacing it with a directory"
+                );
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("{} is not a directory; remove it so that hyper2kvm can create it", path.display()),
+                ))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        match std::fs::DirBuilder::new().mode(0o755).create(path) {
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+            created => return created,
+        }
+    }
+    Err(std::io::Error::other(format!("{} keeps being replaced while hyper2kvm creates it", path.display())))
+}
+
+/// Why OUTPUT_DIR or TEMP_DIR cannot take a result now. While one of these holds the daemon
+/// claims nothing: a job it claimed could not even publish its `.error`.
+#[derive(Debug, Error)]
+pub enum Unavailable {
+    #[error("{what} {path} does not exist")]
+    Missing { what: &'static str, path: String },
+    #[error("{what} {path} is read-only")]
+    ReadOnly { what: &'static str, path: String },
+    #[error("OUTPUT_DIR {path} has {free_mib} MiB free, less than MIN_FREE_SPACE_MB ({min_mib})")]
+    LowSpace { path: String, free_mib: u64, min_mib: u64 },
+    #[error("TEMP_DIR {temp} is not on the filesystem of OUTPUT_DIR {output}")]
+    OtherFilesystem { temp: String, output: String },
+    #[error("{what} {path} cannot take a new file: {source}")]
+    Unwritable { what: &'static str, path: String, source: std::io::Error },
+}
+
+impl Unavailable {
+    fn from_io(what: &'static str, path: &Path, source: std::io::Error) -> Unavailable {
+        let path = path.display().to_string();
+        match source.raw_os_error() {
+            Some(libc::ENOENT) => Unavailable::Missing { what, path },
+            Some(libc::EROFS) => Unavailable::ReadOnly { what, path },
+            _ => Unavailable::Unwritable { what, path, source },
+        }
+    }
+}
+
+/// Whether a result could be published now: OUTPUT_DIR is there, writable, has at least
+/// `min_free` bytes free, and TEMP_DIR (recreated if it vanished, with OUTPUT_DIR back) is on
+/// its filesystem; a small file written and fsynced in TEMP_DIR is renamed into OUTPUT_DIR and
+/// removed, exactly the steps of a publication. `tag` keeps daemons sharing OUTPUT_DIR apart.
+pub fn check_room(output_dir: &Path, temp_dir: &Path, min_free: u64, tag: &str) -> Result<(), Unavailable> {
+    let output = |e| Unavailable::from_io("OUTPUT_DIR", output_dir, e);
+    let meta = std::fs::metadata(output_dir).map_err(output)?;
+    if !meta.is_dir() {
+        return Err(output(std::io::Error::from_raw_os_error(libc::ENOTDIR)));
+    }
+    let stat = nix::sys::statvfs::statvfs(output_dir).map_err(|e| output(e.into()))?;
+    if stat.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
+        return Err(output(std::io::Error::from_raw_os_error(libc::EROFS)));
+    }
+    // fsblkcnt_t and c_ulong are narrower than u64 on some targets.
+    #[allow(clippy::useless_conversion)]
+    let free = u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size()));
+    if free < min_free {
+        let path = output_dir.display().to_string();
+        return Err(Unavailable::LowSpace { path, free_mib: free >> 20, min_mib: min_free >> 20 });
+    }
+    own_dir(temp_dir).map_err(|e| Unavailable::from_io("TEMP_DIR", temp_dir, e))?;
+    if !check_same_filesystem(temp_dir, output_dir).unwrap_or(false) {
+        let (temp, output) = (temp_dir.display().to_string(), output_dir.display().to_string());
+        return Err(Unavailable::OtherFilesystem { temp, output });
+    }
+    let name = format!(".hyper2kvm-probe-{tag}");
+    let (staged, published) = (temp_dir.join(&name), output_dir.join(&name));
+    let _ = std::fs::remove_file(&staged);
+    let written = open_new(&staged).and_then(|mut file| {
+        file.write_all(&[0u8; 4096])?;
+        file.sync_all()
+    });
+    let result = written
+        .map_err(|e| Unavailable::from_io("TEMP_DIR", temp_dir, e))
+        .and_then(|()| std::fs::rename(&staged, &published).map_err(output));
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_file(&published);
+    result
 }
 
 #[cfg(test)]
@@ -176,6 +298,84 @@ mod tests {
         staging.publish("disk", &out, "vm.qcow2").unwrap();
         assert_eq!(std::fs::read(dir.path().join("victim")).unwrap(), b"keep");
         assert_eq!(std::fs::read(out.join("vm.qcow2")).unwrap(), b"image");
+    }
+
+    /// An OUTPUT_DIR whose own directory `name` is a symlink to `outside` (which exists).
+    fn planted(name: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, outside) = (dir.path().join("out"), dir.path().join("outside"));
+        std::fs::create_dir(&out).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, out.join(name)).unwrap();
+        (dir, out, outside)
+    }
+
+    fn assert_replaced(out: &Path, name: &str, outside: &Path) {
+        assert_eq!(std::fs::read_dir(outside).unwrap().count(), 0, "nothing may be written through the symlink");
+        assert!(std::fs::symlink_metadata(out.join(name)).unwrap().is_dir(), "{name} is a real directory again");
+    }
+
+    #[test]
+    fn a_symlinked_temp_dir_is_replaced_not_followed() {
+        let (_dir, out, outside) = planted(".hyper2kvm-tmp");
+        let staging = Staging::create(&out.join(".hyper2kvm-tmp"), "job.g1").unwrap();
+        staging.write_new("disk-0.qcow2", b"image").unwrap();
+        assert_replaced(&out, ".hyper2kvm-tmp", &outside);
+    }
+
+    #[test]
+    fn a_symlinked_superseded_dir_is_replaced_not_followed() {
+        let (_dir, out, outside) = planted(SUPERSEDED_DIR);
+        std::fs::write(out.join("vm.qcow2"), b"old").unwrap();
+        assert!(move_aside(&out, "vm.qcow2", "j1").unwrap().is_some());
+        assert_replaced(&out, SUPERSEDED_DIR, &outside);
+        assert_eq!(std::fs::read(out.join(SUPERSEDED_DIR).join("j1/vm.qcow2")).unwrap(), b"old");
+    }
+
+    #[test]
+    fn a_symlinked_job_dir_under_superseded_is_replaced_not_followed() {
+        let (_dir, out, outside) = planted(SUPERSEDED_DIR);
+        std::fs::remove_file(out.join(SUPERSEDED_DIR)).unwrap();
+        std::fs::create_dir(out.join(SUPERSEDED_DIR)).unwrap();
+        std::os::unix::fs::symlink(&outside, out.join(SUPERSEDED_DIR).join("j1")).unwrap();
+        std::fs::write(out.join("vm.error"), b"old").unwrap();
+        move_aside(&out, "vm.error", "j1").unwrap();
+        assert_replaced(&out.join(SUPERSEDED_DIR), "j1", &outside);
+    }
+
+    #[test]
+    fn a_symlinked_unregistered_dir_is_replaced_not_followed() {
+        let (_dir, out, outside) = planted(UNREGISTERED_DIR);
+        let staging = Staging::create(&out.join(".hyper2kvm-tmp"), "job.g1").unwrap();
+        let disk = staging.write_new("disk-0.qcow2", b"image").unwrap();
+        keep(&out.join(UNREGISTERED_DIR).join("job"), [(disk.as_path(), "vm.qcow2")]).unwrap();
+        assert_replaced(&out, UNREGISTERED_DIR, &outside);
+        assert_eq!(std::fs::read(out.join(UNREGISTERED_DIR).join("job/vm.qcow2")).unwrap(), b"image");
+    }
+
+    #[test]
+    fn an_own_dir_that_is_a_file_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(SUPERSEDED_DIR), b"").unwrap();
+        let error = own_dir(&dir.path().join(SUPERSEDED_DIR)).unwrap_err();
+        assert!(error.to_string().contains("is not a directory"), "{error}");
+    }
+
+    #[test]
+    fn room_is_refused_below_the_free_space_floor_and_when_output_dir_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, temp) = (dir.path().join("out"), dir.path().join("out/.hyper2kvm-tmp"));
+        std::fs::create_dir(&out).unwrap();
+        check_room(&out, &temp, 0, "t").unwrap();
+        assert!(temp.is_dir(), "TEMP_DIR is created with OUTPUT_DIR there");
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1, "the test file is removed");
+        let low = check_room(&out, &temp, u64::MAX, "t").unwrap_err();
+        assert!(matches!(low, Unavailable::LowSpace { .. }), "{low}");
+        assert!(low.to_string().contains("MIN_FREE_SPACE_MB"), "{low}");
+        std::fs::remove_dir_all(&out).unwrap();
+        let gone = check_room(&out, &temp, 0, "t").unwrap_err();
+        assert_eq!(gone.to_string(), format!("OUTPUT_DIR {} does not exist", out.display()));
+        assert!(!out.exists(), "a vanished OUTPUT_DIR is not recreated");
     }
 
     #[test]

@@ -289,21 +289,33 @@ fn conversion_disabled() {
     bad_then_good(s, &m, "bad-vm", "mention pipeline.convert.enabled", |l| l.contains("pipeline.convert.enabled"));
 }
 
-/// TEMP_DIR became unusable after start-up (here: a file where the directory was): the job
-/// still answers with a `.error` (staged in OUTPUT_DIR itself), naming TEMP_DIR, and leaves
-/// nothing behind; once TEMP_DIR is back, the daemon converts again.
+/// TEMP_DIR became unusable after start-up (here: a file where the directory was): the daemon
+/// claims nothing while it is so (a job could not even stage its `.error`), and converts the
+/// waiting manifest once TEMP_DIR is back. (A TEMP_DIR that breaks between that check and a
+/// claim still gets the job an `.error`, staged in OUTPUT_DIR itself.)
 #[test]
-fn a_job_that_cannot_stage_still_gets_its_error() {
+fn a_job_that_cannot_stage_waits_for_temp_dir() {
     let mut s = Session::start(&[], &[]);
     let vmdk = valid_vmdk(&s.env.exports.join("t"));
     let temp = s.env.output.join(".hyper2kvm-tmp");
     wait_for(&s.daemon, Duration::from_secs(30), "TEMP_DIR", || temp.is_dir());
     fs::remove_dir_all(&temp).unwrap();
     fs::write(&temp, b"not a directory").unwrap();
-    let first = s.convert_err(&manifest("stageless-vm", vec![disk("disk-0", "vmdk", &vmdk)]), "stageless-vm");
-    assert!(first.starts_with("Could not create a staging directory in TEMP_DIR"), "first line: {first}");
+    let restore = {
+        let temp = temp.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(3));
+            fs::remove_file(&temp).unwrap();
+        })
+    };
+    s.convert_ok(&manifest("stageless-vm", vec![disk("disk-0", "vmdk", &vmdk)]));
+    restore.join().unwrap();
+    assert!(
+        s.daemon.log().contains("not claiming new jobs: TEMP_DIR"),
+        "the daemon must have waited for TEMP_DIR:\n{}",
+        s.daemon.log()
+    );
     let hidden: Vec<String> = list_tree(&s.env.output).into_iter().filter(|p| p.contains("hyper2kvm-error")).collect();
-    assert!(hidden.is_empty(), "the fallback staging directory is removed: {hidden:?}");
-    fs::remove_file(&temp).unwrap();
+    assert!(hidden.is_empty(), "no fallback staging directory is left: {hidden:?}");
     good_after(s);
 }

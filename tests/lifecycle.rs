@@ -161,3 +161,62 @@ fn a_job_published_before_its_owner_died_is_recorded_not_redone() {
         assert!(visible_entries(&env.queue).is_empty(), "{vm}: the manifest was requeued");
     }
 }
+
+/// SIGHUP stops the daemon the way SIGTERM does (docs/OPERATIONS.md): it does not die with
+/// the signal's default action (status 129) leaving its claim and staging behind; past
+/// DRAIN_SECONDS the running job goes back to the queue.
+#[test]
+fn sighup_drains_like_sigterm_instead_of_killing() {
+    let env = Env::new();
+    let source = slow_disk(&env.exports);
+    let daemon = Daemon::start(&env, &[SLOW, ("DRAIN_SECONDS", "0.5")], &[]);
+    hypersdk_submit(&daemon, &env, &manifest("hup-vm", vec![disk("disk-0", "raw", &source)]));
+    wait_until_converting(&daemon, &env);
+    unsafe {
+        libc::kill(daemon.pid(), libc::SIGHUP);
+    }
+    let began = std::time::Instant::now();
+    let status = loop {
+        match daemon.exited() {
+            Some(status) => break status,
+            None if began.elapsed() > Duration::from_secs(15) => daemon.fail("the daemon did not exit after SIGHUP"),
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    if status.code() != Some(0) {
+        daemon.fail(&format!("SIGHUP must drain and exit 0, not {status}"));
+    }
+    assert_eq!(lock_count(&env), 0, "no claim is left behind");
+    let requeued: Vec<String> =
+        visible_entries(&env.queue).into_iter().filter(|n| n.starts_with("artifact-manifest.requeued-")).collect();
+    assert_eq!(requeued.len(), 1, "the released manifest is back in the queue");
+    let staging: Vec<String> = std::fs::read_dir(env.output.join(".hyper2kvm-tmp"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(staging.is_empty(), "no staging directory is left: {staging:?}");
+    assert_no_partial_results(&daemon, &env, "hup-vm");
+}
+
+/// The soft limit of open files (often 1024) is raised to the hard one at start: a job holds a
+/// descriptor per VMDK extent, and one with a thousand made a concurrent job fail with EMFILE.
+#[test]
+fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
+    let env = Env::new();
+    let wrapper = ["sh", "-c", "ulimit -Sn 256 && exec \"$@\"", "sh"];
+    let daemon = Daemon::start_wrapped(&env, "daemon", &wrapper, &[], &[]);
+    let limits = || {
+        let text = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap_or_default();
+        let line = text.lines().find(|l| l.starts_with("Max open files")).map(str::to_owned).unwrap_or_default();
+        let mut values = line.split_whitespace().skip(3).map(|v| v.parse::<u64>().ok());
+        (values.next().flatten(), values.next().flatten())
+    };
+    let (_, hard) = limits();
+    match hard {
+        Some(hard) if hard > 256 => {}
+        other => daemon.fail(&format!("setup: the hard limit of open files must be above 256 here, it is {other:?}")),
+    }
+    wait_for(&daemon, Duration::from_secs(10), "the soft limit to equal the hard one, logged", || {
+        let (soft, hard) = limits();
+        soft.is_some() && soft == hard && daemon.log().contains("raised the open files limit to the hard limit")
+    });
+}

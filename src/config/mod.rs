@@ -26,7 +26,7 @@ pub const DEFAULT_STATE_ROOT: &str = "/var/lib/hyper2kvm";
 pub const DEFAULT_COMPRESS_LEVEL: u32 = 6;
 
 /// Every key the daemon reads. Keys not in the contract (`SETTLE_SECONDS`,
-/// `INVALID_MANIFEST_GRACE`, `DRAIN_SECONDS`, `USE_INOTIFY`) are documented in docs/CONFIG.md.
+/// `INVALID_MANIFEST_GRACE`, `DRAIN_SECONDS`, `USE_INOTIFY`, `MIN_FREE_SPACE_MB`) are documented in docs/CONFIG.md.
 pub const KNOWN_KEYS: &[&str] = &[
     "WATCH_DIR",
     "OUTPUT_DIR",
@@ -55,6 +55,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "INVALID_MANIFEST_GRACE",
     "DRAIN_SECONDS",
     "USE_INOTIFY",
+    "MIN_FREE_SPACE_MB",
 ];
 
 /// Where a configuration value came from.
@@ -177,6 +178,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Use inotify for faster local pickup (polling is always on).
     pub use_inotify: bool,
+    /// Below this many free bytes in OUTPUT_DIR the daemon claims nothing (MIN_FREE_SPACE_MB).
+    pub min_free_bytes: u64,
     /// Start-up warnings (unknown keys, ignored options), to be logged once.
     pub warnings: Vec<String>,
 }
@@ -422,6 +425,7 @@ impl Resolver {
             failed_retention_days: self.integer("FAILED_RETENTION_DAYS", 3, 0, 36_500)? as u32,
             drain_timeout: self.seconds("DRAIN_SECONDS", 600.0, 0.0, 86_400.0)?,
             use_inotify: self.boolean("USE_INOTIFY", true)?,
+            min_free_bytes: self.integer("MIN_FREE_SPACE_MB", 64, 0, 1 << 30)? << 20,
             source_roots,
             lease,
             metrics_addr,

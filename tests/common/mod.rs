@@ -147,9 +147,29 @@ impl Daemon {
     }
 
     pub fn start_named(env: &Env, name: &str, extra_env: &[(&str, &str)], extra_args: &[&str]) -> Daemon {
+        Self::start_wrapped(env, name, &[], extra_env, extra_args)
+    }
+
+    /// Like [`Daemon::start_named`], run through `wrapper` (a command that ends by exec'ing
+    /// its arguments, such as `unshare --mount -- sh -c '…; exec "$@"' sh`): the daemon keeps
+    /// the child's pid.
+    pub fn start_wrapped(
+        env: &Env,
+        name: &str,
+        wrapper: &[&str],
+        extra_env: &[(&str, &str)],
+        extra_args: &[&str],
+    ) -> Daemon {
         let log_path = env.root.join(format!("{name}.log"));
         let log = File::create(&log_path).unwrap();
-        let mut cmd = Command::new(bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin());
+                cmd
+            }
+            None => Command::new(bin()),
+        };
         cmd.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default()).env("RUST_BACKTRACE", "1");
         if let Some(home) = std::env::var_os("HOME") {
             cmd.env("HOME", home);
