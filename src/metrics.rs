@@ -365,7 +365,7 @@ impl Metrics {
         let (result, record) = match end {
             JobEnd::Done(record) => ("success", record),
             JobEnd::Failed(record) => ("failure", record),
-            JobEnd::Released | JobEnd::Abandoned => return,
+            JobEnd::Released | JobEnd::Requeued | JobEnd::Abandoned => return,
         };
         self.migrations.get_or_create(&[("result", result)]).inc();
         self.migration_duration.get_or_create(&[("result", result)]).observe(duration.as_secs_f64());
