@@ -15,7 +15,7 @@ set -euo pipefail
 SUITE=bookworm
 MIRROR=${SYSTEST_MIRROR:-http://deb.debian.org/debian}
 CACHE=${SYSTEST_CACHE:-/var/cache/hyper2kvm-systest}
-PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,libvirt-daemon-system,libvirt-clients,qemu-system-x86,ovmf,qemu-utils,iproute2
+PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,libvirt-daemon-system,libvirt-clients,qemu-system-x86,ovmf,qemu-utils,iproute2,acl
 
 key=$(printf '%s\n' "$SUITE" "$PACKAGES" | sha256sum | cut -c1-12)
 root=$CACHE/$SUITE-$key
