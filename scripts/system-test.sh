@@ -238,20 +238,22 @@ check "two jobs at once on a host without pools published $srv/output/Web 02.qco
 pool=$(in_ct virsh -c qemu:///system pool-info default) || fail "no storage pool 'default' after the jobs"
 grep -Eq '^State: +running' <<<"$pool" && grep -Eq '^Autostart: +yes' <<<"$pool" ||
     fail "the pool 'default' is not running and autostarted: $pool"
-in_ct virsh -c qemu:///system pool-dumpxml default | grep -q "<path>/var/lib/libvirt/images</path>" ||
-    fail "the pool 'default' is not at /var/lib/libvirt/images: $(in_ct virsh -c qemu:///system pool-dumpxml default)"
+# Into variables, not piped to grep -q: under pipefail, virsh killed by SIGPIPE fails the check.
+pool_xml=$(in_ct virsh -c qemu:///system pool-dumpxml default)
+grep -q "<path>/var/lib/libvirt/images</path>" <<<"$pool_xml" ||
+    fail "the pool 'default' is not at /var/lib/libvirt/images: $pool_xml"
 created=$(grep -l '"libvirt_pool_created": *true' "$ct$srv/output/Web 02.json" "$ct$srv/output/Web 03.json" | wc -l)
 [ "$created" = 1 ] || fail "exactly one V.json must say it created the pool; $created do"
-in_ct journalctl -u hyper2kvm@srv.service --no-pager | grep -q "created libvirt storage pool 'default'" ||
-    fail "the journal does not say that the pool was created"
+srv_journal=$(in_ct journalctl -u hyper2kvm@srv.service --no-pager)
+grep -q "created libvirt storage pool 'default'" <<<"$srv_journal" || fail "the journal does not say that the pool was created"
 check "the pool 'default' was created once, at /var/lib/libvirt/images, running and autostarted; V.json and the journal say so"
 vols=$(in_ct virsh -q -c qemu:///system vol-list default)
+domains=$(in_ct virsh -q -c qemu:///system list --all --name)
 for n in 02 03; do
-    in_ct virsh -q -c qemu:///system list --all --name | grep -qx "web-$n" ||
-        fail "domain web-$n is not in virsh list --all: $(in_ct virsh -c qemu:///system list --all)"
+    grep -qx "web-$n" <<<"$domains" || fail "domain web-$n is not in virsh list --all: $domains"
     grep -q "/var/lib/libvirt/images/Web $n.qcow2" <<<"$vols" || fail "virsh vol-list default does not list Web $n.qcow2: $vols"
-    in_ct virsh -c qemu:///system dumpxml --inactive "web-$n" | grep -q "<source file='/var/lib/libvirt/images/Web $n.qcow2'" ||
-        fail "domain web-$n does not use its disk in the pool"
+    xml=$(in_ct virsh -c qemu:///system dumpxml --inactive "web-$n")
+    grep -q "<source file='/var/lib/libvirt/images/Web $n.qcow2'" <<<"$xml" || fail "domain web-$n does not use its disk in the pool: $xml"
 done
 in_ct qemu-img check -q "/var/lib/libvirt/images/Web 02.qcow2" || fail "qemu-img check of the disk in the pool"
 check "web-02 and web-03 are in virsh list --all, their disks in virsh vol-list default"
@@ -284,7 +286,7 @@ qemu-img compare -q -f raw "$scratch/web01.raw" "$ct$output/Web 01.qcow2" || fai
 check "qemu-img check and compare pass on it"
 
 domain=web-01
-in_ct virsh -q -c qemu:///system list --all --name | grep -qx "$domain" ||
+grep -qx "$domain" <<<"$(in_ct virsh -q -c qemu:///system list --all --name)" ||
     fail "domain $domain not in virsh list --all: $(in_ct virsh -c qemu:///system list --all)"
 check "the domain $domain is in virsh -c qemu:///system list --all"
 dominfo=$(in_ct virsh -c qemu:///system dominfo "$domain")
@@ -299,7 +301,7 @@ check "dominfo/dumpxml show 1 GiB, 2 vCPUs, autostart, UEFI, the disk and the MA
 grep -q "<domain type='qemu'" <<<"$xml" || fail "without KVM the domain must be defined for emulation: $xml"
 grep -q "no KVM for x86_64 guests" "$ct$output/Web 01.json" || fail "V.json does not warn that the domain is emulated"
 check "without /dev/kvm the domain is defined as type 'qemu', and V.json says so"
-in_ct virsh -q -c qemu:///system vol-list vsphere | grep -q "Web 01.qcow2" ||
+grep -q "Web 01.qcow2" <<<"$(in_ct virsh -q -c qemu:///system vol-list vsphere)" ||
     fail "the pool does not list the disk: $(in_ct virsh -c qemu:///system vol-list vsphere)"
 check "virsh vol-list vsphere shows the disk"
 
@@ -360,7 +362,12 @@ check "systemctl start hyper2kvm.target started hyper2kvm@vsphere and hyper2kvm@
 listed=$(in_ct hyper2kvm status --json)
 grep -q 'hyper2kvm@aws' <<<"$listed" && grep -q 'hyper2kvm@vsphere' <<<"$listed" ||
     fail "hyper2kvm status does not list the systemd instances: $listed"
-check "hyper2kvm status lists the instances systemd knows"
+grep -q '"unit": *"hyper2kvm.service"' <<<"$listed" || fail "hyper2kvm status does not list the installed hyper2kvm.service: $listed"
+grep -Eq '"uptime_seconds": *[0-9]+' <<<"$listed" || fail "hyper2kvm status gives no uptime for the running instances: $listed"
+text=$(in_ct hyper2kvm status)
+grep -Eq '^  hyper2kvm@vsphere.service  active \(running\), enabled, pid [0-9]+, up [0-9]+[dhms]' <<<"$text" ||
+    fail "hyper2kvm status does not show hyper2kvm@vsphere's pid and uptime: $text"
+check "hyper2kvm status lists the instances systemd knows and hyper2kvm.service, with pid and uptime"
 # Nothing is lost: the job released at the stop is retaken and finished.
 wait_for "$JOB_SECONDS" "big.qcow2 from the released job" test -e "$aws_out/big.qcow2" -o -e "$aws_out/big.error"
 [ -e "$aws_out/big.qcow2" ] || fail "the released job failed when retaken: $(cat "$aws_out/big.error")"
