@@ -87,6 +87,19 @@ pub enum LibvirtError {
         #[source]
         source: std::io::Error,
     },
+    /// The pool's directory is read-only in the daemon's sandbox: outside the unit's
+    /// `ReadWritePaths=`, or created after the daemon started.
+    #[error(
+        "libvirt storage pool '{pool}' ({}) is read-only for hyper2kvm: list it in ReadWritePaths= of the unit \
+         (it must exist when the daemon starts; docs/OPERATIONS.md), or make OUTPUT_DIR the pool's directory",
+        dir.display()
+    )]
+    PoolReadOnly {
+        pool: String,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// Linking or copying the disks into the pool's directory failed.
     #[error(
         "could not place the disks in libvirt storage pool '{pool}' ({}): check that the directory is writable and has space",

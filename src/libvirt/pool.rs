@@ -175,7 +175,14 @@ pub(super) fn create_default(conn: &Connection, default: &DefaultPool) -> Result
     let (pool, defined) = match StoragePool::define_xml(conn.raw(), &default.xml(), 0) {
         Ok(pool) => (pool, true),
         Err(source) => match StoragePool::lookup_by_name(conn.raw(), DEFAULT_POOL) {
-            Ok(pool) => (pool, false),
+            Ok(pool) => {
+                tracing::info!(
+                    pool = DEFAULT_POOL,
+                    uri = conn.uri(),
+                    "libvirt storage pool 'default' was defined by another job or host meanwhile; using it"
+                );
+                (pool, false)
+            }
             Err(_) => return Err(failed(source)),
         },
     };
@@ -330,9 +337,8 @@ pub fn place_disks(
 fn placement_error(pool: &str, dir: &Path, source: std::io::Error) -> LibvirtError {
     let (pool, dir) = (pool.to_owned(), dir.to_owned());
     match source.kind() {
-        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
-            LibvirtError::PoolNotWritable { pool, dir, source }
-        }
+        ErrorKind::PermissionDenied => LibvirtError::PoolNotWritable { pool, dir, source },
+        ErrorKind::ReadOnlyFilesystem => LibvirtError::PoolReadOnly { pool, dir, source },
         _ => LibvirtError::Placement { pool, dir, source },
     }
 }
@@ -489,6 +495,11 @@ mod tests {
         let err = placement_error("default", Path::new("/var/lib/libvirt/images"), denied);
         assert!(matches!(err, LibvirtError::PoolNotWritable { .. }), "{err}");
         assert!(err.to_string().contains("make OUTPUT_DIR the pool's directory"), "{err}");
+        // The sandbox, not the permissions: the directory is outside ReadWritePaths=.
+        let err =
+            placement_error("default", Path::new("/var/lib/libvirt/images"), ErrorKind::ReadOnlyFilesystem.into());
+        assert!(matches!(err, LibvirtError::PoolReadOnly { .. }), "{err}");
+        assert!(err.to_string().contains("list it in ReadWritePaths= of the unit"), "{err}");
         let err = placement_error("default", Path::new("/x"), ErrorKind::StorageFull.into());
         assert!(err.to_string().contains("writable and has space"), "{err}");
     }
