@@ -212,14 +212,22 @@ pub(super) fn create_default(conn: &Connection, default: &DefaultPool) -> Result
     Ok((defined, warnings))
 }
 
-/// Builds (creates the directory if missing) and starts a stopped pool; an error of either
-/// step is no error when the pool is active after all (someone else started it).
+/// Builds (creates the directory if missing) and starts a stopped pool.
 fn build_and_start(pool: &StoragePool) -> Result<(), virt::error::Error> {
     if pool.is_active()? {
         return Ok(());
     }
-    match pool.build(0).and_then(|_| pool.create(0)) {
-        Ok(_) => Ok(()),
+    unless_active(pool, pool.build(0).and_then(|_| pool.create(0)).map(|_| ()))
+}
+
+/// A step's error is no error when the pool is active after all: another job or host started
+/// it meanwhile ("storage pool 'default' is active").
+pub(super) fn unless_active(
+    pool: &StoragePool,
+    step: Result<(), virt::error::Error>,
+) -> Result<(), virt::error::Error> {
+    match step {
+        Ok(()) => Ok(()),
         Err(_) if pool.is_active()? => Ok(()),
         Err(e) => Err(e),
     }

@@ -626,3 +626,22 @@ fn a_default_pool_undefined_while_waiting_is_created_again() {
     assert!(opened.created);
     assert_virt_install_pool(&conn, &lv.pool_dir);
 }
+
+#[test]
+fn a_build_or_start_refused_because_another_started_the_pool_is_no_error() {
+    let lv = TestLibvirt::new(PoolTarget::OwnDirectory, "");
+    let conn = lv.connect();
+    let pool = StoragePool::lookup_by_name(conn.raw(), "default").unwrap();
+    // What the slower of two jobs meets: the other started the pool between its check and
+    // its own build or start.
+    let refused = pool.build(0).map(|_| ());
+    assert!(refused.as_ref().is_err_and(|e| e.message().contains("is active")), "{refused:?}");
+    assert!(super::pool::unless_active(&pool, refused).is_ok());
+    let refused = pool.create(0).map(|_| ());
+    assert!(refused.is_err());
+    assert!(super::pool::unless_active(&pool, refused).is_ok());
+    // A stopped pool's failure stays one.
+    pool.destroy().unwrap();
+    let failed = StoragePool::lookup_by_name(conn.raw(), "nonexistent").map(|_| ());
+    assert!(super::pool::unless_active(&pool, failed).is_err());
+}
