@@ -367,9 +367,11 @@ hyper2kvm@.service indirect enabled
 hyper2kvm@linked.service linked enabled
 ";
 
-    /// Captured from systemd 252: `systemctl show` with our properties, for five units: one in
-    /// its restart loop (its last start time kept), one running since 9 812 345 678 µs after
-    /// boot, one never started, the plain unit installed, and a plain unit not installed.
+    /// `systemctl show` with our properties, in systemd 252's format (the first three blocks
+    /// captured, the start times and the plain unit's blocks added in the same form; the system
+    /// test checks the parse against a real systemd): one unit in its restart loop (its last
+    /// start time kept), one running since 9 812 345 678 µs after boot, one never started, the
+    /// plain unit installed, and the plain unit not installed.
     const SHOW: &str = "\
 MainPID=0
 ExecMainStartTimestampMonotonic=4061299318
