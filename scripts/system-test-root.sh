@@ -5,7 +5,8 @@
 #
 # The root is Debian bookworm with systemd, dbus, libvirt-daemon-system, libvirt-clients,
 # qemu-system-x86 (libvirt probes it before it defines a qemu domain), ovmf (UEFI firmware
-# auto-selection) and qemu-utils. It is cached outside the repository, keyed by the package list,
+# auto-selection), qemu-utils and acl (setfacl on /var/lib/libvirt/images, as docs/OPERATIONS.md
+# tells operators). It is cached outside the repository, keyed by the package list,
 # so later runs reuse it: SYSTEST_CACHE (default /var/cache/hyper2kvm-systest).
 #
 # debootstrap resolves dependencies naively: it does not know that libpam-systemd provides
@@ -15,7 +16,7 @@ set -euo pipefail
 SUITE=bookworm
 MIRROR=${SYSTEST_MIRROR:-http://deb.debian.org/debian}
 CACHE=${SYSTEST_CACHE:-/var/cache/hyper2kvm-systest}
-PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,libvirt-daemon-system,libvirt-clients,qemu-system-x86,ovmf,qemu-utils,iproute2
+PACKAGES=systemd,systemd-sysv,dbus,libpam-systemd,libvirt-daemon-system,libvirt-clients,qemu-system-x86,ovmf,qemu-utils,iproute2,acl
 
 key=$(printf '%s\n' "$SUITE" "$PACKAGES" | sha256sum | cut -c1-12)
 root=$CACHE/$SUITE-$key

@@ -21,7 +21,7 @@ use crate::host::Identity;
 use crate::image::vmdk;
 use crate::image::{ova, ImageError};
 use crate::libvirt::domain_xml::{self, Acceleration, DomainDisk, NetworkAttachment};
-use crate::libvirt::pool::{DiskFile, DISK_MODE};
+use crate::libvirt::pool::{DefaultPool, DiskFile, DISK_MODE};
 use crate::libvirt::register::{self, Registration, Request};
 use crate::libvirt::{Connection, LibvirtError};
 use crate::manifest::{self, DiskSpec, DiskType, JobSpec, SourceFormat};
@@ -341,6 +341,8 @@ fn new_report(
         domain_uuid: domain_xml::domain_uuid(spec),
         domain_disks: registration.map_or_else(|| output_paths(&ctx.config, spec), |r| r.disk_paths.clone()),
         libvirt_uri: registration.map(|r| r.uri.clone()),
+        libvirt_pool: registration.map(|r| r.pool.clone()),
+        libvirt_pool_created: registration.is_some_and(|r| r.pool_created),
         domain_xml: names::domain_xml_file(&spec.vm_name),
         warnings,
     }
@@ -362,10 +364,12 @@ fn register_domain(
     fence(claim)?;
     let disks = staged_disks(spec, staging);
     let tag = staging_name(claim);
+    let default_pool = DefaultPool::virt_install();
     let request = Request {
         domain_name: &domain_name,
         uuid: &uuid,
         pool: &config.libvirt_pool,
+        default_pool: &default_pool,
         output_dir: &config.output_dir,
         autostart: config.libvirt_autostart,
         tag: &tag,
@@ -382,6 +386,8 @@ fn register_domain(
         uri = %registration.uri,
         autostart = registration.autostart,
         redefined = registration.redefined,
+        pool = %registration.pool,
+        pool_created = registration.pool_created,
         "registered domain"
     );
     for warning in &registration.warnings {

@@ -61,6 +61,12 @@ pub struct Report {
     pub domain_disks: Vec<PathBuf>,
     /// The libvirt URI the domain was defined in, when it was.
     pub libvirt_uri: Option<String>,
+    /// The storage pool the domain's disks were placed in or left for, when registered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub libvirt_pool: Option<String>,
+    /// This job created that pool: LIBVIRT_POOL was `default` and the host had none.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub libvirt_pool_created: bool,
     pub domain_xml: String,
     pub warnings: Vec<String>,
 }

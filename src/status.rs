@@ -15,7 +15,7 @@ use crate::queue::layout::is_manifest_name;
 use crate::queue::records::{self, EventLog};
 use crate::queue::Queue;
 use crate::queue::{JobState, Layout};
-use crate::systemd_units::InstanceView;
+use crate::systemd_units::{human_duration, InstanceView};
 
 /// One job, running or finished.
 #[derive(Debug, Clone, Serialize)]
@@ -64,8 +64,8 @@ pub struct Status {
     pub jobs: Vec<JobView>,
     pub queue: Vec<QueueEntry>,
     pub claims: Vec<ClaimView>,
-    /// The `hyper2kvm@*.service` daemons systemd knows on this host; empty where systemctl
-    /// cannot be asked. Filled by [`with_instances`].
+    /// The daemons systemd knows on this host (`hyper2kvm@*.service`, and `hyper2kvm.service`
+    /// when installed); empty where systemctl cannot be asked. Filled by [`with_instances`].
     pub instances: Vec<InstanceView>,
 }
 
@@ -212,8 +212,9 @@ pub fn render(status: &Status) -> String {
     for i in &status.instances {
         let enabled = i.unit_file_state.as_deref().map(|s| format!(", {s}")).unwrap_or_default();
         let pid = i.main_pid.map(|p| format!(", pid {p}")).unwrap_or_default();
+        let up = i.uptime_seconds.map(|s| format!(", up {}", human_duration(s))).unwrap_or_default();
         let summary = i.status_text.as_deref().map(|s| format!("  {s}")).unwrap_or_default();
-        out.push_str(&format!("  {}  {} ({}){enabled}{pid}{summary}\n", i.unit, i.active_state, i.sub_state));
+        out.push_str(&format!("  {}  {} ({}){enabled}{pid}{up}{summary}\n", i.unit, i.active_state, i.sub_state));
         match (&i.watch_dir, &i.output_dir, &i.config_error) {
             (Some(watch), Some(output), _) => out.push_str(&format!("      queue {watch}  output {output}\n")),
             (_, _, Some(error)) => out.push_str(&format!("      configuration error: {error}\n")),
@@ -244,29 +245,51 @@ mod tests {
         assert!(!render(&status).contains("Instances"), "nothing is said without systemd");
         assert_eq!(serde_json::to_value(&status).unwrap()["instances"], serde_json::json!([]));
         status.instances.push(InstanceView {
-            name: "vsphere".into(),
+            name: None,
+            unit: "hyper2kvm.service".into(),
+            load_state: "loaded".into(),
+            active_state: "inactive".into(),
+            sub_state: "dead".into(),
+            unit_file_state: Some("disabled".into()),
+            main_pid: None,
+            uptime_seconds: None,
+            status_text: None,
+            watch_dir: Some("/var/lib/hyper2kvm/queue".into()),
+            output_dir: Some("/var/lib/hyper2kvm/output".into()),
+            config_error: None,
+        });
+        status.instances.push(InstanceView {
+            name: Some("vsphere".into()),
             unit: "hyper2kvm@vsphere.service".into(),
             load_state: "loaded".into(),
             active_state: "active".into(),
             sub_state: "running".into(),
             unit_file_state: Some("enabled".into()),
             main_pid: Some(135),
+            uptime_seconds: Some(3 * 3600 + 12 * 60 + 9),
             status_text: Some("0 running, 0 queued, 1 done, 0 failed; last: web01 ok".into()),
             watch_dir: Some("/var/lib/hyper2kvm/vsphere/queue".into()),
             output_dir: Some("/var/lib/hyper2kvm/vsphere/output".into()),
             config_error: None,
         });
         let text = render(&status);
+        assert!(text.contains("  hyper2kvm.service  inactive (dead), disabled\n"), "{text}");
+        assert!(text.contains("queue /var/lib/hyper2kvm/queue  output /var/lib/hyper2kvm/output"), "{text}");
         assert!(
             text.contains(
-                "  hyper2kvm@vsphere.service  active (running), enabled, pid 135  0 running, 0 queued, 1 done"
+                "  hyper2kvm@vsphere.service  active (running), enabled, pid 135, up 3h 12m  0 running, 0 queued, 1 done"
             ),
             "{text}"
         );
         assert!(text.contains("queue /var/lib/hyper2kvm/vsphere/queue  output /var/lib/hyper2kvm/vsphere/output"));
         let json = serde_json::to_value(&status).unwrap();
-        assert_eq!(json["instances"][0]["unit"], "hyper2kvm@vsphere.service");
-        assert_eq!(json["instances"][0]["status_text"], "0 running, 0 queued, 1 done, 0 failed; last: web01 ok");
-        assert!(json["instances"][0].get("config_error").is_none());
+        assert_eq!(json["instances"][0]["unit"], "hyper2kvm.service");
+        assert_eq!(json["instances"][0]["name"], serde_json::Value::Null);
+        assert!(json["instances"][0].get("uptime_seconds").is_none(), "not running, no uptime");
+        assert_eq!(json["instances"][1]["unit"], "hyper2kvm@vsphere.service");
+        assert_eq!(json["instances"][1]["name"], "vsphere");
+        assert_eq!(json["instances"][1]["uptime_seconds"], 11529);
+        assert_eq!(json["instances"][1]["status_text"], "0 running, 0 queued, 1 done, 0 failed; last: web01 ok");
+        assert!(json["instances"][1].get("config_error").is_none());
     }
 }

@@ -1,5 +1,6 @@
-//! The `hyper2kvm@INSTANCE.service` daemons systemd knows on this host, for `hyper2kvm status`:
-//! their unit state and the WATCH_DIR / OUTPUT_DIR their conf files give them.
+//! The hyper2kvm daemons systemd knows on this host, for `hyper2kvm status`: every
+//! `hyper2kvm@INSTANCE.service` and, when installed, the plain `hyper2kvm.service`; their unit
+//! state, pid, uptime and the WATCH_DIR / OUTPUT_DIR their conf files give them.
 //!
 //! Everything here is best effort. Where systemctl is missing, fails (no systemd as PID 1, a
 //! container, a non-Linux host) or hangs, the answer is an empty list and no error: `status`
@@ -19,18 +20,33 @@ use crate::config::{Config, Overrides};
 const UNIT_PREFIX: &str = "hyper2kvm@";
 const UNIT_SUFFIX: &str = ".service";
 
+/// The single daemon without an instance name (systemd/hyper2kvm.service).
+pub const PLAIN_UNIT: &str = "hyper2kvm.service";
+
 /// How long one systemctl call may take: `status` is interactive, and a wedged D-Bus or PID 1
 /// must not hang it.
 const SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The `systemctl show` properties read for each instance.
-const PROPERTIES: &[&str] = &["Id", "LoadState", "ActiveState", "SubState", "UnitFileState", "MainPID", "StatusText"];
+/// `ExecMainStartTimestampMonotonic` is a plain number of microseconds on every systemd version
+/// (the wall-clock timestamps are formatted for people, in the local zone).
+const PROPERTIES: &[&str] = &[
+    "Id",
+    "LoadState",
+    "ActiveState",
+    "SubState",
+    "UnitFileState",
+    "MainPID",
+    "ExecMainStartTimestampMonotonic",
+    "StatusText",
+];
 
-/// One `hyper2kvm@NAME.service` as systemd and its conf files describe it.
+/// One daemon unit (`hyper2kvm@NAME.service` or `hyper2kvm.service`) as systemd and its conf
+/// files describe it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InstanceView {
-    /// The instance name (`%i`), e.g. `vsphere`.
-    pub name: String,
+    /// The instance name (`%i`), e.g. `vsphere`; none for `hyper2kvm.service`.
+    pub name: Option<String>,
     /// The unit, e.g. `hyper2kvm@vsphere.service`.
     pub unit: String,
     /// `loaded`, `not-found`, `masked`, …
@@ -45,6 +61,9 @@ pub struct InstanceView {
     /// The daemon's pid while it runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub main_pid: Option<u32>,
+    /// Seconds since the running daemon was started (this run, not the unit's first start).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uptime_seconds: Option<u64>,
     /// The daemon's last `STATUS=` line ("2 running, 5 queued, …").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status_text: Option<String>,
@@ -72,13 +91,13 @@ pub struct UnitRow {
     pub sub: String,
 }
 
-/// The instances systemd knows, with their directories read from the conf files in
+/// The daemon units systemd knows, with their directories read from the conf files in
 /// `config_dir`. Empty when systemctl cannot be asked.
 ///
-/// Candidates are the loaded instance units (running, failed, or merely referenced), instance
-/// units with a unit file of their own, instances enabled into `hyper2kvm.target`, and every
-/// `hyper2kvm-NAME.conf` in `config_dir` (configured, perhaps never started); one
-/// `systemctl show` then gives each its state.
+/// Candidates are `hyper2kvm.service` (kept when installed), the loaded instance units
+/// (running, failed, or merely referenced), instance units with a unit file of their own,
+/// instances enabled into `hyper2kvm.target`, and every `hyper2kvm-NAME.conf` in `config_dir`
+/// (configured, perhaps never started); one `systemctl show` then gives each its state.
 pub fn instances(config_dir: &Path) -> Vec<InstanceView> {
     let Some(listed) = systemctl(&["list-units", "--all", "--plain", "--no-legend", "hyper2kvm@*"]) else {
         return Vec::new();
@@ -92,9 +111,7 @@ pub fn instances(config_dir: &Path) -> Vec<InstanceView> {
         units.extend(wants.split_whitespace().filter(|u| instance_name(u).is_some()).map(str::to_owned));
     }
     units.extend(configured_instances(config_dir).iter().map(|name| unit_name(name)));
-    if units.is_empty() {
-        return Vec::new();
-    }
+    units.insert(PLAIN_UNIT.to_owned());
 
     let mut show_args: Vec<String> = vec!["show".into()];
     show_args.extend(PROPERTIES.iter().map(|p| format!("--property={p}")));
@@ -103,43 +120,80 @@ pub fn instances(config_dir: &Path) -> Vec<InstanceView> {
         .map(|text| parse_show(&text))
         .unwrap_or_default();
     let rows: BTreeMap<&str, &UnitRow> = rows.iter().map(|r| (r.unit.as_str(), r)).collect();
-
+    let now = monotonic_now_us();
     units
         .iter()
         .filter_map(|unit| {
-            let name = instance_name(unit)?;
             let props = shown.iter().find(|p| p.get("Id").map(String::as_str) == Some(unit.as_str()));
-            let row = rows.get(unit.as_str());
-            let prop = |key: &str| props.and_then(|p| p.get(key)).filter(|v| !v.is_empty()).cloned();
-            let state = |key: &str, from_row: Option<&String>| {
-                prop(key).or_else(|| from_row.cloned()).unwrap_or_else(|| "unknown".to_owned())
-            };
-            let mut view = InstanceView {
-                load_state: state("LoadState", row.map(|r| &r.load)),
-                active_state: state("ActiveState", row.map(|r| &r.active)),
-                sub_state: state("SubState", row.map(|r| &r.sub)),
-                unit_file_state: prop("UnitFileState"),
-                main_pid: prop("MainPID").and_then(|p| p.parse().ok()).filter(|&p: &u32| p != 0),
-                status_text: prop("StatusText"),
-                watch_dir: None,
-                output_dir: None,
-                config_error: None,
-                unit: unit.clone(),
-                name,
-            };
+            let mut view = unit_view(unit, props, rows.get(unit.as_str()).copied(), now)?;
             add_directories(&mut view, config_dir);
             Some(view)
         })
         .collect()
 }
 
+/// The view of `unit` from its `systemctl show` block and `list-units` row; `None` for a unit
+/// that is not ours, and for `hyper2kvm.service` when it is not installed. `now` is
+/// CLOCK_MONOTONIC in microseconds, the clock of systemd's `…TimestampMonotonic` properties.
+fn unit_view(
+    unit: &str,
+    props: Option<&BTreeMap<String, String>>,
+    row: Option<&UnitRow>,
+    now: Option<u64>,
+) -> Option<InstanceView> {
+    let name = if unit == PLAIN_UNIT { None } else { Some(instance_name(unit)?) };
+    let prop = |key: &str| props.and_then(|p| p.get(key)).filter(|v| !v.is_empty()).cloned();
+    let state = |key: &str, from_row: Option<&String>| {
+        prop(key).or_else(|| from_row.cloned()).unwrap_or_else(|| "unknown".to_owned())
+    };
+    let load_state = state("LoadState", row.map(|r| &r.load));
+    if name.is_none() && load_state != "loaded" {
+        return None;
+    }
+    let main_pid = prop("MainPID").and_then(|p| p.parse().ok()).filter(|&p: &u32| p != 0);
+    let started = prop("ExecMainStartTimestampMonotonic").and_then(|t| t.parse::<u64>().ok()).filter(|&t| t != 0);
+    // The start time stays set after the daemon exits: an uptime only while it runs.
+    let uptime_seconds = match (main_pid, started, now) {
+        (Some(_), Some(started), Some(now)) => Some(now.saturating_sub(started) / 1_000_000),
+        _ => None,
+    };
+    Some(InstanceView {
+        load_state,
+        active_state: state("ActiveState", row.map(|r| &r.active)),
+        sub_state: state("SubState", row.map(|r| &r.sub)),
+        unit_file_state: prop("UnitFileState"),
+        main_pid,
+        uptime_seconds,
+        status_text: prop("StatusText"),
+        watch_dir: None,
+        output_dir: None,
+        config_error: None,
+        unit: unit.to_owned(),
+        name,
+    })
+}
+
+/// CLOCK_MONOTONIC now, in microseconds.
+fn monotonic_now_us() -> Option<u64> {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime only writes the timespec it is given, which lives on this stack.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let (secs, nanos) = (u64::try_from(now.tv_sec).ok()?, u64::try_from(now.tv_nsec).ok()?);
+    (rc == 0).then(|| secs * 1_000_000 + nanos / 1000)
+}
+
+/// `3d 4h`, `4h 12m`, `12m 5s`, `5s`: the two largest units, as people read an uptime.
+pub fn human_duration(seconds: u64) -> String {
+    let parts = [(seconds / 86_400, "d"), (seconds / 3600 % 24, "h"), (seconds / 60 % 60, "m"), (seconds % 60, "s")];
+    let first = parts.iter().position(|(n, _)| *n != 0).unwrap_or(3);
+    parts[first..].iter().take(2).map(|(n, unit)| format!("{n}{unit}")).collect::<Vec<_>>().join(" ")
+}
+
 /// Fills in the directories the unit's daemon uses: the conf files as systemd reads them
 /// (`EnvironmentFile=`), and `--instance=%i`; no process environment, which the unit does not see.
 fn add_directories(view: &mut InstanceView, config_dir: &Path) {
-    let overrides = Overrides {
-        config_dir: Some(config_dir.to_owned()),
-        flags: vec![("INSTANCE_NAME".to_owned(), view.name.clone())],
-    };
+    let flags = view.name.iter().map(|name| ("INSTANCE_NAME".to_owned(), name.clone())).collect();
+    let overrides = Overrides { config_dir: Some(config_dir.to_owned()), flags };
     match Config::load(&overrides, &BTreeMap::<String, String>::new()) {
         Ok(config) => {
             view.watch_dir = Some(config.watch_dir.display().to_string());
@@ -313,9 +367,14 @@ hyper2kvm@.service indirect enabled
 hyper2kvm@linked.service linked enabled
 ";
 
-    /// Captured from systemd 252: `systemctl show` with our properties, for three units.
+    /// `systemctl show` with our properties, in systemd 252's format (the first three blocks
+    /// captured, the start times and the plain unit's blocks added in the same form; the system
+    /// test checks the parse against a real systemd): one unit in its restart loop (its last
+    /// start time kept), one running since 9 812 345 678 µs after boot, one never started, the
+    /// plain unit installed, and the plain unit not installed.
     const SHOW: &str = "\
 MainPID=0
+ExecMainStartTimestampMonotonic=4061299318
 StatusText=
 Id=hyper2kvm@bad.service
 LoadState=loaded
@@ -324,6 +383,7 @@ SubState=auto-restart
 UnitFileState=disabled
 
 MainPID=135
+ExecMainStartTimestampMonotonic=9812345678
 StatusText=0 running, 0 queued, 1 done, 0 failed; last: web01 ok
 Id=hyper2kvm@vsphere.service
 LoadState=loaded
@@ -332,12 +392,31 @@ SubState=running
 UnitFileState=enabled
 
 MainPID=0
+ExecMainStartTimestampMonotonic=0
 StatusText=
 Id=hyper2kvm@nothere.service
 LoadState=loaded
 ActiveState=inactive
 SubState=dead
 UnitFileState=disabled
+
+MainPID=0
+ExecMainStartTimestampMonotonic=0
+StatusText=
+Id=hyper2kvm.service
+LoadState=loaded
+ActiveState=inactive
+SubState=dead
+UnitFileState=disabled
+
+MainPID=0
+ExecMainStartTimestampMonotonic=0
+StatusText=
+Id=hyper2kvm.service
+LoadState=not-found
+ActiveState=inactive
+SubState=dead
+UnitFileState=
 ";
 
     #[test]
@@ -369,13 +448,54 @@ UnitFileState=disabled
     #[test]
     fn show_blocks_are_split_per_unit() {
         let blocks = parse_show(SHOW);
-        assert_eq!(blocks.len(), 3);
+        assert_eq!(blocks.len(), 5);
         assert_eq!(blocks[0]["Id"], "hyper2kvm@bad.service");
         assert_eq!(blocks[0]["StatusText"], "");
         assert_eq!(blocks[0]["SubState"], "auto-restart");
         assert_eq!(blocks[1]["MainPID"], "135");
         assert_eq!(blocks[1]["StatusText"], "0 running, 0 queued, 1 done, 0 failed; last: web01 ok");
         assert_eq!(blocks[2]["Id"], "hyper2kvm@nothere.service");
+    }
+
+    #[test]
+    fn views_carry_the_uptime_of_a_running_daemon_and_the_plain_unit_when_installed() {
+        let blocks = parse_show(SHOW);
+        // 3 h 12 min 9.5 s after the vsphere daemon started.
+        let now = Some(9_812_345_678 + 11_529_500_000);
+        let view = |i: usize, unit: &str| unit_view(unit, Some(&blocks[i]), None, now);
+
+        let running = view(1, "hyper2kvm@vsphere.service").unwrap();
+        assert_eq!(running.name.as_deref(), Some("vsphere"));
+        assert_eq!((running.main_pid, running.uptime_seconds), (Some(135), Some(11_529)));
+        assert_eq!(human_duration(11_529), "3h 12m");
+        // Restarting or stopped: systemd keeps the last start time, but nothing runs.
+        assert_eq!(view(0, "hyper2kvm@bad.service").unwrap().uptime_seconds, None);
+        assert_eq!(view(2, "hyper2kvm@nothere.service").unwrap().uptime_seconds, None);
+        // No clock, no uptime (rather than a wrong one).
+        assert_eq!(unit_view("hyper2kvm@vsphere.service", Some(&blocks[1]), None, None).unwrap().uptime_seconds, None);
+
+        let plain = view(3, PLAIN_UNIT).expect("installed: listed");
+        assert_eq!((plain.name, plain.active_state.as_str(), plain.sub_state.as_str()), (None, "inactive", "dead"));
+        assert_eq!(plain.unit_file_state.as_deref(), Some("disabled"));
+        assert!(view(4, PLAIN_UNIT).is_none(), "not installed: not listed");
+        assert!(unit_view(PLAIN_UNIT, None, None, now).is_none(), "systemctl show failed: not listed");
+        assert!(unit_view("sshd.service", Some(&blocks[1]), None, now).is_none());
+    }
+
+    #[test]
+    fn durations_read_as_people_say_them() {
+        assert_eq!(human_duration(0), "0s");
+        assert_eq!(human_duration(59), "59s");
+        assert_eq!(human_duration(61), "1m 1s");
+        assert_eq!(human_duration(3600), "1h 0m");
+        assert_eq!(human_duration(2 * 86_400 + 5 * 3600 + 7), "2d 5h");
+        assert_eq!(human_duration(u64::MAX), "213503982334601d 7h", "no overflow");
+    }
+
+    #[test]
+    fn the_monotonic_clock_is_read() {
+        let (a, b) = (monotonic_now_us().unwrap(), monotonic_now_us().unwrap());
+        assert!(a > 0 && b >= a, "{a} {b}");
     }
 
     #[test]
@@ -407,13 +527,14 @@ UnitFileState=disabled
         std::fs::write(dir.path().join("hyper2kvm-bad.conf"), "POLL_INTERVAL=soon\n").unwrap();
         let view = |name: &str| {
             let mut v = InstanceView {
-                name: name.into(),
+                name: (!name.is_empty()).then(|| name.to_owned()),
                 unit: unit_name(name),
                 load_state: String::new(),
                 active_state: String::new(),
                 sub_state: String::new(),
                 unit_file_state: None,
                 main_pid: None,
+                uptime_seconds: None,
                 status_text: None,
                 watch_dir: None,
                 output_dir: None,
@@ -428,6 +549,11 @@ UnitFileState=disabled
         let plain = view("vsphere");
         assert_eq!(plain.watch_dir.as_deref(), Some("/var/lib/hyper2kvm/vsphere/queue"));
         assert_eq!(plain.output_dir.as_deref(), Some("/var/lib/hyper2kvm/vsphere/output"));
+        // hyper2kvm.service reads hyper2kvm.conf only, and has no instance directory.
+        std::fs::write(dir.path().join("hyper2kvm-.conf"), "WATCH_DIR=/not/read\n").unwrap();
+        let single = view("");
+        assert_eq!(single.watch_dir.as_deref(), Some("/var/lib/hyper2kvm/queue"));
+        assert_eq!(single.output_dir.as_deref(), Some("/var/lib/hyper2kvm/output"));
         let bad = view("bad");
         assert!(bad.config_error.as_deref().is_some_and(|e| e.contains("POLL_INTERVAL")), "{bad:?}");
     }

@@ -101,6 +101,8 @@ fn the_domain_is_registered_with_its_disks_in_the_pool() {
     let in_pool = vec![pool.join("Web 01.qcow2"), pool.join("Web 01-data.qcow2")];
     assert_eq!(r["domain_name"], "web-01", "{r:#}");
     assert_eq!(r["libvirt_uri"], uri.as_str(), "{r:#}");
+    assert_eq!(r["libvirt_pool"], "default", "{r:#}");
+    assert!(r.get("libvirt_pool_created").is_none(), "the pool existed: {r:#}");
     let uuid = r["domain_uuid"].as_str().unwrap_or_default().to_owned();
     assert_eq!(uuid.len(), 36, "{r:#}");
     let domain_disks: Vec<PathBuf> = serde_json::from_value(r["domain_disks"].clone()).unwrap();
@@ -117,6 +119,7 @@ fn the_domain_is_registered_with_its_disks_in_the_pool() {
     assert_schema_valid(&s.daemon, &xml_path);
     let line = registered_line(&s.daemon, "web-01");
     assert!(line.contains(&uuid) && line.contains(&uri) && line.contains("autostart=false"), "{line}");
+    assert!(line.contains("pool=default") && line.contains("pool_created=false"), "{line}");
 
     // The pool holds the published disks themselves (hard links: one filesystem), readable by
     // libvirt's qemu user.

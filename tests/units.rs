@@ -53,6 +53,42 @@ fn assert_daemon_unit(name: &str, entries: &[(String, String, String)]) {
     assert_eq!(value(name, entries, "Unit", "PartOf"), "hyper2kvm.target", "{name}: stop/restart of the target");
     assert_eq!(value(name, entries, "Install", "WantedBy"), "hyper2kvm.target", "{name}: enable hooks into it");
     assert_eq!(value(name, entries, "Install", "Also"), "hyper2kvm.target", "{name}: enable enables the target too");
+    assert_resource_limits(name, entries);
+}
+
+/// `MemoryHigh=1G` and the like, in bytes.
+fn bytes(name: &str, size: &str) -> u64 {
+    let (digits, unit) = size.split_at(size.find(|c: char| !c.is_ascii_digit()).unwrap_or(size.len()));
+    let shift = match unit {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        other => panic!("{name}: a size in plain K, M or G, not {size} ({other})"),
+    };
+    digits.parse::<u64>().unwrap_or_else(|e| panic!("{name}: {size}: {e}")) << shift
+}
+
+/// The limits are sized from measured figures (docs/OPERATIONS.md, "Resource limits"): an
+/// edit that loses one, or shrinks it below what the default configuration needs, is caught.
+#[track_caller]
+fn assert_resource_limits(name: &str, entries: &[(String, String, String)]) {
+    const MIB: u64 = 1 << 20;
+    let high = bytes(name, value(name, entries, "Service", "MemoryHigh"));
+    let max = bytes(name, value(name, entries, "Service", "MemoryMax"));
+    // Two jobs at the 80 MiB measured on 2 CPUs, at 40 MiB + 16 MiB per CPU on 16.
+    assert!(high >= 2 * (40 + 16 * 16) * MIB, "{name}: MemoryHigh={high} is below two jobs on 16 CPUs");
+    assert!(max > high, "{name}: MemoryMax must leave room to throttle before it kills");
+    for key in ["CPUWeight", "IOWeight"] {
+        let weight: u32 = value(name, entries, "Service", key).parse().unwrap();
+        assert!((1..100).contains(&weight), "{name}: {key}={weight}: conversions yield to default services");
+    }
+    let tasks: u32 = value(name, entries, "Service", "TasksMax").parse().unwrap();
+    assert!(tasks >= 512, "{name}: TasksMax={tasks}");
+    // Every extent of a VMDK stays open while it converts: two jobs of the largest the reader takes.
+    let files: usize = value(name, entries, "Service", "LimitNOFILE").parse().unwrap();
+    let extents = hyper2kvm::image::vmdk::Limits::default().max_extents;
+    assert!(files >= 2 * extents + 1024, "{name}: LimitNOFILE={files} is below two jobs of {extents} extents");
 }
 
 #[test]

@@ -38,6 +38,20 @@ pub enum LibvirtError {
         #[source]
         source: virt::error::Error,
     },
+    /// The `default` pool was missing and libvirt would not create it.
+    #[error(
+        "libvirt storage pool 'default' does not exist at {uri} and could not be created in {}: create it \
+         (virsh pool-define-as default dir --target {}, then pool-build, pool-start and pool-autostart default) \
+         or set LIBVIRT_POOL",
+        dir.display(),
+        dir.display()
+    )]
+    PoolCreate {
+        uri: String,
+        dir: PathBuf,
+        #[source]
+        source: virt::error::Error,
+    },
     /// The pool exists but is stopped, so it cannot be refreshed.
     #[error(
         "libvirt storage pool '{pool}' at {uri} is not active: start it (virsh pool-start {pool}) or set LIBVIRT_POOL"
@@ -68,6 +82,19 @@ pub enum LibvirtError {
         dir.display()
     )]
     PoolNotWritable {
+        pool: String,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pool's directory is read-only in the daemon's sandbox: outside the unit's
+    /// `ReadWritePaths=`, or created after the daemon started.
+    #[error(
+        "libvirt storage pool '{pool}' ({}) is read-only for hyper2kvm: list it in ReadWritePaths= of the unit \
+         (it must exist when the daemon starts; docs/OPERATIONS.md), or make OUTPUT_DIR the pool's directory",
+        dir.display()
+    )]
+    PoolReadOnly {
         pool: String,
         dir: PathBuf,
         #[source]
@@ -117,6 +144,7 @@ impl LibvirtError {
             LibvirtError::Unreachable { source, .. }
             | LibvirtError::Denied { source, .. }
             | LibvirtError::PoolMissing { source, .. }
+            | LibvirtError::PoolCreate { source, .. }
             | LibvirtError::DefineRefused { source, .. }
             | LibvirtError::Call { source, .. } => Some(source),
             _ => None,

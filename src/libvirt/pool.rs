@@ -5,11 +5,16 @@
 //! pool with another local directory gets the disks hard-linked (same filesystem) or copied
 //! there; a pool with no directory on this host (LVM, iSCSI, a remote libvirt, the test
 //! driver's made-up paths) leaves the disks in OUTPUT_DIR, with a warning in the report.
+//!
+//! A fresh libvirtd has no pool until virt-install or virt-manager makes one; LIBVIRT_POOL's
+//! default names the one they would make, so a missing `default` pool is created the way
+//! virt-install does ([`Pool::open`]). Any other missing name is the operator's to create.
 
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use quick_xml::events::Event;
 use quick_xml::Reader;
@@ -23,6 +28,50 @@ use crate::publish;
 /// Mode of every disk we publish or place: libvirt's qemu user must be able to read it (as
 /// qemu-img's own output is), whatever the daemon's umask.
 pub const DISK_MODE: u32 = 0o644;
+
+/// The pool LIBVIRT_POOL names by default, and the only one hyper2kvm creates when missing.
+pub const DEFAULT_POOL: &str = "default";
+
+/// The directory virt-install gives the `default` pool of `qemu:///system`.
+pub const DEFAULT_POOL_DIR: &str = "/var/lib/libvirt/images";
+
+/// How a missing `default` pool is created (see [`Pool::open`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DefaultPool {
+    /// The pool's directory: [`DEFAULT_POOL_DIR`] outside tests.
+    pub dir: PathBuf,
+    /// How long a `default` pool found stopped is watched before the job gives up on it:
+    /// another job or host may have defined it a moment ago and be starting it.
+    pub grace: Duration,
+}
+
+impl DefaultPool {
+    /// The pool virt-install creates: a directory pool at `/var/lib/libvirt/images`.
+    pub fn virt_install() -> DefaultPool {
+        // A pool's start scans its directory for volumes; seconds even for a full one.
+        DefaultPool { dir: PathBuf::from(DEFAULT_POOL_DIR), grace: Duration::from_secs(10) }
+    }
+
+    /// The pool's definition, as virt-install writes it: no permissions, so that building an
+    /// existing directory leaves its owner, mode and ACLs alone.
+    fn xml(&self) -> String {
+        let dir = self.dir.to_string_lossy();
+        format!(
+            "<pool type='dir'><name>{DEFAULT_POOL}</name><target><path>{}</path></target></pool>",
+            quick_xml::escape::escape(dir.as_ref())
+        )
+    }
+}
+
+/// A pool found by [`Pool::open`].
+pub struct Opened {
+    /// The active pool.
+    pub pool: Pool,
+    /// This job defined it (the `default` pool was missing).
+    pub created: bool,
+    /// What went less well, for the report (autostart could not be set).
+    pub warnings: Vec<String>,
+}
 
 /// An active storage pool.
 pub struct Pool {
@@ -49,6 +98,29 @@ impl Pool {
         }
         let xml = pool.get_xml_desc(0).map_err(|e| call("reading", e))?;
         Ok(Pool { pool, name: name.to_owned(), uri, target: target_path(&xml) })
+    }
+
+    /// Looks LIBVIRT_POOL up as [`Pool::lookup`] does, except for the `default` pool: when it
+    /// is missing it is created as virt-install does (a directory pool at `default.dir`,
+    /// built, started, autostarted), and when it is stopped it is given `default.grace` to
+    /// start, since another job or host may be creating it at this moment.
+    pub fn open(conn: &Connection, name: &str, default: &DefaultPool) -> Result<Opened, LibvirtError> {
+        let found = Pool::lookup(conn, name);
+        if name != DEFAULT_POOL {
+            return found.map(|pool| Opened { pool, created: false, warnings: Vec::new() });
+        }
+        let found = match found {
+            Err(LibvirtError::PoolInactive { .. }) => wait_active(conn, default.grace),
+            found => found,
+        };
+        match found {
+            // Also when a creator that failed undefined it while this job waited.
+            Err(LibvirtError::PoolMissing { .. }) => {
+                let (created, warnings) = create_default(conn, default)?;
+                Ok(Opened { pool: Pool::lookup(conn, name)?, created, warnings })
+            }
+            found => found.map(|pool| Opened { pool, created: false, warnings: Vec::new() }),
+        }
     }
 
     /// The pool's name.
@@ -89,6 +161,88 @@ impl Pool {
                 unlisted.join(", ")
             )
         })
+    }
+}
+
+/// Defines, builds, starts and autostarts the `default` pool. Returns whether this call
+/// defined it, and warnings.
+///
+/// Other jobs of this daemon and other hosts may be doing the same at this moment, so none of
+/// their steps is an error here: a define refused because the pool now exists is followed by
+/// a lookup of theirs, and a build or start that fails is fine once the pool is active.
+pub(super) fn create_default(conn: &Connection, default: &DefaultPool) -> Result<(bool, Vec<String>), LibvirtError> {
+    let failed = |source| LibvirtError::PoolCreate { uri: conn.uri().to_owned(), dir: default.dir.clone(), source };
+    let (pool, defined) = match StoragePool::define_xml(conn.raw(), &default.xml(), 0) {
+        Ok(pool) => (pool, true),
+        Err(source) => match StoragePool::lookup_by_name(conn.raw(), DEFAULT_POOL) {
+            Ok(pool) => {
+                tracing::info!(
+                    pool = DEFAULT_POOL,
+                    uri = conn.uri(),
+                    "libvirt storage pool 'default' was defined by another job or host meanwhile; using it"
+                );
+                (pool, false)
+            }
+            Err(_) => return Err(failed(source)),
+        },
+    };
+    if let Err(source) = build_and_start(&pool) {
+        if defined {
+            // Left defined but stopped, it would make every later job wait and then fail
+            // with "not active" instead of trying again and naming this cause.
+            let _ = pool.undefine();
+        }
+        return Err(failed(source));
+    }
+    let mut warnings = Vec::new();
+    if defined {
+        tracing::info!(
+            pool = DEFAULT_POOL,
+            dir = %default.dir.display(),
+            uri = conn.uri(),
+            "created libvirt storage pool 'default' (it did not exist), as virt-install does"
+        );
+        if let Err(e) = pool.set_autostart(true) {
+            warnings.push(format!(
+                "created libvirt storage pool 'default' but could not mark it to start with the host: {}",
+                e.message()
+            ));
+        }
+    }
+    Ok((defined, warnings))
+}
+
+/// Builds (creates the directory if missing) and starts a stopped pool.
+fn build_and_start(pool: &StoragePool) -> Result<(), virt::error::Error> {
+    if pool.is_active()? {
+        return Ok(());
+    }
+    unless_active(pool, pool.build(0).and_then(|_| pool.create(0)).map(|_| ()))
+}
+
+/// A step's error is no error when the pool is active after all: another job or host started
+/// it meanwhile ("storage pool 'default' is active").
+pub(super) fn unless_active(
+    pool: &StoragePool,
+    step: Result<(), virt::error::Error>,
+) -> Result<(), virt::error::Error> {
+    match step {
+        Ok(()) => Ok(()),
+        Err(_) if pool.is_active()? => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits up to `grace` for the stopped `default` pool to become active.
+fn wait_active(conn: &Connection, grace: Duration) -> Result<Pool, LibvirtError> {
+    let deadline = Instant::now() + grace;
+    loop {
+        match Pool::lookup(conn, DEFAULT_POOL) {
+            Err(LibvirtError::PoolInactive { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            found => return found,
+        }
     }
 }
 
@@ -191,9 +345,8 @@ pub fn place_disks(
 fn placement_error(pool: &str, dir: &Path, source: std::io::Error) -> LibvirtError {
     let (pool, dir) = (pool.to_owned(), dir.to_owned());
     match source.kind() {
-        ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
-            LibvirtError::PoolNotWritable { pool, dir, source }
-        }
+        ErrorKind::PermissionDenied => LibvirtError::PoolNotWritable { pool, dir, source },
+        ErrorKind::ReadOnlyFilesystem => LibvirtError::PoolReadOnly { pool, dir, source },
         _ => LibvirtError::Placement { pool, dir, source },
     }
 }
@@ -350,6 +503,11 @@ mod tests {
         let err = placement_error("default", Path::new("/var/lib/libvirt/images"), denied);
         assert!(matches!(err, LibvirtError::PoolNotWritable { .. }), "{err}");
         assert!(err.to_string().contains("make OUTPUT_DIR the pool's directory"), "{err}");
+        // The sandbox, not the permissions: the directory is outside ReadWritePaths=.
+        let err =
+            placement_error("default", Path::new("/var/lib/libvirt/images"), ErrorKind::ReadOnlyFilesystem.into());
+        assert!(matches!(err, LibvirtError::PoolReadOnly { .. }), "{err}");
+        assert!(err.to_string().contains("list it in ReadWritePaths= of the unit"), "{err}");
         let err = placement_error("default", Path::new("/x"), ErrorKind::StorageFull.into());
         assert!(err.to_string().contains("writable and has space"), "{err}");
     }

@@ -14,7 +14,7 @@ use virt::error::ErrorNumber;
 
 use super::domain_xml::Acceleration;
 use super::host_caps::HostCapabilities;
-use super::pool::{self, DiskFile, Placement, Pool};
+use super::pool::{self, DefaultPool, DiskFile, Placement, Pool};
 use super::{Connection, LibvirtError};
 
 /// What to register.
@@ -26,6 +26,8 @@ pub struct Request<'a> {
     pub uuid: &'a str,
     /// LIBVIRT_POOL.
     pub pool: &'a str,
+    /// How LIBVIRT_POOL is created when it is the missing `default` pool.
+    pub default_pool: &'a DefaultPool,
     /// OUTPUT_DIR, where the published disks are.
     pub output_dir: &'a Path,
     /// LIBVIRT_AUTOSTART.
@@ -44,6 +46,10 @@ pub struct Registration {
     pub uuid: String,
     /// The libvirt URI it was defined at, as configured.
     pub uri: String,
+    /// The storage pool, LIBVIRT_POOL.
+    pub pool: String,
+    /// This job created the pool (the `default` pool did not exist).
+    pub pool_created: bool,
     /// Whether the domain starts with the host, as libvirt reports it after the define.
     pub autostart: bool,
     /// A domain with this UUID existed and was updated.
@@ -77,10 +83,10 @@ pub fn register(
     request: &Request<'_>,
     build_xml: impl FnOnce(&[PathBuf], Acceleration) -> String,
 ) -> Result<Registration, LibvirtError> {
-    let pool = Pool::lookup(conn, request.pool)?;
+    let opened = Pool::open(conn, request.pool, request.default_pool)?;
+    let (pool, pool_created, mut warnings) = (opened.pool, opened.created, opened.warnings);
     let existing = check_existing(conn, request)?;
     let placement = pool::placement(pool.target(), request.output_dir, conn.is_remote());
-    let mut warnings = Vec::new();
     let in_output: Vec<PathBuf> = request.disks.iter().map(|d| request.output_dir.join(&d.name)).collect();
     let (disk_paths, placed) = match &placement {
         Placement::Directory(dir) => {
@@ -119,6 +125,8 @@ pub fn register(
         name: request.domain_name.to_owned(),
         uuid: request.uuid.to_owned(),
         uri: conn.uri().to_owned(),
+        pool: pool.name().to_owned(),
+        pool_created,
         autostart,
         redefined: existing.is_some(),
         xml,

@@ -4,13 +4,15 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
 
 use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 
 use super::domain_xml::tests::{assert_schema_valid, disk_spec};
 use super::domain_xml::{self, Acceleration, DiskBus, DomainDisk, NetworkAttachment};
-use super::pool::{DiskFile, Placement, DISK_MODE};
+use super::pool::{DefaultPool, DiskFile, Placement, Pool, DISK_MODE};
 use super::register::{disk_sources, register, Registration, Request};
 use super::{Connection, LibvirtError};
 use crate::manifest::{Firmware, Hardware, JobSpec, NicSpec};
@@ -33,6 +35,8 @@ enum PoolTarget {
     OwnDirectory,
     OutputDir,
     Nowhere,
+    /// No pool at all: a fresh libvirtd, before virt-install or virt-manager ran.
+    NoPool,
 }
 
 impl TestLibvirt {
@@ -44,18 +48,28 @@ impl TestLibvirt {
             std::fs::create_dir(d).unwrap();
         }
         let target = match target {
-            PoolTarget::OwnDirectory => pool_dir.clone(),
-            PoolTarget::OutputDir => output.clone(),
-            PoolTarget::Nowhere => PathBuf::from("/nonexistent-pool"),
+            PoolTarget::OwnDirectory => Some(pool_dir.clone()),
+            PoolTarget::OutputDir => Some(output.clone()),
+            PoolTarget::Nowhere => Some(PathBuf::from("/nonexistent-pool")),
+            PoolTarget::NoPool => None,
         };
-        let node = format!(
-            "<node>\n{domains}\n  <pool type='dir'>\n    <name>default</name>\n    \
-             <target><path>{}</path></target>\n  </pool>\n</node>\n",
-            target.display()
-        );
+        let pool = target.map(|target| {
+            format!(
+                "  <pool type='dir'>\n    <name>default</name>\n    \
+                 <target><path>{}</path></target>\n  </pool>\n",
+                target.display()
+            )
+        });
+        let node = format!("<node>\n{domains}\n{}</node>\n", pool.unwrap_or_default());
         std::fs::write(root.join("node.xml"), node).unwrap();
         let uri = format!("test://{}", root.join("node.xml").display());
         TestLibvirt { _dir: dir, uri, pool_dir, output, staging }
+    }
+
+    /// Where a missing `default` pool is created: the pool directory, as if it were
+    /// `/var/lib/libvirt/images`; a short grace for a stopped one.
+    fn default_pool(&self) -> DefaultPool {
+        DefaultPool { dir: self.pool_dir.clone(), grace: Duration::from_millis(300) }
     }
 
     fn connect(&self) -> Connection {
@@ -134,8 +148,17 @@ fn register_in(
 ) -> Result<Registration, LibvirtError> {
     let name = names::domain_name(&spec.vm_name);
     let uuid = domain_xml::domain_uuid(spec);
-    let request =
-        Request { domain_name: &name, uuid: &uuid, pool, output_dir: &lv.output, autostart, tag: "job-1.g1", disks };
+    let default_pool = lv.default_pool();
+    let request = Request {
+        domain_name: &name,
+        uuid: &uuid,
+        pool,
+        default_pool: &default_pool,
+        output_dir: &lv.output,
+        autostart,
+        tag: "job-1.g1",
+        disks,
+    };
     register(conn, &request, build_xml)
 }
 
@@ -419,4 +442,206 @@ fn disk_sources_reads_file_disks_only() {
                </devices></domain>";
     assert_eq!(disk_sources(xml), [PathBuf::from("/a & b.qcow2"), PathBuf::from("/c.qcow2")]);
     assert!(disk_sources("<<not xml").is_empty());
+}
+
+/// The names of the driver's storage pools, sorted.
+fn pool_names(conn: &Connection) -> Vec<String> {
+    let mut names: Vec<String> =
+        conn.raw().list_all_storage_pools(0).unwrap().iter().map(|p| p.get_name().unwrap()).collect();
+    names.sort();
+    names
+}
+
+/// Asserts the `default` pool is what virt-install makes: a persistent, active, autostarted
+/// directory pool in `dir`.
+fn assert_virt_install_pool(conn: &Connection, dir: &Path) {
+    let pool = StoragePool::lookup_by_name(conn.raw(), "default").expect("the default pool exists");
+    assert!(pool.is_active().unwrap(), "started");
+    assert!(pool.is_persistent().unwrap(), "defined, not transient");
+    assert!(pool.get_autostart().unwrap(), "autostarted");
+    let xml = pool.get_xml_desc(0).unwrap();
+    assert!(xml.starts_with("<pool type='dir'>"), "{xml}");
+    assert_eq!(super::pool::target_path(&xml).as_deref(), Some(dir), "{xml}");
+}
+
+/// A second VM, for two jobs at once.
+fn db02() -> JobSpec {
+    JobSpec { vm_name: "Db 02".to_owned(), vm_id: Some("vm-43".to_owned()), ..web01() }
+}
+
+#[test]
+fn a_missing_default_pool_is_created_as_virt_install_does() {
+    let lv = TestLibvirt::new(PoolTarget::NoPool, "");
+    let conn = lv.connect();
+    assert!(pool_names(&conn).is_empty(), "a fresh libvirt has no pool");
+    let spec = web01();
+    let registration = register_vm(&lv, &conn, &spec, &lv.stage(&spec, "first"), false).unwrap();
+
+    assert!(registration.pool_created);
+    assert_eq!(registration.pool, "default");
+    assert_virt_install_pool(&conn, &lv.pool_dir);
+    assert!(registration.warnings.iter().all(|w| !w.contains("could not mark it")), "{:?}", registration.warnings);
+    // The job goes on into the new pool.
+    assert_eq!(registration.placement, Placement::Directory(lv.pool_dir.clone()));
+    assert_eq!(entries(&lv.pool_dir), ["Web 01-data.qcow2", "Web 01.qcow2"]);
+    assert_eq!(disk_sources(&defined_xml(&conn, "web-01"))[0], lv.pool_dir.join("Web 01.qcow2"));
+
+    // The next job finds it and creates nothing.
+    let spec = db02();
+    let next = register_vm(&lv, &conn, &spec, &lv.stage(&spec, "next"), false).unwrap();
+    assert!(!next.pool_created);
+    assert_eq!(pool_names(&conn), ["default"]);
+}
+
+#[test]
+fn a_missing_pool_other_than_default_is_not_created() {
+    let lv = TestLibvirt::new(PoolTarget::NoPool, "");
+    let conn = lv.connect();
+    let spec = web01();
+    let disks = lv.stage(&spec, "first");
+    let err = register_in(&lv, &conn, &spec, &disks, "images", false, |paths, _| build_xml(&spec, paths))
+        .err()
+        .expect("refused");
+    assert!(matches!(err, LibvirtError::PoolMissing { .. }), "{err}");
+    assert!(pool_names(&conn).is_empty(), "{:?}", pool_names(&conn));
+    assert!(entries(&lv.pool_dir).is_empty());
+}
+
+#[test]
+fn a_default_pool_libvirt_will_not_create_says_what_to_do() {
+    // An operator's pool of another name already has the directory: libvirt refuses a second.
+    let images = "<pool type='dir'><name>images</name><target><path>/srv/images</path></target></pool>";
+    let lv = TestLibvirt::new(PoolTarget::NoPool, images);
+    let conn = lv.connect();
+    let default = DefaultPool { dir: PathBuf::from("/srv/images"), grace: Duration::ZERO };
+    let err = Pool::open(&conn, "default", &default).err().expect("refused");
+    assert!(matches!(err, LibvirtError::PoolCreate { .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "libvirt storage pool 'default' does not exist at {} and could not be created in /srv/images: create it \
+             (virsh pool-define-as default dir --target /srv/images, then pool-build, pool-start and pool-autostart \
+             default) or set LIBVIRT_POOL",
+            lv.uri
+        )
+    );
+    assert!(err.with_libvirt_message().contains("'images'"), "libvirt names the other pool: {err:?}");
+    assert_eq!(pool_names(&conn), ["images"]);
+}
+
+#[test]
+fn two_jobs_defining_the_default_pool_at_once_both_go_on() {
+    // A test:///FILE connection has a driver of its own, so two connections would never meet.
+    // Two threads on one connection share its driver, whose calls run one at a time in
+    // whatever order the threads reach them, as a libvirtd serves two clients: both threads
+    // pass the barrier into the define, one define wins, and build and start interleave.
+    for round in 0..20 {
+        let lv = TestLibvirt::new(PoolTarget::NoPool, "");
+        let conn = lv.connect();
+        let default = lv.default_pool();
+        let barrier = Barrier::new(2);
+        let defined: Vec<bool> = std::thread::scope(|s| {
+            let racer = || {
+                barrier.wait();
+                super::pool::create_default(&conn, &default)
+            };
+            let (a, b) = (s.spawn(racer), s.spawn(racer));
+            [a.join().unwrap(), b.join().unwrap()]
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|e| panic!("round {round}: {e}: {:?}", e.causes())).0)
+                .collect()
+        });
+        assert_eq!(defined.iter().filter(|d| **d).count(), 1, "round {round}: exactly one defines it: {defined:?}");
+        assert_eq!(pool_names(&conn), ["default"]);
+        assert_virt_install_pool(&conn, &lv.pool_dir);
+    }
+}
+
+#[test]
+fn two_jobs_registering_on_a_host_without_pools_both_succeed() {
+    // Whatever each job's first lookup finds (nothing, a pool defined but not yet started, or
+    // the started pool), both register, and one of them created the pool.
+    for round in 0..10 {
+        let lv = TestLibvirt::new(PoolTarget::NoPool, "");
+        let conn = lv.connect();
+        let (web, db) = (web01(), db02());
+        let (web_disks, db_disks) = (lv.stage(&web, "web"), lv.stage(&db, "db"));
+        let barrier = Barrier::new(2);
+        let job = |spec: &JobSpec, disks: &[DiskFile]| {
+            barrier.wait();
+            register_vm(&lv, &conn, spec, disks, false).map(|r| r.pool_created)
+        };
+        let created: Vec<bool> = std::thread::scope(|s| {
+            let a = s.spawn(|| job(&web, &web_disks));
+            let b = s.spawn(|| job(&db, &db_disks));
+            [a.join().unwrap(), b.join().unwrap()]
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|e| panic!("round {round}: {e}: {:?}", e.causes())))
+                .collect()
+        });
+        assert_eq!(created.iter().filter(|c| **c).count(), 1, "round {round}: {created:?}");
+        assert_virt_install_pool(&conn, &lv.pool_dir);
+        assert_eq!(domains_named(&conn, "web-01") + domains_named(&conn, "db-02"), 2);
+        assert_eq!(entries(&lv.pool_dir), ["Db 02-data.qcow2", "Db 02.qcow2", "Web 01-data.qcow2", "Web 01.qcow2"]);
+    }
+}
+
+#[test]
+fn a_stopped_default_pool_is_given_time_to_start() {
+    let lv = TestLibvirt::new(PoolTarget::OwnDirectory, "");
+    let conn = lv.connect();
+    let pool = StoragePool::lookup_by_name(conn.raw(), "default").unwrap();
+    pool.destroy().unwrap();
+    let default = DefaultPool { dir: lv.pool_dir.clone(), grace: Duration::from_secs(10) };
+    let started = Instant::now();
+    let opened = std::thread::scope(|s| {
+        // Another job, which defined it a moment ago, starts it.
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            pool.create(0).unwrap();
+        });
+        Pool::open(&conn, "default", &default)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!opened.created);
+    assert!(started.elapsed() >= Duration::from_millis(200), "it waited for the start");
+    assert_eq!(opened.pool.target(), Some(lv.pool_dir.as_path()));
+}
+
+#[test]
+fn a_default_pool_undefined_while_waiting_is_created_again() {
+    // The job that defined it could not start it, and undefined it again.
+    let lv = TestLibvirt::new(PoolTarget::OwnDirectory, "");
+    let conn = lv.connect();
+    let pool = StoragePool::lookup_by_name(conn.raw(), "default").unwrap();
+    pool.destroy().unwrap();
+    let opened = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(200));
+            pool.undefine().unwrap();
+        });
+        Pool::open(&conn, "default", &DefaultPool { dir: lv.pool_dir.clone(), grace: Duration::from_secs(10) })
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(opened.created);
+    assert_virt_install_pool(&conn, &lv.pool_dir);
+}
+
+#[test]
+fn a_build_or_start_refused_because_another_started_the_pool_is_no_error() {
+    let lv = TestLibvirt::new(PoolTarget::OwnDirectory, "");
+    let conn = lv.connect();
+    let pool = StoragePool::lookup_by_name(conn.raw(), "default").unwrap();
+    // What the slower of two jobs meets: the other started the pool between its check and
+    // its own build or start.
+    let refused = pool.build(0).map(|_| ());
+    assert!(refused.as_ref().is_err_and(|e| e.message().contains("is active")), "{refused:?}");
+    assert!(super::pool::unless_active(&pool, refused).is_ok());
+    let refused = pool.create(0).map(|_| ());
+    assert!(refused.is_err());
+    assert!(super::pool::unless_active(&pool, refused).is_ok());
+    // A stopped pool's failure stays one.
+    pool.destroy().unwrap();
+    let failed = StoragePool::lookup_by_name(conn.raw(), "nonexistent").map(|_| ());
+    assert!(super::pool::unless_active(&pool, failed).is_err());
 }
