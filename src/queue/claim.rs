@@ -17,6 +17,7 @@
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -54,6 +55,9 @@ pub struct Queue {
 pub struct Claim {
     queue: Queue,
     record: LockRecord,
+    /// Set by this claim's own finish or release just before it removes (or moves) the lock,
+    /// so that a heartbeat racing it does not mistake that for a takeover.
+    ending: Arc<AtomicBool>,
 }
 
 /// A lock whose heartbeat is older than the lease, or a claimed manifest left without a lock.
@@ -127,7 +131,7 @@ impl Queue {
             if let Err(e) = renamed {
                 tracing::warn!(job_id = %record.job_id, error = %e, "rename reported an error but the claim is in place");
             }
-            return Ok(Some(Claim { queue: self.clone(), record }));
+            return Ok(Some(Claim::new(self.clone(), record)));
         }
         remove_if_present(self.fs.as_ref(), &lock)?;
         match renamed {
@@ -214,7 +218,7 @@ impl Queue {
         match created {
             Ok(record) => {
                 self.remove_asides(job_id);
-                Ok(Some(Claim { queue: self.clone(), record }))
+                Ok(Some(Claim::new(self.clone(), record)))
             }
             // Another taker created the lock first; the record we moved aside is obsolete.
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
@@ -512,7 +516,7 @@ impl Queue {
 
     /// Rebuilds a claim from a lock record found on disk (restart recovery).
     pub fn adopt(&self, record: LockRecord) -> Claim {
-        Claim { queue: self.clone(), record }
+        Claim::new(self.clone(), record)
     }
 }
 
@@ -530,6 +534,10 @@ fn list_ids(dir: &Path, suffix: &str) -> std::io::Result<Vec<String>> {
 }
 
 impl Claim {
+    fn new(queue: Queue, record: LockRecord) -> Claim {
+        Claim { queue, record, ending: Arc::default() }
+    }
+
     pub fn job_id(&self) -> &str {
         &self.record.job_id
     }
@@ -550,7 +558,7 @@ impl Claim {
 
     /// A handle for the heartbeat task, which outlives borrows of the claim.
     pub fn heartbeat(&self) -> Heartbeat {
-        Heartbeat { queue: self.queue.clone(), record: self.record.clone() }
+        Heartbeat { queue: self.queue.clone(), record: self.record.clone(), ending: self.ending.clone() }
     }
 
     /// Whether this daemon still owns the job: the lock exists, is freshly touched by us, and
@@ -578,6 +586,7 @@ impl Claim {
         records::write_atomically(&record_path, &serde_json::to_vec_pretty(record)?)?;
         move_if_present(&self.manifest_path(), &dir.join(format!("{job_id}.manifest.json")))?;
         move_if_present(&self.event_log(), &dir.join(format!("{job_id}.log")))?;
+        self.ending.store(true, Ordering::SeqCst);
         remove_if_present(self.queue.fs.as_ref(), &layout.lock_file(job_id))?;
         Ok(record_path)
     }
@@ -614,6 +623,7 @@ impl Claim {
             Err(e) => return Err(e),
         }
         let aside = queue.aside_path(job_id);
+        self.ending.store(true, Ordering::SeqCst);
         let _ = queue.fs.rename(&queue.layout.lock_file(job_id), &aside);
         // Looked at, whatever rename said; then the check that counts, on the lock moved
         // aside: a takeover could have run between the touch and the rename.
@@ -680,6 +690,7 @@ impl Claim {
 pub struct Heartbeat {
     queue: Queue,
     record: LockRecord,
+    ending: Arc<AtomicBool>,
 }
 
 /// What a heartbeat found.
@@ -690,6 +701,9 @@ pub enum Beat {
     Lost,
     /// Could not tell (transient errors persisted); try again at the next beat.
     Unknown,
+    /// The job's own finish or release has removed the lock, or is removing it: the job is
+    /// ending, nothing was taken from it.
+    Ending,
 }
 
 impl Heartbeat {
@@ -699,6 +713,9 @@ impl Heartbeat {
     pub fn beat(&self) -> Beat {
         match self.queue.refresh(&self.record.job_id) {
             Ok(current) if self.record.same_holder(&current) => Beat::Alive,
+            // Read after the refresh: the flag is set before the lock goes, so a lock found
+            // gone (or moved) by our own job's end always sees it set.
+            _ if self.ending.load(Ordering::SeqCst) => Beat::Ending,
             Ok(_) => Beat::Lost,
             Err(e) if e.kind() == ErrorKind::NotFound => Beat::Lost,
             Err(e) => {

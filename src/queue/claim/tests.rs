@@ -694,3 +694,34 @@ fn a_lock_naming_an_absolute_manifest_is_not_adopted_and_a_release_stays_in_the_
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing is linked outside WATCH_DIR");
     assert_eq!(requeued(&s), [format!("artifact-manifest.requeued-{job_id}.json")]);
 }
+
+#[test]
+fn a_heartbeat_after_the_jobs_own_finish_is_not_a_lost_lock() {
+    let s = setup();
+    drop_manifest(&s, "m.json");
+    let claim = Queue::new(s.layout.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
+    let heartbeat = claim.heartbeat();
+    let record = JobRecord {
+        job_id: claim.job_id().to_owned(),
+        vm_name: "vm".into(),
+        host: "a".into(),
+        instance: None,
+        generation: 1,
+        state: records::JobState::Failed,
+        started_at: Utc::now(),
+        finished_at: Some(Utc::now()),
+        manifest_name: "m.json".into(),
+        stage: "source".into(),
+        result_file: None,
+        error: Some("failed".into()),
+        causes: Vec::new(),
+    };
+    claim.finish(&record).unwrap();
+    assert_eq!(heartbeat.beat(), Beat::Ending, "the job's own finish removed the lock");
+    // A release is the job's own end too, and so is its lock moved aside.
+    drop_manifest(&s, "n.json");
+    let claim = Queue::new(s.layout.clone()).claim(&judged(&s, "n.json"), &host("a")).unwrap().unwrap();
+    let heartbeat = claim.heartbeat();
+    claim.release().unwrap();
+    assert_eq!(heartbeat.beat(), Beat::Ending);
+}
