@@ -781,6 +781,11 @@ fn fence(claim: &Claim) -> Result<(), Stop> {
 /// Moves the results of an earlier job for this VM (including this job's own disk names) out
 /// of the poller's sight. Fenced before each move: a daemon frozen since its claim must not
 /// move aside what the job's new owner has published meanwhile.
+///
+/// A name that another VM's report lists (VM `web`'s disk `disk-1` and VM `web-disk-1` share
+/// `web-disk-1.qcow2`) is never reused: the job is refused (docs/DECISIONS.md). Such a file is
+/// left in place, unless it is this job's own `V.qcow2`, which HyperSDK checks before
+/// `V.error` and would take for this job's success: that one is moved aside too.
 fn move_aside_stale(ctx: &JobContext, claim: &Claim, vm_name: &str, disk_ids: &[&str]) -> Result<(), Stop> {
     let mut stale = vec![
         names::boot_disk_file(vm_name),
@@ -790,6 +795,11 @@ fn move_aside_stale(ctx: &JobContext, claim: &Claim, vm_name: &str, disk_ids: &[
     ];
     stale.extend(disk_ids.iter().map(|id| names::data_disk_file(vm_name, id)));
     let out = &ctx.config.output_dir;
+    let conflicts: Vec<(&String, String)> = stale
+        .iter()
+        .filter_map(|name| names::other_vms_result(out, name, vm_name).map(|other| (name, other)))
+        .collect();
+    let boot = names::boot_disk_file(vm_name);
     let failure = |e| {
         Failure::new(
             Stage::Publish,
@@ -802,14 +812,37 @@ fn move_aside_stale(ctx: &JobContext, claim: &Claim, vm_name: &str, disk_ids: &[
     };
     let mut moved = 0;
     // Only files that are there: each move costs a fence (a lock round trip on NFS).
-    for name in stale.iter().filter(|name| std::fs::symlink_metadata(out.join(name)).is_ok()) {
+    let movable = stale.iter().filter(|name| **name == boot || !conflicts.iter().any(|(taken, _)| taken == name));
+    for name in movable.filter(|name| std::fs::symlink_metadata(out.join(name)).is_ok()) {
         fence(claim)?;
         moved += usize::from(publish::move_aside(out, name, claim.job_id()).map_err(failure)?.is_some());
     }
     if moved > 0 {
         info!(stage = "claim", moved, "moved earlier results aside");
     }
-    Ok(())
+    match conflicts.first() {
+        Some((name, other)) => Err(Stop::Failed(name_conflict(out, claim, vm_name, name, other))),
+        None => Ok(()),
+    }
+}
+
+/// The refusal of a job one of whose result names is another VM's.
+fn name_conflict(out: &Path, claim: &Claim, vm_name: &str, name: &str, other: &str) -> Failure {
+    let failure = Failure::new(
+        Stage::Manifest,
+        format!(
+            "Result file {name} of VM {vm_name} is a result of VM {other} ({other}.json lists it); rename one of the two VMs, or the disk, so that their result files differ, and submit the manifest again."
+        ),
+    );
+    let aside = out.join(publish::SUPERSEDED_DIR).join(claim.job_id()).join(name);
+    if std::fs::symlink_metadata(&aside).is_ok() {
+        failure.because(format!(
+            "{name} was moved to {} so that it cannot answer this job's poller; VM {other}'s domain may need it back",
+            aside.display()
+        ))
+    } else {
+        failure
+    }
 }
 
 fn done(
