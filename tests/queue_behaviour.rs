@@ -140,6 +140,32 @@ fn a_result_name_of_another_vm_is_never_reused() {
     s.finish();
 }
 
+/// The same collision between two jobs running at once, before either has published its
+/// report: the younger job (by job id) is refused, the older one converts.
+#[test]
+fn a_result_name_of_a_vm_being_converted_is_not_taken_either() {
+    let env = Env::new();
+    let slow = fixtures::slow_disk(&env.exports);
+    let small = fixtures::small_raw(&env.exports.join("live/boot.raw"));
+    let mut s = Session::start_in(env, &[SLOW], &[]);
+    let older = manifest("live-disk-1", vec![disk("disk-0", "raw", &slow)]);
+    hypersdk_submit(&s.daemon, &s.env, &older);
+    wait_for(&s.daemon, RESULT_TIMEOUT, "live-disk-1 to be claimed", || lock_count(&s.env) == 1);
+    // Job ids start with the claim's second: the next job's id is then surely the younger.
+    sleep(Duration::from_millis(1100));
+    let younger = manifest("live", vec![disk("disk-0", "raw", &small), data_disk("disk-1", "raw", &small, 1)]);
+    let first = s.convert_err(&younger, "live");
+    assert_eq!(
+        first,
+        "Result file live-disk-1.qcow2 of VM live will be a result of VM live-disk-1, which another job is converting now; rename one of the two VMs, or the disk, so that their result files differ, and submit the manifest again."
+    );
+    let outcome = hypersdk_wait(&s.daemon, &s.env, "live-disk-1", &[]);
+    let (job, names) = verify_success(&s.daemon, &s.env, &older, &outcome);
+    s.note_job(&job);
+    s.expected.extend(names);
+    s.finish();
+}
+
 /// `hyper2kvm submit MANIFEST --watch-dir=DIR` drops a manifest atomically; the daemon takes it.
 #[test]
 fn submit_command_drops_a_manifest() {
