@@ -725,3 +725,23 @@ fn a_heartbeat_after_the_jobs_own_finish_is_not_a_lost_lock() {
     claim.release().unwrap();
     assert_eq!(heartbeat.beat(), Beat::Ending);
 }
+
+#[test]
+fn a_lock_that_is_a_symlink_or_a_fifo_is_damaged_and_never_followed() {
+    let s = setup();
+    let (job_id, _) = planted_lock(&s, |_| {});
+    let lock = s.layout.lock_file(&job_id);
+    let q = Queue::new(s.layout.clone());
+    // A valid record elsewhere, reached through a symlink planted as the lock.
+    let elsewhere = s.dir.path().join("record.json");
+    std::fs::rename(&lock, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &lock).unwrap();
+    let err = q.read_lock(&lock).unwrap_err();
+    assert!(matches!(damage_of(&err), Some(LockRecordError::NotAFile)), "{err}");
+    // A FIFO would block a plain read for ever.
+    std::fs::remove_file(&lock).unwrap();
+    nix::unistd::mkfifo(&lock, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let err = q.read_lock(&lock).unwrap_err();
+    assert!(matches!(damage_of(&err), Some(LockRecordError::NotAFile)), "{err}");
+    assert!(q.locks().is_empty());
+}
