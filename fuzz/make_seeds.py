@@ -511,6 +511,26 @@ def host_caps_seeds():
 """)
 
 
+def lock_record_seeds():
+    """`<lock file name>\n<record>`: a daemon's records, and the planted ones of issue 10."""
+    job = "20260101T000000Z-00000000deadbeef"
+    record = ('{"job_id": "%s", "host": "node-1", "boot_id": "6f0c2b9e-3d1a-4c55-9a57-0d4c1b2a3f10",'
+              ' "pid": 4242, "instance": %s, "generation": %s, "claimed_at": "2026-01-01T00:00:00.123456Z",'
+              ' "manifest_name": "%s"}')
+    seeds = {
+        "daemon.seed": (job + ".lock", record % (job, '"prod"', "1", "artifact-manifest.json")),
+        "aside.seed": (job + ".lock.taken-0a1b2c3d4e5f6a7b", record % (job, "null", "7", "artifact-manifest.json")),
+        "requeued.seed": (job + ".lock", record % (job, "null", "2", "artifact-manifest.requeued-" + job + ".json")),
+        "traversal.seed": (job + ".lock", record % ("../../elsewhere/J", "null", "1", "artifact-manifest.json")),
+        "absolute.seed": (job + ".lock", record % (job, "null", "1", "/etc/cron.d/evil.json")),
+        "max-generation.seed": (job + ".lock", record % (job, "null", "18446744073709551615", "m.json")),
+        "torn.seed": (job + ".lock", (record % (job, "null", "1", "m.json"))[:40]),
+        "bad-name.seed": ("orphan.lock", record % ("orphan", "null", "1", "m.json")),
+    }
+    for name, (file_name, text) in seeds.items():
+        write("lock_record", name, file_name + "\n" + text)
+
+
 def main():
     if os.path.isdir(SEEDS):
         shutil.rmtree(SEEDS)
@@ -521,6 +541,7 @@ def main():
     manifest_seeds()
     config_seeds()
     host_caps_seeds()
+    lock_record_seeds()
     for target in sorted(os.listdir(SEEDS)):
         d = os.path.join(SEEDS, target)
         names = sorted(os.listdir(d))

@@ -520,7 +520,8 @@ impl Daemon {
                         _ = beat.tick() => {
                             let beat = heartbeat.clone();
                             match tokio::task::spawn_blocking(move || beat.beat()).await {
-                                Ok(Beat::Alive) => {}
+                                // Ending: the job removed its own lock on the way out; nothing was lost.
+                                Ok(Beat::Alive | Beat::Ending) => {}
                                 Ok(Beat::Lost) => {
                                     if !lost {
                                         lost = true;

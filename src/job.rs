@@ -790,16 +790,20 @@ fn fence(claim: &Claim) -> Result<(), Stop> {
 
 /// Moves the results of an earlier job for this VM (including this job's own disk names) out
 /// of the poller's sight. Fenced before each move: a daemon frozen since its claim must not
-/// move aside what the job's new owner has published meanwhile.
+/// move aside what the job's new owner has published meanwhile. `disk_ids` are the job's disks,
+/// boot disk first (none before the manifest is parsed).
+///
+/// A result name of another VM (VM `web`'s disk `disk-1` and VM `web-disk-1` share
+/// `web-disk-1.qcow2`) is never reused: the job is refused (docs/DECISIONS.md). Such a file is
+/// left in place, unless it is this job's own `V.qcow2`, which HyperSDK checks before
+/// `V.error` and would take for this job's success: that one is moved aside too.
 fn move_aside_stale(ctx: &JobContext, claim: &Claim, vm_name: &str, disk_ids: &[&str]) -> Result<(), Stop> {
-    let mut stale = vec![
-        names::boot_disk_file(vm_name),
-        names::error_file(vm_name),
-        names::report_file(vm_name),
-        names::domain_xml_file(vm_name),
-    ];
+    let boot = names::boot_disk_file(vm_name);
+    let mut stale =
+        vec![boot.clone(), names::error_file(vm_name), names::report_file(vm_name), names::domain_xml_file(vm_name)];
     stale.extend(disk_ids.iter().map(|id| names::data_disk_file(vm_name, id)));
     let out = &ctx.config.output_dir;
+    let taken = taken_name(ctx, claim, vm_name, disk_ids);
     let failure = |e| {
         Failure::new(
             Stage::Publish,
@@ -812,14 +816,88 @@ fn move_aside_stale(ctx: &JobContext, claim: &Claim, vm_name: &str, disk_ids: &[
     };
     let mut moved = 0;
     // Only files that are there: each move costs a fence (a lock round trip on NFS).
-    for name in stale.iter().filter(|name| std::fs::symlink_metadata(out.join(name)).is_ok()) {
+    let movable = stale.iter().filter(|name| **name == boot || taken.as_ref().is_none_or(|t| t.name != **name));
+    for name in movable.filter(|name| std::fs::symlink_metadata(out.join(name)).is_ok()) {
         fence(claim)?;
         moved += usize::from(publish::move_aside(out, name, claim.job_id()).map_err(failure)?.is_some());
     }
     if moved > 0 {
         info!(stage = "claim", moved, "moved earlier results aside");
     }
-    Ok(())
+    match taken {
+        Some(taken) => Err(Stop::Failed(taken.refusal(out, claim, vm_name))),
+        None => Ok(()),
+    }
+}
+
+/// A result name of this job that is another VM's.
+struct TakenName {
+    name: String,
+    other_vm: String,
+    /// Found in an older live claim's manifest rather than in a published report.
+    live: bool,
+}
+
+/// The first name this job would publish (`V.qcow2`, `V-<id>.qcow2` of each data disk) that
+/// another VM's published report lists or, failing that, that an older claim of another VM —
+/// a job converting now, which has not published its report yet — will publish.
+fn taken_name(ctx: &JobContext, claim: &Claim, vm_name: &str, disk_ids: &[&str]) -> Option<TakenName> {
+    let publishes: Vec<String> = std::iter::once(names::boot_disk_file(vm_name))
+        .chain(disk_ids.iter().skip(1).map(|id| names::data_disk_file(vm_name, id)))
+        .collect();
+    let out = &ctx.config.output_dir;
+    let published = publishes.iter().find_map(|name| {
+        let other_vm = names::other_vms_result(out, name, vm_name)?;
+        Some(TakenName { name: name.clone(), other_vm, live: false })
+    });
+    published.or_else(|| older_claim_publishing(ctx, claim, vm_name, &publishes))
+}
+
+/// An older claim (by job id, which every daemon orders alike, so that of two colliding jobs
+/// exactly one is refused) of another VM that will publish one of `publishes`. OVA disks are
+/// known only once a job expands them, so only the manifest's own disks are compared.
+fn older_claim_publishing(ctx: &JobContext, claim: &Claim, vm_name: &str, publishes: &[String]) -> Option<TakenName> {
+    let claimed = Layout::new(&ctx.config.watch_dir).claimed_dir();
+    std::fs::read_dir(claimed).ok()?.flatten().find_map(|entry| {
+        let file_name = entry.file_name();
+        let job_id = file_name.to_str()?.strip_suffix(".json")?;
+        if !crate::queue::lock::is_job_id(job_id) || job_id >= claim.job_id() {
+            return None;
+        }
+        let spec = manifest::parse(&publish::read_small(&entry.path()).ok()?, "claimed.json").ok()?;
+        if spec.vm_name == vm_name {
+            return None;
+        }
+        let name = (0..spec.disks.len()).map(|i| output_name(&spec, i)).find(|n| publishes.contains(n))?;
+        Some(TakenName { name, other_vm: spec.vm_name, live: true })
+    })
+}
+
+impl TakenName {
+    /// The refusal of the job: the `.error`'s first line names the file and the other VM.
+    fn refusal(&self, out: &Path, claim: &Claim, vm_name: &str) -> Failure {
+        let TakenName { name, other_vm: other, live } = self;
+        let whose = if *live {
+            format!("will be a result of VM {other}, which another job is converting now")
+        } else {
+            format!("is a result of VM {other} ({other}.json lists it)")
+        };
+        let failure = Failure::new(
+            Stage::Manifest,
+            format!(
+                "Result file {name} of VM {vm_name} {whose}; rename one of the two VMs, or the disk, so that their result files differ, and submit the manifest again."
+            ),
+        );
+        let aside = out.join(publish::SUPERSEDED_DIR).join(claim.job_id()).join(name);
+        if std::fs::symlink_metadata(&aside).is_ok() {
+            failure.because(format!(
+                "{name} was moved to {} so that it cannot answer this job's poller; VM {other}'s domain may need it back",
+                aside.display()
+            ))
+        } else {
+            failure
+        }
+    }
 }
 
 fn done(

@@ -3,6 +3,8 @@
 //! `source.vm_name` is used verbatim for result files because HyperSDK polls for the raw name
 //! (spaces included); it only has to be a safe single path component.
 
+use std::path::Path;
+
 use thiserror::Error;
 
 /// Longest `vm_name` accepted, in bytes. Leaves room for `-<disk id>.qcow2` and temp suffixes
@@ -82,6 +84,34 @@ pub fn domain_xml_file(vm_name: &str) -> String {
     format!("{vm_name}.xml")
 }
 
+/// The VM names whose results could include the qcow2 file `file_name`: `V` for its boot
+/// disk `V.qcow2`, and each `P` for a data disk `P-<disk id>.qcow2`, so every prefix of the
+/// stem that ends before a `-`. Results of different VMs can share a name this way (VM `web`'s
+/// disk `disk-1` and VM `web-disk-1`'s boot disk are both `web-disk-1.qcow2`). Empty for any
+/// other file: `.json`, `.xml` and `.error` names belong to one VM only.
+pub fn possible_owners(file_name: &str) -> Vec<&str> {
+    let Some(stem) = file_name.strip_suffix(".qcow2") else { return Vec::new() };
+    let mut owners: Vec<&str> = stem.match_indices('-').map(|(i, _)| &stem[..i]).filter(|p| !p.is_empty()).collect();
+    owners.push(stem);
+    owners
+}
+
+/// The VM other than `vm_name` whose published report (`V.json` in `output_dir`) lists
+/// `file_name` among its disks, if any: that file is that VM's result, not an earlier result of
+/// `vm_name`'s. Reports that cannot be read or parsed are passed over.
+pub fn other_vms_result(output_dir: &Path, file_name: &str, vm_name: &str) -> Option<String> {
+    possible_owners(file_name).into_iter().filter(|owner| *owner != vm_name).find_map(|owner| {
+        let bytes = crate::publish::read_small(&output_dir.join(report_file(owner))).ok()?;
+        let report: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        let lists_it = report
+            .get("disks")?
+            .as_array()?
+            .iter()
+            .any(|d| d.get("output").and_then(|o| o.as_str()) == Some(file_name));
+        (report.get("vm_name")?.as_str()? == owner && lists_it).then(|| owner.to_owned())
+    })
+}
+
 /// The libvirt domain name, sanitised exactly as HyperSDK does so both sides agree on it:
 /// lower-case; spaces and `_` become `-`; only `[a-z0-9-]` kept; leading `-` and digits
 /// trimmed; `vm` when nothing is left.
@@ -122,6 +152,35 @@ mod tests {
         let long = "x".repeat(201);
         assert_eq!(check_vm_name(&long), Err(UnsafeName::TooLong(201)));
         assert_eq!(check_vm_name(&"x".repeat(200)), Ok(()));
+    }
+
+    #[test]
+    fn a_qcow2_name_may_belong_to_the_vm_of_any_dash_prefix() {
+        assert_eq!(possible_owners("web-disk-1.qcow2"), ["web", "web-disk", "web-disk-1"]);
+        assert_eq!(possible_owners("web.qcow2"), ["web"]);
+        assert_eq!(possible_owners("-x-.qcow2"), ["-x", "-x-"]);
+        assert!(possible_owners("web-disk-1.json").is_empty());
+    }
+
+    #[test]
+    fn a_file_listed_in_another_vms_report_is_that_vms() {
+        let out = tempfile::tempdir().unwrap();
+        let report = |vm: &str, outputs: &[&str]| {
+            let disks: Vec<_> = outputs.iter().map(|o| serde_json::json!({ "output": o })).collect();
+            std::fs::write(
+                out.path().join(report_file(vm)),
+                serde_json::json!({ "vm_name": vm, "disks": disks }).to_string(),
+            )
+            .unwrap();
+        };
+        report("web", &["web.qcow2", "web-disk-1.qcow2"]);
+        assert_eq!(other_vms_result(out.path(), "web-disk-1.qcow2", "web-disk-1").as_deref(), Some("web"));
+        assert_eq!(other_vms_result(out.path(), "web-disk-1.qcow2", "web"), None, "its own earlier result");
+        assert_eq!(other_vms_result(out.path(), "web-disk-2.qcow2", "web-disk-2"), None, "not listed");
+        report("db-disk-1", &["db-disk-1.qcow2"]);
+        assert_eq!(other_vms_result(out.path(), "db-disk-1.qcow2", "db").as_deref(), Some("db-disk-1"));
+        std::fs::write(out.path().join("x.json"), b"{not json").unwrap();
+        assert_eq!(other_vms_result(out.path(), "x-1.qcow2", "y"), None);
     }
 
     #[test]

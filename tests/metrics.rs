@@ -177,3 +177,28 @@ fn a_taken_metrics_address_stops_the_daemon_at_start_up() {
     assert!(!env.queue.exists() && !env.output.exists(), "directories were created before the address was bound");
     drop(taken);
 }
+
+/// Jobs that fail at once end while their heartbeat's first (immediate) beat may still be
+/// looking at the lock the job's own finish removes: that is not a lost lock, and the counter
+/// people alert on must stay at zero. 150 such jobs raised it 1–7 times before (in half the runs);
+/// with 300, every one of 5 runs of the old heartbeat failed here.
+#[test]
+fn instantly_failing_jobs_never_count_a_lost_lock() {
+    const JOBS: usize = 300;
+    let addr = free_local_address();
+    let env = Env::new();
+    let daemon = Daemon::start(&env, &[("METRICS_ADDR", &addr), ("MAX_CONCURRENT", "8")], &[]);
+    wait_for(&daemon, Duration::from_secs(30), "the watch directory", || env.queue.is_dir());
+    let missing = env.exports.join("missing.raw");
+    for n in 0..JOBS {
+        let bytes = manifest(&format!("instant-{n}"), vec![disk("disk-0", "raw", &missing)]).to_string();
+        let tmp = env.queue.join(format!(".m{n}.tmp"));
+        fs::write(&tmp, bytes).unwrap();
+        fs::rename(&tmp, env.queue.join(format!("m{n}.json"))).unwrap();
+    }
+    let text = scrape_until(&daemon, &addr, &format!("{JOBS} failed jobs"), |t| {
+        value(t, FAILED) == Some(JOBS as f64) && value(t, "hyper2kvm_jobs_running") == Some(0.0)
+    });
+    assert_eq!(value(&text, "hyper2kvm_locks_lost_total"), Some(0.0), "{text}");
+    assert!(!daemon.log().contains("the lock is gone"), "a heartbeat called a finished job's lock lost");
+}

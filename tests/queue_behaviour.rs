@@ -93,6 +93,79 @@ fn stale_qcow2_cannot_answer_a_failing_job() {
     s.finish();
 }
 
+/// Result names of two VMs can coincide: VM `web`'s data disk `disk-1` and VM `web-disk-1`'s
+/// boot disk are both `web-disk-1.qcow2`. A name another VM's report lists is never reused:
+/// the job is refused, the other VM's result left where it is — except where the name is the
+/// refused job's own `V.qcow2`, which HyperSDK would take for its success: that one is moved
+/// aside (kept), and the `.error` says where it went.
+#[test]
+fn a_result_name_of_another_vm_is_never_reused() {
+    let mut s = Session::start(&[], &[]);
+    let dir = s.env.exports.join("names");
+    fs::create_dir_all(&dir).unwrap();
+    let boot = fixtures::small_raw(&dir.join("boot.raw"));
+    let data = fixtures::data_raw(&dir.join("data.raw"));
+
+    s.convert_ok(&manifest("web-disk-1", vec![disk("disk-0", "raw", &boot)]));
+    let published = fs::read(s.env.output.join("web-disk-1.qcow2")).unwrap();
+    let web = manifest("web", vec![disk("disk-0", "raw", &boot), data_disk("disk-1", "raw", &data, 1)]);
+    let first = s.convert_err(&web, "web");
+    assert_eq!(
+        first,
+        "Result file web-disk-1.qcow2 of VM web is a result of VM web-disk-1 (web-disk-1.json lists it); rename one of the two VMs, or the disk, so that their result files differ, and submit the manifest again."
+    );
+    assert_eq!(fs::read(s.env.output.join("web-disk-1.qcow2")).unwrap(), published, "web-disk-1's result is untouched");
+
+    s.convert_ok(&manifest("db", vec![disk("disk-0", "raw", &boot), data_disk("disk-1", "raw", &data, 1)]));
+    let db_data = fs::read(s.env.output.join("db-disk-1.qcow2")).unwrap();
+    hypersdk_submit(&s.daemon, &s.env, &manifest("db-disk-1", vec![disk("disk-0", "raw", &boot)]));
+    let error = s.env.output.join("db-disk-1.error");
+    wait_for(&s.daemon, RESULT_TIMEOUT, "db-disk-1.error", || error.exists());
+    if s.env.output.join("db-disk-1.qcow2").exists() {
+        s.daemon.fail("db-disk-1.error appeared beside db's data disk db-disk-1.qcow2: HyperSDK would report success");
+    }
+    let text = fs::read_to_string(&error).unwrap();
+    check_error_file(&s.daemon, "db-disk-1", &text);
+    assert!(
+        text.starts_with("Result file db-disk-1.qcow2 of VM db-disk-1 is a result of VM db (db.json lists it);"),
+        "{text}"
+    );
+    let kept = files_under(&s.env.output.join(".hyper2kvm-superseded"));
+    let moved: Vec<_> = kept.iter().filter(|p| p.ends_with("db-disk-1.qcow2")).collect();
+    assert_eq!(moved.len(), 1, "{kept:?}");
+    assert_eq!(fs::read(moved[0]).unwrap(), db_data, "db's data disk is kept aside");
+    assert!(text.contains(&moved[0].display().to_string()), "the .error says where it went:\n{text}");
+    s.expected.retain(|n| n != "db-disk-1.qcow2");
+    s.expected.push("db-disk-1.error".into());
+    s.finish();
+}
+
+/// The same collision between two jobs running at once, before either has published its
+/// report: the younger job (by job id) is refused, the older one converts.
+#[test]
+fn a_result_name_of_a_vm_being_converted_is_not_taken_either() {
+    let env = Env::new();
+    let slow = fixtures::slow_disk(&env.exports);
+    let small = fixtures::small_raw(&env.exports.join("live/boot.raw"));
+    let mut s = Session::start_in(env, &[SLOW], &[]);
+    let older = manifest("live-disk-1", vec![disk("disk-0", "raw", &slow)]);
+    hypersdk_submit(&s.daemon, &s.env, &older);
+    wait_for(&s.daemon, RESULT_TIMEOUT, "live-disk-1 to be claimed", || lock_count(&s.env) == 1);
+    // Job ids start with the claim's second: the next job's id is then surely the younger.
+    sleep(Duration::from_millis(1100));
+    let younger = manifest("live", vec![disk("disk-0", "raw", &small), data_disk("disk-1", "raw", &small, 1)]);
+    let first = s.convert_err(&younger, "live");
+    assert_eq!(
+        first,
+        "Result file live-disk-1.qcow2 of VM live will be a result of VM live-disk-1, which another job is converting now; rename one of the two VMs, or the disk, so that their result files differ, and submit the manifest again."
+    );
+    let outcome = hypersdk_wait(&s.daemon, &s.env, "live-disk-1", &[]);
+    let (job, names) = verify_success(&s.daemon, &s.env, &older, &outcome);
+    s.note_job(&job);
+    s.expected.extend(names);
+    s.finish();
+}
+
 /// `hyper2kvm submit MANIFEST --watch-dir=DIR` drops a manifest atomically; the daemon takes it.
 #[test]
 fn submit_command_drops_a_manifest() {

@@ -17,49 +17,31 @@
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use chrono::Utc;
 
 use super::fs::{self, QueueFs, RealFs};
 use super::layout::{Layout, Outcome};
+pub use super::lock::LockRecord;
+use super::lock::{
+    is_base_manifest_name, is_job_id, job_of_lock_file, new_job_id, LockRecordError, ASIDE_INFIX, LOCK_SUFFIX,
+    MAX_LOCK_RECORD_BYTES,
+};
 use super::records::{self, JobRecord};
 use super::scan::Candidate;
 use crate::host::{self, Identity};
 
-/// Suffix of a lock file; anything else in `locks/` is a lock being taken over.
-const LOCK_SUFFIX: &str = ".lock";
-
-/// Infix of a lock moved aside (`<job>.lock.taken-<random>`) by a takeover, release or sweep.
-const ASIDE_INFIX: &str = ".lock.taken-";
+/// The manifest name used where a record's is unknown: HyperSDK's fixed one.
+const FALLBACK_MANIFEST_NAME: &str = "artifact-manifest.json";
 
 /// How long a heartbeat or fence that finds its lock missing waits for a taker to put it back.
 /// A taker restores a live owner's lock within a few file operations; far longer than that
 /// means the taker died, and its aside is judged by age like any lock.
 const RESTORE_WAIT: Duration = Duration::from_secs(2);
 const RESTORE_POLL: Duration = Duration::from_millis(150);
-
-/// The owner record stored in a lock file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LockRecord {
-    pub job_id: String,
-    #[serde(flatten)]
-    pub owner: Identity,
-    /// Raised by each takeover; a daemon whose generation is superseded must not publish.
-    pub generation: u64,
-    pub claimed_at: DateTime<Utc>,
-    /// The manifest's file name in WATCH_DIR before the claim.
-    pub manifest_name: String,
-}
-
-impl LockRecord {
-    /// Whether `other` is this same holding of the job: the same owner at the same generation.
-    fn same_holder(&self, other: &LockRecord) -> bool {
-        self.owner == other.owner && self.generation == other.generation
-    }
-}
 
 /// The queue as one daemon sees it: its layout and the filesystem operations it uses.
 #[derive(Debug, Clone)]
@@ -73,6 +55,9 @@ pub struct Queue {
 pub struct Claim {
     queue: Queue,
     record: LockRecord,
+    /// Set by this claim's own finish or release just before it removes (or moves) the lock,
+    /// so that a heartbeat racing it does not mistake that for a takeover.
+    ending: Arc<AtomicBool>,
 }
 
 /// A lock whose heartbeat is older than the lease, or a claimed manifest left without a lock.
@@ -86,13 +71,14 @@ pub struct Stale {
     pub has_lock: bool,
 }
 
-/// A fresh job id: UTC time for sorting, 64 random bits for uniqueness across hosts.
-pub fn new_job_id() -> String {
-    format!("{}-{}", Utc::now().format("%Y%m%dT%H%M%SZ"), host::random_hex())
+/// A lock whose record cannot be trusted, as an I/O error of kind `InvalidData`.
+fn damaged(e: LockRecordError) -> std::io::Error {
+    std::io::Error::new(ErrorKind::InvalidData, e)
 }
 
-fn io_invalid(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
-    std::io::Error::new(ErrorKind::InvalidData, e)
+/// Why a lock was read as damaged, if that is what `e` says.
+fn damage_of(e: &std::io::Error) -> Option<&LockRecordError> {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<LockRecordError>())
 }
 
 impl Queue {
@@ -145,7 +131,7 @@ impl Queue {
             if let Err(e) = renamed {
                 tracing::warn!(job_id = %record.job_id, error = %e, "rename reported an error but the claim is in place");
             }
-            return Ok(Some(Claim { queue: self.clone(), record }));
+            return Ok(Some(Claim::new(self.clone(), record)));
         }
         remove_if_present(self.fs.as_ref(), &lock)?;
         match renamed {
@@ -155,9 +141,18 @@ impl Queue {
         }
     }
 
-    /// Reads a lock file's owner record.
+    /// Reads a lock file's owner record, checked against the file's name: an error of kind
+    /// `InvalidData` carrying a [`LockRecordError`] when the lock is damaged.
     pub fn read_lock(&self, path: &Path) -> std::io::Result<LockRecord> {
-        serde_json::from_slice(&self.fs.read(path)?).map_err(io_invalid)
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let bytes = match self.fs.read(path, MAX_LOCK_RECORD_BYTES) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == ErrorKind::InvalidData || e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(damaged(LockRecordError::NotAFile))
+            }
+            Err(e) => return Err(e),
+        };
+        LockRecord::parse(&bytes, name).map_err(damaged)
     }
 
     /// Every lock older than `lease`, and every claimed manifest without a lock for that long,
@@ -210,15 +205,20 @@ impl Queue {
             self.previous_without_lock(job_id, lease)?
         };
         let Some(previous) = previous else { return Ok(None) };
-        let record =
-            LockRecord { owner: me.clone(), generation: previous.generation + 1, claimed_at: Utc::now(), ..previous };
-        let created = serde_json::to_vec_pretty(&record)
-            .map_err(std::io::Error::from)
-            .and_then(|bytes| self.fs.create_exclusive(&self.layout.lock_file(job_id), &bytes));
+        // A parsed record's generation is below u64::MAX; checked anyway, never wrapped to 0.
+        let created = previous
+            .generation
+            .checked_add(1)
+            .ok_or_else(|| damaged(LockRecordError::Generation(previous.generation)))
+            .map(|generation| LockRecord { owner: me.clone(), generation, claimed_at: Utc::now(), ..previous })
+            .and_then(|record| {
+                let bytes = serde_json::to_vec_pretty(&record)?;
+                self.fs.create_exclusive(&self.layout.lock_file(job_id), &bytes).map(|()| record)
+            });
         match created {
-            Ok(()) => {
+            Ok(record) => {
                 self.remove_asides(job_id);
-                Ok(Some(Claim { queue: self.clone(), record }))
+                Ok(Some(Claim::new(self.clone(), record)))
             }
             // Another taker created the lock first; the record we moved aside is obsolete.
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {
@@ -275,8 +275,11 @@ impl Queue {
             Ok(previous) => Ok(Some(previous)),
             // Unparseable: torn by a daemon that died creating it, so no owner ever ran under
             // it, and the asides its takeover had not yet removed hold the generation before.
-            Err(e) if e.kind() == ErrorKind::InvalidData => {
-                tracing::warn!(job_id, error = %e, "a stale lock is unreadable; taking over from the records left aside");
+            // Or damaged (planted, rewritten): nothing in it can be trusted. Either way it goes
+            // to quarantine (with the other damaged asides) and the job is taken over from
+            // the records left aside, or from the claimed manifest alone.
+            Err(e) if damage_of(&e).is_some() => {
+                tracing::warn!(job_id, error = %e, "a stale lock is damaged; taking over from the records left aside");
                 Ok(self.highest_aside(job_id)?.or_else(|| self.record_from_manifest(job_id)))
             }
             // Taking over without the generation could hand the new owner the old one's.
@@ -323,20 +326,44 @@ impl Queue {
         }
     }
 
-    /// The newest record among locks moved aside by a takeover that did not finish. Only
-    /// unparseable or vanished ones are skipped: a record that cannot be read now may carry
-    /// the highest generation.
+    /// The newest record among locks moved aside by a takeover that did not finish. Damaged
+    /// ones (unparseable, or disagreeing with their file name) are moved to quarantine, and
+    /// vanished ones skipped: a record that cannot be read now may carry the highest
+    /// generation, so any other error stops the takeover.
     fn highest_aside(&self, job_id: &str) -> std::io::Result<Option<LockRecord>> {
         let mut highest: Option<LockRecord> = None;
         for path in self.asides(job_id) {
             match fs::retry("reading a lock moved aside", || self.read_lock(&path)) {
                 Ok(r) if highest.as_ref().is_none_or(|h| r.generation > h.generation) => highest = Some(r),
                 Ok(_) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InvalidData) => {}
-                Err(e) => return Err(e),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => match damage_of(&e) {
+                    Some(why) => self.quarantine(job_id, &path, why),
+                    None => return Err(e),
+                },
             }
         }
         Ok(highest)
+    }
+
+    /// Moves a damaged lock (or aside) into `quarantine/`, kept for whoever looks into how it
+    /// got there, and out of `locks/`, so that it is never read again. A lock that cannot be
+    /// moved stays an aside, removed with the others once the takeover has its new lock.
+    fn quarantine(&self, job_id: &str, path: &Path, why: &LockRecordError) {
+        let dir = self.layout.quarantine_dir();
+        let target =
+            dir.join(format!("{}.{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("lock"), host::random_hex()));
+        match std::fs::create_dir_all(&dir).and_then(|()| self.fs.rename(path, &target)) {
+            Ok(()) => tracing::warn!(
+                job_id,
+                reason = %why,
+                quarantined = %target.display(),
+                "a damaged lock record was moved to quarantine; the job is taken over from what is left"
+            ),
+            Err(e) => {
+                tracing::warn!(job_id, reason = %why, error = %e, "could not move a damaged lock record to quarantine")
+            }
+        }
     }
 
     /// The mtime of the newest lock moved aside for `job_id`, if any.
@@ -363,7 +390,7 @@ impl Queue {
             owner: Identity { host: String::new(), boot_id: String::new(), pid: 0, instance: None },
             generation: 0,
             claimed_at: Utc::now(),
-            manifest_name: "artifact-manifest.json".to_owned(),
+            manifest_name: FALLBACK_MANIFEST_NAME.to_owned(),
         })
     }
 
@@ -473,30 +500,33 @@ impl Queue {
             .into_iter()
             .filter_map(|id| {
                 let path = self.layout.lock_file(&id);
-                let record = self.read_lock(&path).ok()?;
-                Some((path, record))
+                match self.read_lock(&path) {
+                    Ok(record) => Some((path, record)),
+                    Err(e) => {
+                        // Damaged: left for a takeover to quarantine once it is past the lease.
+                        if let Some(why) = damage_of(&e) {
+                            tracing::warn!(job_id = %id, reason = %why, "ignoring a damaged lock");
+                        }
+                        None
+                    }
+                }
             })
             .collect()
     }
 
     /// Rebuilds a claim from a lock record found on disk (restart recovery).
     pub fn adopt(&self, record: LockRecord) -> Claim {
-        Claim { queue: self.clone(), record }
+        Claim::new(self.clone(), record)
     }
 }
 
-/// The job a file in `locks/` belongs to: `<job>.lock` or `<job>.lock.taken-<random>`.
-fn job_of_lock_file(name: &str) -> Option<&str> {
-    let job_id = name.strip_suffix(LOCK_SUFFIX).or_else(|| name.split_once(ASIDE_INFIX).map(|(id, _)| id))?;
-    (!job_id.is_empty() && !name.starts_with('.')).then_some(job_id)
-}
-
-/// File stems in `dir` whose names end with `suffix`.
+/// Job ids of the files in `dir` named `<job id><suffix>`. Any other name is not a job's
+/// (a job id is only ever taken from a file name of this form).
 fn list_ids(dir: &Path, suffix: &str) -> std::io::Result<Vec<String>> {
     let mut ids = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name().to_string_lossy().into_owned();
-        if let Some(id) = name.strip_suffix(suffix).filter(|id| !id.starts_with('.')) {
+        if let Some(id) = name.strip_suffix(suffix).filter(|id| is_job_id(id)) {
             ids.push(id.to_owned());
         }
     }
@@ -504,6 +534,10 @@ fn list_ids(dir: &Path, suffix: &str) -> std::io::Result<Vec<String>> {
 }
 
 impl Claim {
+    fn new(queue: Queue, record: LockRecord) -> Claim {
+        Claim { queue, record, ending: Arc::default() }
+    }
+
     pub fn job_id(&self) -> &str {
         &self.record.job_id
     }
@@ -524,7 +558,7 @@ impl Claim {
 
     /// A handle for the heartbeat task, which outlives borrows of the claim.
     pub fn heartbeat(&self) -> Heartbeat {
-        Heartbeat { queue: self.queue.clone(), record: self.record.clone() }
+        Heartbeat { queue: self.queue.clone(), record: self.record.clone(), ending: self.ending.clone() }
     }
 
     /// Whether this daemon still owns the job: the lock exists, is freshly touched by us, and
@@ -552,6 +586,7 @@ impl Claim {
         records::write_atomically(&record_path, &serde_json::to_vec_pretty(record)?)?;
         move_if_present(&self.manifest_path(), &dir.join(format!("{job_id}.manifest.json")))?;
         move_if_present(&self.event_log(), &dir.join(format!("{job_id}.log")))?;
+        self.ending.store(true, Ordering::SeqCst);
         remove_if_present(self.queue.fs.as_ref(), &layout.lock_file(job_id))?;
         Ok(record_path)
     }
@@ -588,6 +623,7 @@ impl Claim {
             Err(e) => return Err(e),
         }
         let aside = queue.aside_path(job_id);
+        self.ending.store(true, Ordering::SeqCst);
         let _ = queue.fs.rename(&queue.layout.lock_file(job_id), &aside);
         // Looked at, whatever rename said; then the check that counts, on the lock moved
         // aside: a takeover could have run between the touch and the rename.
@@ -622,7 +658,11 @@ impl Claim {
         if !fs::retry("looking for the claimed manifest", || fs.exists(&claimed))? {
             return Ok(());
         }
-        let stem = self.record.manifest_name.trim_end_matches(".json");
+        // Only a base name: a record adopted from disk is checked on reading, but this name
+        // becomes a path in WATCH_DIR whatever the record's origin.
+        let name = &self.record.manifest_name;
+        let base = if is_base_manifest_name(name) { name.as_str() } else { FALLBACK_MANIFEST_NAME };
+        let stem = base.trim_end_matches(".json");
         // A manifest released before keeps its first job id rather than growing a chain.
         let stem = stem.split(".requeued-").next().unwrap_or(stem);
         let requeued = self.queue.layout.watch_dir().join(format!("{stem}.requeued-{}.json", self.record.job_id));
@@ -650,6 +690,7 @@ impl Claim {
 pub struct Heartbeat {
     queue: Queue,
     record: LockRecord,
+    ending: Arc<AtomicBool>,
 }
 
 /// What a heartbeat found.
@@ -660,6 +701,9 @@ pub enum Beat {
     Lost,
     /// Could not tell (transient errors persisted); try again at the next beat.
     Unknown,
+    /// The job's own finish or release has removed the lock, or is removing it: the job is
+    /// ending, nothing was taken from it.
+    Ending,
 }
 
 impl Heartbeat {
@@ -669,6 +713,9 @@ impl Heartbeat {
     pub fn beat(&self) -> Beat {
         match self.queue.refresh(&self.record.job_id) {
             Ok(current) if self.record.same_holder(&current) => Beat::Alive,
+            // Read after the refresh: the flag is set before the lock goes, so a lock found
+            // gone (or moved) by our own job's end always sees it set.
+            _ if self.ending.load(Ordering::SeqCst) => Beat::Ending,
             Ok(_) => Beat::Lost,
             Err(e) if e.kind() == ErrorKind::NotFound => Beat::Lost,
             Err(e) => {

@@ -34,7 +34,9 @@ pub trait QueueFs: Send + Sync + std::fmt::Debug {
     fn hard_link(&self, from: &Path, to: &Path) -> std::io::Result<()>;
     /// Creates `path` with `contents`, failing if anything (even a symlink) is there.
     fn create_exclusive(&self, path: &Path, contents: &[u8]) -> std::io::Result<()>;
-    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>>;
+    /// Reads at most `limit + 1` bytes of a regular file, never following a symlink or
+    /// blocking on a FIFO: what is read is another daemon's record, or something planted.
+    fn read(&self, path: &Path, limit: u64) -> std::io::Result<Vec<u8>>;
     fn remove_file(&self, path: &Path) -> std::io::Result<()>;
     /// Whether `path` exists: `Ok(false)` only for ENOENT; other errors (ESTALE …) propagate.
     fn exists(&self, path: &Path) -> std::io::Result<bool>;
@@ -76,8 +78,15 @@ impl QueueFs for RealFs {
         }
     }
 
-    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
-        std::fs::read(path)
+    fn read(&self, path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        let file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::new(ErrorKind::InvalidData, "not a regular file"));
+        }
+        let mut contents = Vec::new();
+        file.take(limit.saturating_add(1)).read_to_end(&mut contents)?;
+        Ok(contents)
     }
 
     fn remove_file(&self, path: &Path) -> std::io::Result<()> {

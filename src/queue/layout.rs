@@ -10,7 +10,11 @@
 //!     logs/<job>.log                event log of a running job (JSON lines)
 //!     done/<YYYY-MM-DD>/<job>.json  record of a finished job (+ .manifest.json, .log)
 //!     failed/<YYYY-MM-DD>/<job>.json
+//!     quarantine/<lock file>.<random>  damaged lock records, kept for inspection (never read)
 //! ```
+//!
+//! A job id has the form `<YYYYMMDDTHHMMSSZ>-<16 hex digits>` (see `lock::is_job_id`); only
+//! names of that form in `claimed/` and `locks/` are jobs, so no job id can be a path.
 
 use std::path::{Path, PathBuf};
 
@@ -52,6 +56,7 @@ impl Layout {
             self.logs_dir(),
             self.outcome_root(Outcome::Done),
             self.outcome_root(Outcome::Failed),
+            self.quarantine_dir(),
         ] {
             std::fs::create_dir_all(dir)?;
         }
@@ -72,6 +77,11 @@ impl Layout {
 
     pub fn locks_dir(&self) -> PathBuf {
         self.state.join("locks")
+    }
+
+    /// Where damaged lock records are moved by the takeover that meets them.
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.state.join("quarantine")
     }
 
     pub fn logs_dir(&self) -> PathBuf {

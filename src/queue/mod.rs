@@ -5,10 +5,12 @@
 pub mod claim;
 pub mod fs;
 pub mod layout;
+pub mod lock;
 pub mod records;
 pub mod scan;
 
-pub use claim::{Beat, Claim, Heartbeat, LockRecord, Queue, Stale};
+pub use claim::{Beat, Claim, Heartbeat, Queue, Stale};
 pub use layout::{Layout, Outcome};
+pub use lock::LockRecord;
 pub use records::{EventLog, JobRecord, JobState};
 pub use scan::{Candidate, Scanner};

@@ -98,10 +98,10 @@ impl QueueFs for FaultyFs {
     fn create_exclusive(&self, path: &Path, contents: &[u8]) -> std::io::Result<()> {
         RealFs.create_exclusive(path, contents)
     }
-    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+    fn read(&self, path: &Path, limit: u64) -> std::io::Result<Vec<u8>> {
         self.estale()?;
         self.eio(|f| &mut f.read_eio)?;
-        RealFs.read(path)
+        RealFs.read(path, limit)
     }
     fn remove_file(&self, path: &Path) -> std::io::Result<()> {
         RealFs.remove_file(path)
@@ -201,6 +201,10 @@ fn lock_on_disk(s: &Setup, job_id: &str) -> LockRecord {
 }
 
 const LEASE: Duration = Duration::from_secs(90);
+
+/// Job ids of the form daemons generate, for files planted by hand.
+const ORPHAN: &str = "20260101T000000Z-0000000000000001";
+const GONE: &str = "20260101T000000Z-0000000000000002";
 
 #[test]
 fn a_manifest_replaced_after_it_was_judged_goes_back_to_settle() {
@@ -591,17 +595,17 @@ fn a_lock_left_without_a_claim_is_swept_once_past_the_lease() {
     let q = Queue::new(s.layout.clone());
     // A claim that died between creating its lock and moving the manifest, and an old aside.
     let record = LockRecord {
-        job_id: "orphan".into(),
+        job_id: ORPHAN.into(),
         owner: host("a"),
         generation: 1,
         claimed_at: Utc::now(),
         manifest_name: "m.json".into(),
     };
-    std::fs::write(s.layout.lock_file("orphan"), serde_json::to_vec(&record).unwrap()).unwrap();
+    std::fs::write(s.layout.lock_file(ORPHAN), serde_json::to_vec(&record).unwrap()).unwrap();
     assert!(q.stale(LEASE).unwrap().is_empty());
     assert_eq!(q.locks().len(), 1, "a claim in progress is left alone");
-    age_lock(&s, "orphan", 200);
-    let aside = s.layout.locks_dir().join("gone.lock.taken-x");
+    age_lock(&s, ORPHAN, 200);
+    let aside = s.layout.locks_dir().join(format!("{GONE}.lock.taken-x"));
     std::fs::write(&aside, b"{}").unwrap();
     age_file(&aside, 200);
     // A live job's old lock is stale, not orphaned.
@@ -611,4 +615,133 @@ fn a_lock_left_without_a_claim_is_swept_once_past_the_lease() {
     assert!(q.locks().iter().all(|(_, r)| r.job_id == owner.job_id()), "the orphaned lock is gone");
     assert!(s.layout.lock_file(owner.job_id()).exists());
     assert!(!aside.exists() && asides(&s).is_empty());
+}
+
+/// A claimed job whose lock holds a record planted by hand, `change`d from the owner's own,
+/// past the lease; and `b`'s judgement of it.
+fn planted_lock(s: &Setup, change: impl FnOnce(&mut serde_json::Value)) -> (String, Stale) {
+    drop_manifest(s, "m.json");
+    let owner = Queue::new(s.layout.clone()).claim(&judged(s, "m.json"), &host("a")).unwrap().unwrap();
+    let job_id = owner.job_id().to_owned();
+    let mut record = serde_json::to_value(owner.record()).unwrap();
+    change(&mut record);
+    std::fs::write(s.layout.lock_file(&job_id), record.to_string()).unwrap();
+    age_lock(s, &job_id, 200);
+    let stale = Queue::new(s.layout.clone()).stale(LEASE).unwrap();
+    assert_eq!(stale.len(), 1, "the planted lock's job is judged stale");
+    (job_id, stale.into_iter().next().unwrap())
+}
+
+/// Takes the job over and checks that everything it names is the job of the lock's file name,
+/// inside the queue, under a fresh valid lock; the planted record is in quarantine.
+fn take_over_planted(s: &Setup, job_id: &str, stale: &Stale) -> Claim {
+    let b = Queue::new(s.layout.clone());
+    let taken = b.take_over(stale, &host("b"), LEASE).unwrap().expect("the job is taken over");
+    assert_eq!(taken.job_id(), job_id);
+    assert_eq!(taken.manifest_path(), s.layout.claimed_manifest(job_id));
+    assert_eq!(taken.event_log(), s.layout.event_log(job_id));
+    assert!(taken.still_owned(), "the new lock is valid and ours");
+    assert_eq!(lock_on_disk(s, job_id), *taken.record());
+    assert!(b.stale(LEASE).unwrap().is_empty(), "the job is not taken again at the next lease");
+    assert!(asides(s).is_empty());
+    let quarantined = std::fs::read_dir(s.layout.quarantine_dir()).unwrap().count();
+    assert_eq!(quarantined, 1, "the planted record is kept in quarantine");
+    taken
+}
+
+#[test]
+fn a_lock_whose_job_id_leads_outside_the_queue_is_quarantined() {
+    let s = setup();
+    let elsewhere = s.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("J.json"), b"{\"outside\":1}").unwrap();
+    let (job_id, stale) = planted_lock(&s, |r| r["job_id"] = "../../elsewhere/J".into());
+    let taken = take_over_planted(&s, &job_id, &stale);
+    assert!(std::fs::read(taken.manifest_path()).unwrap().starts_with(b"{}"), "the claimed manifest is read");
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 1, "nothing is written outside the queue");
+}
+
+#[test]
+fn a_lock_whose_job_id_is_another_jobs_is_quarantined() {
+    let s = setup();
+    let other = "20260101T000000Z-00000000deadbeef";
+    std::fs::write(s.layout.claimed_manifest(other), b"{\"other\":1}").unwrap();
+    let (job_id, stale) = planted_lock(&s, |r| r["job_id"] = other.into());
+    take_over_planted(&s, &job_id, &stale);
+    assert!(!s.layout.lock_file(other).exists(), "the other job is not taken with it");
+}
+
+#[test]
+fn a_lock_at_the_last_generation_is_quarantined_not_wrapped_to_zero() {
+    let s = setup();
+    let (job_id, stale) = planted_lock(&s, |r| r["generation"] = u64::MAX.into());
+    let taken = take_over_planted(&s, &job_id, &stale);
+    assert_eq!(taken.record().generation, 1, "taken over from the claimed manifest alone");
+}
+
+#[test]
+fn a_lock_naming_an_absolute_manifest_is_not_adopted_and_a_release_stays_in_the_queue() {
+    let s = setup();
+    let outside = s.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let absolute = outside.join("evil.json").to_string_lossy().into_owned();
+    let (job_id, stale) = planted_lock(&s, |r| r["manifest_name"] = absolute.clone().into());
+    let q = Queue::new(s.layout.clone());
+    assert!(q.locks().is_empty(), "restart recovery never sees the damaged record");
+    let taken = take_over_planted(&s, &job_id, &stale);
+    // A record with such a name, however it reached a claim, is given back under a base name.
+    q.adopt(LockRecord { manifest_name: absolute, ..taken.record().clone() }).release().unwrap();
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "nothing is linked outside WATCH_DIR");
+    assert_eq!(requeued(&s), [format!("artifact-manifest.requeued-{job_id}.json")]);
+}
+
+#[test]
+fn a_heartbeat_after_the_jobs_own_finish_is_not_a_lost_lock() {
+    let s = setup();
+    drop_manifest(&s, "m.json");
+    let claim = Queue::new(s.layout.clone()).claim(&judged(&s, "m.json"), &host("a")).unwrap().unwrap();
+    let heartbeat = claim.heartbeat();
+    let record = JobRecord {
+        job_id: claim.job_id().to_owned(),
+        vm_name: "vm".into(),
+        host: "a".into(),
+        instance: None,
+        generation: 1,
+        state: records::JobState::Failed,
+        started_at: Utc::now(),
+        finished_at: Some(Utc::now()),
+        manifest_name: "m.json".into(),
+        stage: "source".into(),
+        result_file: None,
+        error: Some("failed".into()),
+        causes: Vec::new(),
+    };
+    claim.finish(&record).unwrap();
+    assert_eq!(heartbeat.beat(), Beat::Ending, "the job's own finish removed the lock");
+    // A release is the job's own end too, and so is its lock moved aside.
+    drop_manifest(&s, "n.json");
+    let claim = Queue::new(s.layout.clone()).claim(&judged(&s, "n.json"), &host("a")).unwrap().unwrap();
+    let heartbeat = claim.heartbeat();
+    claim.release().unwrap();
+    assert_eq!(heartbeat.beat(), Beat::Ending);
+}
+
+#[test]
+fn a_lock_that_is_a_symlink_or_a_fifo_is_damaged_and_never_followed() {
+    let s = setup();
+    let (job_id, _) = planted_lock(&s, |_| {});
+    let lock = s.layout.lock_file(&job_id);
+    let q = Queue::new(s.layout.clone());
+    // A valid record elsewhere, reached through a symlink planted as the lock.
+    let elsewhere = s.dir.path().join("record.json");
+    std::fs::rename(&lock, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &lock).unwrap();
+    let err = q.read_lock(&lock).unwrap_err();
+    assert!(matches!(damage_of(&err), Some(LockRecordError::NotAFile)), "{err}");
+    // A FIFO would block a plain read for ever.
+    std::fs::remove_file(&lock).unwrap();
+    nix::unistd::mkfifo(&lock, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let err = q.read_lock(&lock).unwrap_err();
+    assert!(matches!(damage_of(&err), Some(LockRecordError::NotAFile)), "{err}");
+    assert!(q.locks().is_empty());
 }
