@@ -715,6 +715,7 @@ fn a_heartbeat_after_the_jobs_own_finish_is_not_a_lost_lock() {
         result_file: None,
         error: Some("failed".into()),
         causes: Vec::new(),
+        source_bytes: Vec::new(),
     };
     claim.finish(&record).unwrap();
     assert_eq!(heartbeat.beat(), Beat::Ending, "the job's own finish removed the lock");
