@@ -4,6 +4,7 @@
 //! lenient everywhere else: unknown keys are ignored, numbers may arrive as strings, and a boot
 //! disk without `boot_order_hint` is normal because Go omits zero values.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -15,7 +16,9 @@ use crate::names::{self, UnsafeName};
 /// The only manifest version this daemon reads.
 pub const SUPPORTED_VERSION: &str = "1.0";
 
-/// Largest manifest accepted, in bytes. Real ones are a few KiB.
+/// Largest manifest accepted, in bytes. Real ones are a few KiB; every read of a manifest
+/// file ([`read_file`]) stops one byte past this, so a multi-GB file dropped under a `*.json`
+/// name costs the daemon 1 MiB of memory, not its size.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 /// Why a manifest cannot be run. Each variant's message is the first line of the `.error`
@@ -24,8 +27,12 @@ pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 pub enum ManifestError {
     #[error("The manifest is not valid JSON ({0}); fix it and submit it again.")]
     NotJson(String),
-    #[error("The manifest is {0} bytes; manifests over 1 MiB are refused, check that the right file was dropped.")]
+    #[error("The manifest is {0} bytes; manifests over 1 MiB ({MAX_MANIFEST_BYTES} bytes) are refused, check that the right file was dropped.")]
     TooLarge(u64),
+    #[error("The manifest is not a regular file; drop the manifest itself, not a link, FIFO or directory.")]
+    NotAFile,
+    #[error("The manifest could not be read ({0}); check the queue directory's storage and permissions.")]
+    Unreadable(String),
     #[error(
         "The manifest does not match the Artifact Manifest v1.0 schema ({0}); fix that field and submit it again."
     )]
@@ -60,6 +67,95 @@ pub enum ManifestError {
     BadCompressLevel(i64),
     #[error("The result file for disk {id} would be named with {bytes} bytes, over the {limit}-byte limit of file names; shorten source.vm_name or the disk id.")]
     ResultNameTooLong { id: String, bytes: usize, limit: usize },
+}
+
+/// Why a manifest file could not be read. `Clone`, unlike [`ManifestError`], so that a job can
+/// keep the outcome of its one read and report it when it parses.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ReadError {
+    /// Over [`MAX_MANIFEST_BYTES`]; the file's size as its metadata gives it.
+    #[error("{0} bytes, over the limit of {MAX_MANIFEST_BYTES}")]
+    TooLarge(u64),
+    #[error("not a regular file")]
+    NotAFile,
+    #[error("{0}")]
+    Unreadable(String),
+}
+
+impl From<ReadError> for ManifestError {
+    fn from(e: ReadError) -> ManifestError {
+        match e {
+            ReadError::TooLarge(size) => ManifestError::TooLarge(size),
+            ReadError::NotAFile => ManifestError::NotAFile,
+            ReadError::Unreadable(text) => ManifestError::Unreadable(text),
+        }
+    }
+}
+
+/// Reads a manifest file: the one reader of manifests for the scanner, the job, the daemon and
+/// `status`. Never reads more than [`MAX_MANIFEST_BYTES`] + 1 bytes, whatever the file's size.
+/// A symlink is not followed (anyone who can write the queue could point one at any file) and
+/// a FIFO does not block the open.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, ReadError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let unreadable = |e: std::io::Error| ReadError::Unreadable(e.to_string());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| if e.raw_os_error() == Some(libc::ELOOP) { ReadError::NotAFile } else { unreadable(e) })?;
+    let meta = file.metadata().map_err(unreadable)?;
+    if !meta.is_file() {
+        return Err(ReadError::NotAFile);
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes).map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(ReadError::TooLarge(meta.len().max(bytes.len() as u64)));
+    }
+    Ok(bytes)
+}
+
+/// A claimed manifest as read once: the bytes a job parses, names its results by and archives,
+/// so that a file swapped under the job changes none of them.
+#[derive(Debug, Clone)]
+pub struct ManifestFile {
+    name: String,
+    read: Result<Vec<u8>, ReadError>,
+    vm_name: String,
+}
+
+impl ManifestFile {
+    /// Reads `path` (with [`read_file`]); `name` is the file's name in WATCH_DIR, which gives the
+    /// VM its name when the manifest names none.
+    pub fn read(path: &Path, name: &str) -> ManifestFile {
+        let read = read_file(path);
+        let vm_name = vm_name_hint(read.as_deref().unwrap_or_default(), name);
+        ManifestFile { name: name.to_owned(), read, vm_name }
+    }
+
+    /// The file's name in WATCH_DIR.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The bytes read, when the read succeeded.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        self.read.as_deref().ok()
+    }
+
+    /// The VM's name as far as it can be told, for logs and the `.error` ([`vm_name_hint`]).
+    pub fn vm_name(&self) -> &str {
+        &self.vm_name
+    }
+
+    /// Parses and validates the bytes read; a failed read is the error.
+    pub fn parse(&self) -> Result<JobSpec, ManifestError> {
+        match &self.read {
+            Ok(bytes) => parse(bytes, &self.name),
+            Err(e) => Err(e.clone().into()),
+        }
+    }
 }
 
 /// The source format a manifest names for a disk.

@@ -149,7 +149,7 @@ fn claims(layout: &Layout, now: SystemTime) -> Vec<ClaimView> {
         .map(|(path, lock)| {
             let heartbeat = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
             let last = EventLog::last(&layout.event_log(&lock.job_id));
-            let manifest = std::fs::read(layout.claimed_manifest(&lock.job_id)).unwrap_or_default();
+            let manifest = manifest::read_file(&layout.claimed_manifest(&lock.job_id)).unwrap_or_default();
             ClaimView {
                 vm_name: manifest::vm_name_hint(&manifest, &lock.manifest_name),
                 heartbeat_age_seconds: heartbeat.map(|h| age(Some(h), now)),

@@ -581,3 +581,37 @@ fn no_strict_prefix_of_the_example_is_complete() {
     }
     assert!(checked > 20, "only {checked} prefixes checked");
 }
+
+// ---- reading manifest files ----
+
+#[test]
+fn read_file_stops_past_the_limit_and_reports_the_files_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.json");
+    let size = 5u64 << 30;
+    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+    assert_eq!(read_file(&path), Err(ReadError::TooLarge(size)));
+    let err = ManifestFile::read(&path, "big.json").parse().unwrap_err();
+    assert_user_message(&err, &[&size.to_string(), "1 MiB", &MAX_MANIFEST_BYTES.to_string()]);
+
+    std::fs::write(&path, EXAMPLE).unwrap();
+    assert_eq!(read_file(&path).unwrap(), EXAMPLE.as_bytes());
+}
+
+#[test]
+fn read_file_neither_follows_symlinks_nor_blocks_on_fifos() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("target.json"), EXAMPLE).unwrap();
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(dir.path().join("target.json"), &link).unwrap();
+    assert_eq!(read_file(&link), Err(ReadError::NotAFile));
+
+    let fifo = dir.path().join("fifo.json");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    assert_eq!(read_file(&fifo), Err(ReadError::NotAFile));
+    assert_user_message(&ManifestFile::read(&fifo, "fifo.json").parse().unwrap_err(), &["not a regular file"]);
+
+    let missing = ManifestFile::read(&dir.path().join("gone.json"), "gone.json");
+    assert!(matches!(missing.parse(), Err(ManifestError::Unreadable(_))));
+    assert_eq!(missing.vm_name(), "gone");
+}

@@ -7,13 +7,12 @@
 //! producer gets an `.error` instead of waiting forever.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::fs::Fingerprint;
 use super::layout::is_manifest_name;
-use crate::manifest::{self, MAX_MANIFEST_BYTES};
+use crate::manifest::{self, ReadError};
 
 /// A manifest file to claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,13 +109,12 @@ impl Scanner {
     }
 
     fn reads_as_complete_json(&self, name: &str) -> bool {
-        let Ok(file) = std::fs::File::open(self.watch_dir.join(name)) else { return false };
-        let mut bytes = Vec::new();
-        if file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes).is_err() {
-            return false;
+        match manifest::read_file(&self.watch_dir.join(name)) {
+            Ok(bytes) => manifest::is_complete_json(&bytes),
+            // Oversized files are "complete" so that they are taken and failed with a clear error.
+            Err(ReadError::TooLarge(_)) => true,
+            Err(_) => false,
         }
-        // Oversized files are "complete" so that they are taken and failed with a clear error.
-        bytes.len() as u64 > MAX_MANIFEST_BYTES || manifest::is_complete_json(&bytes)
     }
 }
 
