@@ -43,3 +43,24 @@ fn a_multi_gigabyte_manifest_is_refused_without_reading_it() {
     );
     s.finish();
 }
+
+#[test]
+fn a_manifest_whose_name_is_not_utf8_is_reported_not_ignored() {
+    use std::os::unix::ffi::OsStrExt;
+    let s = Session::start(&[], &[]);
+    wait_for(&s.daemon, Duration::from_secs(30), "the watch directory", || s.env.queue.is_dir());
+    let good = s.good_manifest("latin1-vm");
+    let name = std::ffi::OsStr::from_bytes(b"caf\xe9.json");
+    fs::write(s.env.queue.join(name), serde_json::to_vec(&good).unwrap()).unwrap();
+
+    wait_for(&s.daemon, Duration::from_secs(30), "the daemon to warn about the name", || {
+        s.daemon.log().contains("not UTF-8")
+    });
+    assert!(s.daemon.log().contains(r#"caf\xE9.json"#), "the warning names the file:\n{}", s.daemon.log());
+    let status = s.env.status();
+    let queue = status["queue"].as_array().unwrap();
+    assert_eq!(queue.len(), 1, "status lists the manifest as waiting: {status:#}");
+    assert_eq!(queue[0]["name"], r#""caf\xE9.json""#, "{status:#}");
+    assert_eq!(queue[0]["not_utf8"], true, "{status:#}");
+    s.finish();
+}
