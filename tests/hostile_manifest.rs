@@ -64,3 +64,50 @@ fn a_manifest_whose_name_is_not_utf8_is_reported_not_ignored() {
     assert_eq!(queue[0]["not_utf8"], true, "{status:#}");
     s.finish();
 }
+
+/// The first file under `dir` (recursively) whose name ends with `suffix`.
+fn find_file(dir: &std::path::Path, suffix: &str) -> Option<std::path::PathBuf> {
+    for entry in fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = find_file(&path, suffix) {
+                return Some(found);
+            }
+        } else if path.to_string_lossy().ends_with(suffix) {
+            return Some(path);
+        }
+    }
+    None
+}
+
+#[test]
+fn the_archived_manifest_is_the_one_converted_even_when_the_file_is_swapped() {
+    let s = Session::start(&[SLOW], &[]);
+    let raw = s.env.exports.join("swap/disk-0.raw");
+    common::fixtures::create_raw(&raw, 96 << 20);
+    common::fixtures::write_random(&raw, 0, 96 << 20, 7);
+    let submitted = manifest("swap-vm", vec![disk("disk-0", "raw", &raw)]);
+    hypersdk_submit(&s.daemon, &s.env, &submitted);
+
+    let state = s.env.queue.join(".hyper2kvm");
+    wait_for(&s.daemon, RESULT_TIMEOUT, "the job to start converting", || {
+        find_file(&state.join("logs"), ".log")
+            .and_then(|log| fs::read_to_string(log).ok())
+            .is_some_and(|l| l.contains("converting"))
+    });
+    let claimed = find_file(&state.join("claimed"), ".json").expect("the claimed manifest");
+    // In place, as a producer or an intruder would: the job must neither notice nor archive it.
+    let mut file = fs::OpenOptions::new().write(true).truncate(true).open(&claimed).expect("the job is still running");
+    std::io::Write::write_all(&mut file, br#"{"swapped": true}"#).unwrap();
+    drop(file);
+
+    match hypersdk_wait(&s.daemon, &s.env, "swap-vm", &[]) {
+        Outcome::Success { .. } => {}
+        Outcome::Failed(text) => s.daemon.fail(&format!("the job failed:\n{text}")),
+    }
+    let job = claimed.file_stem().unwrap().to_string_lossy().into_owned();
+    let archived = find_file(&state.join("done"), &format!("{job}.manifest.json")).expect("the archived manifest");
+    let archived: serde_json::Value = serde_json::from_slice(&fs::read(&archived).unwrap()).unwrap();
+    assert_eq!(archived, submitted, "the archive holds the manifest the job converted");
+    assert!(s.daemon.log().contains("changed while the job ran"), "the swap is logged:\n{}", s.daemon.log());
+}
