@@ -282,7 +282,9 @@ fn serialize_checksum<S: serde::Serializer>(v: &Option<[u8; 32]>, s: S) -> Resul
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct NicSpec {
     pub id: Option<String>,
-    pub mac: Option<String>,
+    /// From a manifest, always one a NIC can use ([`MacAddress::is_usable_for_nic`]); from an
+    /// OVF, any the descriptor held.
+    pub mac: Option<MacAddress>,
     pub network: Option<String>,
 }
 
@@ -492,11 +494,11 @@ fn validate_nics(raw: Vec<RawNic>) -> Result<Vec<NicSpec>, ManifestError> {
                 if !mac.is_usable_for_nic() {
                     return Err(bad());
                 }
-                if let Some(other) = nics.iter().position(|n| n.mac.as_deref() == Some(mac.to_string().as_str())) {
+                if let Some(other) = nics.iter().position(|n| n.mac == Some(mac)) {
                     let other = labels[other].clone();
                     return Err(ManifestError::DuplicateMac { nic: label, mac: mac.to_string(), other });
                 }
-                Some(mac.to_string())
+                Some(mac)
             }
         };
         nics.push(NicSpec { id: nic.id, mac, network: nic.network });
