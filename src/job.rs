@@ -299,12 +299,15 @@ fn execute(
 ) -> Result<(JobSpec, Report), Stop> {
     let started_at = Utc::now();
     let clock = Instant::now();
-    let spec = manifest.parse().map_err(|e| Failure::new(Stage::Manifest, e.to_string()))?;
+    let (spec, mut warnings) = manifest.parse().map_err(|e| Failure::new(Stage::Manifest, e.to_string()))?;
+    for warning in &warnings {
+        warn!(stage = Stage::Manifest.as_str(), "{warning}");
+        events.append(Stage::Manifest.as_str(), warning, None);
+    }
     let spec = expand_ova_disks(ctx, spec, control, events)?;
     let disk_ids: Vec<&str> = spec.disks.iter().map(|d| d.id.as_str()).collect();
     move_aside_stale(ctx, claim, &spec.vm_name, &disk_ids)?;
 
-    let mut warnings = Vec::new();
     let sources = prepare_sources(ctx, &spec, control, events, &mut warnings)?;
 
     let compression = compression_for(&ctx.config, &spec, &mut warnings, ctx.converter.as_ref());

@@ -181,10 +181,11 @@ impl ManifestFile {
         &self.vm_name
     }
 
-    /// Parses and validates the bytes read; a failed read is the error.
-    pub fn parse(&self) -> Result<JobSpec, ManifestError> {
+    /// Parses and validates the bytes read ([`parse_with_warnings`]); a failed read is the
+    /// error.
+    pub fn parse(&self) -> Result<(JobSpec, Vec<String>), ManifestError> {
         match &self.read {
-            Ok(bytes) => parse(bytes, &self.name),
+            Ok(bytes) => parse_with_warnings(bytes, &self.name),
             Err(e) => Err(e.clone().into()),
         }
     }
@@ -398,6 +399,11 @@ struct RawOutput {
 /// Parses and validates manifest bytes. `file_name` supplies the default `vm_name` (its stem)
 /// when `source.vm_name` is missing.
 pub fn parse(bytes: &[u8], file_name: &str) -> Result<JobSpec, ManifestError> {
+    parse_with_warnings(bytes, file_name).map(|(spec, _)| spec)
+}
+
+/// [`parse`], with the warnings a job records about a valid manifest (unknown keys).
+pub fn parse_with_warnings(bytes: &[u8], file_name: &str) -> Result<(JobSpec, Vec<String>), ManifestError> {
     if bytes.len() as u64 > MAX_MANIFEST_BYTES {
         return Err(ManifestError::TooLarge(bytes.len() as u64));
     }
@@ -405,12 +411,119 @@ pub fn parse(bytes: &[u8], file_name: &str) -> Result<JobSpec, ManifestError> {
     if !value.is_object() {
         return Err(ManifestError::Schema("the top level must be a JSON object".into()));
     }
+    let warnings = unknown_key_warnings(&value);
     // The error names the field by its JSON path, e.g. `disks[1].local_path: invalid type: …`.
     let raw: RawManifest = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         ManifestError::Schema(format!("{path}: {}", e.into_inner()))
     })?;
-    validate(raw, file_name)
+    Ok((validate(raw, file_name)?, warnings))
+}
+
+/// Keys of the Artifact Manifest v1.0 schema, as JSON paths (`[]` for any array index): the
+/// keys the contract and HyperSDK's example name, used or not. Anything under a key in
+/// [`FREE_FORM_KEYS`] is the producer's own.
+const SCHEMA_KEYS: &[&str] = &[
+    "manifest_version",
+    "source",
+    "source.provider",
+    "source.vm_id",
+    "source.vm_name",
+    "source.datacenter",
+    "source.export_timestamp",
+    "source.export_method",
+    "vm",
+    "vm.cpu",
+    "vm.mem_gb",
+    "vm.firmware",
+    "vm.secureboot",
+    "vm.os_hint",
+    "vm.os_version",
+    "disks",
+    "disks[].id",
+    "disks[].source_format",
+    "disks[].bytes",
+    "disks[].local_path",
+    "disks[].checksum",
+    "disks[].boot_order_hint",
+    "disks[].label",
+    "disks[].disk_type",
+    "nics",
+    "nics[].id",
+    "nics[].mac",
+    "nics[].network",
+    "pipeline",
+    "pipeline.inspect",
+    "pipeline.inspect.enabled",
+    "pipeline.inspect.collect_guest_info",
+    "pipeline.fix",
+    "pipeline.fix.enabled",
+    "pipeline.fix.backup",
+    "pipeline.fix.update_grub",
+    "pipeline.fix.regen_initramfs",
+    "pipeline.fix.fstab_mode",
+    "pipeline.fix.remove_vmware_tools",
+    "pipeline.convert",
+    "pipeline.convert.enabled",
+    "pipeline.convert.compress",
+    "pipeline.convert.compress_level",
+    "pipeline.validate",
+    "pipeline.validate.enabled",
+    "pipeline.validate.check_image_integrity",
+    "output",
+    "output.directory",
+    "output.format",
+];
+
+/// Keys whose contents the schema leaves to the producer.
+const FREE_FORM_KEYS: &[&str] = &["notes", "metadata", "options"];
+
+/// Most unknown keys named one by one in a job's warnings; the rest are counted.
+const MAX_UNKNOWN_KEYS_LISTED: usize = 10;
+
+/// Warnings for the keys of `value` that the Artifact Manifest v1.0 schema does not define:
+/// ignored, as the contract says, but said once per job (the job's log and `V.json`), so that
+/// a misspelt key (`mem_GB`) does not go unnoticed.
+fn unknown_key_warnings(value: &Value) -> Vec<String> {
+    let mut unknown = Vec::new();
+    collect_unknown_keys(value, "", "", &mut unknown);
+    let mut warnings: Vec<String> = unknown
+        .iter()
+        .take(MAX_UNKNOWN_KEYS_LISTED)
+        .map(|path| format!("manifest key {path} is not in the Artifact Manifest v1.0 schema; it was ignored"))
+        .collect();
+    if unknown.len() > MAX_UNKNOWN_KEYS_LISTED {
+        let more = unknown.len() - MAX_UNKNOWN_KEYS_LISTED;
+        warnings.push(format!("{more} more manifest keys not in the Artifact Manifest v1.0 schema were ignored"));
+    }
+    warnings
+}
+
+/// `schema` is the path with `[]` for indices (to look up), `actual` the one with the real
+/// indices (to report).
+fn collect_unknown_keys(value: &Value, schema: &str, actual: &str, unknown: &mut Vec<String>) {
+    let join = |base: &str, key: &str| if base.is_empty() { key.to_owned() } else { format!("{base}.{key}") };
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map {
+                let (schema_path, actual_path) = (join(schema, key), join(actual, key));
+                if FREE_FORM_KEYS.contains(&schema_path.as_str()) {
+                    continue;
+                }
+                if SCHEMA_KEYS.contains(&schema_path.as_str()) {
+                    collect_unknown_keys(child, &schema_path, &actual_path, unknown);
+                } else {
+                    unknown.push(capped(&actual_path));
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (index, item) in items.iter().enumerate() {
+                collect_unknown_keys(item, &format!("{schema}[]"), &format!("{actual}[{index}]"), unknown);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Checks only that `bytes` are one complete JSON document, as the queue does before it takes

@@ -111,3 +111,21 @@ fn the_archived_manifest_is_the_one_converted_even_when_the_file_is_swapped() {
     assert_eq!(archived, submitted, "the archive holds the manifest the job converted");
     assert!(s.daemon.log().contains("changed while the job ran"), "the swap is logged:\n{}", s.daemon.log());
 }
+
+#[test]
+fn unknown_manifest_keys_are_warned_about_in_the_report_and_the_log() {
+    let mut s = Session::start(&[], &[]);
+    let mut m = s.good_manifest("extra-keys-vm");
+    m["vm"]["mem_GB"] = serde_json::json!(64);
+    m["disks"][0]["controller"] = serde_json::json!("scsi");
+    s.convert_ok(&m);
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(s.env.output.join("extra-keys-vm.json")).unwrap()).unwrap();
+    let warnings: Vec<&str> = report["warnings"].as_array().unwrap().iter().filter_map(|w| w.as_str()).collect();
+    for key in ["vm.mem_GB", "disks[0].controller"] {
+        let line = format!("manifest key {key} is not in the Artifact Manifest v1.0 schema; it was ignored");
+        assert!(warnings.contains(&line.as_str()), "V.json warnings {warnings:?} lack {line:?}");
+        assert!(s.daemon.log().contains(&line), "the job's log lacks {line:?}");
+    }
+    s.finish();
+}

@@ -272,6 +272,50 @@ fn unknown_keys_anywhere_are_ignored() {
     value["output"]["filename"] = json!("custom.qcow2");
     let expected = parse(EXAMPLE.as_bytes(), FILE_NAME).unwrap();
     assert_eq!(parse_value(&value).unwrap(), expected);
+
+    // Ignored, but each said once (the job records these in its log and V.json).
+    let (_, warnings) = parse_with_warnings(&serde_json::to_vec(&value).unwrap(), FILE_NAME).unwrap();
+    let mut named: Vec<&str> = warnings.iter().map(|w| w.split(' ').nth(2).unwrap()).collect();
+    named.sort_unstable();
+    assert_eq!(
+        named,
+        [
+            "disks[0].controller",
+            "disks[1].future",
+            "future_top_level",
+            "nics[0].adapter",
+            "output.filename",
+            "pipeline.convert.future",
+            "pipeline.new_stage",
+            "source.future",
+            "vm.nested_virt",
+        ]
+    );
+    assert!(warnings[0].ends_with("is not in the Artifact Manifest v1.0 schema; it was ignored"), "{warnings:?}");
+}
+
+#[test]
+fn the_shared_example_has_no_unknown_keys_and_free_form_blocks_stay_quiet() {
+    assert_eq!(parse_with_warnings(EXAMPLE.as_bytes(), FILE_NAME).unwrap().1, Vec::<String>::new());
+    let mut value = example();
+    value["metadata"]["anything"] = json!({ "deep": [1, 2] });
+    value["options"]["report"]["format"] = json!("yaml");
+    value["notes"] = json!([{ "free": "form" }]);
+    assert_eq!(parse_with_warnings(&serde_json::to_vec(&value).unwrap(), FILE_NAME).unwrap().1, Vec::<String>::new());
+}
+
+#[test]
+fn unknown_keys_are_listed_up_to_a_cap() {
+    let mut value = example();
+    for i in 0..500 {
+        value["vm"][format!("k{i:03}")] = json!(i);
+    }
+    let (_, warnings) = parse_with_warnings(&serde_json::to_vec(&value).unwrap(), FILE_NAME).unwrap();
+    assert_eq!(warnings.len(), MAX_UNKNOWN_KEYS_LISTED + 1, "{warnings:?}");
+    assert_eq!(
+        warnings[MAX_UNKNOWN_KEYS_LISTED],
+        "490 more manifest keys not in the Artifact Manifest v1.0 schema were ignored"
+    );
 }
 
 #[test]
