@@ -485,23 +485,30 @@ const MAX_UNKNOWN_KEYS_LISTED: usize = 10;
 /// ignored, as the contract says, but said once per job (the job's log and `V.json`), so that
 /// a misspelt key (`mem_GB`) does not go unnoticed.
 fn unknown_key_warnings(value: &Value) -> Vec<String> {
-    let mut unknown = Vec::new();
+    let mut unknown = UnknownKeys::default();
     collect_unknown_keys(value, "", "", &mut unknown);
     let mut warnings: Vec<String> = unknown
+        .listed
         .iter()
-        .take(MAX_UNKNOWN_KEYS_LISTED)
         .map(|path| format!("manifest key {path} is not in the Artifact Manifest v1.0 schema; it was ignored"))
         .collect();
-    if unknown.len() > MAX_UNKNOWN_KEYS_LISTED {
-        let more = unknown.len() - MAX_UNKNOWN_KEYS_LISTED;
+    if unknown.count > MAX_UNKNOWN_KEYS_LISTED {
+        let more = unknown.count - MAX_UNKNOWN_KEYS_LISTED;
         warnings.push(format!("{more} more manifest keys not in the Artifact Manifest v1.0 schema were ignored"));
     }
     warnings
 }
 
+/// The first [`MAX_UNKNOWN_KEYS_LISTED`] unknown keys found, and how many there are.
+#[derive(Default)]
+struct UnknownKeys {
+    listed: Vec<String>,
+    count: usize,
+}
+
 /// `schema` is the path with `[]` for indices (to look up), `actual` the one with the real
 /// indices (to report).
-fn collect_unknown_keys(value: &Value, schema: &str, actual: &str, unknown: &mut Vec<String>) {
+fn collect_unknown_keys(value: &Value, schema: &str, actual: &str, unknown: &mut UnknownKeys) {
     let join = |base: &str, key: &str| if base.is_empty() { key.to_owned() } else { format!("{base}.{key}") };
     match value {
         Value::Object(map) => {
@@ -513,7 +520,10 @@ fn collect_unknown_keys(value: &Value, schema: &str, actual: &str, unknown: &mut
                 if SCHEMA_KEYS.contains(&schema_path.as_str()) {
                     collect_unknown_keys(child, &schema_path, &actual_path, unknown);
                 } else {
-                    unknown.push(capped(&actual_path));
+                    unknown.count += 1;
+                    if unknown.listed.len() < MAX_UNKNOWN_KEYS_LISTED {
+                        unknown.listed.push(capped(&actual_path));
+                    }
                 }
             }
         }
@@ -596,7 +606,7 @@ fn validate_nics(raw: Vec<RawNic>) -> Result<Vec<NicSpec>, ManifestError> {
     let mut labels: Vec<String> = Vec::with_capacity(raw.len());
     for (index, nic) in raw.into_iter().enumerate() {
         let label = match &nic.id {
-            Some(id) if !id.is_empty() => format!("NIC nics[{index}] ({id:?})"),
+            Some(id) if !id.is_empty() => format!("NIC nics[{index}] ({})", capped(&format!("{id:?}"))),
             _ => format!("NIC nics[{index}]"),
         };
         let mac = match nic.mac.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
