@@ -486,8 +486,9 @@ impl Daemon {
         let verbose = ctx.config.verbose_progress;
         // The same fields as job::run's span, so the journal's JOB_ID/VM_NAME filters find
         // the heartbeat and progress lines too.
-        let manifest = std::fs::read(claim.manifest_path()).unwrap_or_default();
-        let vm_name = crate::manifest::vm_name_hint(&manifest, &claim.record().manifest_name);
+        // Read once, here: the job parses, names and archives these bytes.
+        let manifest = crate::manifest::ManifestFile::read(&claim.manifest_path(), &claim.record().manifest_name);
+        let vm_name = manifest.vm_name().to_owned();
         let span = tracing::info_span!(
             "job",
             instance = ctx.identity.instance.as_deref().unwrap_or(""),
@@ -499,7 +500,7 @@ impl Daemon {
         let started = std::time::Instant::now();
         self.running.spawn(
             async move {
-                let mut work = tokio::task::spawn_blocking(move || job::run(&ctx, claim, &job_control));
+                let mut work = tokio::task::spawn_blocking(move || job::run(&ctx, claim, &manifest, &job_control));
                 let mut beat = tokio::time::interval(heartbeat_every);
                 let mut progress = tokio::time::interval(PROGRESS_EVERY);
                 let mut reported = 0u32;

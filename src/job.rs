@@ -24,7 +24,7 @@ use crate::libvirt::domain_xml::{self, Acceleration, DomainDisk, NetworkAttachme
 use crate::libvirt::pool::{DefaultPool, DiskFile, DISK_MODE};
 use crate::libvirt::register::{self, Registration, Request};
 use crate::libvirt::{Connection, LibvirtError};
-use crate::manifest::{self, DiskSpec, DiskType, JobSpec, SourceFormat};
+use crate::manifest::{self, DiskSpec, DiskType, JobSpec, ManifestFile, SourceFormat};
 use crate::names;
 use crate::publish::{self, Staging};
 use crate::queue::{Claim, EventLog, JobRecord, JobState, Layout, Outcome};
@@ -120,17 +120,16 @@ pub enum JobEnd {
 }
 
 /// Runs a claimed job to its end. Never panics on bad input; every error is an outcome.
-pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
+/// `manifest` is the claimed manifest as read once ([`ManifestFile::read`]): the job parses,
+/// names and archives those bytes, whatever happens to the file meanwhile.
+pub fn run(ctx: &JobContext, claim: Claim, manifest: &ManifestFile, control: &JobControl) -> JobEnd {
+    let vm_name = manifest.vm_name().to_owned();
     // Only a taken-over job can have been published under its id; a fresh claim's id is new.
-    if claim.record().generation > 1 {
-        if let Some(vm_name) = published_by_this_job(ctx, &claim) {
-            return record_published(ctx, claim, &vm_name);
-        }
+    if claim.record().generation > 1 && published_as(ctx, &claim, &vm_name) {
+        return record_published(ctx, claim, &vm_name);
     }
     let started_at = Utc::now();
-    let manifest_name = claim.record().manifest_name.clone();
-    let bytes = std::fs::read(claim.manifest_path()).unwrap_or_default();
-    let vm_name = manifest::vm_name_hint(&bytes, &manifest_name);
+    let manifest_name = manifest.name();
     let safe_name = names::check_vm_name(&vm_name).is_ok();
     let events = EventLog::new(claim.event_log(), claim.job_id());
     let instance = ctx.identity.instance.as_deref().unwrap_or("");
@@ -138,7 +137,7 @@ pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
     let _entered = span.enter();
     info!(stage = "claim", manifest = %manifest_name, "claimed");
     events.append("claim", &format!("claimed {manifest_name}"), None);
-    let ending = Ending { ctx, vm_name: &vm_name, safe_name, started_at, events: &events };
+    let ending = Ending { ctx, manifest, vm_name: &vm_name, safe_name, started_at, events: &events };
 
     let staging = match prepare(ctx, &claim, safe_name.then_some(&vm_name)) {
         Ok(staging) => staging,
@@ -151,7 +150,7 @@ pub fn run(ctx: &JobContext, claim: Claim, control: &JobControl) -> JobEnd {
             return end;
         }
     };
-    let outcome = isolated(|| execute(ctx, &claim, &bytes, &manifest_name, &staging, control, &events));
+    let outcome = isolated(|| execute(ctx, &claim, manifest, &staging, control, &events));
     let end = ending.conclude(claim, Some(&staging), outcome);
     staging.remove();
     end
@@ -180,6 +179,7 @@ fn prepare(ctx: &JobContext, claim: &Claim, safe_vm_name: Option<&String>) -> Re
 /// What the end of a job needs besides its claim and outcome.
 struct Ending<'a> {
     ctx: &'a JobContext,
+    manifest: &'a ManifestFile,
     vm_name: &'a str,
     safe_name: bool,
     started_at: chrono::DateTime<Utc>,
@@ -188,7 +188,10 @@ struct Ending<'a> {
 
 impl Ending<'_> {
     fn conclude(&self, claim: Claim, staging: Option<&Staging>, outcome: Result<(JobSpec, Report), Stop>) -> JobEnd {
-        let Ending { ctx, vm_name, safe_name, started_at, events } = *self;
+        let Ending { ctx, manifest, vm_name, safe_name, started_at, events } = *self;
+        if matches!(outcome, Ok(_) | Err(Stop::Failed(_))) {
+            keep_parsed_manifest(&claim, manifest);
+        }
         match outcome {
             Ok((spec, report)) => done(ctx, claim, &spec, &report, started_at, events),
             Err(Stop::Failed(failure)) => fail(ctx, claim, staging, vm_name, safe_name, failure, started_at, events),
@@ -233,16 +236,38 @@ pub fn record_published(ctx: &JobContext, claim: Claim, vm_name: &str) -> JobEnd
 /// The VM name, when `V.json` in OUTPUT_DIR names this job and `V.qcow2` (published after
 /// it, last of all) is there.
 pub fn published_by_this_job(ctx: &JobContext, claim: &Claim) -> Option<String> {
-    let bytes = std::fs::read(claim.manifest_path()).ok()?;
-    let vm_name = manifest::vm_name_hint(&bytes, &claim.record().manifest_name);
-    names::check_vm_name(&vm_name).ok()?;
-    let out = &ctx.config.output_dir;
-    let report: serde_json::Value =
-        serde_json::from_slice(&publish::read_small(&out.join(names::report_file(&vm_name))).ok()?).ok()?;
-    if report.get("job_id")?.as_str()? != claim.job_id() {
-        return None;
+    let manifest = ManifestFile::read(&claim.manifest_path(), &claim.record().manifest_name);
+    published_as(ctx, claim, manifest.vm_name()).then(|| manifest.vm_name().to_owned())
+}
+
+/// Whether `V.json` in OUTPUT_DIR names this job and `V.qcow2` is there, for `vm_name`.
+fn published_as(ctx: &JobContext, claim: &Claim, vm_name: &str) -> bool {
+    if names::check_vm_name(vm_name).is_err() {
+        return false;
     }
-    std::fs::symlink_metadata(out.join(names::boot_disk_file(&vm_name))).ok()?.is_file().then_some(vm_name)
+    let out = &ctx.config.output_dir;
+    let names_this_job = || -> Option<bool> {
+        let report: serde_json::Value =
+            serde_json::from_slice(&publish::read_small(&out.join(names::report_file(vm_name))).ok()?).ok()?;
+        Some(report.get("job_id")?.as_str()? == claim.job_id())
+    };
+    names_this_job() == Some(true)
+        && std::fs::symlink_metadata(out.join(names::boot_disk_file(vm_name))).is_ok_and(|m| m.is_file())
+}
+
+/// Puts back the bytes the job parsed as its claimed manifest, which `Claim::finish` archives
+/// under `done/` or `failed/`, when the file was changed while the job ran: the record must say
+/// what was converted. Nothing is written in the usual case, where the file is unchanged.
+fn keep_parsed_manifest(claim: &Claim, manifest: &ManifestFile) {
+    let Some(parsed) = manifest.bytes() else { return };
+    let path = claim.manifest_path();
+    if manifest::read_file(&path).is_ok_and(|now| now == parsed) || !claim.still_owned() {
+        return;
+    }
+    warn!(stage = "record", "the claimed manifest was changed while the job ran; archiving the bytes the job used");
+    if let Err(e) = crate::queue::records::write_atomically(&path, parsed) {
+        warn!(error = %e, "could not put back the manifest the job used; the archive holds the changed file");
+    }
 }
 
 /// Runs a job's work so that a panic — a bug, whatever the input — fails this job with an
@@ -267,24 +292,25 @@ fn staging_name(claim: &Claim) -> String {
     format!("{}.g{}", claim.job_id(), claim.record().generation)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn execute(
     ctx: &JobContext,
     claim: &Claim,
-    bytes: &[u8],
-    manifest_name: &str,
+    manifest: &ManifestFile,
     staging: &Staging,
     control: &JobControl,
     events: &EventLog,
 ) -> Result<(JobSpec, Report), Stop> {
     let started_at = Utc::now();
     let clock = Instant::now();
-    let spec = manifest::parse(bytes, manifest_name).map_err(|e| Failure::new(Stage::Manifest, e.to_string()))?;
+    let (spec, mut warnings) = manifest.parse().map_err(|e| Failure::new(Stage::Manifest, e.to_string()))?;
+    for warning in &warnings {
+        warn!(stage = Stage::Manifest.as_str(), "{warning}");
+        events.append(Stage::Manifest.as_str(), warning, None);
+    }
     let spec = expand_ova_disks(ctx, spec, control, events)?;
     let disk_ids: Vec<&str> = spec.disks.iter().map(|d| d.id.as_str()).collect();
     move_aside_stale(ctx, claim, &spec.vm_name, &disk_ids)?;
 
-    let mut warnings = Vec::new();
     let sources = prepare_sources(ctx, &spec, control, events, &mut warnings)?;
 
     let compression = compression_for(&ctx.config, &spec, &mut warnings, ctx.converter.as_ref());

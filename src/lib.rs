@@ -17,6 +17,7 @@ pub mod image;
 pub mod job;
 pub mod libvirt;
 pub mod logging;
+pub mod mac;
 pub mod manifest;
 pub mod metrics;
 pub mod names;

@@ -1,22 +1,45 @@
 //! The Artifact Manifest v1.0 (HyperSDK's schema): parsing and validation into a [`JobSpec`].
 //!
-//! Strict where safety needs it (version, disk ids, absolute paths, checksums, result names),
-//! lenient everywhere else: unknown keys are ignored, numbers may arrive as strings, and a boot
-//! disk without `boot_order_hint` is normal because Go omits zero values.
+//! Strict where safety needs it (version, disk ids, absolute paths, checksums, result names)
+//! and where a lenient reading would silently build another VM than the one exported (vCPUs,
+//! memory, MACs, NICs: docs/DECISIONS.md); lenient in spelling everywhere else: unknown keys are
+//! ignored, numbers and booleans may arrive as strings, and a boot disk without
+//! `boot_order_hint` is normal because Go omits zero values. Every error names its field.
+//!
+//! Also the one reader of manifest files ([`read_file`]), bounded by [`MAX_MANIFEST_BYTES`].
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::Value;
 use thiserror::Error;
 
+use crate::mac::MacAddress;
 use crate::names::{self, UnsafeName};
 
 /// The only manifest version this daemon reads.
 pub const SUPPORTED_VERSION: &str = "1.0";
 
-/// Largest manifest accepted, in bytes. Real ones are a few KiB.
+/// Largest manifest accepted, in bytes. Real ones are a few KiB; every read of a manifest
+/// file ([`read_file`]) stops one byte past this, so a multi-GB file dropped under a `*.json`
+/// name costs the daemon 1 MiB of memory, not its size.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// Most vCPUs a manifest may ask for: KVM's own ceiling on x86-64 (`KVM_MAX_VCPUS`, 4096 since
+/// Linux 6.x; vSphere 8 stops at 768). More is a typo, not a VM.
+pub const MAX_VCPUS: i64 = 4096;
+
+/// Most memory a manifest may ask for, in GiB: 16 TiB, the domain builder's ceiling (vSphere 8
+/// allows 24 TB, but no host this daemon feeds has that much).
+pub const MAX_MEM_GB: f64 = 16384.0;
+
+/// Least memory a manifest may ask for, in GiB: about 1 MiB, the unit the domain is written in.
+pub const MIN_MEM_GB: f64 = 0.001;
+
+/// Most NICs a manifest may list: the OVF reader's limit (`ovf::MAX_NICS`), far above what
+/// vSphere (10) or VirtualBox (36) allow.
+pub const MAX_NICS: usize = crate::image::ova::ovf::MAX_NICS;
 
 /// Why a manifest cannot be run. Each variant's message is the first line of the `.error`
 /// file, so it says what is wrong and what to do.
@@ -24,8 +47,12 @@ pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 pub enum ManifestError {
     #[error("The manifest is not valid JSON ({0}); fix it and submit it again.")]
     NotJson(String),
-    #[error("The manifest is {0} bytes; manifests over 1 MiB are refused, check that the right file was dropped.")]
+    #[error("The manifest is {0} bytes; manifests over 1 MiB ({MAX_MANIFEST_BYTES} bytes) are refused, check that the right file was dropped.")]
     TooLarge(u64),
+    #[error("The manifest is not a regular file; drop the manifest itself, not a link, FIFO or directory.")]
+    NotAFile,
+    #[error("The manifest could not be read ({0}); check the queue directory's storage and permissions.")]
+    Unreadable(String),
     #[error(
         "The manifest does not match the Artifact Manifest v1.0 schema ({0}); fix that field and submit it again."
     )]
@@ -58,8 +85,110 @@ pub enum ManifestError {
     ConversionDisabled,
     #[error("pipeline.convert.compress_level is {0}; use a level from 0 to 9.")]
     BadCompressLevel(i64),
+    #[error("vm.cpu is {0}; use a whole number of vCPUs from 1 to {MAX_VCPUS}, or leave it out for the default.")]
+    BadCpu(String),
+    #[error("vm.mem_gb is {0}; use a size in GiB from {MIN_MEM_GB} (1 MiB) to {MAX_MEM_GB} (16 TiB), or leave it out for the default.")]
+    BadMemory(String),
+    #[error("{nic} has mac {mac}, which is not a MAC address a VM can use; write it as 00:50:56:aa:bb:cc (unicast), or leave it out for a generated one.")]
+    BadMac { nic: String, mac: String },
+    #[error("{nic} has mac {mac}, which {other} already has; give each NIC its own MAC address.")]
+    DuplicateMac { nic: String, mac: String, other: String },
+    #[error("The manifest lists {0} NICs; at most {MAX_NICS} are supported, remove the extra ones.")]
+    TooManyNics(usize),
+    #[error("{field} is {value}, which cannot be read as {expected}; fix that field or remove it.")]
+    BadValue { field: String, value: String, expected: &'static str },
     #[error("The result file for disk {id} would be named with {bytes} bytes, over the {limit}-byte limit of file names; shorten source.vm_name or the disk id.")]
     ResultNameTooLong { id: String, bytes: usize, limit: usize },
+}
+
+/// Why a manifest file could not be read. `Clone`, unlike [`ManifestError`], so that a job can
+/// keep the outcome of its one read and report it when it parses.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ReadError {
+    /// Over [`MAX_MANIFEST_BYTES`]; the file's size as its metadata gives it.
+    #[error("{0} bytes, over the limit of {MAX_MANIFEST_BYTES}")]
+    TooLarge(u64),
+    #[error("not a regular file")]
+    NotAFile,
+    #[error("{0}")]
+    Unreadable(String),
+}
+
+impl From<ReadError> for ManifestError {
+    fn from(e: ReadError) -> ManifestError {
+        match e {
+            ReadError::TooLarge(size) => ManifestError::TooLarge(size),
+            ReadError::NotAFile => ManifestError::NotAFile,
+            ReadError::Unreadable(text) => ManifestError::Unreadable(text),
+        }
+    }
+}
+
+/// Reads a manifest file: the one reader of manifests for the scanner, the job, the daemon and
+/// `status`. Never reads more than [`MAX_MANIFEST_BYTES`] + 1 bytes, whatever the file's size.
+/// A symlink is not followed (anyone who can write the queue could point one at any file) and
+/// a FIFO does not block the open.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, ReadError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let unreadable = |e: std::io::Error| ReadError::Unreadable(e.to_string());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| if e.raw_os_error() == Some(libc::ELOOP) { ReadError::NotAFile } else { unreadable(e) })?;
+    let meta = file.metadata().map_err(unreadable)?;
+    if !meta.is_file() {
+        return Err(ReadError::NotAFile);
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes).map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(ReadError::TooLarge(meta.len().max(bytes.len() as u64)));
+    }
+    Ok(bytes)
+}
+
+/// A claimed manifest as read once: the bytes a job parses, names its results by and archives,
+/// so that a file swapped under the job changes none of them.
+#[derive(Debug, Clone)]
+pub struct ManifestFile {
+    name: String,
+    read: Result<Vec<u8>, ReadError>,
+    vm_name: String,
+}
+
+impl ManifestFile {
+    /// Reads `path` (with [`read_file`]); `name` is the file's name in WATCH_DIR, which gives the
+    /// VM its name when the manifest names none.
+    pub fn read(path: &Path, name: &str) -> ManifestFile {
+        let read = read_file(path);
+        let vm_name = vm_name_hint(read.as_deref().unwrap_or_default(), name);
+        ManifestFile { name: name.to_owned(), read, vm_name }
+    }
+
+    /// The file's name in WATCH_DIR.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The bytes read, when the read succeeded.
+    pub fn bytes(&self) -> Option<&[u8]> {
+        self.read.as_deref().ok()
+    }
+
+    /// The VM's name as far as it can be told, for logs and the `.error` ([`vm_name_hint`]).
+    pub fn vm_name(&self) -> &str {
+        &self.vm_name
+    }
+
+    /// Parses and validates the bytes read ([`parse_with_warnings`]); a failed read is the
+    /// error.
+    pub fn parse(&self) -> Result<(JobSpec, Vec<String>), ManifestError> {
+        match &self.read {
+            Ok(bytes) => parse_with_warnings(bytes, &self.name),
+            Err(e) => Err(e.clone().into()),
+        }
+    }
 }
 
 /// The source format a manifest names for a disk.
@@ -154,7 +283,9 @@ fn serialize_checksum<S: serde::Serializer>(v: &Option<[u8; 32]>, s: S) -> Resul
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct NicSpec {
     pub id: Option<String>,
-    pub mac: Option<String>,
+    /// From a manifest, always one a NIC can use ([`MacAddress::is_usable_for_nic`]); from an
+    /// OVF, any the descriptor held.
+    pub mac: Option<MacAddress>,
     pub network: Option<String>,
 }
 
@@ -268,6 +399,11 @@ struct RawOutput {
 /// Parses and validates manifest bytes. `file_name` supplies the default `vm_name` (its stem)
 /// when `source.vm_name` is missing.
 pub fn parse(bytes: &[u8], file_name: &str) -> Result<JobSpec, ManifestError> {
+    parse_with_warnings(bytes, file_name).map(|(spec, _)| spec)
+}
+
+/// [`parse`], with the warnings a job records about a valid manifest (unknown keys).
+pub fn parse_with_warnings(bytes: &[u8], file_name: &str) -> Result<(JobSpec, Vec<String>), ManifestError> {
     if bytes.len() as u64 > MAX_MANIFEST_BYTES {
         return Err(ManifestError::TooLarge(bytes.len() as u64));
     }
@@ -275,8 +411,129 @@ pub fn parse(bytes: &[u8], file_name: &str) -> Result<JobSpec, ManifestError> {
     if !value.is_object() {
         return Err(ManifestError::Schema("the top level must be a JSON object".into()));
     }
-    let raw: RawManifest = serde_json::from_value(value).map_err(|e| ManifestError::Schema(e.to_string()))?;
-    validate(raw, file_name)
+    let warnings = unknown_key_warnings(&value);
+    // The error names the field by its JSON path, e.g. `disks[1].local_path: invalid type: …`.
+    let raw: RawManifest = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        ManifestError::Schema(format!("{path}: {}", e.into_inner()))
+    })?;
+    Ok((validate(raw, file_name)?, warnings))
+}
+
+/// Keys of the Artifact Manifest v1.0 schema, as JSON paths (`[]` for any array index): the
+/// keys the contract and HyperSDK's example name, used or not. Anything under a key in
+/// [`FREE_FORM_KEYS`] is the producer's own.
+const SCHEMA_KEYS: &[&str] = &[
+    "manifest_version",
+    "source",
+    "source.provider",
+    "source.vm_id",
+    "source.vm_name",
+    "source.datacenter",
+    "source.export_timestamp",
+    "source.export_method",
+    "vm",
+    "vm.cpu",
+    "vm.mem_gb",
+    "vm.firmware",
+    "vm.secureboot",
+    "vm.os_hint",
+    "vm.os_version",
+    "disks",
+    "disks[].id",
+    "disks[].source_format",
+    "disks[].bytes",
+    "disks[].local_path",
+    "disks[].checksum",
+    "disks[].boot_order_hint",
+    "disks[].label",
+    "disks[].disk_type",
+    "nics",
+    "nics[].id",
+    "nics[].mac",
+    "nics[].network",
+    "pipeline",
+    "pipeline.inspect",
+    "pipeline.inspect.enabled",
+    "pipeline.inspect.collect_guest_info",
+    "pipeline.fix",
+    "pipeline.fix.enabled",
+    "pipeline.fix.backup",
+    "pipeline.fix.update_grub",
+    "pipeline.fix.regen_initramfs",
+    "pipeline.fix.fstab_mode",
+    "pipeline.fix.remove_vmware_tools",
+    "pipeline.convert",
+    "pipeline.convert.enabled",
+    "pipeline.convert.compress",
+    "pipeline.convert.compress_level",
+    "pipeline.validate",
+    "pipeline.validate.enabled",
+    "pipeline.validate.check_image_integrity",
+    "output",
+    "output.directory",
+    "output.format",
+];
+
+/// Keys whose contents the schema leaves to the producer.
+const FREE_FORM_KEYS: &[&str] = &["notes", "metadata", "options"];
+
+/// Most unknown keys named one by one in a job's warnings; the rest are counted.
+const MAX_UNKNOWN_KEYS_LISTED: usize = 10;
+
+/// Warnings for the keys of `value` that the Artifact Manifest v1.0 schema does not define:
+/// ignored, as the contract says, but said once per job (the job's log and `V.json`), so that
+/// a misspelt key (`mem_GB`) does not go unnoticed.
+fn unknown_key_warnings(value: &Value) -> Vec<String> {
+    let mut unknown = UnknownKeys::default();
+    collect_unknown_keys(value, "", "", &mut unknown);
+    let mut warnings: Vec<String> = unknown
+        .listed
+        .iter()
+        .map(|path| format!("manifest key {path} is not in the Artifact Manifest v1.0 schema; it was ignored"))
+        .collect();
+    if unknown.count > MAX_UNKNOWN_KEYS_LISTED {
+        let more = unknown.count - MAX_UNKNOWN_KEYS_LISTED;
+        warnings.push(format!("{more} more manifest keys not in the Artifact Manifest v1.0 schema were ignored"));
+    }
+    warnings
+}
+
+/// The first [`MAX_UNKNOWN_KEYS_LISTED`] unknown keys found, and how many there are.
+#[derive(Default)]
+struct UnknownKeys {
+    listed: Vec<String>,
+    count: usize,
+}
+
+/// `schema` is the path with `[]` for indices (to look up), `actual` the one with the real
+/// indices (to report).
+fn collect_unknown_keys(value: &Value, schema: &str, actual: &str, unknown: &mut UnknownKeys) {
+    let join = |base: &str, key: &str| if base.is_empty() { key.to_owned() } else { format!("{base}.{key}") };
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map {
+                let (schema_path, actual_path) = (join(schema, key), join(actual, key));
+                if FREE_FORM_KEYS.contains(&schema_path.as_str()) {
+                    continue;
+                }
+                if SCHEMA_KEYS.contains(&schema_path.as_str()) {
+                    collect_unknown_keys(child, &schema_path, &actual_path, unknown);
+                } else {
+                    unknown.count += 1;
+                    if unknown.listed.len() < MAX_UNKNOWN_KEYS_LISTED {
+                        unknown.listed.push(capped(&actual_path));
+                    }
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (index, item) in items.iter().enumerate() {
+                collect_unknown_keys(item, &format!("{schema}[]"), &format!("{actual}[{index}]"), unknown);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Checks only that `bytes` are one complete JSON document, as the queue does before it takes
@@ -320,7 +577,7 @@ fn validate(raw: RawManifest, file_name: &str) -> Result<JobSpec, ManifestError>
     order_for_boot(&mut disks);
 
     let convert = raw.pipeline.convert.unwrap_or_default();
-    let compress_level = match convert.compress_level.as_ref().and_then(as_i64) {
+    let compress_level = match read_i64(convert.compress_level.as_ref(), "pipeline.convert.compress_level")? {
         Some(level @ 0..=9) => Some(level as u32),
         Some(level) => return Err(ManifestError::BadCompressLevel(level)),
         None => None,
@@ -331,10 +588,46 @@ fn validate(raw: RawManifest, file_name: &str) -> Result<JobSpec, ManifestError>
         provider: raw.source.provider,
         hardware: validate_hardware(raw.vm)?,
         disks,
-        nics: raw.nics.into_iter().map(|n| NicSpec { id: n.id, mac: n.mac, network: n.network }).collect(),
-        compress: convert.compress.as_ref().and_then(as_bool),
+        nics: validate_nics(raw.nics)?,
+        compress: read_bool(convert.compress.as_ref(), "pipeline.convert.compress")?,
         compress_level,
     })
+}
+
+/// NICs as listed, each MAC read in any spelling [`MacAddress`] knows and written as libvirt
+/// wants it. A MAC that cannot be used is refused rather than dropped: the VM would come up
+/// with another address, and whatever was bound to the old one (a DHCP reservation, a
+/// licence) would break without a word.
+fn validate_nics(raw: Vec<RawNic>) -> Result<Vec<NicSpec>, ManifestError> {
+    if raw.len() > MAX_NICS {
+        return Err(ManifestError::TooManyNics(raw.len()));
+    }
+    let mut nics: Vec<NicSpec> = Vec::with_capacity(raw.len());
+    let mut labels: Vec<String> = Vec::with_capacity(raw.len());
+    for (index, nic) in raw.into_iter().enumerate() {
+        let label = match &nic.id {
+            Some(id) if !id.is_empty() => format!("NIC nics[{index}] ({})", capped(&format!("{id:?}"))),
+            _ => format!("NIC nics[{index}]"),
+        };
+        let mac = match nic.mac.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+            None => None,
+            Some(text) => {
+                let bad = || ManifestError::BadMac { nic: label.clone(), mac: capped(&format!("{text:?}")) };
+                let mac = text.parse::<MacAddress>().map_err(|_| bad())?;
+                if !mac.is_usable_for_nic() {
+                    return Err(bad());
+                }
+                if let Some(other) = nics.iter().position(|n| n.mac == Some(mac)) {
+                    let other = labels[other].clone();
+                    return Err(ManifestError::DuplicateMac { nic: label, mac: mac.to_string(), other });
+                }
+                Some(mac)
+            }
+        };
+        nics.push(NicSpec { id: nic.id, mac, network: nic.network });
+        labels.push(label);
+    }
+    Ok(nics)
 }
 
 fn check_version(version: Option<&Value>) -> Result<(), ManifestError> {
@@ -342,7 +635,7 @@ fn check_version(version: Option<&Value>) -> Result<(), ManifestError> {
         Some(Value::String(s)) if s == SUPPORTED_VERSION => Ok(()),
         // A number such as 1.0 would print like the string it should have been.
         Some(Value::Number(n)) => Err(ManifestError::WrongVersion(format!("the number {n}"))),
-        Some(other) => Err(ManifestError::WrongVersion(other.to_string())),
+        Some(other) => Err(ManifestError::WrongVersion(capped(&other.to_string()))),
         None => Err(ManifestError::WrongVersion("missing".into())),
     }
 }
@@ -350,10 +643,11 @@ fn check_version(version: Option<&Value>) -> Result<(), ManifestError> {
 fn check_output(raw: &RawManifest) -> Result<(), ManifestError> {
     if let Some(format) = &raw.output.format {
         if !format.eq_ignore_ascii_case("qcow2") {
-            return Err(ManifestError::OutputNotQcow2(format.clone()));
+            return Err(ManifestError::OutputNotQcow2(capped(format)));
         }
     }
-    let enabled = raw.pipeline.convert.as_ref().and_then(|c| c.enabled.as_ref()).and_then(as_bool);
+    let enabled =
+        read_bool(raw.pipeline.convert.as_ref().and_then(|c| c.enabled.as_ref()), "pipeline.convert.enabled")?;
     if enabled == Some(false) {
         return Err(ManifestError::ConversionDisabled);
     }
@@ -374,21 +668,23 @@ pub fn check_result_name(vm_name: &str, disk_id: &str) -> Result<(), ManifestErr
 }
 
 fn validate_disk(raw: RawDisk, index: usize) -> Result<DiskSpec, ManifestError> {
-    let id = raw.id.ok_or_else(|| ManifestError::Schema(format!("disks[{index}] has no id")))?;
+    let id = raw.id.ok_or_else(|| ManifestError::Schema(format!("disks[{index}].id is missing")))?;
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') || id.len() > 64 {
-        return Err(ManifestError::BadDiskId { id });
+        return Err(ManifestError::BadDiskId { id: capped(&id) });
     }
     let format_text = raw.source_format.unwrap_or_default();
     let source_format = SourceFormat::parse(&format_text)
-        .ok_or_else(|| ManifestError::BadSourceFormat { id: id.clone(), format: format_text })?;
-    let path_text = raw.local_path.ok_or_else(|| ManifestError::Schema(format!("disk {id} has no local_path")))?;
+        .ok_or_else(|| ManifestError::BadSourceFormat { id: id.clone(), format: capped(&format_text) })?;
+    let path_text = raw
+        .local_path
+        .ok_or_else(|| ManifestError::Schema(format!("disks[{index}].local_path (disk {id}) is missing")))?;
     if !path_text.starts_with('/') || path_text.contains('\0') {
-        return Err(ManifestError::RelativePath { id, path: path_text });
+        return Err(ManifestError::RelativePath { id, path: capped(&path_text) });
     }
     let sha256 = match raw.checksum.as_deref().filter(|c| !c.is_empty()) {
         Some(text) => Some(
             parse_checksum(text)
-                .ok_or_else(|| ManifestError::BadChecksum { id: id.clone(), checksum: text.to_owned() })?,
+                .ok_or_else(|| ManifestError::BadChecksum { id: id.clone(), checksum: capped(text) })?,
         ),
         None => None,
     };
@@ -396,15 +692,15 @@ fn validate_disk(raw: RawDisk, index: usize) -> Result<DiskSpec, ManifestError> 
         None | Some("") | Some("unknown") => DiskType::Unknown,
         Some("boot") => DiskType::Boot,
         Some("data") => DiskType::Data,
-        Some(other) => return Err(ManifestError::BadDiskType { id, value: other.to_owned() }),
+        Some(other) => return Err(ManifestError::BadDiskType { id, value: capped(other) }),
     };
     Ok(DiskSpec {
         id,
         source_format,
         local_path: PathBuf::from(path_text),
-        bytes: raw.bytes.as_ref().and_then(as_i64).and_then(|b| u64::try_from(b).ok()),
+        bytes: read_u64(raw.bytes.as_ref(), &format!("disks[{index}].bytes"))?,
         sha256,
-        boot_order_hint: raw.boot_order_hint.as_ref().and_then(as_i64),
+        boot_order_hint: read_i64(raw.boot_order_hint.as_ref(), &format!("disks[{index}].boot_order_hint"))?,
         label: raw.label,
         disk_type,
         ova_disk: None,
@@ -433,19 +729,81 @@ fn validate_hardware(vm: RawVm) -> Result<Hardware, ManifestError> {
         None | Some("") => None,
         Some("bios") => Some(Firmware::Bios),
         Some("uefi") | Some("efi") => Some(Firmware::Uefi),
-        Some(other) => return Err(ManifestError::BadFirmware(other.to_owned())),
+        Some(other) => return Err(ManifestError::BadFirmware(capped(other))),
     };
     Ok(Hardware {
-        cpu: vm.cpu.as_ref().and_then(as_i64).filter(|&n| n > 0).and_then(|n| u32::try_from(n).ok()),
-        mem_gb: vm.mem_gb.as_ref().and_then(as_f64).filter(|&g| g > 0.0),
+        cpu: validate_cpu(vm.cpu.as_ref())?,
+        mem_gb: validate_mem_gb(vm.mem_gb.as_ref())?,
         firmware,
-        secureboot: vm.secureboot.as_ref().and_then(as_bool).unwrap_or(false),
+        secureboot: read_bool(vm.secureboot.as_ref(), "vm.secureboot")?.unwrap_or(false),
         os_hint: vm.os_hint.filter(|s| !s.is_empty()),
         os_version: vm.os_version.filter(|s| !s.is_empty()),
     })
 }
 
+/// `vm.cpu`: absent, `null` or 0 (Go's zero value, written when the producer does not know)
+/// leave the default; anything else must be a vCPU count KVM can run. A manifest asking for an
+/// impossible VM is refused, not silently shrunk to the default.
+fn validate_cpu(value: Option<&Value>) -> Result<Option<u32>, ManifestError> {
+    let Some(value) = value.filter(|v| !v.is_null()) else { return Ok(None) };
+    match as_i64(value) {
+        Some(0) => Ok(None),
+        Some(n @ 1..=MAX_VCPUS) => Ok(u32::try_from(n).ok()),
+        _ => Err(ManifestError::BadCpu(capped(&value.to_string()))),
+    }
+}
+
+/// `vm.mem_gb`, in GiB: absent, `null` or 0 leave the default, as for [`validate_cpu`].
+fn validate_mem_gb(value: Option<&Value>) -> Result<Option<f64>, ManifestError> {
+    let Some(value) = value.filter(|v| !v.is_null()) else { return Ok(None) };
+    match as_f64(value) {
+        Some(0.0) => Ok(None),
+        // The range check also refuses NaN and infinity ("inf" parses as a number).
+        Some(gb) if (MIN_MEM_GB..=MAX_MEM_GB).contains(&gb) => Ok(Some(gb)),
+        _ => Err(ManifestError::BadMemory(capped(&value.to_string()))),
+    }
+}
+
 // ---- lenient scalars: producers in other languages write numbers and booleans as strings ----
+// Lenient in spelling, not in meaning: a value that is there but cannot be read is refused,
+// naming its field, rather than taken as absent.
+
+fn read_i64(value: Option<&Value>, field: &str) -> Result<Option<i64>, ManifestError> {
+    read_with(value, field, as_i64, "a whole number")
+}
+
+fn read_u64(value: Option<&Value>, field: &str) -> Result<Option<u64>, ManifestError> {
+    read_with(value, field, |v| as_i64(v).and_then(|n| u64::try_from(n).ok()), "a whole number of 0 or more")
+}
+
+fn read_bool(value: Option<&Value>, field: &str) -> Result<Option<bool>, ManifestError> {
+    read_with(value, field, as_bool, "true or false")
+}
+
+/// `None` for an absent or `null` value, the value read by `read`, or [`ManifestError::BadValue`].
+fn read_with<T>(
+    value: Option<&Value>,
+    field: &str,
+    read: impl Fn(&Value) -> Option<T>,
+    expected: &'static str,
+) -> Result<Option<T>, ManifestError> {
+    match value.filter(|v| !v.is_null()) {
+        None => Ok(None),
+        Some(v) => read(v).map(Some).ok_or_else(|| ManifestError::BadValue {
+            field: field.to_owned(),
+            value: capped(&v.to_string()),
+            expected,
+        }),
+    }
+}
+
+/// At most 80 characters of a value quoted in a message.
+fn capped(text: &str) -> String {
+    match text.char_indices().nth(80) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
 
 fn as_i64(v: &Value) -> Option<i64> {
     match v {

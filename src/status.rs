@@ -38,9 +38,13 @@ pub struct JobView {
 /// A manifest waiting in WATCH_DIR.
 #[derive(Debug, Clone, Serialize)]
 pub struct QueueEntry {
+    /// The file name; one that is not UTF-8 as `{:?}` spells it (`"caf\xE9.json"`).
     pub name: String,
     pub bytes: u64,
     pub age_seconds: f64,
+    /// The name is not UTF-8: the daemon never takes it until it is renamed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub not_utf8: bool,
 }
 
 /// A claimed job and its lock.
@@ -129,9 +133,11 @@ fn queue(watch_dir: &Path, now: SystemTime) -> Vec<QueueEntry> {
     let mut queue: Vec<QueueEntry> = entries
         .flatten()
         .filter_map(|e| {
-            let name = e.file_name().to_str()?.to_owned();
+            let file_name = e.file_name();
             let meta = std::fs::symlink_metadata(e.path()).ok().filter(|m| m.is_file())?;
-            is_manifest_name(&name).then(|| QueueEntry {
+            let name = file_name.to_str().map_or_else(|| format!("{file_name:?}"), str::to_owned);
+            is_manifest_name(&file_name.to_string_lossy()).then(|| QueueEntry {
+                not_utf8: file_name.to_str().is_none(),
                 name,
                 bytes: meta.len(),
                 age_seconds: age(meta.modified().ok(), now),
@@ -149,7 +155,7 @@ fn claims(layout: &Layout, now: SystemTime) -> Vec<ClaimView> {
         .map(|(path, lock)| {
             let heartbeat = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
             let last = EventLog::last(&layout.event_log(&lock.job_id));
-            let manifest = std::fs::read(layout.claimed_manifest(&lock.job_id)).unwrap_or_default();
+            let manifest = manifest::read_file(&layout.claimed_manifest(&lock.job_id)).unwrap_or_default();
             ClaimView {
                 vm_name: manifest::vm_name_hint(&manifest, &lock.manifest_name),
                 heartbeat_age_seconds: heartbeat.map(|h| age(Some(h), now)),
@@ -179,7 +185,8 @@ pub fn render(status: &Status) -> String {
     let mut out = format!("WATCH_DIR  {}\nOUTPUT_DIR {}\n\n", status.watch_dir, status.output_dir);
     out.push_str(&format!("Queue: {} waiting\n", status.queue.len()));
     for q in &status.queue {
-        out.push_str(&format!("  {}  ({} bytes, {:.0}s old)\n", q.name, q.bytes, q.age_seconds));
+        let stuck = if q.not_utf8 { "  file name not UTF-8: never taken, rename it" } else { "" };
+        out.push_str(&format!("  {}  ({} bytes, {:.0}s old){stuck}\n", q.name, q.bytes, q.age_seconds));
     }
     out.push_str(&format!("\nClaims: {}\n", status.claims.len()));
     for c in &status.claims {

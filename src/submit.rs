@@ -16,7 +16,7 @@ use crate::queue::layout::is_manifest_name;
 #[derive(Debug, Error)]
 pub enum SubmitError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read { path: PathBuf, source: manifest::ReadError },
     #[error("{path} is not a valid manifest: {source} (use --force to submit it anyway)")]
     Invalid { path: PathBuf, source: ManifestError },
     #[error("WATCH_DIR {0} does not exist; start the daemon once (it creates it) or create it")]
@@ -32,8 +32,12 @@ pub enum SubmitError {
 /// Drops `manifest` into `watch_dir` as `name` (default: the manifest's own file name).
 /// Unless `force`, the manifest must validate first.
 pub fn submit(manifest_path: &Path, watch_dir: &Path, name: Option<&str>, force: bool) -> Result<PathBuf, SubmitError> {
-    let bytes =
-        std::fs::read(manifest_path).map_err(|source| SubmitError::Read { path: manifest_path.to_owned(), source })?;
+    let read_error = |source| SubmitError::Read { path: manifest_path.to_owned(), source };
+    // Resolved first: the operator may name the manifest through a symlink, which the bounded
+    // reader of manifests does not follow.
+    let resolved =
+        std::fs::canonicalize(manifest_path).map_err(|e| read_error(manifest::ReadError::Unreadable(e.to_string())))?;
+    let bytes = manifest::read_file(&resolved).map_err(read_error)?;
     let default_name = manifest_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let name = name.map(str::to_owned).unwrap_or(default_name);
     if !is_manifest_name(&name) || name.contains('/') {
@@ -90,6 +94,26 @@ mod tests {
         std::fs::write(&manifest, r#"{"manifest_version":"2.0"}"#).unwrap();
         assert!(matches!(submit(&manifest, dir.path(), Some("q.json"), false), Err(SubmitError::Invalid { .. })));
         assert!(submit(&manifest, dir.path(), Some("q.json"), true).is_ok());
+    }
+
+    #[test]
+    fn reads_through_a_symlink_but_never_more_than_the_manifest_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vm.json"), GOOD).unwrap();
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(dir.path().join("vm.json"), &link).unwrap();
+        let queue = dir.path().join("queue");
+        std::fs::create_dir(&queue).unwrap();
+        assert!(submit(&link, &queue, Some("a.json"), false).is_ok());
+
+        let big = dir.path().join("big.json");
+        std::fs::File::create(&big).unwrap().set_len(4 << 30).unwrap();
+        let err = submit(&big, &queue, Some("b.json"), true).unwrap_err();
+        assert!(
+            matches!(err, SubmitError::Read { source: manifest::ReadError::TooLarge(n), .. } if n == 4 << 30),
+            "{err}"
+        );
+        assert!(err.to_string().contains("over the limit of 1048576"), "{err}");
     }
 
     #[test]

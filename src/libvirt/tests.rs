@@ -111,8 +111,8 @@ fn web01() -> JobSpec {
         },
         disks: vec![disk_spec("disk-0"), disk_spec("data")],
         nics: vec![
-            NicSpec { id: None, mac: Some("00:50:56:AA:BB:01".to_owned()), network: Some("VM Network".to_owned()) },
-            NicSpec { id: None, mac: Some("00:50:56:aa:bb:02".to_owned()), network: None },
+            NicSpec { id: None, mac: "00:50:56:AA:BB:01".parse().ok(), network: Some("VM Network".to_owned()) },
+            NicSpec { id: None, mac: "00:50:56:aa:bb:02".parse().ok(), network: None },
         ],
         compress: None,
         compress_level: None,

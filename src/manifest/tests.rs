@@ -72,10 +72,18 @@ fn parse_value(value: &Value) -> Result<JobSpec, ManifestError> {
     parse(&serde_json::to_vec(value).unwrap(), FILE_NAME)
 }
 
-/// The example with one change made through a JSON pointer (the parent must exist).
+/// The example with one change made through a JSON pointer (the parent must exist; a missing
+/// last key of an object is added).
 fn example_with(pointer: &str, new: Value) -> Value {
     let mut value = example();
-    *value.pointer_mut(pointer).unwrap_or_else(|| panic!("{pointer} not in the example")) = new;
+    let (parent, key) = pointer.rsplit_once('/').unwrap_or_else(|| panic!("{pointer} is not a pointer"));
+    match value.pointer_mut(pointer) {
+        Some(slot) => *slot = new,
+        None => {
+            let object = value.pointer_mut(parent).and_then(Value::as_object_mut);
+            object.unwrap_or_else(|| panic!("{parent:?} is not an object in the example")).insert(key.to_owned(), new);
+        }
+    }
     value
 }
 
@@ -166,7 +174,7 @@ fn parses_the_shared_example() {
         spec.nics,
         vec![NicSpec {
             id: Some("nic-0".into()),
-            mac: Some("00:50:56:aa:bb:cc".into()),
+            mac: Some("00:50:56:aa:bb:cc".parse().unwrap()),
             network: Some("VM Network".into()),
         }]
     );
@@ -264,6 +272,50 @@ fn unknown_keys_anywhere_are_ignored() {
     value["output"]["filename"] = json!("custom.qcow2");
     let expected = parse(EXAMPLE.as_bytes(), FILE_NAME).unwrap();
     assert_eq!(parse_value(&value).unwrap(), expected);
+
+    // Ignored, but each said once (the job records these in its log and V.json).
+    let (_, warnings) = parse_with_warnings(&serde_json::to_vec(&value).unwrap(), FILE_NAME).unwrap();
+    let mut named: Vec<&str> = warnings.iter().map(|w| w.split(' ').nth(2).unwrap()).collect();
+    named.sort_unstable();
+    assert_eq!(
+        named,
+        [
+            "disks[0].controller",
+            "disks[1].future",
+            "future_top_level",
+            "nics[0].adapter",
+            "output.filename",
+            "pipeline.convert.future",
+            "pipeline.new_stage",
+            "source.future",
+            "vm.nested_virt",
+        ]
+    );
+    assert!(warnings[0].ends_with("is not in the Artifact Manifest v1.0 schema; it was ignored"), "{warnings:?}");
+}
+
+#[test]
+fn the_shared_example_has_no_unknown_keys_and_free_form_blocks_stay_quiet() {
+    assert_eq!(parse_with_warnings(EXAMPLE.as_bytes(), FILE_NAME).unwrap().1, Vec::<String>::new());
+    let mut value = example();
+    value["metadata"]["anything"] = json!({ "deep": [1, 2] });
+    value["options"]["report"]["format"] = json!("yaml");
+    value["notes"] = json!([{ "free": "form" }]);
+    assert_eq!(parse_with_warnings(&serde_json::to_vec(&value).unwrap(), FILE_NAME).unwrap().1, Vec::<String>::new());
+}
+
+#[test]
+fn unknown_keys_are_listed_up_to_a_cap() {
+    let mut value = example();
+    for i in 0..500 {
+        value["vm"][format!("k{i:03}")] = json!(i);
+    }
+    let (_, warnings) = parse_with_warnings(&serde_json::to_vec(&value).unwrap(), FILE_NAME).unwrap();
+    assert_eq!(warnings.len(), MAX_UNKNOWN_KEYS_LISTED + 1, "{warnings:?}");
+    assert_eq!(
+        warnings[MAX_UNKNOWN_KEYS_LISTED],
+        "490 more manifest keys not in the Artifact Manifest v1.0 schema were ignored"
+    );
 }
 
 #[test]
@@ -319,7 +371,7 @@ fn schema_errors_name_the_problem() {
 
     let err = parse_value(&example_without("/disks/0/local_path")).unwrap_err();
     assert!(matches!(err, ManifestError::Schema(_)), "{err:?}");
-    assert_user_message(&err, &["disk-0", "local_path"]);
+    assert_user_message(&err, &["disks[0].local_path", "disk-0"]);
 
     let err = parse_value(&example_with("/disks", json!("disk-0"))).unwrap_err();
     assert!(matches!(err, ManifestError::Schema(_)), "{err:?}");
@@ -517,6 +569,13 @@ fn error_messages_are_distinct() {
         parse_value(&example_with("/pipeline/convert/enabled", json!(false))).unwrap_err(),
         parse_value(&example_with("/pipeline/convert", json!({ "compress_level": 42 }))).unwrap_err(),
         parse_value(&long_result_name()).unwrap_err(),
+        parse_value(&example_with("/vm/cpu", json!(-1))).unwrap_err(),
+        parse_value(&example_with("/vm/mem_gb", json!(1e308))).unwrap_err(),
+        parse_value(&example_with("/nics/0/mac", json!("00:50:56"))).unwrap_err(),
+        parse_value(&example_with("/nics", json!([{ "mac": "00:50:56:aa:bb:cc" }, { "mac": "005056aabbcc" }])))
+            .unwrap_err(),
+        parse_value(&example_with("/nics", json!(vec![json!({}); 65]))).unwrap_err(),
+        parse_value(&example_with("/vm/secureboot", json!("maybe"))).unwrap_err(),
     ];
     let variants: std::collections::BTreeSet<String> =
         errors.iter().map(|e| format!("{e:?}").split(['(', ' ', '{']).next().unwrap().to_owned()).collect();
@@ -580,4 +639,151 @@ fn no_strict_prefix_of_the_example_is_complete() {
         checked += 1;
     }
     assert!(checked > 20, "only {checked} prefixes checked");
+}
+
+// ---- reading manifest files ----
+
+#[test]
+fn read_file_stops_past_the_limit_and_reports_the_files_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.json");
+    let size = 5u64 << 30;
+    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+    assert_eq!(read_file(&path), Err(ReadError::TooLarge(size)));
+    let err = ManifestFile::read(&path, "big.json").parse().unwrap_err();
+    assert_user_message(&err, &[&size.to_string(), "1 MiB", &MAX_MANIFEST_BYTES.to_string()]);
+
+    std::fs::write(&path, EXAMPLE).unwrap();
+    assert_eq!(read_file(&path).unwrap(), EXAMPLE.as_bytes());
+}
+
+#[test]
+fn read_file_neither_follows_symlinks_nor_blocks_on_fifos() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("target.json"), EXAMPLE).unwrap();
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(dir.path().join("target.json"), &link).unwrap();
+    assert_eq!(read_file(&link), Err(ReadError::NotAFile));
+
+    let fifo = dir.path().join("fifo.json");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    assert_eq!(read_file(&fifo), Err(ReadError::NotAFile));
+    assert_user_message(&ManifestFile::read(&fifo, "fifo.json").parse().unwrap_err(), &["not a regular file"]);
+
+    let missing = ManifestFile::read(&dir.path().join("gone.json"), "gone.json");
+    assert!(matches!(missing.parse(), Err(ManifestError::Unreadable(_))));
+    assert_eq!(missing.vm_name(), "gone");
+}
+
+// ---- silent leniency, refused: each message names the field ----
+
+#[test]
+fn schema_errors_name_the_json_path() {
+    for (pointer, value, path) in [
+        ("/disks/1/local_path", json!(5), "disks[1].local_path"),
+        ("/disks/0/id", json!(["disk-0"]), "disks[0].id"),
+        ("/source/vm_name", json!(true), "source.vm_name"),
+        ("/nics/0/mac", json!(0x005056aabbcc_u64), "nics[0].mac"),
+        ("/vm/firmware", json!({ "type": "efi" }), "vm.firmware"),
+        ("/output/format", json!(2), "output.format"),
+        ("/nics", json!("nic-0"), "nics"),
+    ] {
+        let err = parse_value(&example_with(pointer, value)).unwrap_err();
+        assert!(matches!(err, ManifestError::Schema(_)), "{pointer}: {err:?}");
+        let text = assert_user_message(&err, &[&format!("({path}: invalid type")]);
+        assert!(text.contains("schema"), "{text}");
+    }
+}
+
+#[test]
+fn impossible_vcpu_counts_are_refused_not_replaced_by_the_default() {
+    for cpu in [json!(100_000), json!(-1), json!(4097), json!(2.5), json!("four"), json!(1e308), json!(true)] {
+        let err = parse_value(&example_with("/vm/cpu", cpu.clone())).unwrap_err();
+        assert!(matches!(err, ManifestError::BadCpu(_)), "{cpu}: {err:?}");
+        assert_user_message(&err, &["vm.cpu", &cpu.to_string(), "1 to 4096"]);
+    }
+    for (cpu, expected) in [(json!(1), Some(1)), (json!(4096), Some(4096)), (json!("16"), Some(16))] {
+        assert_eq!(parse_value(&example_with("/vm/cpu", cpu)).unwrap().hardware.cpu, expected);
+    }
+    // Go's zero value and null mean "not known": the default, as when the key is absent.
+    for unknown in [json!(0), json!(null), json!("0")] {
+        assert_eq!(parse_value(&example_with("/vm/cpu", unknown)).unwrap().hardware.cpu, None);
+    }
+}
+
+#[test]
+fn impossible_memory_sizes_are_refused_not_replaced_by_the_default() {
+    for mem in [json!(1e308), json!(-1), json!(16385), json!(0.0001), json!("NaN"), json!("inf"), json!("lots")] {
+        let err = parse_value(&example_with("/vm/mem_gb", mem.clone())).unwrap_err();
+        assert!(matches!(err, ManifestError::BadMemory(_)), "{mem}: {err:?}");
+        assert_user_message(&err, &["vm.mem_gb", &mem.to_string(), "16384"]);
+    }
+    for (mem, expected) in
+        [(json!(16384), Some(16384.0)), (json!(0.25), Some(0.25)), (json!(0), None), (json!(null), None)]
+    {
+        assert_eq!(parse_value(&example_with("/vm/mem_gb", mem)).unwrap().hardware.mem_gb, expected);
+    }
+}
+
+#[test]
+fn macs_in_any_spelling_are_kept_in_libvirts() {
+    for mac in ["005056aabbcc", "00-50-56-AA-BB-CC", " 00:50:56:AA:bb:cc "] {
+        let spec = parse_value(&example_with("/nics/0/mac", json!(mac))).unwrap();
+        assert_eq!(spec.nics[0].mac.map(|m| m.to_string()).as_deref(), Some("00:50:56:aa:bb:cc"), "{mac:?}");
+    }
+    for absent in [json!(""), json!(null)] {
+        assert_eq!(parse_value(&example_with("/nics/0/mac", absent)).unwrap().nics[0].mac, None);
+    }
+}
+
+#[test]
+fn unusable_macs_are_refused_naming_the_nic_and_the_value() {
+    for mac in ["00:50:56:aa:bb", "00:50:56:aa:bb:zz", "not-a-mac' onload='x", "01:00:5e:00:00:01", "00:00:00:00:00:00"]
+    {
+        let err = parse_value(&example_with("/nics/0/mac", json!(mac))).unwrap_err();
+        assert!(matches!(err, ManifestError::BadMac { .. }), "{mac}: {err:?}");
+        assert_user_message(&err, &["nics[0]", "\"nic-0\"", mac]);
+    }
+    let mut value = example();
+    value["nics"] = json!([
+        { "id": "nic-0", "mac": "00:50:56:aa:bb:cc" },
+        { "mac": "00:50:56:aa:bb:01" },
+        { "mac": "00-50-56-AA-BB-CC" },
+    ]);
+    let err = parse_value(&value).unwrap_err();
+    assert!(matches!(err, ManifestError::DuplicateMac { .. }), "{err:?}");
+    assert_user_message(&err, &["nics[2]", "00:50:56:aa:bb:cc", "nics[0] (\"nic-0\")"]);
+}
+
+#[test]
+fn more_nics_than_an_ovf_may_have_are_refused() {
+    let nic = |i: usize| json!({ "id": format!("nic-{i}"), "network": "VM Network" });
+    let sixty_four: Vec<Value> = (0..MAX_NICS).map(nic).collect();
+    assert_eq!(parse_value(&example_with("/nics", json!(sixty_four))).unwrap().nics.len(), 64);
+    for count in [MAX_NICS + 1, 5000] {
+        let many: Vec<Value> = (0..count).map(nic).collect();
+        let err = parse_value(&example_with("/nics", json!(many))).unwrap_err();
+        assert!(matches!(err, ManifestError::TooManyNics(n) if n == count), "{err:?}");
+        assert_user_message(&err, &[&count.to_string(), "at most 64"]);
+    }
+}
+
+#[test]
+fn values_present_but_unreadable_are_refused_naming_the_field() {
+    for (pointer, value, field) in [
+        ("/disks/1/boot_order_hint", json!("first"), "disks[1].boot_order_hint"),
+        ("/disks/0/bytes", json!(-5), "disks[0].bytes"),
+        ("/disks/0/bytes", json!("2 GB"), "disks[0].bytes"),
+        ("/vm/secureboot", json!("maybe"), "vm.secureboot"),
+        ("/pipeline/convert/compress", json!("sometimes"), "pipeline.convert.compress"),
+        ("/pipeline/convert/enabled", json!([]), "pipeline.convert.enabled"),
+        ("/pipeline/convert/compress_level", json!("high"), "pipeline.convert.compress_level"),
+    ] {
+        let err = parse_value(&example_with(pointer, value.clone())).unwrap_err();
+        assert!(matches!(err, ManifestError::BadValue { .. }), "{pointer}: {err:?}");
+        assert_user_message(&err, &[field, &value.to_string()]);
+    }
+    let long = "x".repeat(10_000);
+    let text = parse_value(&example_with("/vm/secureboot", json!(long))).unwrap_err().to_string();
+    assert!(text.len() < 300, "a quoted value is capped: {} bytes", text.len());
 }

@@ -6,14 +6,14 @@
 //! unchanged for the invalid-manifest grace period is handed over to be failed, so that the
 //! producer gets an `.error` instead of waiting forever.
 
-use std::collections::HashMap;
-use std::io::Read;
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::fs::Fingerprint;
 use super::layout::is_manifest_name;
-use crate::manifest::{self, MAX_MANIFEST_BYTES};
+use crate::manifest::{self, ReadError};
 
 /// A manifest file to claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +33,12 @@ pub struct ScanResult {
     pub ready: Vec<Candidate>,
     /// When the next file still settling could become ready; the caller rescans then.
     pub next_check: Option<Duration>,
-    /// Manifest files present, ready or not.
+    /// Manifest files present, ready or not (with those in `not_utf8`).
     pub waiting: usize,
+    /// Manifest files whose name is not UTF-8, as `{:?}` spells them (`"caf\xE9.json"`): never
+    /// taken (results and records are named by the file name), but counted and reported so that
+    /// they are not waiting unseen for ever.
+    pub not_utf8: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -50,23 +54,26 @@ pub struct Scanner {
     settle: Duration,
     invalid_grace: Duration,
     seen: HashMap<String, Observation>,
+    /// Names not UTF-8 already warned about, so that the journal says it once per file.
+    warned: HashSet<OsString>,
 }
 
 impl Scanner {
     /// A scanner of `watch_dir`.
     pub fn new(watch_dir: &Path, settle: Duration, invalid_grace: Duration) -> Scanner {
-        Scanner { watch_dir: watch_dir.to_owned(), settle, invalid_grace, seen: HashMap::new() }
+        Scanner { watch_dir: watch_dir.to_owned(), settle, invalid_grace, seen: HashMap::new(), warned: HashSet::new() }
     }
 
     /// Lists the directory and returns the manifests that are ready.
     pub fn scan(&mut self) -> std::io::Result<ScanResult> {
         let now = Instant::now();
         let mut present = Vec::new();
+        let mut not_utf8 = Vec::new();
         let mut result = ScanResult::default();
         for entry in std::fs::read_dir(&self.watch_dir)? {
             let entry = entry?;
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
-            if !is_manifest_name(&name) {
+            let file_name = entry.file_name();
+            if !is_manifest_name(&file_name.to_string_lossy()) {
                 continue;
             }
             // A symlink could make the daemon read any file as a "manifest": only regular
@@ -75,6 +82,10 @@ impl Scanner {
             if !meta.file_type().is_file() {
                 continue;
             }
+            let Some(name) = file_name.to_str().map(str::to_owned) else {
+                not_utf8.push(file_name);
+                continue;
+            };
             present.push(name.clone());
             let fingerprint = Fingerprint::of(&meta);
             let age = self.observe(&name, fingerprint, now);
@@ -90,7 +101,9 @@ impl Scanner {
             }
         }
         self.seen.retain(|name, _| present.contains(name));
-        result.waiting = present.len();
+        self.report_not_utf8(&not_utf8);
+        result.waiting = present.len() + not_utf8.len();
+        result.not_utf8 = not_utf8.iter().map(|n| format!("{n:?}")).collect();
         result.ready.sort_by_key(|c| self.seen.get(&c.name).map(|o| o.unchanged_since));
         Ok(result)
     }
@@ -98,6 +111,19 @@ impl Scanner {
     /// Forgets a file, after it was claimed or lost to another daemon.
     pub fn forget(&mut self, name: &str) {
         self.seen.remove(name);
+    }
+
+    /// Warns once per file about manifests whose name is not UTF-8, and forgets those gone.
+    fn report_not_utf8(&mut self, names: &[OsString]) {
+        self.warned.retain(|name| names.contains(name));
+        for name in names {
+            if self.warned.insert(name.clone()) {
+                tracing::warn!(
+                    manifest = ?name,
+                    "a manifest whose file name is not UTF-8 is never taken (results and records are named by it); rename it"
+                );
+            }
+        }
     }
 
     /// Records the file's fingerprint and returns how long it has been unchanged.
@@ -110,13 +136,12 @@ impl Scanner {
     }
 
     fn reads_as_complete_json(&self, name: &str) -> bool {
-        let Ok(file) = std::fs::File::open(self.watch_dir.join(name)) else { return false };
-        let mut bytes = Vec::new();
-        if file.take(MAX_MANIFEST_BYTES + 1).read_to_end(&mut bytes).is_err() {
-            return false;
+        match manifest::read_file(&self.watch_dir.join(name)) {
+            Ok(bytes) => manifest::is_complete_json(&bytes),
+            // Oversized files are "complete" so that they are taken and failed with a clear error.
+            Err(ReadError::TooLarge(_)) => true,
+            Err(_) => false,
         }
-        // Oversized files are "complete" so that they are taken and failed with a clear error.
-        bytes.len() as u64 > MAX_MANIFEST_BYTES || manifest::is_complete_json(&bytes)
     }
 }
 
@@ -175,6 +200,22 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         let fingerprint = fingerprint_of(&dir.path().join("m.json"));
         assert_eq!(s.scan().unwrap().ready, vec![Candidate { name: "m.json".into(), complete: false, fingerprint }]);
+    }
+
+    #[test]
+    fn a_manifest_named_in_another_encoding_is_counted_and_reported_not_ignored() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9.json")), b"{}").unwrap();
+        std::fs::write(dir.path().join(std::ffi::OsStr::from_bytes(b"notes-\xe9.txt")), b"{}").unwrap();
+        let mut s = scanner(dir.path(), 0, 0);
+        let scan = s.scan().unwrap();
+        assert!(scan.ready.is_empty());
+        assert_eq!((scan.waiting, scan.not_utf8), (1, vec![r#""caf\xE9.json""#.to_owned()]));
+        assert_eq!(s.warned.len(), 1);
+        std::fs::remove_file(dir.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9.json"))).unwrap();
+        let scan = s.scan().unwrap();
+        assert_eq!((scan.waiting, scan.not_utf8.len(), s.warned.len()), (0, 0, 0));
     }
 
     #[test]

@@ -18,6 +18,7 @@ use quick_xml::reader::NsReader;
 
 use super::Limits;
 use crate::image::ImageError;
+use crate::mac::MacAddress;
 use crate::manifest::{Firmware, Hardware, NicSpec};
 
 /// Deepest element nesting accepted in an OVF descriptor (real ones nest about 10 deep).
@@ -124,10 +125,10 @@ pub struct OvfHardware {
 pub struct OvfNic {
     /// `rasd:Connection`: the network name.
     pub network: Option<String>,
-    /// `rasd:Address`, normalised to lower-case `aa:bb:cc:dd:ee:ff`; `None` when absent or not
-    /// a MAC address. VirtualBox puts MACs only in `vbox:Machine`; they are taken from there
-    /// when the counts of NICs and enabled adapters agree.
-    pub mac: Option<String>,
+    /// `rasd:Address`; `None` when absent or not a MAC address. VirtualBox puts MACs only in
+    /// `vbox:Machine`; they are taken from there when the counts of NICs and enabled adapters
+    /// agree.
+    pub mac: Option<MacAddress>,
     /// `rasd:ResourceSubType` as written (`E1000`, `VmxNet3`, `VMXNET3 virtio` …).
     pub model: Option<String>,
     /// `rasd:ElementName` (or `rasd:Caption`), e.g. `Network adapter 1`.
@@ -152,10 +153,7 @@ impl OvfHardware {
 
     /// The NICs as the manifest's [`NicSpec`]s (`id` is the NIC's element name).
     pub fn to_nics(&self) -> Vec<NicSpec> {
-        self.nics
-            .iter()
-            .map(|n| NicSpec { id: n.name.clone(), mac: n.mac.clone(), network: n.network.clone() })
-            .collect()
+        self.nics.iter().map(|n| NicSpec { id: n.name.clone(), mac: n.mac, network: n.network.clone() }).collect()
     }
 }
 
@@ -475,18 +473,6 @@ pub fn parse_byte_units(units: &str) -> Option<u64> {
         product = product.checked_mul(value)?;
     }
     Some(product)
-}
-
-/// A MAC address in any of `aa:bb:cc:dd:ee:ff`, `AA-BB-…`, `aabbccddeeff`, as lower-case
-/// colon-separated text.
-pub fn normalize_mac(text: &str) -> Option<String> {
-    let hex: String = text.trim().chars().filter(|&c| c != ':' && c != '-').collect();
-    let separators = text.trim().chars().filter(|&c| c == ':' || c == '-').count();
-    if hex.len() != 12 || !(separators == 0 || separators == 5) || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return None;
-    }
-    let hex = hex.to_ascii_lowercase();
-    Some((0..6).map(|i| &hex[2 * i..2 * i + 2]).collect::<Vec<_>>().join(":"))
 }
 
 fn parse_u64(text: &str) -> Option<u64> {
@@ -866,7 +852,7 @@ fn parse_hardware(doc: &Doc, system: usize, items: &[Item]) -> Result<OvfHardwar
         }
         hw.nics.push(OvfNic {
             network: doc.child_text(item.node, "Connection").map(str::to_owned),
-            mac: doc.child_text(item.node, "Address").and_then(normalize_mac),
+            mac: doc.child_text(item.node, "Address").and_then(|t| t.parse().ok()),
             model: doc.child_text(item.node, "ResourceSubType").map(str::to_owned),
             name: doc
                 .child_text(item.node, "ElementName")
@@ -911,10 +897,10 @@ fn parse_hardware(doc: &Doc, system: usize, items: &[Item]) -> Result<OvfHardwar
         if hw.os_type.is_none() {
             hw.os_type = doc.attr(machine, "OSType").map(str::to_owned).filter(|s| !s.is_empty());
         }
-        let adapters: Vec<Option<String>> = inside
+        let adapters: Vec<Option<MacAddress>> = inside
             .iter()
             .filter(|&&n| doc.name(n) == "Adapter" && doc.attr(n, "enabled").is_some_and(is_true))
-            .map(|&n| doc.attr(n, "MACAddress").and_then(normalize_mac))
+            .map(|&n| doc.attr(n, "MACAddress").and_then(|t| t.parse().ok()))
             .collect();
         if !hw.nics.is_empty() && adapters.len() == hw.nics.len() && hw.nics.iter().all(|n| n.mac.is_none()) {
             for (nic, mac) in hw.nics.iter_mut().zip(adapters) {
