@@ -138,6 +138,10 @@ impl Daemon {
     /// threads go on until the runtime is shut down, and whatever such a thread tries after
     /// that finds no claim: it cannot publish.
     async fn release_stuck(&mut self) {
+        // A job that ended in the last moment is recorded, not released again.
+        while let Some(joined) = self.running.try_join_next() {
+            self.record_end(joined);
+        }
         if self.running.is_empty() {
             return;
         }
