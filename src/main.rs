@@ -211,8 +211,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::warn!("{warning}");
             }
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(daemon::run(config))?;
-            Ok(())
+            let served = runtime.block_on(async { daemon::run(config, daemon::signals()?).await });
+            // Bounded: a job that ignored cancellation still holds a blocking thread, and its
+            // claim is already released.
+            runtime.shutdown_timeout(daemon::RUNTIME_GRACE);
+            Ok(served?)
         }
         Command::Convert { source, output, compress, level, format } => {
             let format = format.map(SourceFormat::from);

@@ -220,3 +220,126 @@ fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
         soft.is_some() && soft == hard && daemon.log().contains("raised the open files limit to the hard limit")
     });
 }
+
+/// Runs the daemon as an unprivileged user when the test runs as root (CI does): root lists
+/// a directory whatever its mode, so only then can WATCH_DIR be made unreadable. Returns the
+/// wrapper for [`Daemon::start_wrapped`], after giving the test's tree to that user.
+fn unprivileged(env: &Env) -> Vec<&'static str> {
+    if unsafe { libc::geteuid() } != 0 {
+        return Vec::new();
+    }
+    let chown = std::process::Command::new("chown").args(["-R", "65534:65534"]).arg(&env.root).status();
+    assert!(chown.as_ref().is_ok_and(|s| s.success()), "setup: chown of the test tree to nobody failed: {chown:?}");
+    vec!["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+}
+
+/// A scan error the loop cannot go on from (WATCH_DIR made unreadable: EACCES is not a
+/// transient NFS error) stops the daemon through the same path as SIGTERM: the cause is
+/// logged first, the running job is cancelled and its claim released back to the queue, and
+/// the daemon exits within a bound. Before, the loop returned at once: the job ran on to the
+/// end with its heartbeat gone, and the cause was printed only after it had finished.
+#[test]
+fn a_fatal_scan_error_logs_its_cause_first_and_releases_running_jobs() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let wrapper = unprivileged(&env);
+    let source = slow_disk(&env.exports);
+    let daemon = Daemon::start_wrapped(&env, "daemon", &wrapper, &[SLOW], &[]);
+    hypersdk_submit(&daemon, &env, &manifest("fatal-vm", vec![disk("disk-0", "raw", &source)]));
+    wait_until_converting(&daemon, &env);
+    // Writable and searchable still (a release links the manifest back), but not listable.
+    std::fs::set_permissions(&env.queue, std::fs::Permissions::from_mode(0o300)).unwrap();
+    let began = std::time::Instant::now();
+    let status = loop {
+        match daemon.exited() {
+            Some(status) => break status,
+            None if began.elapsed() > Duration::from_secs(30) => {
+                daemon.fail("the daemon did not stop after a fatal scan error")
+            }
+            None => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let took = began.elapsed();
+    std::fs::set_permissions(&env.queue, std::fs::Permissions::from_mode(0o755)).unwrap();
+    if status.success() {
+        daemon.fail("a fatal scan error must end the daemon with a failure status");
+    }
+    assert!(took < Duration::from_secs(15), "stopping took {took:?}\n{}", daemon.log());
+    let log = daemon.log();
+    let position =
+        |needle: &str| log.rfind(needle).unwrap_or_else(|| daemon.fail(&format!("the log has no {needle:?}")));
+    let cause = log.find("cannot scan WATCH_DIR").unwrap_or_else(|| daemon.fail("the cause is not logged"));
+    assert!(cause < position("the job goes back to the queue"), "the cause comes first:\n{log}");
+    assert!(cause < position("stopped"), "the cause comes first:\n{log}");
+    let requeued: Vec<String> =
+        visible_entries(&env.queue).into_iter().filter(|n| n.starts_with("artifact-manifest.requeued-")).collect();
+    assert_eq!(requeued.len(), 1, "the running job's manifest is back in the queue");
+    assert_eq!(lock_count(&env), 0, "no claim is left behind");
+    assert_no_partial_results(&daemon, &env, "fatal-vm");
+}
+
+/// A job that ignores cancellation (a read stuck in the kernel on a hung NFS server) does not
+/// hold the stop past DRAIN_SECONDS and the bounds after it: the daemon releases its claim
+/// itself and returns. Driven in-process, with the job replaced by one that blocks until the
+/// test ends. Before, the drain waited for it for ever.
+#[test]
+fn a_job_that_ignores_cancellation_does_not_hold_the_drain() {
+    use hyper2kvm::config::{Config, Overrides};
+    use hyper2kvm::convert::JobControl;
+    use hyper2kvm::daemon;
+    use hyper2kvm::job::{JobContext, JobEnd};
+    use hyper2kvm::manifest::ManifestFile;
+    use hyper2kvm::queue::Claim;
+    use std::sync::{mpsc, Arc, Mutex};
+
+    let env = Env::new();
+    let mut vars: std::collections::BTreeMap<String, String> = base_env(&env).into_iter().collect();
+    vars.insert("DRAIN_SECONDS".into(), "0.5".into());
+    let flags = vec![
+        ("WATCH_DIR".to_owned(), env.queue.to_string_lossy().into_owned()),
+        ("OUTPUT_DIR".to_owned(), env.output.to_string_lossy().into_owned()),
+    ];
+    let config = Config::load(&Overrides { config_dir: Some(env.etc.clone()), flags }, &vars).unwrap();
+    let (started_tx, started_rx) = mpsc::channel::<bool>();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let (started_tx, release_rx) = (Mutex::new(started_tx), Arc::new(Mutex::new(release_rx)));
+    let work: daemon::JobWork = Arc::new(move |_: &JobContext, _: Claim, _: &ManifestFile, control: &JobControl| {
+        let _ = started_tx.lock().unwrap().send(true);
+        // Blocks whatever the control says, until the test is over.
+        let _ = release_rx.lock().unwrap().recv();
+        let _ = started_tx.lock().unwrap().send(control.check().is_err());
+        JobEnd::Abandoned
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let served = runtime.block_on(daemon::run_with(config, async { drop(stop_rx.await) }, work));
+        runtime.shutdown_timeout(daemon::RUNTIME_GRACE);
+        served.map_err(|e| e.to_string())
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !env.queue.is_dir() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    write_like_hypersdk(&env.queue.join(MANIFEST_NAME), manifest("stuck-vm", vec![]).to_string().as_bytes());
+    assert_eq!(started_rx.recv_timeout(Duration::from_secs(30)), Ok(true), "setup: the job was not started");
+    assert_eq!(lock_count(&env), 1, "setup: the job is claimed");
+
+    stop_tx.send(()).unwrap();
+    let began = std::time::Instant::now();
+    let bound = Duration::from_millis(500) + daemon::CANCEL_GRACE + daemon::RELEASE_LIMIT + daemon::RUNTIME_GRACE;
+    while !running.is_finished() && began.elapsed() < bound + Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = began.elapsed();
+    let finished = running.is_finished();
+    release_tx.send(()).unwrap();
+    assert!(finished, "the daemon was still stopping {took:?} after it was asked to (bound {bound:?})");
+    assert_eq!(running.join().unwrap(), Ok(()));
+    assert!(took < bound, "stopping took {took:?}, beyond {bound:?}");
+    let requeued: Vec<String> =
+        visible_entries(&env.queue).into_iter().filter(|n| n.starts_with("artifact-manifest.requeued-")).collect();
+    assert_eq!(requeued.len(), 1, "the stuck job's claim is released: {:?}", visible_entries(&env.queue));
+    assert_eq!(lock_count(&env), 0, "no lock is left behind");
+    assert_eq!(started_rx.recv_timeout(Duration::from_secs(5)), Ok(true), "the stuck job had been cancelled");
+}

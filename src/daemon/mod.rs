@@ -1,17 +1,35 @@
-//! The daemon's main loop: scan the queue (always by polling, faster with inotify), claim
-//! manifests while a slot is free, run each job on a blocking thread with a heartbeat beside
-//! it, and on SIGTERM (or SIGINT, SIGHUP) stop claiming, drain, then release what is left.
+//! The daemon: start-up, the main loop and its jobs' supervisors, and the one shutdown path.
+//!
+//! [`run`] prepares the directories, recovers this host's orphaned claims and then goes round
+//! the main loop (`Daemon`): scan the queue (always by polling, faster with inotify), claim
+//! manifests while a slot is free and OUTPUT_DIR can take a result, and run each job under a
+//! `JobSupervisor` (`supervisor.rs`: the job on a blocking thread, its heartbeat beside it). The
+//! loop ends when the caller's shutdown future completes or on an error it cannot go on from;
+//! either way it leaves through the one shutdown path (`shutdown.rs`), which logs the cause,
+//! drains and releases within bounds.
+//!
+//! It owns the daemon's lifecycle and its running set, and nothing about a job's stages
+//! ([`crate::job`]) or the queue's protocol ([`crate::queue`]). It must not install signal
+//! handlers (the caller turns signals into the shutdown future: [`signals`]), and must not
+//! leave its loop except through that path.
+
+mod shutdown;
+mod supervisor;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use thiserror::Error;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn, Instrument};
+
+use shutdown::Exit;
+pub use shutdown::{signals, CANCEL_GRACE, RELEASE_LIMIT, RUNTIME_GRACE};
+use supervisor::JobSupervisor;
 
 use crate::config::Config;
 use crate::convert::JobControl;
@@ -19,22 +37,15 @@ use crate::engine::Auto;
 use crate::host::Identity;
 use crate::job::{self, JobContext, JobEnd};
 use crate::libvirt;
-use crate::metrics::{self, ByteSampler, Health, Metrics, MetricsError, QueueOperation};
+use crate::manifest::ManifestFile;
+use crate::metrics::{self, Health, Metrics, MetricsError, QueueOperation};
 use crate::publish;
-use crate::queue::{self, Beat, Claim, Layout, Outcome, Queue, Scanner};
+use crate::queue::{self, Claim, Layout, LockRecord, Outcome, Queue, Scanner};
 use crate::service;
 use crate::source::SourceRoots;
 
 /// How often retention is applied while running.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-
-/// How often a running job's progress is looked at: it advances the byte counters of the
-/// metrics, and with VERBOSE_PROGRESS a line is logged when it crossed another
-/// [`PROGRESS_STEP`].
-const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-
-/// Percent between two progress lines.
-const PROGRESS_STEP: f64 = 5.0;
 
 /// How long, beyond two POLL_INTERVALs, the main loop may go without a round before
 /// `/healthz` calls it stalled: a scan of a large queue on a slow NFS server may take a while.
@@ -102,21 +113,43 @@ struct Room {
     hold_until: Option<Instant>,
 }
 
-/// A running daemon's state.
+/// What runs a claimed job on its blocking thread: [`job::run`] in the daemon. Tests put a
+/// stand-in here, such as one that ignores cancellation as a read stuck in the kernel does.
+#[doc(hidden)]
+pub type JobWork = Arc<dyn Fn(&JobContext, Claim, &ManifestFile, &JobControl) -> JobEnd + Send + Sync>;
+
+/// A job the loop started and has not seen end.
+struct Running {
+    control: JobControl,
+    /// Its claim, for the shutdown path to release should the job not stop.
+    record: LockRecord,
+}
+
+/// A running daemon's state: the main loop.
 struct Daemon {
     ctx: Arc<JobContext>,
     queue: Queue,
     scanner: Scanner,
     running: JoinSet<(String, JobEnd)>,
-    controls: HashMap<String, JobControl>,
+    jobs: HashMap<String, Running>,
+    work: JobWork,
     counters: Counters,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     room: Room,
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+/// Runs the daemon until `shutdown` completes (under `hyper2kvm daemon`: [`signals`]) or an
+/// error stops it; either way running jobs are drained or released within bounds before it
+/// returns. The caller should end its runtime with `shutdown_timeout(`[`RUNTIME_GRACE`]`)`: a
+/// job that ignored cancellation may still hold a blocking thread.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    run_with(config, shutdown, Arc::new(job::run)).await
+}
+
+/// [`run`], with `work` running each claimed job.
+#[doc(hidden)]
+pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, work: JobWork) -> Result<(), DaemonError> {
     raise_open_files_limit();
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
@@ -151,13 +184,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ctx,
         queue,
         running: JoinSet::new(),
-        controls: HashMap::new(),
+        jobs: HashMap::new(),
+        work,
         counters: Counters::default(),
         metrics,
         health,
         room: Room::default(),
     };
-    let served = daemon.serve().await;
+    let served = daemon.serve(shutdown).await;
     if let Some(server) = server {
         server.stop();
     }
@@ -301,17 +335,13 @@ fn prune(config: &Config, layout: &Layout) {
 }
 
 impl Daemon {
-    async fn serve(&mut self) -> Result<(), DaemonError> {
+    /// Goes round the main loop until `shutdown` completes or an error stops it, then leaves
+    /// through the one shutdown path.
+    async fn serve(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
         let config = self.ctx.config.clone();
-        let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-        let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-        // SIGHUP stops like SIGTERM (docs/OPERATIONS.md): the configuration is read at start
-        // only, and its default action would kill the daemon with claims and staging left.
-        let mut sighup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
-        let (wake_tx, mut wake_rx) = mpsc::channel::<()>(1);
+        let (wake_tx, wake_rx) = mpsc::channel::<()>(1);
         let _watcher = config.use_inotify.then(|| watch_events(&config.watch_dir, wake_tx)).flatten();
         let mut watchdog = service::watchdog_interval().map(tokio::time::interval);
-        let mut prune_timer = tokio::time::interval(PRUNE_EVERY);
         info!(
             instance = config.instance.as_deref().unwrap_or(""),
             watch_dir = %config.watch_dir.display(),
@@ -329,25 +359,46 @@ impl Daemon {
             inotify = config.use_inotify,
             "configuration"
         );
-        let mut next = self.scan_and_claim()?;
+        let exit = self.go_round(shutdown, wake_rx, &mut watchdog).await;
+        self.shut_down(exit, &mut watchdog).await
+    }
+
+    /// The main loop: a scan and claim every POLL_INTERVAL (sooner when a file settles or
+    /// inotify wakes it), a job's end recorded as it comes. Returns why it ended.
+    async fn go_round(
+        &mut self,
+        shutdown: impl Future<Output = ()>,
+        mut wake_rx: mpsc::Receiver<()>,
+        watchdog: &mut Option<tokio::time::Interval>,
+    ) -> Exit {
+        let config = self.ctx.config.clone();
+        let mut prune_timer = tokio::time::interval(PRUNE_EVERY);
+        tokio::pin!(shutdown);
+        // A stop asked for while starting is heeded before anything is claimed.
+        let asked = tokio::select! { biased; _ = &mut shutdown => true, _ = std::future::ready(()) => false };
+        if asked {
+            return Exit::Asked;
+        }
+        let mut next = match self.scan_and_claim() {
+            Ok(next) => next,
+            Err(e) => return Exit::Fatal(e),
+        };
         self.went_round();
         let mut status = self.status_line();
         service::ready(&status);
         loop {
             tokio::select! {
+                _ = &mut shutdown => return Exit::Asked,
                 _ = tokio::time::sleep(next) => {}
                 Some(()) = wake_rx.recv() => debug!("woken by a local file event"),
                 Some(joined) = self.running.join_next(), if !self.running.is_empty() => self.record_end(joined),
-                _ = watchdog_tick(&mut watchdog) => service::watchdog(),
+                _ = watchdog_tick(watchdog) => service::watchdog(),
                 _ = prune_timer.tick() => prune(&config, &self.queue.layout),
-                _ = sigterm.recv() => break,
-                _ = sigint.recv() => break,
-                _ = sighup.recv() => {
-                    info!("SIGHUP: stopping as on SIGTERM (the configuration is read at start only; restart to apply a change)");
-                    break;
-                }
             }
-            next = self.scan_and_claim()?;
+            next = match self.scan_and_claim() {
+                Ok(next) => next,
+                Err(e) => return Exit::Fatal(e),
+            };
             self.went_round();
             // Only changes: the loop goes round every POLL_INTERVAL and on every wake-up.
             let line = self.status_line();
@@ -356,9 +407,6 @@ impl Daemon {
                 status = line;
             }
         }
-        self.health.stopping();
-        self.drain(&mut watchdog).await;
-        Ok(())
     }
 
     /// The main loop went round: `/healthz` hears of it and the queue gauges are brought up to
@@ -473,17 +521,15 @@ impl Daemon {
         }
     }
 
-    /// Runs a claimed job (`taken_over`: a stale claim of another daemon) on a blocking
-    /// thread, with its heartbeat and progress sampling beside it.
+    /// Runs a claimed job (`taken_over`: a stale claim of another daemon) under a
+    /// [`JobSupervisor`]: on a blocking thread, with its heartbeat and progress sampling
+    /// beside it.
     fn start(&mut self, claim: Claim, taken_over: bool) {
         self.metrics.job_started(taken_over);
         let job_id = claim.job_id().to_owned();
         let control = JobControl::new(self.ctx.config.conversion_timeout);
-        self.controls.insert(job_id.clone(), control.clone());
+        self.jobs.insert(job_id.clone(), Running { control: control.clone(), record: claim.record().clone() });
         let ctx = self.ctx.clone();
-        let heartbeat_every = ctx.config.lease / 3;
-        let heartbeat = claim.heartbeat();
-        let verbose = ctx.config.verbose_progress;
         // The same fields as job::run's span, so the journal's JOB_ID/VM_NAME filters find
         // the heartbeat and progress lines too.
         // Read once, here: the job parses, names and archives these bytes.
@@ -495,56 +541,16 @@ impl Daemon {
             job_id = %job_id,
             vm_name = %vm_name
         );
-        let job_control = control.clone();
-        let metrics = self.metrics.clone();
-        let started = std::time::Instant::now();
-        self.running.spawn(
-            async move {
-                let mut work = tokio::task::spawn_blocking(move || job::run(&ctx, claim, &manifest, &job_control));
-                let mut beat = tokio::time::interval(heartbeat_every);
-                let mut progress = tokio::time::interval(PROGRESS_EVERY);
-                let mut reported = 0u32;
-                let mut sampler = ByteSampler::default();
-                let mut lost = false;
-                loop {
-                    tokio::select! {
-                        end = &mut work => {
-                            let end = end.unwrap_or_else(|e| {
-                                error!(error = %e, "the job's thread failed; its claim stays until its lease expires");
-                                JobEnd::Abandoned
-                            });
-                            sampler.sample(&control.progress, &metrics);
-                            metrics.job_ended((&end).into(), started.elapsed(), control.progress.output_bytes());
-                            metrics.migration_ended(&end, started.elapsed());
-                            return (job_id, end);
-                        }
-                        _ = beat.tick() => {
-                            let beat = heartbeat.clone();
-                            match tokio::task::spawn_blocking(move || beat.beat()).await {
-                                // Ending: the job removed its own lock on the way out; nothing was lost.
-                                Ok(Beat::Alive | Beat::Ending) => {}
-                                Ok(Beat::Lost) => {
-                                    if !lost {
-                                        lost = true;
-                                        metrics.lock_lost();
-                                    }
-                                    warn!(stage = "heartbeat", "the lock is gone: another daemon took the job over; abandoning it");
-                                    control.abandon();
-                                }
-                                Ok(Beat::Unknown) | Err(_) => metrics.heartbeat_error(),
-                            }
-                        }
-                        _ = progress.tick() => {
-                            sampler.sample(&control.progress, &metrics);
-                            if verbose {
-                                report_progress(&control, &mut reported);
-                            }
-                        }
-                    }
-                }
-            }
-            .instrument(span),
-        );
+        let supervisor = JobSupervisor {
+            job_id,
+            ctx,
+            claim,
+            manifest,
+            control,
+            metrics: self.metrics.clone(),
+            work: self.work.clone(),
+        };
+        self.running.spawn(supervisor.run().instrument(span));
     }
 
     fn record_end(&mut self, joined: Result<(String, JobEnd), tokio::task::JoinError>) {
@@ -552,7 +558,7 @@ impl Daemon {
             error!("a job task panicked");
             return;
         };
-        self.controls.remove(&job_id);
+        self.jobs.remove(&job_id);
         match end {
             JobEnd::Done(record) => {
                 self.counters.done += 1;
@@ -585,58 +591,6 @@ impl Daemon {
             line.push_str(&format!("; not claiming: {why}"));
         }
         line
-    }
-
-    /// Stops claiming; lets running jobs finish within DRAIN_SECONDS (asking systemd for the
-    /// time), then cancels the rest, whose claims are released back to the queue.
-    ///
-    /// The watchdog keeps being fed: systemd ignores it once it sent SIGTERM, but not when the
-    /// stop began with SIGINT, and a drain can outlast WatchdogSec many times over.
-    async fn drain(&mut self, watchdog: &mut Option<tokio::time::Interval>) {
-        let limit = self.ctx.config.drain_timeout;
-        if self.running.is_empty() {
-            info!("stopping: no job is running");
-            service::stopping(Duration::from_secs(5), "stopping");
-            return;
-        }
-        info!(running = self.running.len(), limit_seconds = limit.as_secs_f64(), "stopping: draining running jobs");
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut extend = tokio::time::interval(Duration::from_secs(5));
-        let mut cancelled = false;
-        while !self.running.is_empty() {
-            tokio::select! {
-                Some(joined) = self.running.join_next() => {
-                    self.record_end(joined);
-                    self.metrics.set_queue(self.running.len(), self.counters.waiting);
-                }
-                _ = extend.tick() => {
-                    let doing = if cancelled { "releasing" } else { "draining" };
-                    service::stopping(Duration::from_secs(15), &format!("{doing}: {}", self.status_line()));
-                }
-                _ = watchdog_tick(watchdog) => service::watchdog(),
-                // Past the limit, cancel, and keep asking for time while the cancelled
-                // conversions stop and their claims are released.
-                _ = tokio::time::sleep_until(deadline), if !cancelled => {
-                    warn!(running = self.running.len(), "drain limit reached: releasing unfinished jobs to the queue");
-                    for control in self.controls.values() {
-                        control.cancel();
-                    }
-                    cancelled = true;
-                }
-            }
-        }
-        info!("stopped");
-    }
-}
-
-/// Logs progress every [`PROGRESS_STEP`] percent when VERBOSE_PROGRESS is on.
-fn report_progress(control: &JobControl, reported: &mut u32) {
-    if let Some(percent) = control.progress.percent() {
-        let step = (percent / PROGRESS_STEP).floor() as u32;
-        if step > *reported {
-            *reported = step;
-            info!(stage = "convert", percent = format!("{percent:.0}"), "converting: {percent:.0}%");
-        }
     }
 }
 
