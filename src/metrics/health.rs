@@ -3,8 +3,8 @@
 //!
 //! This module owns that state and the one-line reason given when it is not healthy. The
 //! daemon's loop sets it; the HTTP server only reads it through [`Health::check`]. It must not
-//! block (the server's threads call it while the daemon's loop may be stuck) nor know about
-//! HTTP or the metrics.
+//! wait on the daemon's loop (the server's threads call it while that loop may be stuck: state
+//! in atomics, a mutex held only to swap the pause reason) nor know about HTTP or the metrics.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -79,5 +79,23 @@ impl Health {
 
     fn millis(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pause_is_reported_until_lifted_and_stopping_outranks_it() {
+        let health = Health::new(Duration::from_secs(60));
+        health.alive();
+        health.paused(Some("OUTPUT_DIR has 1 GiB free, 2 GiB needed".into()));
+        assert_eq!(health.check(), Err("paused: OUTPUT_DIR has 1 GiB free, 2 GiB needed".into()));
+        health.paused(None);
+        assert_eq!(health.check(), Ok(()));
+        health.paused(Some("full".into()));
+        health.stopping();
+        assert_eq!(health.check(), Err("stopping".into()));
     }
 }

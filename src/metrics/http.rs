@@ -764,6 +764,30 @@ mod tests {
         }
     }
 
+    /// A client that pipelines scrapes and reads none of the answers must not hold up a
+    /// health probe either (a server answering from one loop blocks in its write: see
+    /// docs/DECISIONS.md, the tiny_http measurement).
+    #[test]
+    fn health_is_answered_while_a_client_pipelines_without_reading() {
+        let health = Arc::new(Health::new(Duration::from_secs(60)));
+        health.alive();
+        let server = Server::start("127.0.0.1:0".parse().unwrap(), Arc::new(Metrics::new()), health).unwrap();
+        let addr = server.local_addr().unwrap();
+        let hog = TcpStream::connect(addr).unwrap();
+        hog.set_nonblocking(true).unwrap();
+        let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+        let sent = (&hog).write(&requests).unwrap();
+        assert!(sent > 0, "nothing of the pipelined requests was sent");
+        std::thread::sleep(Duration::from_millis(200));
+        for _ in 0..3 {
+            let began = Instant::now();
+            let answer = exchange(addr, b"GET /healthz HTTP/1.1\r\n\r\n");
+            let took = began.elapsed();
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+            assert!(took < Duration::from_secs(1), "/healthz took {took:?}");
+        }
+    }
+
     #[test]
     fn a_taken_address_is_a_start_up_error_naming_the_key() {
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
