@@ -29,4 +29,6 @@ pub mod source;
 pub mod status;
 pub mod submit;
 pub mod systemd_units;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod worker;

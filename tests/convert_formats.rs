@@ -175,14 +175,6 @@ fn vm_name_with_spaces_is_used_verbatim() {
     s.finish();
 }
 
-/// xorshift64*, the generator of the library's qcow2 tests.
-fn xorshift(state: &mut u64) -> u64 {
-    *state ^= *state >> 12;
-    *state ^= *state << 25;
-    *state ^= *state >> 27;
-    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
-}
-
 /// COMPRESS_LEVEL reaches the native engine (level 9 packs tighter than level 1), and the
 /// report warns that a disk converted by qemu-img (qcow2 input) could not honour it.
 #[test]
@@ -215,16 +207,16 @@ fn the_daemon_compresses_at_compress_level_and_says_where_it_cannot() {
 /// that once made zlib-rs panic after a cluster that did not fit.
 fn text_disk(raw: &std::path::Path) {
     let words = ["qcow2 ", "grain ", "cluster ", "vmdk ", "the ", "table ", "disk\n", "of "];
-    let mut state = 99u64;
+    let mut state = fixtures::Rng(99);
     let mut disk = Vec::with_capacity(6 << 20);
     while disk.len() < 4 << 20 {
-        disk.extend_from_slice(words[(xorshift(&mut state) % 8) as usize].as_bytes());
+        disk.extend_from_slice(words[(state.next() % 8) as usize].as_bytes());
     }
     disk.truncate(4 << 20);
-    disk.extend((0..65536).map(|_| xorshift(&mut state) as u8));
-    let mut trigger = 22u64;
-    disk.extend((0..39 * 1024 / 8).flat_map(|_| xorshift(&mut trigger).to_le_bytes()));
-    disk.extend((39 * 1024..65536).map(|_| (xorshift(&mut trigger) % 16) as u8));
+    disk.extend((0..65536).map(|_| state.next() as u8));
+    let mut trigger = fixtures::Rng(22);
+    disk.extend((0..39 * 1024 / 8).flat_map(|_| trigger.next().to_le_bytes()));
+    disk.extend((39 * 1024..65536).map(|_| (trigger.next() % 16) as u8));
     std::fs::create_dir_all(raw.parent().unwrap()).unwrap();
     std::fs::write(raw, &disk).unwrap();
 }

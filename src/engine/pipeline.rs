@@ -547,31 +547,15 @@ pub(crate) mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    fn qemu_img(args: &[&str]) -> String {
-        let out = Command::new("qemu-img").args(args).output().expect("qemu-img runs (install qemu-utils)");
-        assert!(
-            out.status.success(),
-            "qemu-img {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
+    use crate::test_support::{qemu_img, Rng};
 
     fn s(p: &Path) -> &str {
         p.to_str().unwrap()
     }
 
     fn random(len: u64, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        let mut out = Vec::with_capacity(len as usize + 8);
-        while (out.len() as u64) < len {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-        out.truncate(len as usize);
+        let mut out = vec![0; len as usize];
+        Rng(seed | 1).fill(&mut out);
         out
     }
 

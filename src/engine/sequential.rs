@@ -279,7 +279,6 @@ mod tests {
     use super::*;
     use crate::config::CompressionType;
     use std::io::Write;
-    use std::process::Command;
 
     const KIB: usize = 1024;
 
@@ -313,13 +312,10 @@ mod tests {
     /// 1 MiB + 2.5 KiB: data in odd places, zeros between, a short last cluster.
     fn disk() -> Vec<u8> {
         let mut data = vec![0u8; 1024 * KIB + 5 * 512];
-        let mut x = 7u64;
+        let mut rng = Rng(7);
         let mut fill = |range: std::ops::Range<usize>, data: &mut Vec<u8>| {
             for b in &mut data[range] {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = (x % 7) as u8;
+                *b = (rng.next() % 7) as u8;
             }
         };
         fill(0..3 * KIB, &mut data);
@@ -333,10 +329,7 @@ mod tests {
         data.chunks(CLUSTER as usize).filter(|c| !is_zero(c)).count() as u64
     }
 
-    fn qemu_img(args: &[&str]) {
-        let out = Command::new("qemu-img").args(args).output().expect("qemu-img runs");
-        assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    use crate::test_support::{qemu_img, Rng};
 
     /// Grains smaller than a cluster are gathered, larger ones cut; zero clusters are dropped
     /// whatever grain they came in; compressed or not, qemu reads back the same disk.

@@ -52,15 +52,27 @@ pub fn create_raw(path: &Path, size: u64) {
     f.set_len(size).unwrap();
 }
 
+/// xorshift64* (Vigna): deterministic test data without a dependency; the generator of the
+/// library's unit tests too (`src/test_support.rs`). The state must not be zero.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 pseudo-random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
 /// Writes `len` deterministic pseudo-random bytes (xorshift64*, seeded) at `offset`.
 pub fn write_random(path: &Path, offset: u64, len: usize, seed: u64) {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut buf = Vec::with_capacity(len);
     while buf.len() < len {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        let v = state.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        let v = rng.next();
         // Half the bytes random, half a small alphabet: compressible, but not trivially.
         let bytes = v.to_le_bytes();
         for (i, b) in bytes.iter().enumerate() {
@@ -177,16 +189,13 @@ pub fn entries(dir: &Path) -> Vec<String> {
     files_starting_with(dir, "")
 }
 
-/// Writes `len` incompressible pseudo-random bytes (xorshift64) at `offset` of the existing
+/// Writes `len` incompressible pseudo-random bytes (xorshift64*) at `offset` of the existing
 /// file `path`.
 pub fn write_noise(path: &Path, offset: u64, len: usize, seed: u64) {
-    let mut x = seed | 1;
+    let mut rng = Rng(seed | 1);
     let mut bytes = Vec::with_capacity(len + 8);
     while bytes.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        bytes.extend_from_slice(&x.to_le_bytes());
+        bytes.extend_from_slice(&rng.next().to_le_bytes());
     }
     let file = OpenOptions::new().write(true).open(path).unwrap();
     file.write_all_at(&bytes[..len], offset).unwrap();

@@ -4,10 +4,10 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use super::*;
 use crate::manifest::Firmware;
+use crate::test_support::qemu_img_output as qemu_img;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -916,10 +916,6 @@ fn vsphere_sample_ovas_open_and_verify() {
         let algo = if sample == "vsphere-gnu.ova" { DigestAlgorithm::Sha1 } else { DigestAlgorithm::Sha256 };
         assert!(check.entries.iter().all(|e| e.algorithm == algo));
     }
-}
-
-fn qemu_img(args: &[&std::ffi::OsStr]) -> std::process::Output {
-    Command::new("qemu-img").args(args).output().expect("run qemu-img")
 }
 
 #[test]

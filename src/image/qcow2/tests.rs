@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Instant;
 
 use super::compress::{compress_cluster, compress_padded, ZSTD_LEVELS};
@@ -12,12 +12,9 @@ use super::writer::CopyMode;
 use super::*;
 use crate::config::CompressionType::{self, Zlib, Zstd};
 use crate::image::ImageError;
+use crate::test_support::{qemu_img_output as qemu_img, Rng};
 
 // ---- oracle ---------------------------------------------------------------------------
-
-fn qemu_img(args: &[&str]) -> Output {
-    Command::new("qemu-img").args(args).output().expect("qemu-img runs (install qemu-utils)")
-}
 
 fn describe(out: &Output) -> String {
     format!(
@@ -48,25 +45,6 @@ fn info(path: &Path) -> serde_json::Value {
 }
 
 // ---- data -----------------------------------------------------------------------------
-
-/// xorshift64*: deterministic data without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::image::{DiskSource, FileSource, ImageError, Slice};
+use crate::test_support::{qemu_img, Rng};
 
 const MIB: usize = 1 << 20;
 const GRAIN: usize = 64 << 10;
@@ -21,23 +22,8 @@ fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn qemu_img(args: &[&str]) {
-    run("qemu-img", args);
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// 16 MiB with data of every kind: incompressible (compressed grains larger than the grain),
@@ -1556,13 +1542,8 @@ fn mutations_never_panic() {
         vmware_shape(&small, 128),
     ];
     let limits = Limits::default();
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut next = move || rng.next();
     let mut opened = 0;
     for (n, seed) in seeds.iter().enumerate() {
         let rounds = if n == 0 { 1000 } else { 2000 };
