@@ -114,7 +114,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let identity = Identity::current(config.instance.clone());
     let layout = Layout::new(&config.watch_dir);
     let ctx = Arc::new(JobContext {
-        roots: SourceRoots::new(&config.source_roots),
+        roots: SourceRoots::for_daemon(&config),
         converter: Arc::new(Auto::default()),
         identity,
         config: config.clone(),

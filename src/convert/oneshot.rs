@@ -16,6 +16,7 @@ use crate::engine::pipeline::image_error;
 use crate::engine::{sequential, Auto, PipelineOptions};
 use crate::image::ova;
 use crate::manifest::SourceFormat;
+use crate::source::SourceRoots;
 use crate::{host, publish};
 
 /// One-shot conversions have no CONVERSION_TIMEOUT.
@@ -38,7 +39,7 @@ pub fn guess_format(path: &Path) -> SourceFormat {
 /// files and chain (native formats), and for an OVA its disks and OVF hardware.
 pub fn inspect(source: &Path, format: SourceFormat) -> Result<serde_json::Value, ConvertError> {
     if !crate::engine::reads_natively(format) {
-        let info = Auto::default().inspect(source, format, &JobControl::new(NO_DEADLINE))?;
+        let info = Auto::default().inspect(source, format, &SourceRoots::anywhere(), &JobControl::new(NO_DEADLINE))?;
         return serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()));
     }
     if format == SourceFormat::Ova {
@@ -114,6 +115,7 @@ pub fn convert(
     let outputs = plan(source, format, destination)?;
     let interrupt = Interrupt::install();
     let converter = Auto::default();
+    let roots = SourceRoots::anywhere();
     let mut result = Ok(());
     for (n, output) in outputs.iter().enumerate() {
         let label = (outputs.len() > 1).then(|| format!("disk {}/{}", n + 1, outputs.len()));
@@ -124,6 +126,7 @@ pub fn convert(
             compression,
             ova_disk: output.ova_disk,
             inspected_files: None,
+            roots: &roots,
         };
         result = convert_one(&converter, &request, label);
         if result.is_err() {
@@ -337,7 +340,7 @@ fn convert_one(converter: &Auto, request: &ConversionRequest<'_>, label: Option<
     let control = JobControl::new(NO_DEADLINE);
     if !crate::engine::reads_natively(request.format) {
         // The native engine sets the total itself; qemu-img only reports percentages.
-        let info = converter.inspect(request.source, request.format, &control)?;
+        let info = converter.inspect(request.source, request.format, request.roots, &control)?;
         control.progress.total_bytes.store(info.virtual_size, Ordering::Relaxed);
     }
     watched(&control, label, || converter.convert(request, &control))

@@ -29,7 +29,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use chain::open;
+pub use chain::{open, open_confined};
 pub use check::{check_sparse, check_sparse_file, is_sparse_extent, SparseSummary};
 pub use descriptor::{Access, Descriptor, ExtentLine, ExtentType};
 pub use header::{SparseHeader, VmdkError, COWD_MAGIC, SPARSE_MAGIC};
@@ -244,6 +244,18 @@ impl DiskSource for VmdkImage {
             }
         }
         Ok(out)
+    }
+
+    /// Past ZERO extents (zeros whatever a parent holds), in O(extents).
+    fn next_data(&self, from: u64) -> Result<u64, ImageError> {
+        let mut at = from.min(self.size);
+        for p in &self.extents[self.first_extent(at)..] {
+            if !matches!(p.extent, Extent::Zero) {
+                break;
+            }
+            at = p.start + p.len;
+        }
+        Ok(at)
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
