@@ -468,6 +468,7 @@ fn referenced_path(name: &str, base_dir: &Path) -> Result<PathBuf, ConvertError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::SourceError;
 
     #[test]
     fn parses_progress_records() {
@@ -489,5 +490,108 @@ mod tests {
         assert!(referenced_path("json:{\"file\":1}", Path::new("/d")).is_err());
         assert_eq!(referenced_path("x-flat.vmdk", Path::new("/d")).unwrap(), PathBuf::from("/d/x-flat.vmdk"));
         assert_eq!(referenced_path("/a/b:c", Path::new("/d")).unwrap(), PathBuf::from("/a/b:c"));
+    }
+
+    #[test]
+    fn reads_backing_and_data_file_names_relative_to_the_image() {
+        let json = serde_json::json!({
+            "format": "qcow2",
+            "virtual-size": 1048576,
+            "filename": "/dev/fd/7",
+            "full-backing-filename": "/dev/fd/base.qcow2",
+            "backing-filename": "base.qcow2",
+            "backing-filename-format": "qcow2",
+            "format-specific": {"type": "qcow2", "data": {"data-file": "top.raw", "data-file-raw": true}},
+        });
+        let layer = parse_layer(&json, Path::new("/exports/vm/top.qcow2")).unwrap();
+        assert_eq!(layer.virtual_size, 1 << 20);
+        assert_eq!(
+            layer.backing,
+            Some(BackingRef { path: "/exports/vm/base.qcow2".into(), format: Some("qcow2".into()) })
+        );
+        assert_eq!(layer.data_file, Some(PathBuf::from("/exports/vm/top.raw")));
+    }
+
+    #[test]
+    fn refuses_protocols_and_formats_that_name_other_files() {
+        let top = Path::new("/exports/top.qcow2");
+        let with = |key: &str, value: &str| {
+            let mut json = serde_json::json!({"format": "qcow2", "virtual-size": 1});
+            if key == "data-file" {
+                json["format-specific"] = serde_json::json!({"data": {"data-file": value}});
+            } else {
+                json[key] = value.into();
+            }
+            json
+        };
+        for name in ["nbd://127.0.0.1:10809/x", "json:{\"driver\":\"nbd\"}", "http://h/x", "file:/etc/shadow"] {
+            assert!(parse_layer(&with("backing-filename", name), top).is_err(), "backing {name}");
+            assert!(parse_layer(&with("data-file", name), top).is_err(), "data file {name}");
+        }
+        for format in ["vmdk", "qed", "luks", "nbd", "file"] {
+            assert!(parse_layer(&with("format", format), top).is_err(), "format {format}");
+        }
+        assert!(parse_layer(&serde_json::json!([]), top).is_err(), "not an object");
+    }
+
+    #[test]
+    fn probes_backing_formats_from_their_first_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let probe_of = |bytes: &[u8]| {
+            let path = dir.path().join("probe");
+            std::fs::write(&path, bytes).unwrap();
+            probe(&std::fs::File::open(&path).unwrap()).unwrap()
+        };
+        assert_eq!(probe_of(b"QFI\xfb\0\0\0\x03"), "qcow2");
+        assert_eq!(probe_of(b"conectix"), "vpc");
+        assert_eq!(probe_of(b"vhdxfile"), "vhdx");
+        let mut vdi = vec![0u8; 72];
+        vdi[64..68].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
+        assert_eq!(probe_of(&vdi), "vdi");
+        // A VMDK descriptor is not handed to qemu's vmdk driver, which would open its extents.
+        assert_eq!(probe_of(b"# Disk DescriptorFile\n"), "raw");
+        assert_eq!(probe_of(b""), "raw");
+    }
+
+    /// A real chain: qemu-img reads each image by descriptor and converts exactly the chain
+    /// inspected (the backing's data shows through the top's holes).
+    #[test]
+    fn converts_a_backing_chain_through_the_descriptors_it_confined() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let qemu = |args: &[&str]| {
+            let out = Command::new(args[0]).args(&args[1..]).current_dir(d).output().unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
+        qemu(&["qemu-io", "-c", "write -P 0x41 0 64k", "base.qcow2"]);
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", "top.qcow2"]);
+        qemu(&["qemu-io", "-c", "write -P 0x42 64k 64k", "top.qcow2"]);
+        let roots = SourceRoots::new(&[d.to_owned()]);
+        let control = JobControl::new(Duration::from_secs(60));
+        let top = d.join("top.qcow2");
+        let info = QemuImg::default().inspect(&top, SourceFormat::Qcow2, &roots, &control).unwrap();
+        assert_eq!(info.chain, [d.join("base.qcow2")]);
+        assert_eq!(info.referenced_files, [d.join("base.qcow2")]);
+        let out = d.join("out.qcow2");
+        let request = ConversionRequest {
+            source: &top,
+            format: SourceFormat::Qcow2,
+            destination: &out,
+            compression: None,
+            ova_disk: None,
+            inspected_files: Some(&info.referenced_files),
+            roots: &roots,
+        };
+        QemuImg::default().convert(&request, &control).unwrap();
+        qemu(&["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", "top.qcow2", "out.qcow2"]);
+        // A top inside the roots whose backing is outside them: refused by name.
+        std::fs::create_dir(d.join("vm")).unwrap();
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "../base.qcow2", "vm/top.qcow2"]);
+        let narrow = SourceRoots::new(&[d.join("vm")]);
+        match QemuImg::default().inspect(&d.join("vm/top.qcow2"), SourceFormat::Qcow2, &narrow, &control) {
+            Err(ConvertError::Source(SourceError::Outside { path, .. })) => assert!(path.ends_with("base.qcow2")),
+            other => panic!("a backing outside the roots must be refused, got {other:?}"),
+        }
     }
 }

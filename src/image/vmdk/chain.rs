@@ -75,6 +75,13 @@ fn open_file(path: &Path, ctx: &mut Ctx) -> Result<(Arc<FileSource>, PathBuf), I
     if let Some(f) = ctx.files.get(path) {
         return Ok(f.clone());
     }
+    if ctx.files.len() >= ctx.limits.max_extent_files {
+        return Err(ImageError::Limit(format!(
+            "{} needs more than {} files (its own, its extents' and its parent disks'; max_extent_files), each of which would stay open while it is read; convert it to a single-file VMDK (monolithicSparse or streamOptimized) first",
+            short(ctx.chain.first().map_or(path, |(_, p)| p.as_path())),
+            ctx.limits.max_extent_files
+        )));
+    }
     let confined = match ctx.roots.open(path) {
         Ok(confined) => confined,
         // Only a name already judged inside the roots gets here: its type may be told.

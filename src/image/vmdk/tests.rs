@@ -1612,6 +1612,7 @@ fn default_limits_are_documented_values() {
     let l = Limits::default();
     assert_eq!(l.max_descriptor_bytes, 64 << 10);
     assert_eq!(l.max_extents, 4096);
+    assert_eq!(l.max_extent_files, 2048);
     assert_eq!(l.max_chain_depth, 16);
     assert_eq!(l.max_grain_directory_entries, 2 << 20);
     assert_eq!(l.max_compressed_grain_bytes, 4 << 20);
@@ -1754,4 +1755,25 @@ fn a_parent_outside_the_roots_is_found_beside_the_child() {
     let roots = crate::source::SourceRoots::new(std::slice::from_ref(&exports));
     let image = open_confined(&child, &Limits::default(), &roots).expect("the parent beside the child");
     assert_eq!(image.info().chain, [child.clone(), exports.join("base.vmdk")]);
+}
+
+/// Issue 10: a disk naming more files than `max_extent_files` is refused before it holds them
+/// all open; the same file named again costs nothing.
+#[test]
+fn extent_files_are_capped_per_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut lines = String::new();
+    for i in 0..5 {
+        write_file(&d.join(format!("e{i}.bin")), &[0u8; 512]);
+        lines.push_str(&format!("RW 1 FLAT \"e{i}.bin\" 0\n"));
+    }
+    let header = "# Disk DescriptorFile\nversion=1\nCID=00000001\nparentCID=ffffffff\ncreateType=\"vmfs\"\n";
+    let five = write_file(&d.join("five.vmdk"), format!("{header}{lines}").as_bytes());
+    // The descriptor and its five extents: six files.
+    let limits = Limits { max_extent_files: 5, ..Limits::default() };
+    expect_kind(open(&five, &limits), "limit", &["more than 5 files", "max_extent_files", "five.vmdk"]);
+    let same = write_file(&d.join("same.vmdk"), format!("{header}{}", "RW 1 FLAT \"e0.bin\" 0\n".repeat(5)).as_bytes());
+    open(&same, &limits).expect("one file named five times is one descriptor");
+    open(&five, &Limits { max_extent_files: 6, ..Limits::default() }).expect("six files within a limit of six");
 }
