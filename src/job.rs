@@ -459,7 +459,7 @@ fn expand_ova_disks(
         let path = ctx.roots.confine(&disk.local_path).map_err(|e| source_failure(&disk, &e))?;
         if let Some(expected) = disk.sha256 {
             events.append(Stage::Checksum.as_str(), &format!("verifying {}", disk.id), None);
-            verify_checksum(&disk, &path, &expected, control)?;
+            verify_checksum(ctx, &disk, &path, &expected, control)?;
         }
         let package = open_verified_ova(&disk, &path)?;
         fill_hardware(&mut spec, &package);
@@ -568,7 +568,7 @@ fn prepare_sources<'a>(
         let verified = match disk.sha256 {
             Some(expected) => {
                 events.append(Stage::Checksum.as_str(), &format!("verifying {}", disk.id), None);
-                verify_checksum(disk, &path, &expected, control)?;
+                verify_checksum(ctx, disk, &path, &expected, control)?;
                 true
             }
             None => false,
@@ -604,8 +604,17 @@ fn check_structure(disk: &DiskSpec, path: &Path, referenced: &[PathBuf]) -> Resu
     Ok(())
 }
 
-fn verify_checksum(disk: &DiskSpec, path: &Path, expected: &[u8; 32], control: &JobControl) -> Result<(), Stop> {
-    let actual = checksum::sha256_file(path, control).map_err(|e| convert_failure(Stage::Checksum, disk, path, e))?;
+/// Hashes the source through its confinement: a name swapped since it was confined cannot have
+/// an outside file's digest shown in the `.error`.
+fn verify_checksum(
+    ctx: &JobContext,
+    disk: &DiskSpec,
+    path: &Path,
+    expected: &[u8; 32],
+    control: &JobControl,
+) -> Result<(), Stop> {
+    let file = ctx.roots.open(path).map_err(|e| source_failure(disk, &e))?.file;
+    let actual = checksum::sha256_of(file, control).map_err(|e| convert_failure(Stage::Checksum, disk, path, e))?;
     if &actual != expected {
         return Err(Failure::new(
             Stage::Checksum,
