@@ -127,7 +127,14 @@ impl SourceRoots {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(self.missing_or_outside(path));
             }
-            Err(source) => return Err(SourceError::Unreadable { path: path.to_owned(), source }),
+            // Unreadable is said only of a name that would be inside: whether a file outside
+            // can be reached is none of the manifest's business.
+            Err(source) => {
+                return Err(match self.missing_or_outside(path) {
+                    SourceError::Missing { .. } => SourceError::Unreadable { path: path.to_owned(), source },
+                    refused => refused,
+                })
+            }
         };
         self.judge(path, &resolved)?;
         match std::fs::metadata(&resolved) {
@@ -277,6 +284,17 @@ mod tests {
         let (dir, roots) = setup();
         assert!(matches!(roots.confine(&dir.path().join("exports/vm/nope.vmdk")), Err(SourceError::Missing { .. })));
         assert!(matches!(roots.confine(&dir.path().join("elsewhere/nope")), Err(SourceError::Outside { .. })));
+    }
+
+    /// A name outside that cannot even be resolved (ENOTDIR here) is outside, not
+    /// "unreadable": the answer must not tell what exists outside the roots.
+    #[test]
+    fn an_unresolvable_name_outside_is_outside() {
+        let (dir, roots) = setup();
+        let odd = dir.path().join("elsewhere/secret/below");
+        assert!(matches!(roots.confine(&odd), Err(SourceError::Outside { .. })), "{:?}", roots.confine(&odd));
+        let inside = dir.path().join("exports/vm/disk.vmdk/below");
+        assert!(matches!(roots.confine(&inside), Err(SourceError::Unreadable { .. } | SourceError::Missing { .. })));
     }
 
     #[test]
