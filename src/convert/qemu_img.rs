@@ -113,7 +113,7 @@ impl Converter for QemuImg {
             let total = progress.total_bytes.load(Ordering::Relaxed);
             progress.done_bytes.store((total as f64 * percent / 100.0) as u64, Ordering::Relaxed);
         })?;
-        Ok(())
+        self.check_still(&chain, control)
     }
 }
 
@@ -158,12 +158,7 @@ impl QemuImg {
                     READ_BY_QEMU_IMG.join(", ")
                 )));
             }
-            let mut cmd = self.command_with(&[file.file.as_raw_fd()]);
-            cmd.args(["info", "--output=json", "-U", "-f", &format]).arg(fd_path(&file.file));
-            let output = run(cmd, control, |_| {})?;
-            let json: Value = serde_json::from_slice(&output)
-                .map_err(|e| ConvertError::Failed(format!("qemu-img info printed unexpected output: {e}")))?;
-            let info = parse_layer(&json, &path)?;
+            let info = self.describe(&file, &format, &path, control)?;
             let data_file = match &info.data_file {
                 Some(name) => Some((name.clone(), roots.open(name)?)),
                 None => None,
@@ -172,6 +167,38 @@ impl QemuImg {
             layers.push(Layer { path, file, info, data_file });
         }
         Ok(Chain { layers })
+    }
+
+    /// `qemu-img info` of one image already open, read as `format` (its chain not followed).
+    fn describe(
+        &self,
+        file: &Confined,
+        format: &str,
+        path: &Path,
+        control: &JobControl,
+    ) -> Result<LayerInfo, ConvertError> {
+        let mut cmd = self.command_with(&[file.file.as_raw_fd()]);
+        cmd.args(["info", "--output=json", "-U", "-f", format]).arg(fd_path(&file.file));
+        let output = run(cmd, control, |_| {})?;
+        let json: Value = serde_json::from_slice(&output)
+            .map_err(|e| ConvertError::Failed(format!("qemu-img info printed unexpected output: {e}")))?;
+        parse_layer(&json, path)
+    }
+
+    /// After a conversion: every image of the chain still names the backing and data files it
+    /// named before. A header rewritten in place while qemu-img ran (to add a data file, which
+    /// qemu would open by name) fails the conversion instead of publishing what it read.
+    fn check_still(&self, chain: &Chain, control: &JobControl) -> Result<(), ConvertError> {
+        for layer in &chain.layers {
+            let now = self.describe(&layer.file, &layer.info.format, &layer.path, control)?;
+            if (&now.backing, &now.data_file) != (&layer.info.backing, &layer.info.data_file) {
+                return Err(ConvertError::Unsupported(format!(
+                    "{} was rewritten while it was converted (it now names other backing or data files); submit the manifest again once the export is complete",
+                    layer.path.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// [`QemuImg::command`], with the descriptors `fds` (opened close-on-exec) left open in
@@ -592,6 +619,34 @@ mod tests {
         match QemuImg::default().inspect(&d.join("vm/top.qcow2"), SourceFormat::Qcow2, &narrow, &control) {
             Err(ConvertError::Source(SourceError::Outside { path, .. })) => assert!(path.ends_with("base.qcow2")),
             other => panic!("a backing outside the roots must be refused, got {other:?}"),
+        }
+    }
+
+    /// A header rewritten in place while qemu-img converts (here: another backing file) fails
+    /// the conversion: the chain read after it must be the chain confined before it.
+    #[test]
+    fn a_header_rewritten_during_the_conversion_fails_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let qemu = |args: &[&str]| {
+            let out = Command::new(args[0]).args(&args[1..]).current_dir(d).output().unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "other.qcow2", "1M"]);
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", "top.qcow2"]);
+        let roots = SourceRoots::new(&[d.to_owned()]);
+        let control = JobControl::new(Duration::from_secs(60));
+        let qemu_img = QemuImg::default();
+        let chain = qemu_img.walk(&d.join("top.qcow2"), SourceFormat::Qcow2, &roots, &control).unwrap();
+        qemu_img.check_still(&chain, &control).expect("nothing changed yet");
+        let inode = |p: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(d.join(p)).unwrap());
+        let before = inode("top.qcow2");
+        qemu(&["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", "other.qcow2", "top.qcow2"]);
+        assert_eq!(inode("top.qcow2"), before, "rewritten in place");
+        match qemu_img.check_still(&chain, &control) {
+            Err(ConvertError::Unsupported(m)) => assert!(m.contains("rewritten while it was converted"), "{m}"),
+            other => panic!("a rewritten header must fail the conversion, got {other:?}"),
         }
     }
 }
