@@ -89,7 +89,7 @@ deb:
 # fuzz/artifacts/<target>/, the other targets still run, and make fails at the end.
 # See docs/RELIABILITY.md ("Fuzzing").
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := manifest vmdk_descriptor vmdk_sparse ova ovf ova_mf config_envfile host_caps lock_record
+FUZZ_TARGETS := manifest vmdk_descriptor vmdk_sparse ova ovf ova_mf config_envfile host_caps lock_record qemu_img_info
 
 fuzz:
 	$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked

@@ -531,6 +531,39 @@ def lock_record_seeds():
         write("lock_record", name, file_name + "\n" + text)
 
 
+def qemu_img_info_seeds(tmp):
+    """`qemu-img info --output=json` of one image (its chain not followed), as the daemon reads
+    it: backing files (relative, absolute, protocols), qcow2 data files, every format."""
+    d = os.path.join(tmp, "qinfo")
+    os.makedirs(d, exist_ok=True)
+
+    def img(*args):
+        subprocess.run(["qemu-img", *args], cwd=d, check=True, capture_output=True)
+
+    def info(name, image, fmt):
+        out = subprocess.run(["qemu-img", "info", "--output=json", "-U", "-f", fmt, image],
+                             cwd=d, check=True, capture_output=True).stdout
+        write("qemu_img_info", name, out.replace(d.encode(), b"/exports/vm"))
+
+    img("create", "-q", "-f", "qcow2", "base.qcow2", "1M")
+    info("qcow2.json", "base.qcow2", "qcow2")
+    img("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", "top.qcow2")
+    info("qcow2-backing-relative.json", "top.qcow2", "qcow2")
+    img("create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", "/etc/shadow", "abs.qcow2", "1M")
+    info("qcow2-backing-absolute.json", "abs.qcow2", "qcow2")
+    img("create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", "nbd://127.0.0.1:10809/x", "nbd.qcow2", "1M")
+    info("qcow2-backing-nbd.json", "nbd.qcow2", "qcow2")
+    img("create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b",
+        'json:{"driver":"nbd","server":{"type":"inet","host":"127.0.0.1","port":"10809"},"export":"x"}',
+        "json.qcow2", "1M")
+    info("qcow2-backing-json.json", "json.qcow2", "qcow2")
+    img("create", "-q", "-f", "qcow2", "-o", "data_file=data.raw,data_file_raw=on", "data.qcow2", "1M")
+    info("qcow2-data-file.json", "data.qcow2", "qcow2")
+    for fmt, name in [("vpc", "disk.vhd"), ("vhdx", "disk.vhdx"), ("vdi", "disk.vdi"), ("raw", "disk.raw")]:
+        img("create", "-q", "-f", fmt, name, "1M")
+        info(f"{fmt}.json", name, fmt)
+
+
 def main():
     if os.path.isdir(SEEDS):
         shutil.rmtree(SEEDS)
@@ -538,6 +571,7 @@ def main():
         sparse = vmdk_seeds(tmp)
         descriptor_seeds(tmp, sparse)
         ova_seeds(tmp, sparse["vmware-stream-1M.vmdk"])
+        qemu_img_info_seeds(tmp)
     manifest_seeds()
     config_seeds()
     host_caps_seeds()

@@ -13,7 +13,11 @@ const CHUNK: usize = 1 << 20;
 
 /// Hashes a file, checking `control` between chunks so a timeout or stop interrupts it.
 pub fn sha256_file(path: &Path, control: &JobControl) -> Result<[u8; 32], ConvertError> {
-    let mut file = File::open(path)?;
+    sha256_of(File::open(path)?, control)
+}
+
+/// [`sha256_file`] of a file already open (a source opened through its confinement).
+pub fn sha256_of(mut file: File, control: &JobControl) -> Result<[u8; 32], ConvertError> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; CHUNK];
     loop {

@@ -492,10 +492,10 @@ fn expand_ova_disks(
             disks.push(disk);
             continue;
         }
-        let path = ctx.roots.confine(&disk.local_path).map_err(|e| source_failure(&disk, &e, &ctx.roots))?;
+        let path = ctx.roots.confine(&disk.local_path).map_err(|e| source_failure(&disk, &e))?;
         if let Some(expected) = disk.sha256 {
             events.append(Stage::Checksum.as_str(), &format!("verifying {}", disk.id), None);
-            verify_checksum(&disk, &path, &expected, control)?;
+            verify_checksum(ctx, &disk, &path, &expected, control)?;
         }
         let package = open_verified_ova(&disk, &path)?;
         fill_hardware(&mut spec, &package);
@@ -595,7 +595,7 @@ fn prepare_sources<'a>(
 ) -> Result<Vec<PreparedSource<'a>>, Stop> {
     let mut prepared = Vec::with_capacity(spec.disks.len());
     for disk in &spec.disks {
-        let path = ctx.roots.confine(&disk.local_path).map_err(|e| source_failure(disk, &e, &ctx.roots))?;
+        let path = ctx.roots.confine(&disk.local_path).map_err(|e| source_failure(disk, &e))?;
         if let (Some(expected), Ok(meta)) = (disk.bytes, std::fs::metadata(&path)) {
             if expected != meta.len() {
                 warnings.push(format!("disk {}: manifest says {expected} bytes, the file has {}", disk.id, meta.len()));
@@ -604,18 +604,18 @@ fn prepare_sources<'a>(
         let verified = match disk.sha256 {
             Some(expected) => {
                 events.append(Stage::Checksum.as_str(), &format!("verifying {}", disk.id), None);
-                verify_checksum(disk, &path, &expected, control)?;
+                verify_checksum(ctx, disk, &path, &expected, control)?;
                 true
             }
             None => false,
         };
         let info = match disk.ova_disk {
             Some(index) => inspect_ova_disk(&path, index),
-            None => ctx.converter.inspect(&path, disk.source_format, control),
+            None => ctx.converter.inspect(&path, disk.source_format, &ctx.roots, control),
         }
         .map_err(|e| convert_failure(Stage::Inspect, disk, &path, e))?;
         for referenced in &info.referenced_files {
-            ctx.roots.confine(referenced).map_err(|e| reference_failure(disk, referenced, &e, &ctx.roots))?;
+            ctx.roots.confine(referenced).map_err(|e| reference_failure(Stage::Inspect, disk, &e))?;
         }
         if !ctx.converter.reads_natively(disk.source_format) {
             check_structure(disk, &path, &info.referenced_files)?;
@@ -640,8 +640,17 @@ fn check_structure(disk: &DiskSpec, path: &Path, referenced: &[PathBuf]) -> Resu
     Ok(())
 }
 
-fn verify_checksum(disk: &DiskSpec, path: &Path, expected: &[u8; 32], control: &JobControl) -> Result<(), Stop> {
-    let actual = checksum::sha256_file(path, control).map_err(|e| convert_failure(Stage::Checksum, disk, path, e))?;
+/// Hashes the source through its confinement: a name swapped since it was confined cannot have
+/// an outside file's digest shown in the `.error`.
+fn verify_checksum(
+    ctx: &JobContext,
+    disk: &DiskSpec,
+    path: &Path,
+    expected: &[u8; 32],
+    control: &JobControl,
+) -> Result<(), Stop> {
+    let file = ctx.roots.open(path).map_err(|e| source_failure(disk, &e))?.file;
+    let actual = checksum::sha256_of(file, control).map_err(|e| convert_failure(Stage::Checksum, disk, path, e))?;
     if &actual != expected {
         return Err(Failure::new(
             Stage::Checksum,
@@ -695,6 +704,7 @@ fn convert_disk(
         compression,
         ova_disk: disk.ova_disk,
         inspected_files: Some(&source.info.referenced_files),
+        roots: &ctx.roots,
     };
     info!(stage = "convert", disk = %disk.id, source = %source.path.display(), "converting");
     ctx.converter.convert(&request, control).map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
@@ -1087,17 +1097,20 @@ fn cleanup_sources(report: &Report) {
     }
 }
 
-fn source_failure(disk: &DiskSpec, error: &SourceError, roots: &SourceRoots) -> Failure {
+fn source_failure(disk: &DiskSpec, error: &SourceError) -> Failure {
     let path = disk.local_path.display();
     let summary = match error {
         SourceError::Missing { .. } => format!(
             "Disk {} source file {path} does not exist; check that the export finished and that the path is visible on this host.",
             disk.id
         ),
-        SourceError::Outside { .. } => format!(
-            "Disk {} is at {path}, which is outside SOURCE_ROOTS ({}); move the export under one of them or add its directory to SOURCE_ROOTS.",
+        SourceError::Outside { roots, .. } => format!(
+            "Disk {} is at {path}, which is outside SOURCE_ROOTS ({roots}); move the export under one of them or add its directory to SOURCE_ROOTS.",
             disk.id,
-            roots.describe()
+        ),
+        SourceError::Results { area, .. } => format!(
+            "Disk {} is at {path}, which is inside {area}, where hyper2kvm keeps results and queue state; point local_path at the exported disk, not at a converted one.",
+            disk.id
         ),
         SourceError::NotAFile { .. } => format!("Disk {} source {path} is not a regular file; point local_path at the disk image file.", disk.id),
         SourceError::Unreadable { .. } => format!("Disk {} source file {path} cannot be read; check its permissions and the mount.", disk.id),
@@ -1105,28 +1118,47 @@ fn source_failure(disk: &DiskSpec, error: &SourceError, roots: &SourceRoots) -> 
     Failure::new(Stage::Source, summary).because(error)
 }
 
-fn reference_failure(disk: &DiskSpec, referenced: &Path, error: &SourceError, roots: &SourceRoots) -> Failure {
+/// A file the disk names (extent, parent, backing or data file) refused by confinement, at
+/// `stage`; nothing of it was read.
+fn reference_failure(stage: Stage, disk: &DiskSpec, error: &SourceError) -> Failure {
+    let referenced = error.path().display();
     let summary = match error {
         SourceError::Missing { .. } => format!(
-            "Disk {} ({}) needs {}, which does not exist; copy every extent and parent disk of the export.",
+            "Disk {} ({}) needs {referenced}, which does not exist; copy every extent and parent disk of the export.",
             disk.id,
             disk.local_path.display(),
-            referenced.display()
         ),
-        _ => format!(
-            "Disk {} ({}) refers to {}, which is outside SOURCE_ROOTS ({}); keep every extent and parent disk of the export under SOURCE_ROOTS.",
+        SourceError::Results { area, .. } => format!(
+            "Disk {} ({}) refers to {referenced}, which is inside {area}, where hyper2kvm keeps results and queue state; export the disk again with its own extents and parents.",
             disk.id,
             disk.local_path.display(),
-            referenced.display(),
-            roots.describe()
+        ),
+        SourceError::NotAFile { .. } => format!(
+            "Disk {} ({}) refers to {referenced}, which is not a regular file; keep every extent and parent disk of the export as plain files.",
+            disk.id,
+            disk.local_path.display(),
+        ),
+        SourceError::Outside { roots, .. } => format!(
+            "Disk {} ({}) refers to {referenced}, which is outside SOURCE_ROOTS ({roots}); keep every extent and parent disk of the export under SOURCE_ROOTS.",
+            disk.id,
+            disk.local_path.display(),
+        ),
+        SourceError::Unreadable { .. } => format!(
+            "Disk {} ({}) refers to {referenced}, which cannot be read; check its permissions and the mount.",
+            disk.id,
+            disk.local_path.display(),
         ),
     };
-    Failure::new(Stage::Inspect, summary).because(error)
+    Failure::new(stage, summary).because(error)
 }
 
 fn convert_failure(stage: Stage, disk: &DiskSpec, path: &Path, error: ConvertError) -> Stop {
     let format = disk.source_format.as_str();
     let summary = match &error {
+        ConvertError::Source(refused) if refused.path() == path || refused.path() == disk.local_path => {
+            return source_failure(disk, refused).into()
+        }
+        ConvertError::Source(refused) => return reference_failure(stage, disk, refused).into(),
         ConvertError::Cancelled => return Stop::Cancelled,
         ConvertError::LockLost => return Stop::LostLock,
         ConvertError::TimedOut => {

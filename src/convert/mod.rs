@@ -17,6 +17,7 @@ use thiserror::Error;
 
 use crate::config::CompressionType;
 use crate::manifest::SourceFormat;
+use crate::source::SourceRoots;
 
 /// Compressed output: codec and level (0–9; mapped for zstd).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +41,9 @@ pub struct ConversionRequest<'a> {
     /// SOURCE_ROOTS. A converter that opens the source again refuses one that now refers to
     /// any other: the descriptor was rewritten since, and the new file was never confined.
     pub inspected_files: Option<&'a [PathBuf]>,
+    /// The only way the converter may open the source and the files it names
+    /// ([`SourceRoots::anywhere`] for the commands run by hand).
+    pub roots: &'a SourceRoots,
 }
 
 impl ConversionRequest<'_> {
@@ -212,6 +216,9 @@ pub enum ConvertError {
     Spawn { tool: &'static str, source: std::io::Error },
     #[error("{0}")]
     Failed(String),
+    /// A file the source names was refused by SOURCE_ROOTS confinement before being opened.
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -227,8 +234,15 @@ pub trait Converter: Send + Sync {
         false
     }
 
-    /// Describes the source without converting it: format, size and the files it references.
-    fn inspect(&self, source: &Path, format: SourceFormat, control: &JobControl) -> Result<ImageInfo, ConvertError>;
+    /// Describes the source without converting it: format, size and the files it references,
+    /// each confined to `roots` before anything opens it.
+    fn inspect(
+        &self,
+        source: &Path,
+        format: SourceFormat,
+        roots: &SourceRoots,
+        control: &JobControl,
+    ) -> Result<ImageInfo, ConvertError>;
 
     /// Converts `request.source` into a new qcow2 at `request.destination`, honouring
     /// `control`'s deadline and cancellation and advancing its progress.

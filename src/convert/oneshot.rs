@@ -16,6 +16,7 @@ use crate::engine::pipeline::image_error;
 use crate::engine::{sequential, Auto, PipelineOptions};
 use crate::image::ova;
 use crate::manifest::SourceFormat;
+use crate::source::SourceRoots;
 use crate::{host, publish};
 
 /// One-shot conversions have no CONVERSION_TIMEOUT.
@@ -48,7 +49,7 @@ pub fn inspect_with(
     control: &JobControl,
 ) -> Result<serde_json::Value, ConvertError> {
     if !crate::engine::reads_natively(format) {
-        let info = Auto::default().inspect(source, format, control)?;
+        let info = Auto::default().inspect(source, format, &SourceRoots::anywhere(), control)?;
         return serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()));
     }
     if format == SourceFormat::Ova {
@@ -136,6 +137,7 @@ pub fn convert_with(
     let outputs = plan(source, format, destination)?;
     let interrupt = Interrupt::install();
     let converter = Auto::default();
+    let roots = SourceRoots::anywhere();
     let mut result = Ok(());
     for (n, output) in outputs.iter().enumerate() {
         let label = (outputs.len() > 1).then(|| format!("disk {}/{}", n + 1, outputs.len()));
@@ -146,6 +148,7 @@ pub fn convert_with(
             compression,
             ova_disk: output.ova_disk,
             inspected_files: None,
+            roots: &roots,
         };
         result = convert_one(&converter, &request, label, control);
         if result.is_err() {
@@ -364,7 +367,7 @@ fn convert_one(
     control.progress.start_disk(0);
     if !crate::engine::reads_natively(request.format) {
         // The native engine sets the total itself; qemu-img only reports percentages.
-        let info = converter.inspect(request.source, request.format, control)?;
+        let info = converter.inspect(request.source, request.format, request.roots, control)?;
         control.progress.total_bytes.store(info.virtual_size, Ordering::Relaxed);
     }
     watched(control, label, || converter.convert(request, control))

@@ -5,6 +5,7 @@
 //! feeds the job's progress counters.
 
 use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +17,7 @@ use serde_json::Value;
 use super::{ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
 use crate::config::CompressionType;
 use crate::manifest::SourceFormat;
+use crate::source::{Confined, SourceRoots};
 
 /// How often a running child is checked against the deadline.
 const POLL: Duration = Duration::from_millis(50);
@@ -77,35 +79,247 @@ impl Converter for QemuImg {
         "qemu-img"
     }
 
-    fn inspect(&self, source: &Path, format: SourceFormat, control: &JobControl) -> Result<ImageInfo, ConvertError> {
-        let mut cmd = self.command();
-        cmd.args(["info", "--output=json", "--backing-chain", "-f", qemu_format(format)?]).arg(source);
-        let output = run(cmd, control, |_| {})?;
-        let json: Value = serde_json::from_slice(&output)
-            .map_err(|e| ConvertError::Failed(format!("qemu-img info printed unexpected output: {e}")))?;
-        parse_info(&json, source)
+    fn inspect(
+        &self,
+        source: &Path,
+        format: SourceFormat,
+        roots: &SourceRoots,
+        control: &JobControl,
+    ) -> Result<ImageInfo, ConvertError> {
+        Ok(self.walk(source, format, roots, control)?.info())
     }
 
+    /// Converts exactly the chain inspected: every file is opened here, through `roots`, and
+    /// handed to qemu-img as `/dev/fd/N` in an explicit `json:` description (driver, data
+    /// file, backing, and `"backing": null` at the bottom), so qemu-img resolves no name
+    /// itself and cannot open anything that was not confined.
     fn convert(&self, request: &ConversionRequest<'_>, control: &JobControl) -> Result<(), ConvertError> {
+        let chain = self.walk(request.source, request.format, request.roots, control)?;
+        request.check_unchanged(&chain.info().referenced_files)?;
         let mut options = String::from("compat=1.1");
         if let Some(c) = request.compression {
             if c.kind == CompressionType::Zstd {
                 options.push_str(",compression_type=zstd");
             }
         }
-        let mut cmd = self.command();
-        cmd.args(["convert", "-p", "-f", qemu_format(request.format)?, "-O", "qcow2", "-o", &options]);
+        let mut cmd = self.command_with(&chain.fds());
+        cmd.args(["convert", "-p", "-O", "qcow2", "-o", &options]);
         if request.compression.is_some() {
             cmd.arg("-c");
         }
-        cmd.arg(request.source).arg(request.destination);
+        cmd.arg(format!("json:{}", chain.description())).arg(request.destination);
         let progress = control.progress.clone();
         run(cmd, control, move |percent| {
             let total = progress.total_bytes.load(Ordering::Relaxed);
             progress.done_bytes.store((total as f64 * percent / 100.0) as u64, Ordering::Relaxed);
         })?;
+        self.check_still(&chain, control)
+    }
+}
+
+impl QemuImg {
+    /// Inspects `top` and its backing chain one image at a time: each file is confined and
+    /// opened first (a FIFO, a device or a name outside `roots` is refused unopened), then
+    /// `qemu-img info` reads that one descriptor without following its backing file, and the
+    /// names it reports (backing file, data file) are judged before the next step opens them.
+    fn walk(
+        &self,
+        top: &Path,
+        format: SourceFormat,
+        roots: &SourceRoots,
+        control: &JobControl,
+    ) -> Result<Chain, ConvertError> {
+        let mut layers: Vec<Layer> = Vec::new();
+        let mut next = Some((top.to_owned(), Some(qemu_format(format)?.to_owned())));
+        while let Some((path, format)) = next.take() {
+            if layers.len() >= MAX_CHAIN_DEPTH {
+                return Err(ConvertError::Corrupt(format!(
+                    "its backing chain is deeper than {MAX_CHAIN_DEPTH} images; commit the snapshots into one image first"
+                )));
+            }
+            let file = roots.open(&path)?;
+            if layers.iter().any(|l| l.file.resolved == file.resolved) {
+                return Err(ConvertError::Corrupt(format!(
+                    "its backing chain loops back to {}: the backing file names are corrupt",
+                    path.display()
+                )));
+            }
+            // Named explicitly: qemu-img's own probe may pick a driver (vmdk) that opens other
+            // files by name.
+            let format = match format {
+                Some(format) => format,
+                None => probe(&file.file).map_err(ConvertError::Io)?.to_owned(),
+            };
+            if !READ_BY_QEMU_IMG.contains(&format.as_str()) {
+                return Err(ConvertError::Unsupported(format!(
+                    "{} is a {} image, which is not converted through qemu-img (only {})",
+                    path.display(),
+                    shown(&format),
+                    READ_BY_QEMU_IMG.join(", ")
+                )));
+            }
+            let info = self.describe(&file, &format, &path, control)?;
+            let data_file = match &info.data_file {
+                Some(name) => Some((name.clone(), roots.open(name)?)),
+                None => None,
+            };
+            next = info.backing.clone().map(|b| (b.path, b.format));
+            layers.push(Layer { path, file, info, data_file });
+        }
+        Ok(Chain { layers })
+    }
+
+    /// `qemu-img info` of one image already open, read as `format` (its chain not followed).
+    fn describe(
+        &self,
+        file: &Confined,
+        format: &str,
+        path: &Path,
+        control: &JobControl,
+    ) -> Result<LayerInfo, ConvertError> {
+        let mut cmd = self.command_with(&[file.file.as_raw_fd()]);
+        cmd.args(["info", "--output=json", "-U", "-f", format]).arg(fd_path(&file.file));
+        let output = run(cmd, control, |_| {})?;
+        let json: Value = serde_json::from_slice(&output)
+            .map_err(|e| ConvertError::Failed(format!("qemu-img info printed unexpected output: {e}")))?;
+        parse_layer(&json, path)
+    }
+
+    /// After a conversion: every image of the chain still names the backing and data files it
+    /// named before. A header rewritten in place while qemu-img ran (to add a data file, which
+    /// qemu would open by name) fails the conversion instead of publishing what it read.
+    fn check_still(&self, chain: &Chain, control: &JobControl) -> Result<(), ConvertError> {
+        for layer in &chain.layers {
+            let now = self.describe(&layer.file, &layer.info.format, &layer.path, control)?;
+            if (&now.backing, &now.data_file) != (&layer.info.backing, &layer.info.data_file) {
+                return Err(ConvertError::Unsupported(format!(
+                    "{} was rewritten while it was converted (it now names other backing or data files); submit the manifest again once the export is complete",
+                    layer.path.display()
+                )));
+            }
+        }
         Ok(())
     }
+
+    /// [`QemuImg::command`], with the descriptors `fds` (opened close-on-exec) left open in
+    /// the child, which names them `/dev/fd/N`.
+    fn command_with(&self, fds: &[RawFd]) -> Command {
+        let mut cmd = self.command();
+        let fds = fds.to_vec();
+        // SAFETY: fcntl is async-signal-safe and only changes flags of descriptors this
+        // process owns (and keeps open until the child has exited).
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+}
+
+/// Deepest backing chain walked, the top image included: as VMDK's `max_chain_depth`.
+const MAX_CHAIN_DEPTH: usize = 16;
+
+/// The formats qemu-img may read for us, by qemu-img's name: each references no file but its
+/// backing file and (qcow2) its data file, which the walk confines. Others are refused —
+/// qemu's vmdk driver opens extents by name, qed and luks are not export formats.
+const READ_BY_QEMU_IMG: [&str; 5] = ["qcow2", "raw", "vpc", "vhdx", "vdi"];
+
+/// One image of a backing chain, confined and open.
+struct Layer {
+    /// As named (by the manifest, or by its child's backing file name).
+    path: PathBuf,
+    file: Confined,
+    info: LayerInfo,
+    /// A qcow2 external data file: as named, and open.
+    data_file: Option<(PathBuf, Confined)>,
+}
+
+/// A backing chain, top first, every file confined and open.
+struct Chain {
+    layers: Vec<Layer>,
+}
+
+impl Chain {
+    /// Format, size and every file besides the top one.
+    fn info(&self) -> ImageInfo {
+        let top = &self.layers[0].info;
+        let backing: Vec<PathBuf> = self.layers.iter().skip(1).map(|l| l.path.clone()).collect();
+        let mut referenced = backing.clone();
+        referenced.extend(self.layers.iter().filter_map(|l| l.data_file.as_ref().map(|(name, _)| name.clone())));
+        ImageInfo {
+            format: top.format.clone(),
+            subformat: top.subformat.clone(),
+            virtual_size: top.virtual_size,
+            referenced_files: referenced,
+            allocated_bytes: None,
+            chain: backing,
+            ddb: Default::default(),
+        }
+    }
+
+    /// Every descriptor qemu-img is to read.
+    fn fds(&self) -> Vec<RawFd> {
+        let mut fds = Vec::new();
+        for layer in &self.layers {
+            fds.push(layer.file.file.as_raw_fd());
+            fds.extend(layer.data_file.as_ref().map(|(_, f)| f.file.as_raw_fd()));
+        }
+        fds
+    }
+
+    /// The chain as qemu's `json:` image description, every file as its `/dev/fd/N`.
+    fn description(&self) -> Value {
+        let mut below = Value::Null;
+        for layer in self.layers.iter().rev() {
+            let mut image = serde_json::json!({
+                "driver": layer.info.format,
+                "file": {"driver": "file", "filename": fd_path(&layer.file.file)},
+                "backing": below,
+            });
+            if let Some((_, data)) = &layer.data_file {
+                image["data-file"] = serde_json::json!({"driver": "file", "filename": fd_path(&data.file)});
+            }
+            below = image;
+        }
+        below
+    }
+}
+
+/// The format of a backing file whose image does not record it, from its first bytes, as
+/// qemu would probe it among the formats qemu-img reads for us; anything else is raw.
+fn probe(file: &std::fs::File) -> std::io::Result<&'static str> {
+    use std::os::unix::fs::FileExt;
+    let mut head = [0u8; 72];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read_at(&mut head[got..], got as u64)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let head = &head[..got];
+    Ok(if head.starts_with(b"QFI\xfb") {
+        "qcow2"
+    } else if head.starts_with(b"conectix") {
+        "vpc"
+    } else if head.starts_with(b"vhdxfile") {
+        "vhdx"
+    } else if head.get(64..68) == Some(&[0x7f, 0x10, 0xda, 0xbe]) {
+        "vdi"
+    } else {
+        "raw"
+    })
+}
+
+/// How a child process names a descriptor it inherited.
+fn fd_path(file: &std::fs::File) -> String {
+    format!("/dev/fd/{}", file.as_raw_fd())
 }
 
 /// Runs `cmd` to completion under `control`, feeding `-p` percentages to `on_progress`, and
@@ -200,61 +414,79 @@ fn classify_failure(stderr: &str) -> ConvertError {
     }
 }
 
-/// Reads format, size and every referenced file from `qemu-img info --backing-chain` JSON.
-fn parse_info(json: &Value, source: &Path) -> Result<ImageInfo, ConvertError> {
-    let chain = json.as_array().ok_or_else(|| ConvertError::Failed("qemu-img info did not print a chain".into()))?;
-    let top = chain.first().ok_or_else(|| ConvertError::Failed("qemu-img info printed an empty chain".into()))?;
-    let base_dir = source.parent().unwrap_or(Path::new("/"));
-    let mut referenced = Vec::new();
-    for image in chain {
-        collect_filenames(image, base_dir, &mut referenced)?;
+/// A backing file as its image names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingRef {
+    /// Made absolute against the image's directory.
+    pub path: PathBuf,
+    /// `backing-filename-format`, when the image records it (otherwise qemu-img probes it).
+    pub format: Option<String>,
+}
+
+/// What `qemu-img info --output=json` says of one image (its chain not followed), checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// qemu-img's format name, one of those read by qemu-img for us.
+    pub format: String,
+    /// VMDK create type, when there is one.
+    pub subformat: Option<String>,
+    pub virtual_size: u64,
+    pub backing: Option<BackingRef>,
+    /// A qcow2 external data file, made absolute against the image's directory.
+    pub data_file: Option<PathBuf>,
+}
+
+/// Reads one image's `qemu-img info` JSON. `image` is the image as named: relative backing and
+/// data file names are taken relative to its directory. Protocol references (`nbd://…`,
+/// `json:{…}`, `http:…`) and formats that name other files are refused.
+pub fn parse_layer(json: &Value, image: &Path) -> Result<LayerInfo, ConvertError> {
+    let unexpected = |what: &str| ConvertError::Failed(format!("qemu-img info printed no {what}"));
+    let format = json["format"].as_str().ok_or_else(|| unexpected("format"))?;
+    if !READ_BY_QEMU_IMG.contains(&format) {
+        return Err(ConvertError::Unsupported(format!(
+            "{} is a {} image, which is not converted through qemu-img (only {})",
+            image.display(),
+            shown(format),
+            READ_BY_QEMU_IMG.join(", ")
+        )));
     }
-    referenced.sort();
-    referenced.dedup();
-    referenced.retain(|p| p != source);
-    let backing = chain.iter().skip(1).filter_map(|image| image["filename"].as_str()).map(|f| base_dir.join(f));
-    Ok(ImageInfo {
-        format: top["format"].as_str().unwrap_or("unknown").to_owned(),
-        subformat: top["format-specific"]["data"]["create-type"].as_str().map(str::to_owned),
-        virtual_size: top["virtual-size"].as_u64().unwrap_or(0),
-        referenced_files: referenced,
-        allocated_bytes: None,
-        chain: backing.collect(),
-        ddb: Default::default(),
+    let base_dir = image.parent().unwrap_or(Path::new("/"));
+    let backing = match json["backing-filename"].as_str().filter(|s| !s.is_empty()) {
+        Some(name) => Some(BackingRef {
+            path: referenced_path(name, base_dir)?,
+            format: json["backing-filename-format"].as_str().map(str::to_owned),
+        }),
+        None => None,
+    };
+    let data_file = match json["format-specific"]["data"]["data-file"].as_str().filter(|s| !s.is_empty()) {
+        Some(name) => Some(referenced_path(name, base_dir)?),
+        None => None,
+    };
+    Ok(LayerInfo {
+        format: format.to_owned(),
+        subformat: json["format-specific"]["data"]["create-type"].as_str().map(str::to_owned),
+        virtual_size: json["virtual-size"].as_u64().unwrap_or(0),
+        backing,
+        data_file,
     })
 }
 
-/// Walks the whole info tree: extents and backing files appear at several depths.
-fn collect_filenames(value: &Value, base_dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConvertError> {
-    match value {
-        Value::Object(map) => {
-            for (key, v) in map {
-                if key == "filename" || key == "full-backing-filename" {
-                    if let Some(name) = v.as_str().filter(|s| !s.is_empty()) {
-                        out.push(referenced_path(name, base_dir)?);
-                    }
-                } else {
-                    collect_filenames(v, base_dir, out)?;
-                }
-            }
-        }
-        Value::Array(items) => {
-            for item in items {
-                collect_filenames(item, base_dir, out)?;
-            }
-        }
-        _ => {}
-    }
-    Ok(())
+/// Text from an untrusted header, short and printable, for a message.
+fn shown(text: &str) -> String {
+    format!("{:?}", text.chars().take(64).collect::<String>())
 }
 
 /// A plain file path, made absolute against the image's directory. Protocol references
-/// (`nbd://…`, `json:{…}`) are refused: a disk image must only point at files.
+/// (`nbd://…`, `json:{…}`, `file:…`: anything with a `:` before the first `/`, which qemu
+/// would take as a protocol) are refused: a disk image must only point at files.
 fn referenced_path(name: &str, base_dir: &Path) -> Result<PathBuf, ConvertError> {
     let looks_like_protocol =
         name.split_once(':').is_some_and(|(scheme, _)| !scheme.contains('/') && !scheme.is_empty());
-    if looks_like_protocol {
-        return Err(ConvertError::Unsupported(format!("the image refers to {name:?}, which is not a plain file")));
+    if looks_like_protocol || name.contains('\0') {
+        return Err(ConvertError::Unsupported(format!(
+            "the image refers to {}, which is not a plain file",
+            shown(name)
+        )));
     }
     let path = Path::new(name);
     Ok(if path.is_absolute() { path.to_owned() } else { base_dir.join(path) })
@@ -263,6 +495,7 @@ fn referenced_path(name: &str, base_dir: &Path) -> Result<PathBuf, ConvertError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::SourceError;
 
     #[test]
     fn parses_progress_records() {
@@ -284,5 +517,136 @@ mod tests {
         assert!(referenced_path("json:{\"file\":1}", Path::new("/d")).is_err());
         assert_eq!(referenced_path("x-flat.vmdk", Path::new("/d")).unwrap(), PathBuf::from("/d/x-flat.vmdk"));
         assert_eq!(referenced_path("/a/b:c", Path::new("/d")).unwrap(), PathBuf::from("/a/b:c"));
+    }
+
+    #[test]
+    fn reads_backing_and_data_file_names_relative_to_the_image() {
+        let json = serde_json::json!({
+            "format": "qcow2",
+            "virtual-size": 1048576,
+            "filename": "/dev/fd/7",
+            "full-backing-filename": "/dev/fd/base.qcow2",
+            "backing-filename": "base.qcow2",
+            "backing-filename-format": "qcow2",
+            "format-specific": {"type": "qcow2", "data": {"data-file": "top.raw", "data-file-raw": true}},
+        });
+        let layer = parse_layer(&json, Path::new("/exports/vm/top.qcow2")).unwrap();
+        assert_eq!(layer.virtual_size, 1 << 20);
+        assert_eq!(
+            layer.backing,
+            Some(BackingRef { path: "/exports/vm/base.qcow2".into(), format: Some("qcow2".into()) })
+        );
+        assert_eq!(layer.data_file, Some(PathBuf::from("/exports/vm/top.raw")));
+    }
+
+    #[test]
+    fn refuses_protocols_and_formats_that_name_other_files() {
+        let top = Path::new("/exports/top.qcow2");
+        let with = |key: &str, value: &str| {
+            let mut json = serde_json::json!({"format": "qcow2", "virtual-size": 1});
+            if key == "data-file" {
+                json["format-specific"] = serde_json::json!({"data": {"data-file": value}});
+            } else {
+                json[key] = value.into();
+            }
+            json
+        };
+        for name in ["nbd://127.0.0.1:10809/x", "json:{\"driver\":\"nbd\"}", "http://h/x", "file:/etc/shadow"] {
+            assert!(parse_layer(&with("backing-filename", name), top).is_err(), "backing {name}");
+            assert!(parse_layer(&with("data-file", name), top).is_err(), "data file {name}");
+        }
+        for format in ["vmdk", "qed", "luks", "nbd", "file"] {
+            assert!(parse_layer(&with("format", format), top).is_err(), "format {format}");
+        }
+        assert!(parse_layer(&serde_json::json!([]), top).is_err(), "not an object");
+    }
+
+    #[test]
+    fn probes_backing_formats_from_their_first_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let probe_of = |bytes: &[u8]| {
+            let path = dir.path().join("probe");
+            std::fs::write(&path, bytes).unwrap();
+            probe(&std::fs::File::open(&path).unwrap()).unwrap()
+        };
+        assert_eq!(probe_of(b"QFI\xfb\0\0\0\x03"), "qcow2");
+        assert_eq!(probe_of(b"conectix"), "vpc");
+        assert_eq!(probe_of(b"vhdxfile"), "vhdx");
+        let mut vdi = vec![0u8; 72];
+        vdi[64..68].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
+        assert_eq!(probe_of(&vdi), "vdi");
+        // A VMDK descriptor is not handed to qemu's vmdk driver, which would open its extents.
+        assert_eq!(probe_of(b"# Disk DescriptorFile\n"), "raw");
+        assert_eq!(probe_of(b""), "raw");
+    }
+
+    /// A real chain: qemu-img reads each image by descriptor and converts exactly the chain
+    /// inspected (the backing's data shows through the top's holes).
+    #[test]
+    fn converts_a_backing_chain_through_the_descriptors_it_confined() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let qemu = |args: &[&str]| {
+            let out = Command::new(args[0]).args(&args[1..]).current_dir(d).output().unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
+        qemu(&["qemu-io", "-c", "write -P 0x41 0 64k", "base.qcow2"]);
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", "top.qcow2"]);
+        qemu(&["qemu-io", "-c", "write -P 0x42 64k 64k", "top.qcow2"]);
+        let roots = SourceRoots::new(&[d.to_owned()]);
+        let control = JobControl::new(Duration::from_secs(60));
+        let top = d.join("top.qcow2");
+        let info = QemuImg::default().inspect(&top, SourceFormat::Qcow2, &roots, &control).unwrap();
+        assert_eq!(info.chain, [d.join("base.qcow2")]);
+        assert_eq!(info.referenced_files, [d.join("base.qcow2")]);
+        let out = d.join("out.qcow2");
+        let request = ConversionRequest {
+            source: &top,
+            format: SourceFormat::Qcow2,
+            destination: &out,
+            compression: None,
+            ova_disk: None,
+            inspected_files: Some(&info.referenced_files),
+            roots: &roots,
+        };
+        QemuImg::default().convert(&request, &control).unwrap();
+        qemu(&["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", "top.qcow2", "out.qcow2"]);
+        // A top inside the roots whose backing is outside them: refused by name.
+        std::fs::create_dir(d.join("vm")).unwrap();
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "../base.qcow2", "vm/top.qcow2"]);
+        let narrow = SourceRoots::new(&[d.join("vm")]);
+        match QemuImg::default().inspect(&d.join("vm/top.qcow2"), SourceFormat::Qcow2, &narrow, &control) {
+            Err(ConvertError::Source(SourceError::Outside { path, .. })) => assert!(path.ends_with("base.qcow2")),
+            other => panic!("a backing outside the roots must be refused, got {other:?}"),
+        }
+    }
+
+    /// A header rewritten in place while qemu-img converts (here: another backing file) fails
+    /// the conversion: the chain read after it must be the chain confined before it.
+    #[test]
+    fn a_header_rewritten_during_the_conversion_fails_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let qemu = |args: &[&str]| {
+            let out = Command::new(args[0]).args(&args[1..]).current_dir(d).output().unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "other.qcow2", "1M"]);
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", "top.qcow2"]);
+        let roots = SourceRoots::new(&[d.to_owned()]);
+        let control = JobControl::new(Duration::from_secs(60));
+        let qemu_img = QemuImg::default();
+        let chain = qemu_img.walk(&d.join("top.qcow2"), SourceFormat::Qcow2, &roots, &control).unwrap();
+        qemu_img.check_still(&chain, &control).expect("nothing changed yet");
+        let inode = |p: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(d.join(p)).unwrap());
+        let before = inode("top.qcow2");
+        qemu(&["qemu-img", "rebase", "-u", "-F", "qcow2", "-b", "other.qcow2", "top.qcow2"]);
+        assert_eq!(inode("top.qcow2"), before, "rewritten in place");
+        match qemu_img.check_still(&chain, &control) {
+            Err(ConvertError::Unsupported(m)) => assert!(m.contains("rewritten while it was converted"), "{m}"),
+            other => panic!("a rewritten header must fail the conversion, got {other:?}"),
+        }
     }
 }

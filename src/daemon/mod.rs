@@ -171,7 +171,7 @@ pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, work: 
     let identity = Identity::current(config.instance.clone());
     let layout = Layout::new(&config.watch_dir);
     let ctx = Arc::new(JobContext {
-        roots: SourceRoots::new(&config.source_roots),
+        roots: SourceRoots::for_daemon(&config),
         converter: Arc::new(Auto::default()),
         identity,
         config: config.clone(),

@@ -91,11 +91,19 @@ struct Buffers {
     packed: Vec<u8>,
 }
 
+/// A chunk as a worker finished it.
+enum Done<'a> {
+    Chunk(Result<ChunkOut<'a>, ImageError>),
+    /// This chunk and the ones up to (not including) the given index hold no data: skipped in
+    /// one step, so that a disk's cost follows its extents and data, not its virtual size.
+    Skip(u64),
+}
+
 /// State shared by workers and the writer.
 struct Shared<'a> {
     next_to_take: u64,
     next_to_write: u64,
-    done: BTreeMap<u64, Result<ChunkOut<'a>, ImageError>>,
+    done: BTreeMap<u64, Done<'a>>,
     /// Spare chunk buffers, so large allocations are not repeated per chunk.
     spare: Vec<Buffers>,
     stop: bool,
@@ -203,14 +211,31 @@ impl<'a> Work<'a> {
                     state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
                 }
                 let index = state.next_to_take;
+                let skip_to = self.first_chunk_with_data(index);
+                if skip_to > index {
+                    state.next_to_take = skip_to;
+                    state.done.insert(index, Done::Skip(skip_to));
+                    drop(state);
+                    self.ready.notify_all();
+                    continue;
+                }
                 state.next_to_take += 1;
                 (index, state.spare.pop().unwrap_or_default())
             };
             // A panic here would leave the writer waiting for this chunk until the timeout.
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.process(index, buffers)))
                 .unwrap_or_else(|panic| Err(ImageError::Internal(panic_message(panic.as_ref()))));
-            self.lock().done.insert(index, out);
+            self.lock().done.insert(index, Done::Chunk(out));
             self.ready.notify_all();
+        }
+    }
+
+    /// The first chunk from `index` on that may hold data ([`DiskSource::next_data`]); a
+    /// source that cannot tell has every chunk read.
+    fn first_chunk_with_data(&self, index: u64) -> u64 {
+        match self.source.next_data(index * self.chunk_bytes) {
+            Ok(at) => (at / self.chunk_bytes).clamp(index, self.chunks),
+            Err(_) => index,
         }
     }
 
@@ -314,12 +339,22 @@ impl<'a> Work<'a> {
     fn write_in_order(&self, writer: &mut Qcow2Writer, control: &JobControl) -> Result<(), ConvertError> {
         // Clusters the writer had to read itself (see `write_copy`).
         let mut fallback = Vec::new();
-        for index in 0..self.chunks {
+        let mut index = 0;
+        while index < self.chunks {
             // In offload mode the writer, not the workers, does the work: workers hand chunks
             // over at once and `wait_for` might never wait, so cancellation and the deadline
             // are checked here too.
             control.check()?;
-            let chunk = self.wait_for(index, control)?.map_err(image_error)?;
+            let chunk = match self.wait_for(index, control)? {
+                Done::Chunk(chunk) => chunk.map_err(image_error)?,
+                Done::Skip(next) => {
+                    control.progress.done_bytes.store((next * self.chunk_bytes).min(self.size), Ordering::Relaxed);
+                    self.lock().next_to_write = next;
+                    self.ready.notify_all();
+                    index = next;
+                    continue;
+                }
+            };
             for (cluster, payload) in &chunk.clusters {
                 match payload {
                     Payload::Raw(range) => writer.write_cluster(*cluster, &chunk.buffers.data[range.clone()]),
@@ -340,6 +375,7 @@ impl<'a> Work<'a> {
             state.spare.push(chunk.buffers);
             drop(state);
             self.ready.notify_all();
+            index += 1;
         }
         Ok(())
     }
@@ -381,7 +417,7 @@ impl<'a> Work<'a> {
         Ok(())
     }
 
-    fn wait_for(&self, index: u64, control: &JobControl) -> Result<Result<ChunkOut<'a>, ImageError>, ConvertError> {
+    fn wait_for(&self, index: u64, control: &JobControl) -> Result<Done<'a>, ConvertError> {
         let mut state = self.lock();
         loop {
             if let Some(out) = state.done.remove(&index) {
@@ -466,6 +502,7 @@ pub fn image_error(e: ImageError) -> ConvertError {
         ImageError::Corrupt(m) | ImageError::Limit(m) => ConvertError::Corrupt(m),
         ImageError::Unsupported(m) => ConvertError::Unsupported(m),
         e @ ImageError::Internal(_) => ConvertError::Failed(e.to_string()),
+        ImageError::Source(e) => ConvertError::Source(e),
         ImageError::Io { path, source } if source.raw_os_error() == Some(libc::ENOSPC) => {
             ConvertError::NoSpace(format!("{}: {source}", path.display()))
         }
@@ -747,7 +784,7 @@ pub(crate) mod tests {
     fn process_all(work: &Work<'_>) {
         for index in 0..work.chunks {
             let chunk = work.process(index, Buffers::default()).unwrap();
-            work.lock().done.insert(index, Ok(chunk));
+            work.lock().done.insert(index, Done::Chunk(Ok(chunk)));
         }
     }
 
@@ -767,7 +804,8 @@ pub(crate) mod tests {
         let work = work_over(&source, writer.copy_offload(), &shared, &ready);
         process_all(&work);
         for chunk in work.lock().done.values() {
-            let clusters = &chunk.as_ref().unwrap().clusters;
+            let Done::Chunk(Ok(chunk)) = chunk else { panic!("every chunk holds data") };
+            let clusters = &chunk.clusters;
             assert!(matches!(clusters[..], [(_, Payload::Copy { count: 64, .. })]), "one copy per chunk");
         }
         let control = JobControl::new(std::time::Duration::from_secs(60));

@@ -35,6 +35,9 @@ pub enum ImageError {
     Limit(String),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// A file the image names is refused by SOURCE_ROOTS confinement; it was not opened.
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
     /// A bug: code reading the image panicked (ours or a library's). The job fails instead of
     /// the daemon, and the message asks for a report.
     #[error("internal error while reading the image ({0}); this is a bug in hyper2kvm: please report it with the output of `hyper2kvm inspect` on the source")]
@@ -80,6 +83,12 @@ impl FileSource {
     /// Opens `path` read-only.
     pub fn open(path: &Path) -> Result<FileSource, ImageError> {
         let file = File::open(path).map_err(|e| ImageError::io(path, e))?;
+        let len = file.metadata().map_err(|e| ImageError::io(path, e))?.len();
+        Ok(FileSource { file, len, path: path.to_owned() })
+    }
+
+    /// Wraps a file already opened (and confined) by the caller; `path` names it in messages.
+    pub fn from_file(file: File, path: &Path) -> Result<FileSource, ImageError> {
         let len = file.metadata().map_err(|e| ImageError::io(path, e))?.len();
         Ok(FileSource { file, len, path: path.to_owned() })
     }
@@ -203,6 +212,14 @@ pub trait DiskSource: Send + Sync {
     fn plain_runs(&self, range: Range<u64>) -> Result<Vec<PlainRun<'_>>, ImageError> {
         let _ = range;
         Ok(Vec::new())
+    }
+
+    /// The first offset at or after `from` where data may be (`size()` when there is none
+    /// after it), found without walking what lies between: a converter skips to it in one
+    /// step, so a disk of huge unallocated extents costs what its extents cost, not what its
+    /// virtual size would. The default, `from`, is always correct.
+    fn next_data(&self, from: u64) -> Result<u64, ImageError> {
+        Ok(from)
     }
 
     /// Bytes of the whole disk that may hold data. A walk of every grain table or data range

@@ -19,6 +19,11 @@ impl RawImage {
         Ok(RawImage { file: FileSource::open(path)? })
     }
 
+    /// A raw image of a file the caller opened (and confined).
+    pub fn from_file(file: FileSource) -> RawImage {
+        RawImage { file }
+    }
+
     /// What `inspect` shows, but the allocated bytes ([`DiskSource::allocated_bytes`]: the
     /// data ranges `SEEK_DATA`/`SEEK_HOLE` find, the whole file where the filesystem cannot tell).
     pub fn info(&self) -> SourceInfo {

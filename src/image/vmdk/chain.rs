@@ -12,22 +12,33 @@ use super::header::{SparseHeader, COWD_MAGIC, SECTOR, SPARSE_MAGIC};
 use super::sparse::{Budget, SparseExtent};
 use super::{whole_file_extent, Extent, Limits, Placed, VmdkImage, MAX_VIRTUAL_BYTES};
 use crate::image::{ExtentInfo, FileSource, ImageError, ReadAt};
+use crate::source::{SourceError, SourceRoots};
 
 /// Opens the VMDK at `path` — a descriptor file (`# Disk DescriptorFile`) or a monolithic
 /// sparse/stream file — with its extents (resolved next to the descriptor) and, for a delta
 /// disk, its parents (`parentFileNameHint`, next to the child), checking each parent's CID.
+/// Any file may be named: for the commands run by hand. The daemon uses [`open_confined`].
 pub fn open(path: &Path, limits: &Limits) -> Result<VmdkImage, ImageError> {
-    let mut ctx = Ctx { limits, budget: Budget::new(limits), chain: Vec::new(), files: HashMap::new() };
+    open_confined(path, limits, &SourceRoots::anywhere())
+}
+
+/// [`open`], with every file — the disk, its extents, its parents — confined to `roots`
+/// before it is opened and checked again through its descriptor ([`SourceRoots::open`]): a
+/// name outside them is refused unread, so none of its bytes or its size can reach a message.
+pub fn open_confined(path: &Path, limits: &Limits, roots: &SourceRoots) -> Result<VmdkImage, ImageError> {
+    let mut ctx = Ctx { limits, roots, budget: Budget::new(limits), chain: Vec::new(), files: HashMap::new() };
     open_layer(path, &mut ctx)
 }
 
 struct Ctx<'a> {
     limits: &'a Limits,
+    /// The only way a file is opened here.
+    roots: &'a SourceRoots,
     budget: Budget,
     /// Disks of the chain opened so far, child first: (canonical path, path as opened).
     chain: Vec<(PathBuf, PathBuf)>,
     /// Files opened, shared by extents that name the same file.
-    files: HashMap<PathBuf, Arc<FileSource>>,
+    files: HashMap<PathBuf, (Arc<FileSource>, PathBuf)>,
 }
 
 /// The file name of `path`, for messages.
@@ -57,33 +68,51 @@ pub(crate) fn inferred_type(h: &SparseHeader) -> &'static str {
     }
 }
 
-/// Opens a regular file once; devices and other special files are refused without being
-/// opened (a FIFO would block).
-fn open_file(path: &Path, ctx: &mut Ctx) -> Result<Arc<FileSource>, ImageError> {
+/// Opens a regular file once, through the confinement of `ctx.roots`; devices and other
+/// special files are refused without being opened (a FIFO would block). Returns the file and
+/// its path after symlinks.
+fn open_file(path: &Path, ctx: &mut Ctx) -> Result<(Arc<FileSource>, PathBuf), ImageError> {
     if let Some(f) = ctx.files.get(path) {
         return Ok(f.clone());
     }
-    let meta = std::fs::metadata(path).map_err(|e| ImageError::io(path, e))?;
-    let kind = meta.file_type();
-    if kind.is_block_device() || kind.is_char_device() {
-        return Err(ImageError::Unsupported(format!(
-            "{} is a device: a device-backed extent cannot be converted from files; export the disk as a file",
-            path.display()
+    if ctx.files.len() >= ctx.limits.max_extent_files {
+        return Err(ImageError::Limit(format!(
+            "{} needs more than {} files (its own, its extents' and its parent disks'; max_extent_files), each of which would stay open while it is read; convert it to a single-file VMDK (monolithicSparse or streamOptimized) first",
+            short(ctx.chain.first().map_or(path, |(_, p)| p.as_path())),
+            ctx.limits.max_extent_files
         )));
     }
-    if !kind.is_file() {
-        return Err(ImageError::Unsupported(format!("{} is not a regular file", path.display())));
+    let confined = match ctx.roots.open(path) {
+        Ok(confined) => confined,
+        // Only a name already judged inside the roots gets here: its type may be told.
+        Err(SourceError::NotAFile { .. }) => return Err(not_a_file(path)),
+        Err(SourceError::Missing { .. }) => {
+            return Err(ImageError::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let file = Arc::new(FileSource::from_file(confined.file, path)?);
+    ctx.files.insert(path.to_owned(), (file.clone(), confined.resolved.clone()));
+    Ok((file, confined.resolved))
+}
+
+fn not_a_file(path: &Path) -> ImageError {
+    let device =
+        std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device() || m.file_type().is_char_device());
+    if device {
+        ImageError::Unsupported(format!(
+            "{} is a device: a device-backed extent cannot be converted from files; export the disk as a file",
+            path.display()
+        ))
+    } else {
+        ImageError::Unsupported(format!("{} is not a regular file", path.display()))
     }
-    let file = Arc::new(FileSource::open(path)?);
-    ctx.files.insert(path.to_owned(), file.clone());
-    Ok(file)
 }
 
 fn open_layer(path: &Path, ctx: &mut Ctx) -> Result<VmdkImage, ImageError> {
-    let canonical = std::fs::canonicalize(path).map_err(|e| ImageError::io(path, e))?;
-    ctx.chain.push((canonical, path.to_owned()));
     let name = short(path);
-    let file = open_file(path, ctx)?;
+    let (file, canonical) = open_file(path, ctx)?;
+    ctx.chain.push((canonical, path.to_owned()));
     let mut probe = vec![0u8; file.len().min(1024) as usize];
     file.read_exact_at(&mut probe, 0).map_err(|e| ImageError::io(path, e))?;
     let magic = probe.get(..4).map(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
@@ -159,8 +188,7 @@ fn open_parent(
             "{name} is a delta disk (parentCID {parent_cid:08x}) but has no parentFileNameHint naming its parent"
         ))
     })?;
-    let parent_path = resolve_parent(child, hint)?;
-    let canonical = std::fs::canonicalize(&parent_path).map_err(|e| ImageError::io(&parent_path, e))?;
+    let (parent_path, canonical) = resolve_parent(child, hint, ctx.roots)?;
     let chain_text = |ctx: &Ctx, last: &Path| {
         ctx.chain.iter().map(|(_, p)| short(p)).chain(std::iter::once(short(last))).collect::<Vec<_>>().join(" → ")
     };
@@ -193,28 +221,33 @@ fn open_parent(
     }
 }
 
-/// The parent named by `hint`: relative to the child's directory, or absolute; VMware often
-/// records an absolute datastore (or Windows) path, so the hint's file name next to the child
-/// is tried as well.
-fn resolve_parent(child: &Path, hint: &str) -> Result<PathBuf, ImageError> {
+/// The parent named by `hint`, as given and after symlinks: relative to the child's
+/// directory, or absolute; VMware often records an absolute datastore (or Windows) path, so
+/// the hint's file name next to the child is tried as well. Only names inside `roots` are
+/// looked at, so the answer does not tell whether a file outside them exists.
+fn resolve_parent(child: &Path, hint: &str, roots: &SourceRoots) -> Result<(PathBuf, PathBuf), ImageError> {
     let dir = child.parent().unwrap_or(Path::new(""));
     let direct = dir.join(hint);
-    if direct.exists() {
-        return Ok(direct);
-    }
+    let refused = match roots.confine(&direct) {
+        Ok(resolved) => return Ok((direct, resolved)),
+        Err(e) => e,
+    };
     if let Some(base) = hint.rsplit(['/', '\\']).next().filter(|b| !b.is_empty() && *b != hint) {
         let beside = dir.join(base);
-        if beside.exists() {
-            return Ok(beside);
+        if let Ok(resolved) = roots.confine(&beside) {
+            return Ok((beside, resolved));
         }
     }
-    Err(ImageError::io(
-        &direct,
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("the parent disk \"{hint}\" named by {} (parentFileNameHint) is missing", short(child)),
+    Err(match refused {
+        SourceError::Missing { .. } => ImageError::io(
+            &direct,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("the parent disk \"{hint}\" named by {} (parentFileNameHint) is missing", short(child)),
+            ),
         ),
-    ))
+        other => other.into(),
+    })
 }
 
 /// The extents of one disk, laid end to end.
@@ -271,7 +304,7 @@ fn open_extents(path: &Path, name: &str, d: &Descriptor, ctx: &mut Ctx) -> Resul
             ExtentType::Flat | ExtentType::Vmfs | ExtentType::Sparse => {
                 let file_name = line.file.as_deref().unwrap_or_default();
                 let file_path = dir.join(file_name);
-                let file = open_file(&file_path, ctx)?;
+                let (file, _) = open_file(&file_path, ctx)?;
                 files.push(file_path.clone());
                 if line.kind == ExtentType::Sparse {
                     open_sparse_extent(&file_path, file, &at, ctx)?

@@ -212,7 +212,7 @@ pub fn parse(bytes: &[u8], name: &str, limits: &Limits, strict: bool) -> Result<
         if let Some(access) = access {
             if d.extents.len() >= limits.max_extents {
                 return Err(ImageError::Limit(format!(
-                    "{name} lists more than {} extents, over the limit",
+                    "{name} lists more than {} extents, over the limit (max_extents: an 8 TiB disk in 2 GB extents)",
                     limits.max_extents
                 )));
             }

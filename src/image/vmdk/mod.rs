@@ -29,7 +29,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use chain::open;
+pub use chain::{open, open_confined};
 pub use check::{check_sparse, check_sparse_file, is_sparse_extent, SparseSummary};
 pub use descriptor::{Access, Descriptor, ExtentLine, ExtentType};
 pub use header::{SparseHeader, VmdkError, COWD_MAGIC, SPARSE_MAGIC};
@@ -49,9 +49,15 @@ pub struct Limits {
     /// Default 64 KiB (real ones are under 2 KiB; a twoGbMaxExtent descriptor of a 2 TiB disk
     /// is about 40 KiB).
     pub max_descriptor_bytes: u64,
-    /// Most extent lines in one descriptor. Default 4096 (an 8 TiB twoGbMaxExtent disk). Each
-    /// extent file stays open while the image is, so this also bounds file descriptors.
+    /// Most extent lines in one descriptor. Default 4096 (an 8 TiB twoGbMaxExtent disk, the
+    /// largest VMware's hosted products make).
     pub max_extents: usize,
+    /// Most distinct files one disk opens, its extents and every parent's together: each stays
+    /// open while the disk is read. Default 2048 (4 TiB in 2 GB extents). A job reads one disk
+    /// at a time, so MAX_CONCURRENT (at most 256) jobs hold at most 256 × 2048 = 524288
+    /// descriptors for extents, systemd's default hard RLIMIT_NOFILE; a VMDK naming thousands of
+    /// files cannot starve the other jobs of descriptors (EMFILE).
+    pub max_extent_files: usize,
     /// Most disks in a delta chain, the top one included. Default 16.
     pub max_chain_depth: usize,
     /// Most grain directory entries of one sparse extent (4 bytes each, read at open).
@@ -79,6 +85,7 @@ impl Default for Limits {
         Limits {
             max_descriptor_bytes: 64 << 10,
             max_extents: 4096,
+            max_extent_files: 2048,
             max_chain_depth: 16,
             max_grain_directory_entries: 2 << 20,
             max_compressed_grain_bytes: 4 << 20,
@@ -244,6 +251,18 @@ impl DiskSource for VmdkImage {
             }
         }
         Ok(out)
+    }
+
+    /// Past ZERO extents (zeros whatever a parent holds), in O(extents).
+    fn next_data(&self, from: u64) -> Result<u64, ImageError> {
+        let mut at = from.min(self.size);
+        for p in &self.extents[self.first_extent(at)..] {
+            if !matches!(p.extent, Extent::Zero) {
+                break;
+            }
+            at = p.start + p.len;
+        }
+        Ok(at)
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {

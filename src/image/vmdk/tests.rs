@@ -263,6 +263,7 @@ fn expect_kind(r: Result<impl std::fmt::Debug, ImageError>, kind: &str, words: &
         ImageError::Limit(_) => "limit",
         ImageError::Io { .. } => "io",
         ImageError::Internal(_) => "internal",
+        ImageError::Source(_) => "source",
     };
     let m = err_text(&e);
     assert_eq!(actual, kind, "{m}");
@@ -1592,6 +1593,7 @@ fn default_limits_are_documented_values() {
     let l = Limits::default();
     assert_eq!(l.max_descriptor_bytes, 64 << 10);
     assert_eq!(l.max_extents, 4096);
+    assert_eq!(l.max_extent_files, 2048);
     assert_eq!(l.max_chain_depth, 16);
     assert_eq!(l.max_grain_directory_entries, 2 << 20);
     assert_eq!(l.max_compressed_grain_bytes, 4 << 20);
@@ -1671,4 +1673,88 @@ fn a_footer_that_contradicts_the_header_is_refused() {
             .unwrap();
     let opened = open_stream(Arc::new(bytes), "fuzzed.vmdk", &Limits::default()).map(|image| drop(image.info()));
     assert!(matches!(opened, Err(ImageError::Corrupt(_))), "{opened:?}");
+}
+
+/// Issue 10: extents and parents outside SOURCE_ROOTS are refused by name, before they are
+/// opened, so nothing of them (first bytes, size) reaches a message; a symlink under a name
+/// inside the roots is judged by what it leads to.
+#[test]
+fn references_outside_the_roots_are_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let exports = dir.path().join("exports");
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&exports).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    // 1234 bytes that start like /etc/shadow.
+    let secret = write_file(&elsewhere.join("shadow"), format!("rootSECRET{}", "x".repeat(1224)).as_bytes());
+    let roots = crate::source::SourceRoots::new(std::slice::from_ref(&exports));
+    let descriptor = |name: &str, body: &str| {
+        let text = format!("# Disk DescriptorFile\nversion=1\nCID=00000001\n{body}\ncreateType=\"vmfs\"\n");
+        write_file(&exports.join(name), text.as_bytes())
+    };
+    let secret_name = s(&secret);
+    let cases = [
+        descriptor("sparse.vmdk", &format!("parentCID=ffffffff\nRW 2048 SPARSE \"{secret_name}\"")),
+        descriptor("flat.vmdk", &format!("parentCID=ffffffff\nRW 4 FLAT \"{secret_name}\" 0")),
+        descriptor("relative.vmdk", "parentCID=ffffffff\nRW 4 FLAT \"../elsewhere/shadow\" 0"),
+        descriptor("delta.vmdk", &format!("parentCID=12345678\nparentFileNameHint=\"{secret_name}\"\nRW 2048 ZERO")),
+    ];
+    std::os::unix::fs::symlink(&secret, exports.join("link-flat.bin")).unwrap();
+    let linked = descriptor("linked.vmdk", "parentCID=ffffffff\nRW 4 FLAT \"link-flat.bin\" 0");
+    for vmdk in cases.iter().chain([&linked]) {
+        let e = open_confined(vmdk, &Limits::default(), &roots).expect_err("a reference outside must be refused");
+        let text = err_text(&e);
+        assert!(matches!(e, ImageError::Source(crate::source::SourceError::Outside { .. })), "{vmdk:?}: {text}");
+        assert!(text.contains("outside SOURCE_ROOTS"), "{text}");
+        assert!(!text.contains("root\"") && !text.contains("SECRET") && !text.contains("1234"), "leaks: {text}");
+    }
+    // Unconfined (commands run by hand), the same files are read: the refusal above is the
+    // confinement's doing, not the parser's.
+    let e = open(&cases[1], &Limits::default()).expect_err("a short flat extent");
+    assert!(err_text(&e).contains("1234"), "{}", err_text(&e));
+}
+
+/// A parent named by an absolute datastore path outside the roots is still found beside the
+/// child, as VMware's exports need, without looking at the outside name.
+#[test]
+fn a_parent_outside_the_roots_is_found_beside_the_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let exports = dir.path().join("exports");
+    std::fs::create_dir_all(&exports).unwrap();
+    let raw = exports.join("base.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&raw), "1M"]);
+    let base = exports.join("base.vmdk");
+    qemu_img(&["convert", "-q", "-f", "raw", "-O", "vmdk", s(&raw), s(&base)]);
+    let child = exports.join("child.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", "-F", "vmdk", "-b", "base.vmdk", s(&child)]);
+    let mut bytes = std::fs::read(&child).unwrap();
+    let from = b"parentFileNameHint=\"base.vmdk\"";
+    let to = b"parentFileNameHint=\"/vmfs/volumes/ds1/vm/base.vmdk\"";
+    let at = bytes.windows(from.len()).position(|w| w == from).expect("the hint");
+    bytes.splice(at..at + from.len(), to.iter().copied());
+    std::fs::write(&child, &bytes).unwrap();
+    let roots = crate::source::SourceRoots::new(std::slice::from_ref(&exports));
+    let image = open_confined(&child, &Limits::default(), &roots).expect("the parent beside the child");
+    assert_eq!(image.info().chain, [child.clone(), exports.join("base.vmdk")]);
+}
+
+/// Issue 10: a disk naming more files than `max_extent_files` is refused before it holds them
+/// all open; the same file named again costs nothing.
+#[test]
+fn extent_files_are_capped_per_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut lines = String::new();
+    for i in 0..5 {
+        write_file(&d.join(format!("e{i}.bin")), &[0u8; 512]);
+        lines.push_str(&format!("RW 1 FLAT \"e{i}.bin\" 0\n"));
+    }
+    let header = "# Disk DescriptorFile\nversion=1\nCID=00000001\nparentCID=ffffffff\ncreateType=\"vmfs\"\n";
+    let five = write_file(&d.join("five.vmdk"), format!("{header}{lines}").as_bytes());
+    // The descriptor and its five extents: six files.
+    let limits = Limits { max_extent_files: 5, ..Limits::default() };
+    expect_kind(open(&five, &limits), "limit", &["more than 5 files", "max_extent_files", "five.vmdk"]);
+    let same = write_file(&d.join("same.vmdk"), format!("{header}{}", "RW 1 FLAT \"e0.bin\" 0\n".repeat(5)).as_bytes());
+    open(&same, &limits).expect("one file named five times is one descriptor");
+    open(&five, &Limits { max_extent_files: 6, ..Limits::default() }).expect("six files within a limit of six");
 }
