@@ -27,3 +27,4 @@ pub mod source;
 pub mod status;
 pub mod submit;
 pub mod systemd_units;
+pub mod text;

@@ -30,6 +30,7 @@ pub use ovf::{
 use tar::{Member, MemberKind};
 
 use super::{FileSource, ImageError, ReadAt, Slice};
+use crate::text::{capped_list, shorten, MAX_LISTED};
 
 /// Bounds on what an OVA may make the parser read or allocate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,7 +217,8 @@ pub fn open(path: &Path, limits: &Limits) -> Result<OvaPackage, ImageError> {
             MemberKind::File => {
                 if members.insert(name.clone(), data.clone()).is_some() {
                     return Err(ImageError::Corrupt(format!(
-                        "{shown} holds two members named {name:?}; it is ambiguous which one is meant, so it is refused"
+                        "{shown} holds two members named {:?}; it is ambiguous which one is meant, so it is refused",
+                        shorten(name)
                     )));
                 }
             }
@@ -242,7 +244,7 @@ pub fn open(path: &Path, limits: &Limits) -> Result<OvaPackage, ImageError> {
             return Err(ImageError::Corrupt(format!(
                 "{shown} holds {} .ovf descriptors ({}); an OVA holds exactly one: export each VM on its own",
                 many.len(),
-                many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                capped_list(many.iter(), MAX_LISTED)
             )))
         }
     };
@@ -316,7 +318,8 @@ pub fn open(path: &Path, limits: &Limits) -> Result<OvaPackage, ImageError> {
             return Err(ImageError::Corrupt(format!(
                 "{shown}: the OVF says disk {:?} is in file {:?}, but {why}; the OVA is incomplete or damaged, export \
                  it again",
-                disk.ovf_disk_id, file.href
+                shorten(&disk.ovf_disk_id),
+                shorten(&file.href)
             )));
         };
         let size = range.end - range.start;
@@ -325,7 +328,7 @@ pub fn open(path: &Path, limits: &Limits) -> Result<OvaPackage, ImageError> {
                 return Err(ImageError::Corrupt(format!(
                     "{shown}: the OVF says file {:?} is {declared} bytes, but its member is {size} bytes; the OVA is \
                      damaged, export it again",
-                    file.href
+                    shorten(&file.href)
                 )));
             }
         }
@@ -339,12 +342,11 @@ pub fn open(path: &Path, limits: &Limits) -> Result<OvaPackage, ImageError> {
             format: disk.format.clone(),
         });
     }
-    for file in &ovf.references {
+    let absent = ovf.references.iter().filter(|file| {
         let used = ovf.disks.iter().any(|d| d.file_ref.as_deref() == Some(file.id.as_str()));
-        if !used && check_href(&file.href).is_ok_and(|h| find_member(&members, &base_dir, &h).is_none()) {
-            warnings.push(format!("the OVF references file {:?}, which the OVA does not hold (not a disk)", file.href));
-        }
-    }
+        !used && check_href(&file.href).is_ok_and(|h| find_member(&members, &base_dir, &h).is_none())
+    });
+    warnings.extend(absent_files_warning(absent, "the OVA does not hold"));
 
     let manifest = mf_name.map(|name| ManifestCheck {
         mf_name: name,
@@ -364,6 +366,17 @@ pub fn open(path: &Path, limits: &Limits) -> Result<OvaPackage, ImageError> {
         mf_entries,
         base_dir,
     })
+}
+
+/// One warning for every file (not a disk) the OVF references that the package lacks, with
+/// the names capped: a descriptor may reference thousands.
+fn absent_files_warning<'a>(absent: impl Iterator<Item = &'a OvfFile>, lacks: &str) -> Option<String> {
+    let names: Vec<String> = absent.map(|f| format!("{:?}", shorten(&f.href))).collect();
+    match names.len() {
+        0 => None,
+        1 => Some(format!("the OVF references file {}, which {lacks} (not a disk)", names[0])),
+        n => Some(format!("the OVF references {n} files {lacks} (not disks): {}", capped_list(&names, MAX_LISTED))),
+    }
 }
 
 fn join(base: &str, name: &str) -> String {
@@ -394,15 +407,7 @@ fn describe(kind: MemberKind) -> &'static str {
 }
 
 fn list_names(index: &[Member]) -> String {
-    let mut names: Vec<&str> = index.iter().take(10).map(|m| m.name.as_str()).collect();
-    if index.len() > 10 {
-        names.push("…");
-    }
-    if names.is_empty() {
-        "none".to_owned()
-    } else {
-        names.join(", ")
-    }
+    capped_list(index.iter().map(|m| m.name.as_str()), MAX_LISTED)
 }
 
 fn prefix_error(e: ImageError, prefix: &str) -> ImageError {
@@ -441,9 +446,10 @@ pub fn verify_manifest(pkg: &OvaPackage) -> Result<ManifestCheck, ImageError> {
         let file = entries[first].file.clone();
         let Some((_, range)) = find_member(&pkg.members, &pkg.base_dir, &file) else {
             return Err(ImageError::Corrupt(format!(
-                "{shown}: the manifest {} lists {file:?}, but the OVA has no such member; the OVA is incomplete, \
+                "{shown}: the manifest {} lists {:?}, but the OVA has no such member; the OVA is incomplete, \
                  export it again",
-                listed.mf_name
+                listed.mf_name,
+                shorten(&file)
             )));
         };
         let same: Vec<usize> = (first..entries.len()).filter(|&i| entries[i].file == file).collect();
@@ -454,9 +460,10 @@ pub fn verify_manifest(pkg: &OvaPackage) -> Result<ManifestCheck, ImageError> {
             let entry = &mut entries[i];
             if actual != entry.expected {
                 return Err(ImageError::Corrupt(format!(
-                    "{shown}: {} of {file:?} is {actual}, but the manifest {} says {}; the OVA is damaged or was \
+                    "{shown}: {} of {:?} is {actual}, but the manifest {} says {}; the OVA is damaged or was \
                      modified, copy or export it again",
                     entry.algorithm.as_str(),
+                    shorten(&file),
                     listed.mf_name,
                     entry.expected
                 )));

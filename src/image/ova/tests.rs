@@ -1326,3 +1326,41 @@ fn links_carry_no_data_whatever_their_size_says() {
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(&bytes[pkg.disks[0].member.start as usize..pkg.disks[0].member.end as usize], b"KDMV");
 }
+
+/// Issue 10: an OVA of 2000 `.ovf` members made an 8 MB error line. Every list a message
+/// gives is capped, and so is every name an archive or descriptor puts into one.
+#[test]
+fn lists_and_names_in_messages_are_capped() {
+    let long = "d".repeat(4000);
+    let mut t = TarWriter::default();
+    for n in 0..2000 {
+        t.file(&format!("{long:.90}{n}.ovf"), b"");
+    }
+    let (_d, path) = write_temp(&t.finish());
+    let m = expect_corrupt(open(&path, &limits()), "2000 .ovf descriptors");
+    assert!(m.len() < 1500, "{} bytes: {m:.300}", m.len());
+    assert!(m.contains("and 1995 more"), "{m:.300}");
+
+    // No descriptor among 2000 members.
+    let mut t = TarWriter::default();
+    for n in 0..2000 {
+        t.file(&format!("{long:.90}{n}.vmdk"), b"");
+    }
+    let (_d, path) = write_temp(&t.finish());
+    let m = expect_corrupt(open(&path, &limits()), "no .ovf");
+    assert!(m.len() < 1500 && m.contains("and 1995 more"), "{} bytes: {m:.300}", m.len());
+
+    // A 100 000-character href is cut in the message.
+    let ovf = one_disk_ovf(&format!("{}.vmdk", "x".repeat(100_000)), "");
+    let (_d, path) = crafted(&[("vm.ovf", ovf.as_bytes())]);
+    let m = expect_corrupt(open(&path, &limits()), "the archive has no member");
+    assert!(m.len() < 1000, "{} bytes", m.len());
+
+    // Thousands of referenced non-disk files missing: one warning, capped.
+    let refs: String = (0..3000).map(|n| format!(r#"<File ovf:href="extra{n}.iso" ovf:id="x{n}"/>"#)).collect();
+    let ovf = one_disk_ovf("disk.vmdk", "").replace("</References>", &format!("{refs}</References>"));
+    let (_d, path) = crafted(&[("vm.ovf", ovf.as_bytes()), ("disk.vmdk", b"KDMV")]);
+    let package = open(&path, &limits()).unwrap();
+    assert_eq!(package.warnings.len(), 1, "one warning for the absent files");
+    assert!(package.warnings[0].contains("3000 files") && package.warnings[0].len() < 500, "{:?}", package.warnings);
+}
