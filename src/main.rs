@@ -50,7 +50,7 @@ enum Command {
         /// Compression level, 0-9 as COMPRESS_LEVEL (zstd levels are mapped); qemu's is 6
         #[arg(long, requires = "compress", default_value_t = hyper2kvm::config::DEFAULT_COMPRESS_LEVEL, value_parser = clap::value_parser!(u32).range(0..=9))]
         level: u32,
-        /// Source format; guessed from the file name when omitted (from the first bytes for `-` or a pipe)
+        /// Source format; guessed from the file name when omitted, else from the first bytes
         #[arg(long, value_enum)]
         format: Option<Format>,
     },
@@ -122,6 +122,8 @@ enum Codec {
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
     Vmdk,
+    /// An OVF package: an OVA archive, or an OVF descriptor with its files beside it
+    Ova,
     Raw,
     Qcow2,
     Vhd,
@@ -133,6 +135,7 @@ impl From<Format> for SourceFormat {
     fn from(f: Format) -> SourceFormat {
         match f {
             Format::Vmdk => SourceFormat::Vmdk,
+            Format::Ova => SourceFormat::Ova,
             Format::Raw => SourceFormat::Raw,
             Format::Qcow2 => SourceFormat::Qcow2,
             Format::Vhd => SourceFormat::Vhd,

@@ -131,3 +131,47 @@ fn an_ova_that_does_not_match_its_mf_is_refused() {
     assert!(first.contains(".mf"), "first line names the manifest check: {first}");
     assert!(first.contains("export it again"), "{first}");
 }
+
+/// Issue 10: an unpacked OVF export (`vm.ovf`, its VMDKs and `.mf` in a folder, as ovftool and
+/// HyperSDK's ovf method write it) named as the disk with `source_format: "ova"` is converted
+/// like the OVA it would pack into: every disk, the `.mf` verified, the OVF's hardware used.
+#[test]
+fn an_unpacked_ovf_export_is_converted_with_its_hardware() {
+    let env = Env::new();
+    let ovf = common::fixtures::unpacked_ovf(Path::new(SAMPLE), &env.exports.join("appliance"));
+    let disk2 = std::fs::read_dir(env.exports.join("appliance/disks")).unwrap().next().unwrap().unwrap().path();
+    let mut s = Session::start_in(env, &[], &[]);
+    hypersdk_submit(&s.daemon, &s.env, &ova_manifest("ovf-vm", &ovf));
+    let data_disk = "ovf-vm-vmdisk2.qcow2".to_owned();
+    match hypersdk_wait(&s.daemon, &s.env, "ovf-vm", std::slice::from_ref(&data_disk)) {
+        Outcome::Success { .. } => {}
+        Outcome::Failed(text) => s.daemon.fail(&format!("the OVF job failed:\n{text}")),
+    }
+    let disk1 = s.env.exports.join("appliance/ova-sample-disk1.vmdk");
+    assert_converted(&s.daemon, &s.env.output.join("ovf-vm.qcow2"), &disk1, "vmdk");
+    assert_converted(&s.daemon, &s.env.output.join(&data_disk), &disk2, "vmdk");
+    let xml = std::fs::read_to_string(s.env.output.join("ovf-vm.xml")).unwrap();
+    assert!(xml.contains("00:50:56:a1:00:01"), "the NIC's MAC from the OVF:\n{xml}");
+    assert!(xml.contains("secure='yes'"), "UEFI with secure boot from the OVF:\n{xml}");
+    s.expected.extend(["ovf-vm.qcow2", "ovf-vm.xml", "ovf-vm.json", data_disk.as_str()].map(str::to_owned));
+    assert_output_exactly(&s.daemon, &s.env, &s.expected);
+}
+
+/// A disk of an unpacked export is confined like an extent: a symlink to a file outside
+/// SOURCE_ROOTS fails the job on SOURCE_ROOTS, and nothing of the file is read.
+#[test]
+fn an_unpacked_ovf_export_whose_disk_leads_outside_source_roots_is_refused() {
+    let env = Env::new();
+    let ovf = common::fixtures::unpacked_ovf(Path::new(SAMPLE), &env.exports.join("appliance"));
+    let disk1 = env.exports.join("appliance/ova-sample-disk1.vmdk");
+    std::fs::create_dir_all(&env.elsewhere).unwrap();
+    let secret = env.elsewhere.join("secret.vmdk");
+    std::fs::rename(&disk1, &secret).unwrap();
+    std::os::unix::fs::symlink(&secret, &disk1).unwrap();
+    let mut s = Session::start_in(env, &[], &[]);
+    // `ovf` is accepted as a source_format, the same as `ova`.
+    let mut m = ova_manifest("escape-vm", &ovf);
+    m["disks"][0]["source_format"] = "ovf".into();
+    let first = s.convert_err(&m, "escape-vm");
+    assert!(first.contains("SOURCE_ROOTS") && first.contains("ova-sample-disk1.vmdk"), "{first}");
+}

@@ -4,7 +4,8 @@
 //! and maps every disk of the OVF to the byte range of its member inside the OVA, so a disk
 //! is converted straight out of the archive ([`OvaPackage::open_disk`]) without extracting
 //! it or using extra disk space. [`verify_manifest`] streams the members the `.mf` lists and
-//! checks their digests. [`parse_ovf`] reads a descriptor on its own, for a standalone `.ovf`.
+//! checks their digests. [`parse_ovf`] reads a descriptor on its own; [`unpacked`] reads an
+//! unpacked export (`vm.ovf` with its disks and `.mf` beside it in a directory).
 //!
 //! Everything in an OVA is untrusted: sizes and offsets are checked against the file, every
 //! read is bounded by [`Limits`], `href`s may not leave the package ([`check_href`]), and
@@ -13,6 +14,7 @@
 pub mod mf;
 pub mod ovf;
 pub mod tar;
+pub mod unpacked;
 
 #[cfg(test)]
 mod tests;
