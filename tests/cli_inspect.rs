@@ -428,3 +428,30 @@ fn convert_and_inspect_read_an_unpacked_ovf_export() {
     assert!(stderr(&out).contains("ova-sample.mf") && stderr(&out).contains("disk2.vmdk"), "{}", stderr(&out));
     assert_eq!(entries(&out_dir), ["vm-vmdisk2.qcow2", "vm.qcow2"], "nothing more written");
 }
+
+/// Issue 10: a file that is plainly not a disk, given (or guessed) as raw, is refused with
+/// what it looks like and what to do; nothing is written. A qcow2 named `.img` is read as the
+/// qcow2 it is.
+#[test]
+fn convert_refuses_a_non_disk_file_as_raw_and_reads_a_disk_by_its_bytes() {
+    let env = Env::new();
+    let out_dir = env.root.join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let ovf = unpacked_ovf(Path::new(SAMPLE_OVA), &env.exports.join("vm-export"));
+    let out = convert(&ovf, &out_dir.join("vm.qcow2"), &["--format", "raw"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let first = stderr(&out).lines().next().unwrap_or_default().to_owned();
+    assert!(first.contains("an OVF descriptor (XML text), not a raw disk image") && first.contains("ova"), "{first}");
+    let manifest = env.exports.join("notes");
+    std::fs::write(&manifest, "{\"manifest_version\": \"1.0\", \"disks\": []}\n").unwrap();
+    let out = convert(&manifest, &out_dir.join("notes.qcow2"), &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr(&out).contains("JSON text, not a raw disk image"), "{}", stderr(&out));
+    assert_eq!(entries(&out_dir), Vec::<String>::new(), "nothing written");
+
+    let raw = small_raw(&env.exports.join("disk.raw"));
+    let img = raw_to_qcow2(&raw, &env.exports.join("cloud.img"));
+    let out = convert(&img, &out_dir.join("cloud.qcow2"), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_contents(&out_dir.join("cloud.qcow2"), "qcow2", &raw, "raw");
+}

@@ -175,3 +175,15 @@ fn an_unpacked_ovf_export_whose_disk_leads_outside_source_roots_is_refused() {
     let first = s.convert_err(&m, "escape-vm");
     assert!(first.contains("SOURCE_ROOTS") && first.contains("ova-sample-disk1.vmdk"), "{first}");
 }
+
+/// Issue 10: the `.ovf` of an export named as a `raw` disk used to be "converted" into a disk
+/// holding the XML. Its `.error` now says what the file is and which source_format reads it.
+#[test]
+fn an_ovf_given_as_a_raw_disk_is_refused_with_what_to_do() {
+    let env = Env::new();
+    let ovf = common::fixtures::unpacked_ovf(Path::new(SAMPLE), &env.exports.join("appliance"));
+    let mut s = Session::start_in(env, &[], &[]);
+    let first = s.convert_err(&manifest("raw-ovf-vm", vec![disk("disk-1", "raw", &ovf)]), "raw-ovf-vm");
+    assert!(first.contains("an OVF descriptor (XML text), not a raw disk image"), "{first}");
+    assert!(first.contains("source_format \"ova\""), "{first}");
+}

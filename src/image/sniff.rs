@@ -7,7 +7,8 @@
 //! raw disk ([`crate::image::raw::RawImage::open`]) rather than "convert" its bytes. Only
 //! signatures no raw disk starts with are trusted: a raw disk's first sector is boot code,
 //! a partition table (MBR or GPT's protective MBR), a filesystem's superblock or zeros, none
-//! of which is text without a NUL byte or begins with the magic numbers below.
+//! of which is text without a NUL byte or begins with the magic numbers below. Plain text is
+//! reported but not held against a raw disk (see [`Kind::may_be_raw_disk`]).
 
 use std::io::Read;
 use std::path::Path;
@@ -90,9 +91,35 @@ impl Kind {
         }
     }
 
-    /// Whether a file of this kind can be a raw disk: only [`Kind::Unknown`] can.
+    /// Whether a file of this kind can be a raw disk: [`Kind::Unknown`], and plain
+    /// [`Kind::Text`] — a disk whose first sectors hold text cannot be told from a text file,
+    /// so only text with a structure (XML, JSON, a VMDK descriptor) counts as no disk.
     pub fn may_be_raw_disk(self) -> bool {
-        self == Kind::Unknown
+        matches!(self, Kind::Unknown | Kind::Text)
+    }
+
+    /// What to do with a file of this kind that was given as a raw disk: the format to name
+    /// instead, or why it is no disk at all.
+    pub fn advice_as_raw(self) -> String {
+        match self {
+            Kind::Ovf | Kind::Tar => {
+                "an OVF package (an unpacked export's .ovf, or an OVA) is read as source_format \"ova\" \
+                 (--format ova by hand), which converts its disks"
+                    .into()
+            }
+            Kind::Compressed(_) => "decompress it first and give the disk image inside".into(),
+            Kind::Empty => "the export or copy did not finish: export it again".into(),
+            Kind::Xml | Kind::Json | Kind::Text | Kind::Unknown => {
+                "it is not a disk: point the source at the disk image file of the export".into()
+            }
+            disk => match disk.source_format() {
+                Some(format) => format!(
+                    "give its format: source_format \"{0}\" in the manifest, --format {0} by hand",
+                    format.as_str()
+                ),
+                None => "it is not a disk: point the source at the disk image file of the export".into(),
+            },
+        }
     }
 }
 

@@ -240,7 +240,7 @@ fn disk_format(path: &Path, what: &str) -> Result<SourceFormat, ImageError> {
     match kind.source_format() {
         Some(SourceFormat::Ova) => {}
         Some(format) => return Ok(format),
-        None if kind.may_be_raw_disk() => return Ok(SourceFormat::Vmdk),
+        None if kind == Kind::Unknown => return Ok(SourceFormat::Vmdk),
         None => {}
     }
     Err(ImageError::Corrupt(format!(
