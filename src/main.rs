@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Watch WATCH_DIR for manifests and convert them (what systemd runs)
-    Daemon(ConfigArgs),
+    Daemon(DaemonArgs),
     /// Convert a disk image (or every disk of an OVA) to qcow2
     Convert {
         /// The image; `-`, a pipe or a FIFO is read in one pass (streamOptimized VMDK only)
@@ -88,6 +88,25 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+}
+
+/// `daemon`'s flags: the configuration's, and `--format`, which HyperSDK's units pass.
+#[derive(Args)]
+struct DaemonArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Output format: qcow2, the only one (an empty value counts as unset)
+    #[arg(long, value_name = "FORMAT", value_parser = output_format)]
+    format: Option<String>,
+}
+
+/// `--format` of `daemon`: qcow2 (any case) or empty; anything else is a usage error.
+fn output_format(value: &str) -> Result<String, String> {
+    if value.is_empty() || value.eq_ignore_ascii_case("qcow2") {
+        Ok(value.to_owned())
+    } else {
+        Err("hyper2kvm daemon writes qcow2 only; pass --format qcow2 or leave --format out".to_owned())
+    }
 }
 
 /// Flags that override configuration keys (empty values count as unset).
@@ -175,7 +194,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let log_level = cli.log_level.clone();
     match cli.command {
-        Command::Daemon(args) => {
+        Command::Daemon(DaemonArgs { config: args, format: _ }) => {
             let config = load_config(&cli.config_dir, log_level, &args)?;
             logging::init(config.log_level, cli.log_format, config.instance.as_deref());
             for warning in &config.warnings {
