@@ -440,7 +440,8 @@ fn sentence(error: &impl std::fmt::Display) -> String {
 /// Replaces each `source_format: "ova"` disk by the archive's disks (the first in its place,
 /// so an OVA that is the boot disk gives `V.qcow2`; the others `V-<ovf disk id>.qcow2`), after
 /// confining the OVA, verifying its checksum and its `.mf`. OVF hardware fills whatever the
-/// manifest's `vm` block and `nics` leave out.
+/// manifest's `vm` block and `nics` leave out. A `local_path` that is an OVF descriptor (an
+/// unpacked export) is replaced by its disk files instead ([`open_verified_ovf`]).
 fn expand_ova_disks(
     ctx: &JobContext,
     mut spec: JobSpec,

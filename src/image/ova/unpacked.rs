@@ -13,7 +13,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::mf::{self, DigestAlgorithm, ManifestCheck, ManifestEntry};
-use super::ovf::{check_href, parse_ovf, OvfHardware};
+use super::ovf::{check_href, parse_ovf, OvfDisk, OvfFile, OvfHardware};
 use super::{absent_files_warning, percent_decode, prefix_error, BlankDisk, Limits};
 use crate::image::sniff::{self, Kind};
 use crate::image::{FileSource, ImageError, ReadAt};
@@ -101,47 +101,18 @@ pub fn open(ovf_path: &Path, limits: &Limits, confine: Confine<'_>) -> Result<Un
     let ovf = parse_ovf(&xml, limits).map_err(|e| prefix_error(e, &shown))?;
     let mut warnings = ovf.warnings.clone();
 
-    let stem = ovf_path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-    let mf_path = dir.join(format!("{stem}.mf"));
-    let manifest = match std::fs::symlink_metadata(&mf_path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        _ => {
-            let admitted = confine(&mf_path)?;
-            let text = read_bounded(&admitted, limits.max_mf_bytes, "manifest")?;
-            let name = format!("{stem}.mf");
-            let entries = mf::parse_mf(&text, &name, limits.max_members).map_err(|e| prefix_error(e, &shown))?;
-            Some(ManifestCheck { mf_name: name, entries, unlisted_disks: Vec::new() })
-        }
-    };
-
+    let manifest = read_mf(ovf_path, &dir, limits, confine)?;
     let mut disks = Vec::new();
     let mut blank_disks = Vec::new();
     for disk in &ovf.disks {
-        let Some(file) = ovf.file_of(disk) else {
-            blank_disks.push(BlankDisk {
+        match ovf.file_of(disk) {
+            Some(file) => disks.push(locate_disk(&shown, &dir, disk, file, confine)?),
+            None => blank_disks.push(BlankDisk {
                 disk_id: disk.disk_id.clone(),
                 ovf_disk_id: disk.ovf_disk_id.clone(),
                 capacity_bytes: disk.capacity_bytes,
-            });
-            continue;
-        };
-        let what = format!("{shown}: disk {:?} (file {:?})", shorten(&disk.ovf_disk_id), shorten(&file.href));
-        let path = confine(&resolve(&dir, &file.href)?).map_err(|e| prefix_error(e, &what))?;
-        let size = std::fs::metadata(&path).map_err(|e| ImageError::io(&path, e))?.len();
-        if let Some(declared) = file.size.filter(|&d| d != size) {
-            return Err(ImageError::Corrupt(format!(
-                "{what}: the OVF says the file is {declared} bytes, but it is {size} bytes; the export is incomplete \
-                 or damaged, copy or export it again"
-            )));
+            }),
         }
-        disks.push(UnpackedDisk {
-            disk_id: disk.disk_id.clone(),
-            ovf_disk_id: disk.ovf_disk_id.clone(),
-            href: file.href.clone(),
-            source_format: disk_format(&path, &what)?,
-            path,
-            capacity_bytes: disk.capacity_bytes,
-        });
     }
     let absent = ovf.references.iter().filter(|file| {
         let used = ovf.disks.iter().any(|d| d.file_ref.as_deref() == Some(file.id.as_str()));
@@ -157,6 +128,52 @@ pub fn open(ovf_path: &Path, limits: &Limits, confine: Confine<'_>) -> Result<Un
         hardware: ovf.hardware,
         manifest,
         warnings,
+    })
+}
+
+/// The `<ovf stem>.mf` beside the descriptor, if there is one, admitted by `confine` and parsed.
+fn read_mf(
+    ovf_path: &Path,
+    dir: &Path,
+    limits: &Limits,
+    confine: Confine<'_>,
+) -> Result<Option<ManifestCheck>, ImageError> {
+    let name = format!("{}.mf", ovf_path.file_stem().unwrap_or_default().to_string_lossy());
+    let path = dir.join(&name);
+    if std::fs::symlink_metadata(&path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        return Ok(None);
+    }
+    let text = read_bounded(&confine(&path)?, limits.max_mf_bytes, "manifest")?;
+    let entries =
+        mf::parse_mf(&text, &name, limits.max_members).map_err(|e| prefix_error(e, &dir.display().to_string()))?;
+    Ok(Some(ManifestCheck { mf_name: name, entries, unlisted_disks: Vec::new() }))
+}
+
+/// The file of `disk`, admitted by `confine`, of the size the OVF gives and with the first
+/// bytes of a disk image.
+fn locate_disk(
+    shown: &str,
+    dir: &Path,
+    disk: &OvfDisk,
+    file: &OvfFile,
+    confine: Confine<'_>,
+) -> Result<UnpackedDisk, ImageError> {
+    let what = format!("{shown}: disk {:?} (file {:?})", shorten(&disk.ovf_disk_id), shorten(&file.href));
+    let path = confine(&resolve(dir, &file.href)?).map_err(|e| prefix_error(e, &what))?;
+    let size = std::fs::metadata(&path).map_err(|e| ImageError::io(&path, e))?.len();
+    if let Some(declared) = file.size.filter(|&d| d != size) {
+        return Err(ImageError::Corrupt(format!(
+            "{what}: the OVF says the file is {declared} bytes, but it is {size} bytes; the export is incomplete \
+             or damaged, copy or export it again"
+        )));
+    }
+    Ok(UnpackedDisk {
+        disk_id: disk.disk_id.clone(),
+        ovf_disk_id: disk.ovf_disk_id.clone(),
+        href: file.href.clone(),
+        source_format: disk_format(&path, &what)?,
+        path,
+        capacity_bytes: disk.capacity_bytes,
     })
 }
 
