@@ -679,7 +679,8 @@ fn check_disk_file(disk: &str, file: &OvfFile) -> Result<(), ImageError> {
              place and does not decompress them: re-export the OVA without compression, or extract it, \
              decompress the disk and submit the VMDK",
             shorten(&file.href),
-            disk = shorten(disk)
+            disk = shorten(disk),
+            c = shorten(c)
         )));
     }
     if let Some(chunk) = file.chunk_size {
@@ -834,7 +835,7 @@ fn order_disks(
         for d in &rest {
             warnings.push(format!(
                 "disk {:?} is defined but attached by no hardware Item; it is kept, after the attached disks",
-                d.ovf_disk_id
+                shorten(&d.ovf_disk_id)
             ));
         }
     }
