@@ -11,6 +11,7 @@
 //! reported but not held against a raw disk (see [`Kind::may_be_raw_disk`]).
 
 use std::io::Read;
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 use super::ImageError;
@@ -158,8 +159,13 @@ pub fn sniff(head: &[u8]) -> Kind {
     }
 }
 
-/// Reads the first [`HEAD_BYTES`] of `path` and tells its kind.
+/// Reads the first [`HEAD_BYTES`] of `path` and tells its kind. A FIFO or a socket is not
+/// opened (that could wait for a writer for ever): it is [`Kind::Unknown`].
 pub fn sniff_file(path: &Path) -> Result<Kind, ImageError> {
+    let meta = std::fs::metadata(path).map_err(|e| ImageError::io(path, e))?;
+    if meta.file_type().is_fifo() || meta.file_type().is_socket() {
+        return Ok(Kind::Unknown);
+    }
     let file = std::fs::File::open(path).map_err(|e| ImageError::io(path, e))?;
     let mut head = Vec::with_capacity(HEAD_BYTES);
     file.take(HEAD_BYTES as u64).read_to_end(&mut head).map_err(|e| ImageError::io(path, e))?;
@@ -258,6 +264,14 @@ mod tests {
         tar[..7].copy_from_slice(b"vm.ovf\0");
         tar[257..263].copy_from_slice(b"ustar\0");
         assert_eq!(sniff(&tar), Kind::Tar);
+    }
+
+    #[test]
+    fn a_fifo_is_not_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe.ovf");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(sniff_file(&fifo).unwrap(), Kind::Unknown, "returned at once, without a writer");
     }
 
     #[test]
