@@ -187,3 +187,18 @@ fn an_ovf_given_as_a_raw_disk_is_refused_with_what_to_do() {
     assert!(first.contains("an OVF descriptor (XML text), not a raw disk image"), "{first}");
     assert!(first.contains("source_format \"ova\""), "{first}");
 }
+
+#[test]
+fn an_unpacked_ovf_export_that_does_not_match_its_mf_is_refused() {
+    let env = Env::new();
+    let ovf = common::fixtures::unpacked_ovf(Path::new(SAMPLE), &env.exports.join("appliance"));
+    let disk1 = env.exports.join("appliance/ova-sample-disk1.vmdk");
+    let mut bytes = std::fs::read(&disk1).unwrap();
+    let at = bytes.len() - 700;
+    bytes[at] ^= 0x55;
+    std::fs::write(&disk1, bytes).unwrap();
+    let mut s = Session::start_in(env, &[], &[]);
+    let first = s.convert_err(&ova_manifest("damaged-ovf-vm", &ovf), "damaged-ovf-vm");
+    assert!(first.starts_with("The OVF export") && first.contains("does not match its .mf manifest"), "{first}");
+    assert!(first.contains("ova-sample-disk1.vmdk") && first.contains("export it again"), "{first}");
+}
