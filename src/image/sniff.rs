@@ -136,7 +136,8 @@ pub fn sniff(head: &[u8]) -> Kind {
         (b"COWD", Kind::VmdkSparse),
         (b"vhdxfile", Kind::Vhdx),
         (b"conectix", Kind::Vhd),
-        (b"\x1f\x8b", Kind::Compressed("gzip")),
+        // gzip: the magic and method 8 (deflate, the only one defined).
+        (b"\x1f\x8b\x08", Kind::Compressed("gzip")),
         (b"\xfd7zXZ\x00", Kind::Compressed("xz")),
         (b"\x28\xb5\x2f\xfd", Kind::Compressed("zstd")),
         (b"PK\x03\x04", Kind::Compressed("zip")),
