@@ -140,6 +140,23 @@ fn an_unpacked_ovf_export_is_converted_with_its_hardware() {
     let env = Env::new();
     let ovf = common::fixtures::unpacked_ovf(Path::new(SAMPLE), &env.exports.join("appliance"));
     let disk2 = std::fs::read_dir(env.exports.join("appliance/disks")).unwrap().next().unwrap().unwrap().path();
+    // CPUs and memory other than the defaults, and the .mf's digest of the .ovf to match.
+    let old_ovf = std::fs::read_to_string(&ovf).unwrap();
+    let new_ovf = old_ovf
+        .replace(
+            "<rasd:VirtualQuantity>2</rasd:VirtualQuantity>",
+            &format!("<rasd:VirtualQuantity>{OVF_CPUS}</rasd:VirtualQuantity>"),
+        )
+        .replace(
+            "<rasd:VirtualQuantity>2048</rasd:VirtualQuantity>",
+            &format!("<rasd:VirtualQuantity>{OVF_MEMORY_MIB}</rasd:VirtualQuantity>"),
+        );
+    let digest = |text: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()));
+    let mf = ovf.with_extension("mf");
+    let new_mf = std::fs::read_to_string(&mf).unwrap().replace(&digest(&old_ovf), &digest(&new_ovf));
+    assert_ne!(new_mf, std::fs::read_to_string(&mf).unwrap(), "the .mf lists the .ovf's SHA-256");
+    std::fs::write(&ovf, new_ovf).unwrap();
+    std::fs::write(&mf, new_mf).unwrap();
     let mut s = Session::start_in(env, &[], &[]);
     hypersdk_submit(&s.daemon, &s.env, &ova_manifest("ovf-vm", &ovf));
     let data_disk = "ovf-vm-vmdisk2.qcow2".to_owned();
@@ -151,6 +168,8 @@ fn an_unpacked_ovf_export_is_converted_with_its_hardware() {
     assert_converted(&s.daemon, &s.env.output.join("ovf-vm.qcow2"), &disk1, "vmdk");
     assert_converted(&s.daemon, &s.env.output.join(&data_disk), &disk2, "vmdk");
     let xml = std::fs::read_to_string(s.env.output.join("ovf-vm.xml")).unwrap();
+    assert!(xml.contains(&format!("<vcpu placement='static'>{OVF_CPUS}</vcpu>")), "CPUs from the OVF:\n{xml}");
+    assert!(xml.contains(&format!("<memory unit='MiB'>{OVF_MEMORY_MIB}</memory>")), "memory from the OVF:\n{xml}");
     assert!(xml.contains("00:50:56:a1:00:01"), "the NIC's MAC from the OVF:\n{xml}");
     assert!(xml.contains("secure='yes'"), "UEFI with secure boot from the OVF:\n{xml}");
     s.expected.extend(["ovf-vm.qcow2", "ovf-vm.xml", "ovf-vm.json", data_disk.as_str()].map(str::to_owned));
