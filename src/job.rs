@@ -476,7 +476,8 @@ fn sentence(error: &impl std::fmt::Display) -> String {
 /// Replaces each `source_format: "ova"` disk by the archive's disks (the first in its place,
 /// so an OVA that is the boot disk gives `V.qcow2`; the others `V-<ovf disk id>.qcow2`), after
 /// confining the OVA, verifying its checksum and its `.mf`. OVF hardware fills whatever the
-/// manifest's `vm` block and `nics` leave out.
+/// manifest's `vm` block and `nics` leave out. A `local_path` that is an OVF descriptor (an
+/// unpacked export) is replaced by its disk files instead ([`open_verified_ovf`]).
 fn expand_ova_disks(
     ctx: &JobContext,
     mut spec: JobSpec,
@@ -497,8 +498,24 @@ fn expand_ova_disks(
             events.append(Stage::Checksum.as_str(), &format!("verifying {}", disk.id), None);
             verify_checksum(ctx, &disk, &path, &expected, control)?;
         }
+        if ova::unpacked::is_ovf_descriptor(&path) {
+            let package = open_verified_ovf(ctx, &disk, &path)?;
+            fill_hardware(&mut spec, &package.hardware);
+            disks.extend(package.disks.into_iter().enumerate().map(|(index, file)| DiskSpec {
+                id: file.disk_id,
+                source_format: file.source_format,
+                local_path: file.path,
+                bytes: None,
+                sha256: None,
+                boot_order_hint: disk.boot_order_hint,
+                label: Some(file.ovf_disk_id),
+                disk_type: if index == 0 { disk.disk_type } else { DiskType::Data },
+                ova_disk: None,
+            }));
+            continue;
+        }
         let package = open_verified_ova(&disk, &path)?;
-        fill_hardware(&mut spec, &package);
+        fill_hardware(&mut spec, &package.hardware);
         for (index, member) in package.disks.iter().enumerate() {
             disks.push(DiskSpec {
                 id: member.disk_id.clone(),
@@ -556,8 +573,48 @@ fn open_verified_ova(disk: &DiskSpec, path: &Path) -> Result<ova::OvaPackage, St
     Ok(package)
 }
 
-fn fill_hardware(spec: &mut JobSpec, package: &ova::OvaPackage) {
-    let ovf = package.hardware.to_manifest_hardware();
+/// An unpacked OVF export (`local_path` is its `.ovf`): every file it reads besides the
+/// descriptor — the `.mf`, the disks, what the `.mf` lists — confined to SOURCE_ROOTS before
+/// it is opened, the `.mf` verified. A refused file fails the job as any refused extent does.
+fn open_verified_ovf(ctx: &JobContext, disk: &DiskSpec, path: &Path) -> Result<ova::unpacked::UnpackedOvf, Stop> {
+    let refused = std::cell::RefCell::new(None);
+    let confine = |file: &Path| {
+        ctx.roots.confine(file).map_err(|e| {
+            let message = ImageError::Corrupt(e.to_string());
+            refused.replace(Some((file.to_owned(), e)));
+            message
+        })
+    };
+    let failure = |stage: Stage, e: ImageError| -> Stop {
+        if let Some((_, e)) = refused.take() {
+            return reference_failure(stage, disk, &e).into();
+        }
+        let summary = match stage {
+            Stage::Checksum => format!(
+                "The OVF export {} does not match its .mf manifest ({e}); the export is damaged, export it again.",
+                path.display()
+            ),
+            _ => format!("Disk {} ({}) is not a readable OVF export ({e}); export it again.", disk.id, path.display()),
+        };
+        Failure::new(stage, summary).into()
+    };
+    let limits = ova::Limits::default();
+    let package = ova::unpacked::open(path, &limits, &confine).map_err(|e| failure(Stage::Inspect, e))?;
+    if package.manifest.is_some() {
+        ova::unpacked::verify_manifest(&package, &confine).map_err(|e| failure(Stage::Checksum, e))?;
+    }
+    if package.disks.is_empty() {
+        let summary = format!(
+            "The OVF export {} has no disk to convert; check that the export included its disks.",
+            path.display()
+        );
+        return Err(Failure::new(Stage::Inspect, summary).into());
+    }
+    Ok(package)
+}
+
+fn fill_hardware(spec: &mut JobSpec, hardware: &ova::OvfHardware) {
+    let ovf = hardware.to_manifest_hardware();
     let hw = &mut spec.hardware;
     hw.cpu = hw.cpu.or(ovf.cpu);
     hw.mem_gb = hw.mem_gb.or(ovf.mem_gb);
@@ -566,7 +623,7 @@ fn fill_hardware(spec: &mut JobSpec, package: &ova::OvaPackage) {
     hw.os_hint = hw.os_hint.take().or(ovf.os_hint);
     hw.os_version = hw.os_version.take().or(ovf.os_version);
     if spec.nics.is_empty() {
-        spec.nics = package.hardware.to_nics();
+        spec.nics = hardware.to_nics();
     }
 }
 

@@ -32,3 +32,4 @@ pub mod systemd_units;
 #[cfg(test)]
 pub(crate) mod test_support;
 pub mod worker;
+pub mod text;

@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Watch WATCH_DIR for manifests and convert them (what systemd runs)
-    Daemon(ConfigArgs),
+    Daemon(DaemonArgs),
     /// Convert a disk image (or every disk of an OVA) to qcow2
     Convert {
         /// The image; `-`, a pipe or a FIFO is read in one pass (streamOptimized VMDK only)
@@ -51,7 +51,7 @@ enum Command {
         /// Compression level, 0-9 as COMPRESS_LEVEL (zstd levels are mapped); qemu's is 6
         #[arg(long, requires = "compress", default_value_t = hyper2kvm::config::DEFAULT_COMPRESS_LEVEL, value_parser = clap::value_parser!(u32).range(0..=9))]
         level: u32,
-        /// Source format; guessed from the file name when omitted (from the first bytes for `-` or a pipe)
+        /// Source format; guessed from the file name when omitted, else from the first bytes
         #[arg(long, value_enum)]
         format: Option<Format>,
     },
@@ -119,6 +119,25 @@ enum Command {
     },
 }
 
+/// `daemon`'s flags: the configuration's, and `--format`, which HyperSDK's units pass.
+#[derive(Args)]
+struct DaemonArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Output format: qcow2, the only one (an empty value counts as unset)
+    #[arg(long, value_name = "FORMAT", value_parser = output_format)]
+    format: Option<String>,
+}
+
+/// `--format` of `daemon`: qcow2 (any case) or empty; anything else is a usage error.
+fn output_format(value: &str) -> Result<String, String> {
+    if value.is_empty() || value.eq_ignore_ascii_case("qcow2") {
+        Ok(value.to_owned())
+    } else {
+        Err("hyper2kvm daemon writes qcow2 only; pass --format qcow2 or leave --format out".to_owned())
+    }
+}
+
 /// Flags that override configuration keys (empty values count as unset).
 #[derive(Args, Default)]
 struct ConfigArgs {
@@ -151,6 +170,8 @@ enum Codec {
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
     Vmdk,
+    /// An OVF package: an OVA archive, or an OVF descriptor with its files beside it
+    Ova,
     Raw,
     Qcow2,
     Vhd,
@@ -162,6 +183,7 @@ impl From<Format> for SourceFormat {
     fn from(f: Format) -> SourceFormat {
         match f {
             Format::Vmdk => SourceFormat::Vmdk,
+            Format::Ova => SourceFormat::Ova,
             Format::Raw => SourceFormat::Raw,
             Format::Qcow2 => SourceFormat::Qcow2,
             Format::Vhd => SourceFormat::Vhd,
@@ -204,7 +226,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let log_level = cli.log_level.clone();
     match cli.command {
-        Command::Daemon(args) => {
+        Command::Daemon(DaemonArgs { config: args, format: _ }) => {
             let config = load_config(&cli.config_dir, log_level, &args)?;
             logging::init(config.log_level, cli.log_format, config.instance.as_deref());
             for warning in &config.warnings {

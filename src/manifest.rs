@@ -196,7 +196,8 @@ impl ManifestFile {
 #[serde(rename_all = "lowercase")]
 pub enum SourceFormat {
     Vmdk,
-    /// The disk is a whole OVA archive.
+    /// The disk is a whole OVF package: an OVA archive, or the `.ovf` of an unpacked export
+    /// (manifest values `ova` and `ovf`).
     Ova,
     Raw,
     Qcow2,
@@ -209,7 +210,9 @@ impl SourceFormat {
     fn parse(s: &str) -> Option<Self> {
         Some(match s.to_ascii_lowercase().as_str() {
             "vmdk" => Self::Vmdk,
-            "ova" => Self::Ova,
+            // An OVF package, packed (`.ova`) or unpacked (`.ovf` beside its disks): the
+            // job tells which by the file's first bytes.
+            "ova" | "ovf" => Self::Ova,
             "raw" | "img" => Self::Raw,
             "qcow2" => Self::Qcow2,
             "vhd" | "vpc" => Self::Vhd,

@@ -389,3 +389,69 @@ fn an_interrupted_convert_removes_its_temporary_file_and_ends_by_the_signal() {
     assert!(stderr(&out).contains("interrupted by SIGINT"), "{}", stderr(&out));
     assert_eq!(entries(&out_dir), Vec::<String>::new(), "no DST, no temporary file");
 }
+
+/// Issue 10: `convert vm.ovf` used to exit 0 with a "raw" image of the XML. An unpacked OVF
+/// export is a package like an OVA: every disk converted, the `.mf` verified first.
+#[test]
+fn convert_and_inspect_read_an_unpacked_ovf_export() {
+    let env = Env::new();
+    let ovf = unpacked_ovf(Path::new(SAMPLE_OVA), &env.exports.join("vm-export"));
+    let out_dir = env.root.join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let dst = out_dir.join("vm.qcow2");
+    let out = convert(&ovf, &dst, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let second = out_dir.join("vm-vmdisk2.qcow2");
+    assert_eq!(stdout(&out), format!("{}\n{}\n", dst.display(), second.display()), "the files written");
+    assert_eq!(entries(&out_dir), ["vm-vmdisk2.qcow2", "vm.qcow2"]);
+    let export = env.exports.join("vm-export");
+    assert_same_contents(&dst, "qcow2", &export.join("ova-sample-disk1.vmdk"), "vmdk");
+    let disk2 = std::fs::read_dir(export.join("disks")).unwrap().next().unwrap().unwrap().path();
+    assert_same_contents(&second, "qcow2", &disk2, "vmdk");
+
+    let info = inspect_json(&ovf);
+    assert_eq!(info["format"], "ovf", "{info:#}");
+    assert_eq!(info["manifest_listed"], true);
+    let ids: Vec<&str> = info["disks"].as_array().unwrap().iter().map(|d| d["disk_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["vmdisk1", "vmdisk2"]);
+    assert_eq!(info["disks"][1]["file"], show(&std::fs::canonicalize(&disk2).unwrap()));
+    assert_eq!(info["hardware"]["firmware"], "uefi", "{info:#}");
+    assert_eq!(info["hardware"]["memory_mib"], 2048);
+
+    // A disk that does not match the .mf: nothing is written.
+    let mut bytes = std::fs::read(&disk2).unwrap();
+    let at = bytes.len() - 700;
+    bytes[at] ^= 0x55;
+    std::fs::write(&disk2, bytes).unwrap();
+    let out = convert(&ovf, &out_dir.join("again.qcow2"), &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr(&out).contains("ova-sample.mf") && stderr(&out).contains("disk2.vmdk"), "{}", stderr(&out));
+    assert_eq!(entries(&out_dir), ["vm-vmdisk2.qcow2", "vm.qcow2"], "nothing more written");
+}
+
+/// Issue 10: a file that is plainly not a disk, given (or guessed) as raw, is refused with
+/// what it looks like and what to do; nothing is written. A qcow2 named `.img` is read as the
+/// qcow2 it is.
+#[test]
+fn convert_refuses_a_non_disk_file_as_raw_and_reads_a_disk_by_its_bytes() {
+    let env = Env::new();
+    let out_dir = env.root.join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let ovf = unpacked_ovf(Path::new(SAMPLE_OVA), &env.exports.join("vm-export"));
+    let out = convert(&ovf, &out_dir.join("vm.qcow2"), &["--format", "raw"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let first = stderr(&out).lines().next().unwrap_or_default().to_owned();
+    assert!(first.contains("an OVF descriptor (XML text), not a raw disk image") && first.contains("ova"), "{first}");
+    let manifest = env.exports.join("notes");
+    std::fs::write(&manifest, "{\"manifest_version\": \"1.0\", \"disks\": []}\n").unwrap();
+    let out = convert(&manifest, &out_dir.join("notes.qcow2"), &[]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stderr(&out).contains("JSON text, not a raw disk image"), "{}", stderr(&out));
+    assert_eq!(entries(&out_dir), Vec::<String>::new(), "nothing written");
+
+    let raw = small_raw(&env.exports.join("disk.raw"));
+    let img = raw_to_qcow2(&raw, &env.exports.join("cloud.img"));
+    let out = convert(&img, &out_dir.join("cloud.qcow2"), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_same_contents(&out_dir.join("cloud.qcow2"), "qcow2", &raw, "raw");
+}

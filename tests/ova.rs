@@ -131,3 +131,93 @@ fn an_ova_that_does_not_match_its_mf_is_refused() {
     assert!(first.contains(".mf"), "first line names the manifest check: {first}");
     assert!(first.contains("export it again"), "{first}");
 }
+
+/// Issue 10: an unpacked OVF export (`vm.ovf`, its VMDKs and `.mf` in a folder, as ovftool and
+/// HyperSDK's ovf method write it) named as the disk with `source_format: "ova"` is converted
+/// like the OVA it would pack into: every disk, the `.mf` verified, the OVF's hardware used.
+#[test]
+fn an_unpacked_ovf_export_is_converted_with_its_hardware() {
+    let env = Env::new();
+    let ovf = common::fixtures::unpacked_ovf(Path::new(SAMPLE), &env.exports.join("appliance"));
+    let disk2 = std::fs::read_dir(env.exports.join("appliance/disks")).unwrap().next().unwrap().unwrap().path();
+    // CPUs and memory other than the defaults, and the .mf's digest of the .ovf to match.
+    let old_ovf = std::fs::read_to_string(&ovf).unwrap();
+    let new_ovf = old_ovf
+        .replace(
+            "<rasd:VirtualQuantity>2</rasd:VirtualQuantity>",
+            &format!("<rasd:VirtualQuantity>{OVF_CPUS}</rasd:VirtualQuantity>"),
+        )
+        .replace(
+            "<rasd:VirtualQuantity>2048</rasd:VirtualQuantity>",
+            &format!("<rasd:VirtualQuantity>{OVF_MEMORY_MIB}</rasd:VirtualQuantity>"),
+        );
+    let digest = |text: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()));
+    let mf = ovf.with_extension("mf");
+    let new_mf = std::fs::read_to_string(&mf).unwrap().replace(&digest(&old_ovf), &digest(&new_ovf));
+    assert_ne!(new_mf, std::fs::read_to_string(&mf).unwrap(), "the .mf lists the .ovf's SHA-256");
+    std::fs::write(&ovf, new_ovf).unwrap();
+    std::fs::write(&mf, new_mf).unwrap();
+    let mut s = Session::start_in(env, &[], &[]);
+    hypersdk_submit(&s.daemon, &s.env, &ova_manifest("ovf-vm", &ovf));
+    let data_disk = "ovf-vm-vmdisk2.qcow2".to_owned();
+    match hypersdk_wait(&s.daemon, &s.env, "ovf-vm", std::slice::from_ref(&data_disk)) {
+        Outcome::Success { .. } => {}
+        Outcome::Failed(text) => s.daemon.fail(&format!("the OVF job failed:\n{text}")),
+    }
+    let disk1 = s.env.exports.join("appliance/ova-sample-disk1.vmdk");
+    assert_converted(&s.daemon, &s.env.output.join("ovf-vm.qcow2"), &disk1, "vmdk");
+    assert_converted(&s.daemon, &s.env.output.join(&data_disk), &disk2, "vmdk");
+    let xml = std::fs::read_to_string(s.env.output.join("ovf-vm.xml")).unwrap();
+    assert!(xml.contains(&format!("<vcpu placement='static'>{OVF_CPUS}</vcpu>")), "CPUs from the OVF:\n{xml}");
+    assert!(xml.contains(&format!("<memory unit='MiB'>{OVF_MEMORY_MIB}</memory>")), "memory from the OVF:\n{xml}");
+    assert!(xml.contains("00:50:56:a1:00:01"), "the NIC's MAC from the OVF:\n{xml}");
+    assert!(xml.contains("secure='yes'"), "UEFI with secure boot from the OVF:\n{xml}");
+    s.expected.extend(["ovf-vm.qcow2", "ovf-vm.xml", "ovf-vm.json", data_disk.as_str()].map(str::to_owned));
+    assert_output_exactly(&s.daemon, &s.env, &s.expected);
+}
+
+/// A disk of an unpacked export is confined like an extent: a symlink to a file outside
+/// SOURCE_ROOTS fails the job on SOURCE_ROOTS, and nothing of the file is read.
+#[test]
+fn an_unpacked_ovf_export_whose_disk_leads_outside_source_roots_is_refused() {
+    let env = Env::new();
+    let ovf = common::fixtures::unpacked_ovf(Path::new(SAMPLE), &env.exports.join("appliance"));
+    let disk1 = env.exports.join("appliance/ova-sample-disk1.vmdk");
+    std::fs::create_dir_all(&env.elsewhere).unwrap();
+    let secret = env.elsewhere.join("secret.vmdk");
+    std::fs::rename(&disk1, &secret).unwrap();
+    std::os::unix::fs::symlink(&secret, &disk1).unwrap();
+    let mut s = Session::start_in(env, &[], &[]);
+    // `ovf` is accepted as a source_format, the same as `ova`.
+    let mut m = ova_manifest("escape-vm", &ovf);
+    m["disks"][0]["source_format"] = "ovf".into();
+    let first = s.convert_err(&m, "escape-vm");
+    assert!(first.contains("SOURCE_ROOTS") && first.contains("ova-sample-disk1.vmdk"), "{first}");
+}
+
+/// Issue 10: the `.ovf` of an export named as a `raw` disk used to be "converted" into a disk
+/// holding the XML. Its `.error` now says what the file is and which source_format reads it.
+#[test]
+fn an_ovf_given_as_a_raw_disk_is_refused_with_what_to_do() {
+    let env = Env::new();
+    let ovf = common::fixtures::unpacked_ovf(Path::new(SAMPLE), &env.exports.join("appliance"));
+    let mut s = Session::start_in(env, &[], &[]);
+    let first = s.convert_err(&manifest("raw-ovf-vm", vec![disk("disk-1", "raw", &ovf)]), "raw-ovf-vm");
+    assert!(first.contains("an OVF descriptor (XML text), not a raw disk image"), "{first}");
+    assert!(first.contains("source_format \"ova\""), "{first}");
+}
+
+#[test]
+fn an_unpacked_ovf_export_that_does_not_match_its_mf_is_refused() {
+    let env = Env::new();
+    let ovf = common::fixtures::unpacked_ovf(Path::new(SAMPLE), &env.exports.join("appliance"));
+    let disk1 = env.exports.join("appliance/ova-sample-disk1.vmdk");
+    let mut bytes = std::fs::read(&disk1).unwrap();
+    let at = bytes.len() - 700;
+    bytes[at] ^= 0x55;
+    std::fs::write(&disk1, bytes).unwrap();
+    let mut s = Session::start_in(env, &[], &[]);
+    let first = s.convert_err(&ova_manifest("damaged-ovf-vm", &ovf), "damaged-ovf-vm");
+    assert!(first.starts_with("The OVF export") && first.contains("does not match its .mf manifest"), "{first}");
+    assert!(first.contains("ova-sample-disk1.vmdk") && first.contains("export it again"), "{first}");
+}

@@ -1,5 +1,7 @@
 //! An OVF descriptor on its own (`ova::parse_ovf`, as for a standalone `.ovf`), then what a job
-//! derives from it: manifest hardware, NICs, the File of each disk and its checked `href`.
+//! derives from it: manifest hardware, NICs, the File of each disk and its checked `href`. The
+//! bytes are also sniffed (`image::sniff`, which tells an unpacked export's `.ovf` from an OVA
+//! and refuses non-disks given as raw), and the advice for each kind is built.
 
 #![no_main]
 
@@ -7,6 +9,8 @@ use hyper2kvm::image::ova;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    let kind = hyper2kvm::image::sniff::sniff(data);
+    let _ = (kind.describe(), kind.advice_as_raw(), kind.source_format());
     let Ok(ovf) = ova::parse_ovf(data, &ova::Limits::default()) else { return };
     let _ = ovf.hardware.to_manifest_hardware();
     let _ = ovf.hardware.to_nics();

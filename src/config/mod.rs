@@ -1,5 +1,5 @@
-//! Configuration: built-in defaults < `hyper2kvm.conf` < `hyper2kvm-INSTANCE.conf` < environment
-//! < command-line flags.
+//! Configuration: built-in defaults < `HYPER2KVM_<KEY>` in the environment < `hyper2kvm.conf`
+//! < `hyper2kvm-INSTANCE.conf` < `KEY` in the environment < command-line flags.
 //!
 //! Every value remembers where it came from, so that an invalid one is reported with its key,
 //! its source (file and line, environment, or flag) and the accepted range. An empty value at
@@ -62,8 +62,13 @@ pub const KNOWN_KEYS: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
     Default,
-    File { path: PathBuf, line: usize },
+    File {
+        path: PathBuf,
+        line: usize,
+    },
     Environment,
+    /// `HYPER2KVM_<KEY>` in the environment (the variable's name).
+    PrefixedEnvironment(String),
     Flag,
 }
 
@@ -73,6 +78,7 @@ impl fmt::Display for Origin {
             Origin::Default => write!(f, "the built-in default"),
             Origin::File { path, line } => write!(f, "{}:{line}", path.display()),
             Origin::Environment => write!(f, "the environment"),
+            Origin::PrefixedEnvironment(variable) => write!(f, "the environment variable {variable}"),
             Origin::Flag => write!(f, "the command line"),
         }
     }
@@ -220,7 +226,11 @@ impl Config {
     pub fn load(overrides: &Overrides, env: &dyn Environment) -> Result<Config, ConfigError> {
         let config_dir = config_dir(overrides, env);
         let mut warnings = Vec::new();
-        let mut values: Layer = BTreeMap::new();
+        // HYPER2KVM_<KEY> ranks just above the defaults: below the files, so that a value is
+        // the same whether systemd exports the files (plain KEY, which wins) or the binary
+        // reads them itself.
+        let prefixed = prefixed_env_layer(env);
+        let mut values: Layer = prefixed.clone();
 
         read_file_layer(&config_dir.join("hyper2kvm.conf"), &mut values, &mut warnings)?;
         let env_layer = env_layer(env);
@@ -246,6 +256,7 @@ impl Config {
         if let Some((name, origin)) = values.get("INSTANCE_NAME") {
             check_instance_name(name, origin)?;
         }
+        warn_shadowed(&prefixed, &values, &mut warnings);
         let instance = values.get("INSTANCE_NAME").map(|(v, _)| v.clone());
         Resolver { values, warnings }.resolve(instance)
     }
@@ -305,6 +316,34 @@ fn env_layer(env: &dyn Environment) -> Layer {
             Some((key.to_string(), (value, Origin::Environment)))
         })
         .collect()
+}
+
+/// The prefix of the second, lower-ranked name of every key in the environment: what
+/// HyperSDK's systemd units set (`HYPER2KVM_WATCH_DIR`, `HYPER2KVM_OUTPUT_DIR`).
+pub const ENV_PREFIX: &str = "HYPER2KVM_";
+
+fn prefixed_env_layer(env: &dyn Environment) -> Layer {
+    KNOWN_KEYS
+        .iter()
+        .filter_map(|key| {
+            let variable = format!("{ENV_PREFIX}{key}");
+            let value = env.var(&variable).filter(|v| !v.is_empty())?;
+            Some((key.to_string(), (value, Origin::PrefixedEnvironment(variable))))
+        })
+        .collect()
+}
+
+/// A `HYPER2KVM_<KEY>` that a file, the plain variable or a flag overrides with another value
+/// is said once at start-up: whoever set it expects it to count.
+fn warn_shadowed(prefixed: &Layer, values: &Layer, warnings: &mut Vec<String>) {
+    for (key, (value, origin)) in prefixed {
+        let Origin::PrefixedEnvironment(variable) = origin else { continue };
+        if let Some((used, from)) = values.get(key).filter(|(used, from)| from != origin && used != value) {
+            warnings.push(format!(
+                "{variable}={value:?} in the environment is not used: {key}={used:?} from {from} ranks above it"
+            ));
+        }
+    }
 }
 
 fn flag_layer(flags: &[(String, String)], warnings: &mut Vec<String>) -> Layer {

@@ -550,3 +550,40 @@ fn under_systemd_an_invalid_value_names_its_file_not_the_environment() {
         other => panic!("{other:?}"),
     }
 }
+
+/// HyperSDK's units set HYPER2KVM_WATCH_DIR / HYPER2KVM_OUTPUT_DIR. Every key has that
+/// prefixed name, ranked above the defaults and below the files, the plain variable and flags.
+#[test]
+fn prefixed_variables_rank_above_defaults_and_below_everything_else() {
+    let mut setup = Setup::new();
+    setup.env("HYPER2KVM_WATCH_DIR", "/srv/q").env("HYPER2KVM_OUTPUT_DIR", "/srv/out");
+    setup.env("HYPER2KVM_POLL_INTERVAL", "7");
+    let config = setup.ok();
+    assert_eq!(config.watch_dir, PathBuf::from("/srv/q"));
+    assert_eq!(config.output_dir, PathBuf::from("/srv/out"));
+    assert_eq!(config.poll_interval, Duration::from_secs(7));
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+
+    // The plain variable wins, and the prefixed one that lost is said.
+    setup.env("WATCH_DIR", "/plain/q");
+    let config = setup.ok();
+    assert_eq!(config.watch_dir, PathBuf::from("/plain/q"));
+    assert_eq!(config.output_dir, PathBuf::from("/srv/out"));
+    assert!(
+        config.warnings.iter().any(|w| w.contains("HYPER2KVM_WATCH_DIR=\"/srv/q\"") && w.contains("the environment")),
+        "{:?}",
+        config.warnings
+    );
+
+    // A file wins over the prefixed variable, as it would when systemd exports it.
+    setup.file(None, "OUTPUT_DIR=/file/out\n");
+    assert_eq!(setup.ok().output_dir, PathBuf::from("/file/out"));
+    // And a flag over everything.
+    setup.flag("OUTPUT_DIR", "/flag/out");
+    assert_eq!(setup.ok().output_dir, PathBuf::from("/flag/out"));
+
+    // An invalid prefixed value names the variable it came from; an empty one is unset.
+    let err = with_env("HYPER2KVM_POLL_INTERVAL", "soon").unwrap_err();
+    assert!(err.to_string().contains("the environment variable HYPER2KVM_POLL_INTERVAL"), "{err}");
+    assert_eq!(with_env("HYPER2KVM_WATCH_DIR", "").unwrap().watch_dir, PathBuf::from("/var/lib/hyper2kvm/queue"));
+}

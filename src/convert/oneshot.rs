@@ -14,7 +14,7 @@ use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use super::{Compression, ConversionRequest, ConvertError, Converter, JobControl};
 use crate::engine::pipeline::image_error;
 use crate::engine::{sequential, Auto, PipelineOptions};
-use crate::image::ova;
+use crate::image::{ova, sniff};
 use crate::manifest::SourceFormat;
 use crate::source::SourceRoots;
 use crate::{host, publish};
@@ -22,17 +22,23 @@ use crate::{host, publish};
 /// One-shot conversions have no CONVERSION_TIMEOUT.
 const NO_DEADLINE: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Guesses a source format from the file name, for commands run by hand.
+/// Guesses a source format for commands run by hand: from the file name when it names a
+/// format (`.ovf` and `.ova` are both OVF packages), else from the first bytes (a qcow2 named
+/// `.img`, an OVF without its extension), else raw — which [`RawImage::open`] refuses when the
+/// bytes are plainly not a disk.
+///
+/// [`RawImage::open`]: crate::image::raw::RawImage::open
 pub fn guess_format(path: &Path) -> SourceFormat {
-    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
-        Some("vmdk") => SourceFormat::Vmdk,
-        Some("ova") => SourceFormat::Ova,
-        Some("qcow2") => SourceFormat::Qcow2,
-        Some("vhd") => SourceFormat::Vhd,
-        Some("vhdx") => SourceFormat::Vhdx,
-        Some("vdi") => SourceFormat::Vdi,
-        _ => SourceFormat::Raw,
-    }
+    let by_name = match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("vmdk") => Some(SourceFormat::Vmdk),
+        Some("ova" | "ovf") => Some(SourceFormat::Ova),
+        Some("qcow2") => Some(SourceFormat::Qcow2),
+        Some("vhd") => Some(SourceFormat::Vhd),
+        Some("vhdx") => Some(SourceFormat::Vhdx),
+        Some("vdi") => Some(SourceFormat::Vdi),
+        _ => None,
+    };
+    by_name.or_else(|| sniff::sniff_file(path).ok().and_then(sniff::Kind::source_format)).unwrap_or(SourceFormat::Raw)
 }
 
 /// Describes a source image: format, subformat, virtual size, allocated bytes, referenced
@@ -60,6 +66,9 @@ pub fn inspect_with(
 }
 
 fn inspect_ova(source: &Path) -> Result<serde_json::Value, ConvertError> {
+    if ova::unpacked::is_ovf_descriptor(source) {
+        return inspect_unpacked(source);
+    }
     let package = ova::open(source, &ova::Limits::default()).map_err(image_error)?;
     let mut disks = Vec::new();
     for (index, disk) in package.disks.iter().enumerate() {
@@ -75,29 +84,63 @@ fn inspect_ova(source: &Path) -> Result<serde_json::Value, ConvertError> {
             "allocated_bytes": info.allocated_bytes,
         }));
     }
-    let hw = &package.hardware;
-    let nics: Vec<_> =
-        hw.nics.iter().map(|n| serde_json::json!({"network": n.network, "mac": n.mac, "model": n.model})).collect();
     Ok(serde_json::json!({
         "format": "ova",
         "ovf": package.ovf_name,
         "manifest_listed": package.manifest.is_some(),
         "disks": disks,
-        "hardware": {
-            "name": hw.name,
-            "cpu": hw.cpu,
-            "memory_mib": hw.memory_mib,
-            "firmware": hw.firmware,
-            "secure_boot": hw.secure_boot,
-            "os_type": hw.os_type,
-            "nics": nics,
-        },
+        "hardware": hardware_json(&package.hardware),
         "warnings": package.warnings,
     }))
 }
 
+/// An unpacked OVF export: what [`inspect_ova`] shows of an OVA, with each disk's file.
+fn inspect_unpacked(source: &Path) -> Result<serde_json::Value, ConvertError> {
+    let package =
+        ova::unpacked::open(source, &ova::Limits::default(), &ova::unpacked::unconfined).map_err(image_error)?;
+    let mut disks = Vec::new();
+    for disk in &package.disks {
+        let info = crate::engine::inspect(&disk.path, disk.source_format).map_err(image_error)?;
+        disks.push(serde_json::json!({
+            "disk_id": disk.disk_id,
+            "href": disk.href,
+            "file": disk.path,
+            "capacity_bytes": disk.capacity_bytes,
+            "format": info.format,
+            "subformat": info.subformat,
+            "virtual_size": info.virtual_size,
+            "allocated_bytes": info.allocated_bytes,
+        }));
+    }
+    Ok(serde_json::json!({
+        "format": "ovf",
+        "ovf": source,
+        "manifest_listed": package.manifest.is_some(),
+        "disks": disks,
+        "hardware": hardware_json(&package.hardware),
+        "warnings": package.warnings,
+    }))
+}
+
+fn hardware_json(hw: &ova::OvfHardware) -> serde_json::Value {
+    let nics: Vec<_> =
+        hw.nics.iter().map(|n| serde_json::json!({"network": n.network, "mac": n.mac, "model": n.model})).collect();
+    serde_json::json!({
+        "name": hw.name,
+        "cpu": hw.cpu,
+        "memory_mib": hw.memory_mib,
+        "firmware": hw.firmware,
+        "secure_boot": hw.secure_boot,
+        "os_type": hw.os_type,
+        "nics": nics,
+    })
+}
+
 /// One qcow2 to write: which disk of the source, and its final name.
 struct Output {
+    /// The file read: the source, or a disk file of an unpacked OVF.
+    source: PathBuf,
+    format: SourceFormat,
     /// With an OVA: the disk's index (boot order).
     ova_disk: Option<usize>,
     path: PathBuf,
@@ -107,9 +150,10 @@ struct Output {
 
 /// Converts `source` to qcow2 and returns the files written.
 ///
-/// One file, `destination`, except for an OVA with several disks: its first (boot) disk
-/// becomes `destination` and each other one `<destination's stem>-<disk id>.qcow2` beside it,
-/// the names the daemon gives them. An OVA's `.mf` is verified before anything is written.
+/// One file, `destination`, except for an OVA or an unpacked OVF (`vm.ovf` and its files)
+/// with several disks: its first (boot) disk becomes `destination` and each other one
+/// `<destination's stem>-<disk id>.qcow2` beside it, the names the daemon gives them. The
+/// package's `.mf` is verified before anything is written.
 ///
 /// Every file is written under a hidden temporary name in its final directory and linked to
 /// its name only once all of them converted, so that a failed or interrupted run (SIGINT,
@@ -142,8 +186,8 @@ pub fn convert_with(
     for (n, output) in outputs.iter().enumerate() {
         let label = (outputs.len() > 1).then(|| format!("disk {}/{}", n + 1, outputs.len()));
         let request = ConversionRequest {
-            source,
-            format,
+            source: &output.source,
+            format: output.format,
             destination: &output.temp,
             compression,
             ova_disk: output.ova_disk,
@@ -214,7 +258,13 @@ pub fn convert_stream(
     // end the process as usual (nothing is written yet); once they are installed, it would
     // only be noted, and the wait would go on.
     let file = open_stream(source)?;
-    let outputs = vec![Output { ova_disk: None, temp: temp_name(destination), path: destination.to_owned() }];
+    let outputs = vec![Output {
+        source: source.to_owned(),
+        format: SourceFormat::Vmdk,
+        ova_disk: None,
+        temp: temp_name(destination),
+        path: destination.to_owned(),
+    }];
     let interrupt = Interrupt::install();
     let control = JobControl::new(NO_DEADLINE);
     let result = watched(&control, None, || {
@@ -323,29 +373,69 @@ fn refuse_existing(path: &Path) -> Result<(), ConvertError> {
     Ok(())
 }
 
-/// The files to write. For an OVA: one per disk, once the `.mf` (when there is one) matched.
+/// The files to write. For an OVA: one per disk, once the `.mf` (when there is one) matched;
+/// for an unpacked OVF the same, each read from its own file.
 fn plan(source: &Path, format: SourceFormat, destination: &Path) -> Result<Vec<Output>, ConvertError> {
-    let output = |ova_disk, path: PathBuf| Output { ova_disk, temp: temp_name(&path), path };
     if format != SourceFormat::Ova {
-        return Ok(vec![output(None, destination.to_owned())]);
+        return Ok(vec![output(source.to_owned(), format, None, destination.to_owned())]);
+    }
+    if ova::unpacked::is_ovf_descriptor(source) {
+        return plan_unpacked(source, destination);
     }
     let package = ova::open(source, &ova::Limits::default()).map_err(image_error)?;
-    if package.disks.is_empty() {
+    let ids: Vec<&str> = package.disks.iter().map(|d| d.disk_id.as_str()).collect();
+    let outputs = name_outputs(source, destination, &ids, |index| (source.to_owned(), format, Some(index)))?;
+    // After the names: hashing a large OVA takes a while, and a name taken is known at once.
+    if package.manifest.is_some() {
+        ova::verify_manifest(&package).map_err(image_error)?;
+    }
+    Ok(outputs)
+}
+
+fn plan_unpacked(source: &Path, destination: &Path) -> Result<Vec<Output>, ConvertError> {
+    let confine = &ova::unpacked::unconfined;
+    let package = ova::unpacked::open(source, &ova::Limits::default(), confine).map_err(image_error)?;
+    let ids: Vec<&str> = package.disks.iter().map(|d| d.disk_id.as_str()).collect();
+    let outputs = name_outputs(source, destination, &ids, |index| {
+        let disk = &package.disks[index];
+        (disk.path.clone(), disk.source_format, None)
+    })?;
+    if package.manifest.is_some() {
+        ova::unpacked::verify_manifest(&package, confine).map_err(image_error)?;
+    }
+    Ok(outputs)
+}
+
+fn output(source: PathBuf, format: SourceFormat, ova_disk: Option<usize>, path: PathBuf) -> Output {
+    Output { source, format, ova_disk, temp: temp_name(&path), path }
+}
+
+/// The outputs of a package's disks (`ids`, boot order): the first is `destination`, each
+/// other `<destination's stem>-<disk id>.qcow2` beside it, refused if it exists.
+fn name_outputs(
+    source: &Path,
+    destination: &Path,
+    ids: &[&str],
+    read: impl Fn(usize) -> (PathBuf, SourceFormat, Option<usize>),
+) -> Result<Vec<Output>, ConvertError> {
+    if ids.is_empty() {
         return Err(ConvertError::Corrupt(format!(
             "{} holds no disk to convert; check that the export included its disks",
             source.display()
         )));
     }
     let stem = destination.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-    let mut outputs = vec![output(Some(0), destination.to_owned())];
-    for (index, disk) in package.disks.iter().enumerate().skip(1) {
-        let path = destination.with_file_name(format!("{stem}-{}.qcow2", disk.disk_id));
-        refuse_existing(&path)?;
-        outputs.push(output(Some(index), path));
-    }
-    // After the names: hashing a large OVA takes a while, and a name taken is known at once.
-    if package.manifest.is_some() {
-        ova::verify_manifest(&package).map_err(image_error)?;
+    let mut outputs = Vec::with_capacity(ids.len());
+    for (index, id) in ids.iter().enumerate() {
+        let path = if index == 0 {
+            destination.to_owned()
+        } else {
+            let path = destination.with_file_name(format!("{stem}-{id}.qcow2"));
+            refuse_existing(&path)?;
+            path
+        };
+        let (source, format, ova_disk) = read(index);
+        outputs.push(output(source, format, ova_disk, path));
     }
     Ok(outputs)
 }

@@ -50,7 +50,13 @@ pub fn open_confined(
 }
 
 /// Opens disk `index` (boot order) of an OVA, read in place: no extraction, no extra space.
+/// `path` may also be the descriptor of an unpacked OVF export: the disk is then its own file,
+/// opened unconfined (commands run by hand; the daemon expands such a package into its disk
+/// files first, each confined to SOURCE_ROOTS), and listed first in `referenced_files`.
 pub fn open_ova_disk(path: &Path, index: usize) -> Result<(Box<dyn DiskSource>, SourceInfo), ImageError> {
+    if ova::unpacked::is_ovf_descriptor(path) {
+        return open_unpacked_disk(path, index);
+    }
     let package = ova::open(path, &ova::Limits::default())?;
     let disk = package.disks.get(index).ok_or_else(|| {
         ImageError::Corrupt(format!("the OVA has {} disk(s); disk {} was asked for", package.disks.len(), index + 1))
@@ -62,7 +68,18 @@ pub fn open_ova_disk(path: &Path, index: usize) -> Result<(Box<dyn DiskSource>, 
     Ok((Box::new(image), info))
 }
 
-/// [`open`], and the allocated bytes too: what `inspect` shows.
+fn open_unpacked_disk(path: &Path, index: usize) -> Result<(Box<dyn DiskSource>, SourceInfo), ImageError> {
+    let package = ova::unpacked::open(path, &ova::Limits::default(), &ova::unpacked::unconfined)?;
+    let disk = package.disks.get(index).ok_or_else(|| {
+        ImageError::Corrupt(format!("the OVF has {} disk(s); disk {} was asked for", package.disks.len(), index + 1))
+    })?;
+    let (source, mut info) = open(&disk.path, disk.source_format)?;
+    info.referenced_files.insert(0, disk.path.clone());
+    info.format = "ovf".into();
+    Ok((source, info))
+}
+
+/// [`open`], and the allocated bytes too: what `inspect` and a job's inspection show.
 pub fn inspect(path: &Path, format: SourceFormat) -> Result<SourceInfo, ImageError> {
     with_allocated(open(path, format)?)
 }

@@ -11,6 +11,7 @@
 pub mod ova;
 pub mod qcow2;
 pub mod raw;
+pub mod sniff;
 pub mod vmdk;
 
 use std::fs::File;

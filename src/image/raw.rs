@@ -1,11 +1,15 @@
 //! Raw disk images: the file is the disk. Holes (found with `SEEK_DATA`/`SEEK_HOLE`) are
 //! reported as unallocated so the engine skips them without reading.
+//!
+//! Any bytes make a raw disk, so a wrong file would be "converted" without a word: an OVF
+//! descriptor, an archive, another disk format. [`RawImage::open`] refuses what is plainly no
+//! raw disk (see [`crate::image::sniff`]).
 
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use super::{DiskSource, FileSource, ImageError, PlainRun, ReadAt, SourceInfo};
+use super::{sniff, DiskSource, FileSource, ImageError, PlainRun, ReadAt, SourceInfo};
 
 /// A raw image file.
 #[derive(Debug)]
@@ -14,9 +18,12 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    /// Opens a raw image.
+    /// Opens a raw image; [`ImageError::Unsupported`] for a file that is plainly not a raw
+    /// disk, saying what it looks like and what to do.
     pub fn open(path: &Path) -> Result<RawImage, ImageError> {
-        Ok(RawImage { file: FileSource::open(path)? })
+        let file = FileSource::open(path)?;
+        check_is_raw_disk(&file)?;
+        Ok(RawImage { file })
     }
 
     /// A raw image of a file the caller opened (and confined).
@@ -39,6 +46,24 @@ impl RawImage {
         let at = unsafe { libc::lseek(self.file.file().as_raw_fd(), from, whence) };
         u64::try_from(at).ok()
     }
+}
+
+/// Refuses a file whose first bytes say it is something else (see [`sniff::Kind`]). A size
+/// that is not whole 512-byte sectors is accepted, as qemu-img accepts it (the last sector is
+/// read as padded with zeros): it does not tell a cut copy from a whole one reliably, and a
+/// manifest's checksum does.
+fn check_is_raw_disk(file: &FileSource) -> Result<(), ImageError> {
+    let mut head = vec![0u8; file.len().min(sniff::HEAD_BYTES as u64) as usize];
+    file.read_exact_at(&mut head, 0).map_err(|e| ImageError::io(file.path(), e))?;
+    let kind = sniff::sniff(&head);
+    if !kind.may_be_raw_disk() {
+        return Err(ImageError::Unsupported(format!(
+            "the file is {}, not a raw disk image; {}",
+            kind.describe(),
+            kind.advice_as_raw()
+        )));
+    }
+    Ok(())
 }
 
 impl DiskSource for RawImage {
@@ -82,6 +107,56 @@ impl DiskSource for RawImage {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    fn refusal(bytes: &[u8]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, bytes).unwrap();
+        match RawImage::open(&path) {
+            Err(ImageError::Unsupported(m)) => m,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn padded(head: &[u8], len: usize) -> Vec<u8> {
+        let mut bytes = head.to_vec();
+        bytes.resize(len, b' ');
+        bytes
+    }
+
+    /// Issue 10: a raw source that is plainly not a disk used to be "converted" as one.
+    #[test]
+    fn files_that_are_plainly_not_raw_disks_are_refused_with_advice() {
+        let ovf = padded(b"<?xml version=\"1.0\"?>\n<Envelope xmlns=\"http://schemas.dmtf.org/ovf/envelope/1\">", 4096);
+        let m = refusal(&ovf);
+        assert!(m.starts_with("the file is an OVF descriptor (XML text), not a raw disk image;"), "{m}");
+        assert!(m.contains("source_format \"ova\""), "{m}");
+        assert!(refusal(&padded(b"{\"manifest_version\": \"1.0\"}", 1024)).contains("JSON text"));
+        assert!(refusal(&padded(b"<domain type='kvm'>", 512)).contains("XML text"));
+        let m = refusal(&padded(b"\x1f\x8b\x08\x00", 1024));
+        assert!(m.contains("gzip-compressed") && m.contains("decompress"), "{m}");
+        let mut tar = vec![0u8; 2048];
+        tar[257..263].copy_from_slice(b"ustar\0");
+        assert!(refusal(&tar).contains("a tar archive"));
+        let m = refusal(&padded(b"QFI\xfb\0\0\0\x03", 65536));
+        assert!(m.contains("a qcow2 image") && m.contains("source_format \"qcow2\""), "{m}");
+        let m = refusal(b"");
+        assert!(m.contains("an empty file") && m.contains("did not finish"), "{m}");
+    }
+
+    #[test]
+    fn raw_disks_of_any_content_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        let mut mbr = vec![0u8; 1 << 20];
+        mbr[..3].copy_from_slice(&[0xeb, 0x63, 0x90]);
+        mbr[510..512].copy_from_slice(&[0x55, 0xaa]);
+        // A size that is not whole sectors too: qemu-img reads it padded with zeros.
+        for bytes in [vec![0u8; 1 << 20], mbr, padded(b"plain text at the start of a disk\n", 4096), vec![0u8; 1000]] {
+            std::fs::write(&path, &bytes).unwrap();
+            assert!(RawImage::open(&path).is_ok());
+        }
+    }
 
     #[test]
     fn holes_are_not_allocated_and_data_reads_back() {

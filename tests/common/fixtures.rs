@@ -323,3 +323,13 @@ pub fn ova_member(ova: &Path, members: &serde_json::Value, name_suffix: &str, ou
     fs::write(out, &bytes[start..end]).unwrap();
     out.to_owned()
 }
+
+/// The sample OVA unpacked by `tar` into `dir`, as `ovftool` writes an export to a folder:
+/// `ova-sample.ovf` (a vSphere-style descriptor), `ova-sample.mf` (SHA256), two
+/// streamOptimized VMDKs made by `qemu-img` (the second in `disks/`) and an NVRAM file.
+/// Returns the `.ovf`.
+pub fn unpacked_ovf(ova: &Path, dir: &Path) -> PathBuf {
+    fs::create_dir_all(dir).unwrap();
+    run(Command::new("tar").arg("-xf").arg(ova).arg("-C").arg(dir));
+    dir.join("ova-sample.ovf")
+}

@@ -6,6 +6,7 @@ use sha2::{Digest, Sha256, Sha512};
 
 use super::ovf::check_href;
 use crate::image::{ImageError, ReadAt};
+use crate::text::shorten;
 
 /// A digest algorithm an `.mf` line may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -85,7 +86,8 @@ pub fn parse_mf(text: &[u8], mf_name: &str, max_entries: usize) -> Result<Vec<Ma
         let bad = |why: &str| {
             ImageError::Corrupt(format!(
                 "line {} of the package manifest {mf_name} ({line:?}) {why}; it should read SHA256(file)= <hex>",
-                n + 1
+                n + 1,
+                line = shorten(line)
             ))
         };
         if entries.len() >= max_entries {
@@ -98,18 +100,18 @@ pub fn parse_mf(text: &[u8], mf_name: &str, max_entries: usize) -> Result<Vec<Ma
         let algo = line[..open].trim();
         let digest =
             line[close + 1..].trim_start().strip_prefix('=').ok_or_else(|| bad("has no '=' after ')'"))?.trim();
-        let algorithm = match algo.to_ascii_uppercase().replace('-', "").as_str() {
-            "SHA1" => DigestAlgorithm::Sha1,
-            "SHA256" => DigestAlgorithm::Sha256,
-            "SHA512" => DigestAlgorithm::Sha512,
-            _ => {
-                return Err(ImageError::Unsupported(format!(
+        let algorithm =
+            match algo.to_ascii_uppercase().replace('-', "").as_str() {
+                "SHA1" => DigestAlgorithm::Sha1,
+                "SHA256" => DigestAlgorithm::Sha256,
+                "SHA512" => DigestAlgorithm::Sha512,
+                _ => {
+                    return Err(ImageError::Unsupported(format!(
                     "the package manifest {mf_name} uses the digest {algo:?} (line {}); hyper2kvm checks SHA1, SHA256 \
                      and SHA512: re-export with one of those, or remove the .mf",
-                    n + 1
-                )))
-            }
-        };
+                    n + 1, algo = shorten(algo))))
+                }
+            };
         if digest.len() != algorithm.hex_len() || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad(&format!("does not end with {} hex digits", algorithm.hex_len())));
         }

@@ -4,7 +4,8 @@
 //! and maps every disk of the OVF to the byte range of its member inside the OVA, so a disk
 //! is converted straight out of the archive ([`OvaPackage::open_disk`]) without extracting
 //! it or using extra disk space. [`verify_manifest`] streams the members the `.mf` lists and
-//! checks their digests. [`parse_ovf`] reads a descriptor on its own, for a standalone `.ovf`.
+//! checks their digests. [`parse_ovf`] reads a descriptor on its own; [`unpacked`] reads an
+//! unpacked export (`vm.ovf` with its disks and `.mf` beside it in a directory).
 //!
 //! Everything in an OVA is untrusted: sizes and offsets are checked against the file, every
 //! read is bounded by [`Limits`], `href`s may not leave the package ([`check_href`]), and
@@ -13,6 +14,7 @@
 pub mod mf;
 pub mod ovf;
 pub mod tar;
+pub mod unpacked;
 
 #[cfg(test)]
 mod tests;
@@ -27,6 +29,7 @@ pub use ovf::{check_href, parse_byte_units, parse_ovf, sanitize_disk_id, Ovf, Ov
 use tar::{Member, MemberKind};
 
 use super::{FileSource, ImageError, ReadAt, Slice};
+use crate::text::{capped_list, shorten, MAX_LISTED};
 
 /// Bounds on what an OVA may make the parser read or allocate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,7 +216,8 @@ pub fn open(path: &Path, limits: &Limits) -> Result<OvaPackage, ImageError> {
             MemberKind::File => {
                 if members.insert(name.clone(), data.clone()).is_some() {
                     return Err(ImageError::Corrupt(format!(
-                        "{shown} holds two members named {name:?}; it is ambiguous which one is meant, so it is refused"
+                        "{shown} holds two members named {:?}; it is ambiguous which one is meant, so it is refused",
+                        shorten(name)
                     )));
                 }
             }
@@ -239,7 +243,7 @@ pub fn open(path: &Path, limits: &Limits) -> Result<OvaPackage, ImageError> {
             return Err(ImageError::Corrupt(format!(
                 "{shown} holds {} .ovf descriptors ({}); an OVA holds exactly one: export each VM on its own",
                 many.len(),
-                many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                capped_list(many.iter(), MAX_LISTED)
             )))
         }
     };
@@ -313,7 +317,8 @@ pub fn open(path: &Path, limits: &Limits) -> Result<OvaPackage, ImageError> {
             return Err(ImageError::Corrupt(format!(
                 "{shown}: the OVF says disk {:?} is in file {:?}, but {why}; the OVA is incomplete or damaged, export \
                  it again",
-                disk.ovf_disk_id, file.href
+                shorten(&disk.ovf_disk_id),
+                shorten(&file.href)
             )));
         };
         let size = range.end - range.start;
@@ -322,7 +327,7 @@ pub fn open(path: &Path, limits: &Limits) -> Result<OvaPackage, ImageError> {
                 return Err(ImageError::Corrupt(format!(
                     "{shown}: the OVF says file {:?} is {declared} bytes, but its member is {size} bytes; the OVA is \
                      damaged, export it again",
-                    file.href
+                    shorten(&file.href)
                 )));
             }
         }
@@ -336,12 +341,11 @@ pub fn open(path: &Path, limits: &Limits) -> Result<OvaPackage, ImageError> {
             format: disk.format.clone(),
         });
     }
-    for file in &ovf.references {
+    let absent = ovf.references.iter().filter(|file| {
         let used = ovf.disks.iter().any(|d| d.file_ref.as_deref() == Some(file.id.as_str()));
-        if !used && check_href(&file.href).is_ok_and(|h| find_member(&members, &base_dir, &h).is_none()) {
-            warnings.push(format!("the OVF references file {:?}, which the OVA does not hold (not a disk)", file.href));
-        }
-    }
+        !used && check_href(&file.href).is_ok_and(|h| find_member(&members, &base_dir, &h).is_none())
+    });
+    warnings.extend(absent_files_warning(absent, "the OVA does not hold"));
 
     let manifest = mf_name.map(|name| ManifestCheck {
         mf_name: name,
@@ -361,6 +365,17 @@ pub fn open(path: &Path, limits: &Limits) -> Result<OvaPackage, ImageError> {
         mf_entries,
         base_dir,
     })
+}
+
+/// One warning for every file (not a disk) the OVF references that the package lacks, with
+/// the names capped: a descriptor may reference thousands.
+fn absent_files_warning<'a>(absent: impl Iterator<Item = &'a OvfFile>, lacks: &str) -> Option<String> {
+    let names: Vec<String> = absent.map(|f| format!("{:?}", shorten(&f.href))).collect();
+    match names.len() {
+        0 => None,
+        1 => Some(format!("the OVF references file {}, which {lacks} (not a disk)", names[0])),
+        n => Some(format!("the OVF references {n} files {lacks} (not disks): {}", capped_list(&names, MAX_LISTED))),
+    }
 }
 
 fn join(base: &str, name: &str) -> String {
@@ -391,15 +406,7 @@ fn describe(kind: MemberKind) -> &'static str {
 }
 
 fn list_names(index: &[Member]) -> String {
-    let mut names: Vec<&str> = index.iter().take(10).map(|m| m.name.as_str()).collect();
-    if index.len() > 10 {
-        names.push("…");
-    }
-    if names.is_empty() {
-        "none".to_owned()
-    } else {
-        names.join(", ")
-    }
+    capped_list(index.iter().map(|m| m.name.as_str()), MAX_LISTED)
 }
 
 fn prefix_error(e: ImageError, prefix: &str) -> ImageError {
@@ -438,9 +445,10 @@ pub fn verify_manifest(pkg: &OvaPackage) -> Result<ManifestCheck, ImageError> {
         let file = entries[first].file.clone();
         let Some((_, range)) = find_member(&pkg.members, &pkg.base_dir, &file) else {
             return Err(ImageError::Corrupt(format!(
-                "{shown}: the manifest {} lists {file:?}, but the OVA has no such member; the OVA is incomplete, \
+                "{shown}: the manifest {} lists {:?}, but the OVA has no such member; the OVA is incomplete, \
                  export it again",
-                listed.mf_name
+                listed.mf_name,
+                shorten(&file)
             )));
         };
         let same: Vec<usize> = (first..entries.len()).filter(|&i| entries[i].file == file).collect();
@@ -451,9 +459,10 @@ pub fn verify_manifest(pkg: &OvaPackage) -> Result<ManifestCheck, ImageError> {
             let entry = &mut entries[i];
             if actual != entry.expected {
                 return Err(ImageError::Corrupt(format!(
-                    "{shown}: {} of {file:?} is {actual}, but the manifest {} says {}; the OVA is damaged or was \
+                    "{shown}: {} of {:?} is {actual}, but the manifest {} says {}; the OVA is damaged or was \
                      modified, copy or export it again",
                     entry.algorithm.as_str(),
+                    shorten(&file),
                     listed.mf_name,
                     entry.expected
                 )));

@@ -20,6 +20,7 @@ use super::Limits;
 use crate::image::ImageError;
 use crate::mac::MacAddress;
 use crate::manifest::{Firmware, Hardware, NicSpec};
+use crate::text::shorten;
 
 /// Deepest element nesting accepted in an OVF descriptor (real ones nest about 10 deep).
 pub const MAX_XML_DEPTH: usize = 64;
@@ -165,7 +166,8 @@ impl OvfHardware {
 pub fn check_href(href: &str) -> Result<String, ImageError> {
     let refuse = |why: &str| {
         ImageError::Corrupt(format!(
-            "the OVF references file {href:?}, which {why}; an OVA may only reference files inside itself"
+            "the OVF references file {href:?}, which {why}; an OVA may only reference files inside itself",
+            href = shorten(href)
         ))
     };
     if href.trim().is_empty() {
@@ -177,7 +179,8 @@ pub fn check_href(href: &str) -> Result<String, ImageError> {
     if href.contains("://") || href.to_ascii_lowercase().starts_with("file:") {
         return Err(ImageError::Unsupported(format!(
             "the OVF references file {href:?} by URL; hyper2kvm does not download files: put the file in \
-             the package and reference it by name"
+             the package and reference it by name",
+            href = shorten(href)
         )));
     }
     if href.starts_with('/') {
@@ -559,17 +562,24 @@ fn parse_references(doc: &Doc, root: usize, limits: &Limits, ovf: &mut Ovf) -> R
             return Err(ImageError::Corrupt("the OVF has a References/File without ovf:id".into()));
         }
         if !ids.insert(id.clone()) {
-            return Err(ImageError::Corrupt(format!("the OVF has two References/File with ovf:id {id:?}")));
+            return Err(ImageError::Corrupt(format!(
+                "the OVF has two References/File with ovf:id {id:?}",
+                id = shorten(&id)
+            )));
         }
         let href = doc
             .attr(file, "href")
-            .ok_or_else(|| ImageError::Corrupt(format!("the OVF's File {id:?} has no ovf:href")))?;
+            .ok_or_else(|| ImageError::Corrupt(format!("the OVF's File {id:?} has no ovf:href", id = shorten(&id))))?;
         check_href(href)?;
         let number = |name: &str| -> Result<Option<u64>, ImageError> {
             match doc.attr(file, name) {
                 None => Ok(None),
                 Some(v) => parse_u64(v).map(Some).ok_or_else(|| {
-                    ImageError::Corrupt(format!("the OVF's File {id:?} has ovf:{name}={v:?}, which is not a number"))
+                    ImageError::Corrupt(format!(
+                        "the OVF's File {id:?} has ovf:{name}={v:?}, which is not a number",
+                        id = shorten(&id),
+                        v = shorten(v)
+                    ))
                 }),
             }
         };
@@ -601,13 +611,18 @@ fn parse_disks(doc: &Doc, root: usize, limits: &Limits, ovf: &Ovf) -> Result<Vec
             }
             let ovf_disk_id = doc.attr(disk, "diskId").unwrap_or("").to_owned();
             if disks.iter().any(|d| d.ovf_disk_id == ovf_disk_id) {
-                return Err(ImageError::Corrupt(format!("the OVF defines disk {ovf_disk_id:?} twice")));
+                return Err(ImageError::Corrupt(format!(
+                    "the OVF defines disk {ovf_disk_id:?} twice",
+                    ovf_disk_id = shorten(&ovf_disk_id)
+                )));
             }
             let file_ref = doc.attr(disk, "fileRef").map(str::to_owned).filter(|f| !f.is_empty());
             if let Some(f) = &file_ref {
                 let file = ovf.references.iter().find(|r| &r.id == f).ok_or_else(|| {
                     ImageError::Corrupt(format!(
-                        "the OVF's disk {ovf_disk_id:?} has ovf:fileRef {f:?}, but no References/File has that id"
+                        "the OVF's disk {ovf_disk_id:?} has ovf:fileRef {f:?}, but no References/File has that id",
+                        ovf_disk_id = shorten(&ovf_disk_id),
+                        f = shorten(f)
                     ))
                 })?;
                 check_disk_file(&ovf_disk_id, file)?;
@@ -649,7 +664,9 @@ fn check_disk_file(disk: &str, file: &OvfFile) -> Result<(), ImageError> {
             "disk {disk:?} (file {:?}) is stored compressed (ovf:compression=\"{c}\"); hyper2kvm reads disks in \
              place and does not decompress them: re-export the OVA without compression, or extract it, \
              decompress the disk and submit the VMDK",
-            file.href
+            shorten(&file.href),
+            disk = shorten(disk),
+            c = shorten(c)
         )));
     }
     if let Some(chunk) = file.chunk_size {
@@ -657,7 +674,8 @@ fn check_disk_file(disk: &str, file: &OvfFile) -> Result<(), ImageError> {
             "disk {disk:?} (file {:?}) is split into chunks of {chunk} bytes (ovf:chunkSize); hyper2kvm does not \
              join chunks: re-export the OVA without chunking, or extract it, join the chunks \
              (cat {0}.0* > {0}) and submit the VMDK",
-            file.href
+            shorten(&file.href),
+            disk = shorten(disk)
         )));
     }
     Ok(())
@@ -666,28 +684,36 @@ fn check_disk_file(disk: &str, file: &OvfFile) -> Result<(), ImageError> {
 fn disk_capacity(doc: &Doc, disk: usize, id: &str) -> Result<u64, ImageError> {
     let text = doc
         .attr(disk, "capacity")
-        .ok_or_else(|| ImageError::Corrupt(format!("the OVF's disk {id:?} has no ovf:capacity")))?;
+        .ok_or_else(|| ImageError::Corrupt(format!("the OVF's disk {id:?} has no ovf:capacity", id = shorten(id))))?;
     let value = text.trim();
     if value.starts_with("${") {
         return Err(ImageError::Unsupported(format!(
-            "the OVF's disk {id:?} takes its capacity from a property ({value}); set a number in the OVF"
+            "the OVF's disk {id:?} takes its capacity from a property ({value}); set a number in the OVF",
+            id = shorten(id),
+            value = shorten(value)
         )));
     }
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ImageError::Corrupt(format!("the OVF's disk {id:?} has ovf:capacity={text:?}, not a number")));
+        return Err(ImageError::Corrupt(format!(
+            "the OVF's disk {id:?} has ovf:capacity={text:?}, not a number",
+            id = shorten(id),
+            text = shorten(text)
+        )));
     }
-    let overflow = || {
-        ImageError::Corrupt(format!(
+    let overflow =
+        || {
+            ImageError::Corrupt(format!(
             "the OVF's disk {id:?} has a capacity that overflows 64 bits (ovf:capacity={text:?}); the descriptor is \
-             damaged"
-        ))
-    };
+             damaged", id = shorten(id), text = shorten(text)))
+        };
     let value: u64 = value.parse().map_err(|_| overflow())?;
     let units = doc.attr(disk, "capacityAllocationUnits").unwrap_or("byte");
     let multiplier = parse_byte_units(units).ok_or_else(|| {
         ImageError::Unsupported(format!(
             "the OVF's disk {id:?} has ovf:capacityAllocationUnits={units:?}, which hyper2kvm cannot read; use \
-             a unit such as \"byte * 2^30\""
+             a unit such as \"byte * 2^30\"",
+            id = shorten(id),
+            units = shorten(units)
         ))
     })?;
     value.checked_mul(multiplier).ok_or_else(overflow)
@@ -763,22 +789,29 @@ fn order_disks(
         } else if path.starts_with("file/") {
             return Err(ImageError::Unsupported(format!(
                 "a disk Item of the OVF is backed by a file ({host}) rather than a DiskSection disk; \
-                 hyper2kvm cannot tell its format: extract the file and submit it as a disk"
+                 hyper2kvm cannot tell its format: extract the file and submit it as a disk",
+                host = shorten(host)
             )));
         } else {
             return Err(ImageError::Corrupt(format!(
-                "a disk Item of the OVF has HostResource {host:?}, which is not ovf:/disk/<diskId>"
+                "a disk Item of the OVF has HostResource {host:?}, which is not ovf:/disk/<diskId>",
+                host = shorten(host)
             )));
         };
         let slot = slots.iter_mut().find(|s| s.as_ref().is_some_and(|d| d.ovf_disk_id == id));
         match slot {
             Some(slot) => ordered.push(slot.take().expect("found a filled slot")),
             None if ordered.iter().any(|d: &OvfDisk| d.ovf_disk_id == id) => {
-                return Err(ImageError::Corrupt(format!("two disk Items of the OVF attach the same disk {id:?}")));
+                return Err(ImageError::Corrupt(format!(
+                    "two disk Items of the OVF attach the same disk {id:?}",
+                    id = shorten(id)
+                )));
             }
             None => {
                 return Err(ImageError::Corrupt(format!(
-                    "a disk Item of the OVF has HostResource {host:?}, but the DiskSection has no disk {id:?}"
+                    "a disk Item of the OVF has HostResource {host:?}, but the DiskSection has no disk {id:?}",
+                    host = shorten(host),
+                    id = shorten(id)
                 )));
             }
         }
@@ -788,7 +821,7 @@ fn order_disks(
         for d in &rest {
             warnings.push(format!(
                 "disk {:?} is defined but attached by no hardware Item; it is kept, after the attached disks",
-                d.ovf_disk_id
+                shorten(&d.ovf_disk_id)
             ));
         }
     }
@@ -830,7 +863,8 @@ fn parse_hardware(doc: &Doc, system: usize, items: &[Item]) -> Result<OvfHardwar
                 let Some(multiplier) = parse_byte_units(units) else { continue };
                 let bytes = n.checked_mul(multiplier).ok_or_else(|| {
                     ImageError::Corrupt(format!(
-                        "the OVF's memory item ({n} × {units:?}) overflows 64 bits; the descriptor is damaged"
+                        "the OVF's memory item ({n} × {units:?}) overflows 64 bits; the descriptor is damaged",
+                        units = shorten(units)
                     ))
                 })?;
                 let mib = bytes.div_ceil(1 << 20);

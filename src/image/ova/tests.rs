@@ -4,6 +4,7 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use super::*;
 use crate::manifest::Firmware;
@@ -1323,4 +1324,140 @@ fn links_carry_no_data_whatever_their_size_says() {
     let pkg = open(&path, &limits()).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(&bytes[pkg.disks[0].member.start as usize..pkg.disks[0].member.end as usize], b"KDMV");
+}
+
+/// Issue 10: an OVA of 2000 `.ovf` members made an 8 MB error line. Every list a message
+/// gives is capped, and so is every name an archive or descriptor puts into one.
+#[test]
+fn lists_and_names_in_messages_are_capped() {
+    let long = "d".repeat(4000);
+    let mut t = TarWriter::default();
+    for n in 0..2000 {
+        t.file(&format!("{long:.90}{n}.ovf"), b"");
+    }
+    let (_d, path) = write_temp(&t.finish());
+    let m = expect_corrupt(open(&path, &limits()), "2000 .ovf descriptors");
+    assert!(m.len() < 1500, "{} bytes: {m:.300}", m.len());
+    assert!(m.contains("and 1995 more"), "{m:.300}");
+
+    // No descriptor among 2000 members.
+    let mut t = TarWriter::default();
+    for n in 0..2000 {
+        t.file(&format!("{long:.90}{n}.vmdk"), b"");
+    }
+    let (_d, path) = write_temp(&t.finish());
+    let m = expect_corrupt(open(&path, &limits()), "no .ovf");
+    assert!(m.len() < 1500 && m.contains("and 1995 more"), "{} bytes: {m:.300}", m.len());
+
+    // A 100 000-character href is cut in the message.
+    let ovf = one_disk_ovf(&format!("{}.vmdk", "x".repeat(100_000)), "");
+    let (_d, path) = crafted(&[("vm.ovf", ovf.as_bytes())]);
+    let m = expect_corrupt(open(&path, &limits()), "the archive has no member");
+    assert!(m.len() < 1000, "{} bytes", m.len());
+
+    // Thousands of referenced non-disk files missing: one warning, capped.
+    let refs: String = (0..3000).map(|n| format!(r#"<File ovf:href="extra{n}.iso" ovf:id="x{n}"/>"#)).collect();
+    let ovf = one_disk_ovf("disk.vmdk", "").replace("</References>", &format!("{refs}</References>"));
+    let (_d, path) = crafted(&[("vm.ovf", ovf.as_bytes()), ("disk.vmdk", b"KDMV")]);
+    let package = open(&path, &limits()).unwrap();
+    assert_eq!(package.warnings.len(), 1, "one warning for the absent files");
+    assert!(package.warnings[0].contains("3000 files") && package.warnings[0].len() < 500, "{:?}", package.warnings);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unpacked OVF exports: the descriptor, its disks and its .mf in a directory.
+
+/// A confinement to `root`, as SOURCE_ROOTS does it: resolved, inside, a regular file.
+fn confined_to(root: &Path) -> impl Fn(&Path) -> Result<PathBuf, ImageError> + '_ {
+    move |p: &Path| {
+        let resolved = std::fs::canonicalize(p).map_err(|e| ImageError::io(p, e))?;
+        if !resolved.starts_with(std::fs::canonicalize(root).unwrap()) {
+            return Err(ImageError::Corrupt(format!("{} is outside SOURCE_ROOTS", p.display())));
+        }
+        unpacked::unconfined(&resolved)
+    }
+}
+
+#[test]
+fn a_real_virtualbox_export_opens_unpacked_and_its_mf_verifies() {
+    let dir = data_dir().join("cot");
+    let ovf = dir.join("ubuntu.2.0.ovf");
+    assert!(unpacked::is_ovf_descriptor(&ovf));
+    let package = unpacked::open(&ovf, &limits(), &unpacked::unconfined).unwrap();
+    assert_eq!(package.disks.len(), 1);
+    assert_eq!(package.disks[0].path, std::fs::canonicalize(dir.join("ubuntu.2.0-disk1.vmdk")).unwrap());
+    assert_eq!(package.disks[0].source_format, crate::manifest::SourceFormat::Vmdk);
+    assert_eq!(package.hardware.cpu, Some(1));
+    let check = unpacked::verify_manifest(&package, &unpacked::unconfined).unwrap();
+    assert!(check.all_verified() && check.entries.len() == 2, "{check:?}");
+    assert!(check.unlisted_disks.is_empty());
+}
+
+#[test]
+fn an_unpacked_export_reads_only_what_its_confinement_admits() {
+    let root = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let export = root.path().join("export");
+    std::fs::create_dir(&export).unwrap();
+    let ovf_path = export.join("vm.ovf");
+    std::fs::write(&ovf_path, one_disk_ovf("disk.vmdk", "")).unwrap();
+    std::fs::write(outside.path().join("secret"), "root:x:0:0\n").unwrap();
+    let confine = confined_to(root.path());
+
+    // The disk is a symlink to a file outside: refused before it is read.
+    std::os::unix::fs::symlink(outside.path().join("secret"), export.join("disk.vmdk")).unwrap();
+    let m = expect_corrupt(unpacked::open(&ovf_path, &limits(), &confine), "outside SOURCE_ROOTS");
+    assert!(!m.contains("root:x"), "{m}");
+    std::fs::remove_file(export.join("disk.vmdk")).unwrap();
+
+    // So is a .mf that leads outside.
+    std::fs::write(export.join("disk.vmdk"), b"KDMV").unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret"), export.join("vm.mf")).unwrap();
+    let m = expect_corrupt(unpacked::open(&ovf_path, &limits(), &confine), "outside SOURCE_ROOTS");
+    assert!(!m.contains("root:x"), "{m}");
+    std::fs::remove_file(export.join("vm.mf")).unwrap();
+
+    // And a file the .mf lists that leads outside, when the .mf is verified.
+    std::os::unix::fs::symlink(outside.path().join("secret"), export.join("extra.iso")).unwrap();
+    let mf = format!("SHA256(extra.iso)= {}\n", sha256_hex(b"root:x:0:0\n"));
+    std::fs::write(export.join("vm.mf"), mf).unwrap();
+    let package = unpacked::open(&ovf_path, &limits(), &confine).unwrap();
+    expect_corrupt(unpacked::verify_manifest(&package, &confine), "outside SOURCE_ROOTS");
+
+    // An href that climbs out is refused whatever it names; a missing disk is named.
+    std::fs::write(&ovf_path, one_disk_ovf("../secret", "")).unwrap();
+    expect_corrupt(unpacked::open(&ovf_path, &limits(), &confine), "..");
+    std::fs::write(&ovf_path, one_disk_ovf("gone.vmdk", "")).unwrap();
+    expect_corrupt(unpacked::open(&ovf_path, &limits(), &unpacked::unconfined), "gone.vmdk");
+
+    // A "disk" that is plainly not one, and a disk of the wrong size.
+    std::fs::write(export.join("notes.vmdk"), "just some notes\n").unwrap();
+    std::fs::write(&ovf_path, one_disk_ovf("notes.vmdk", "")).unwrap();
+    expect_corrupt(unpacked::open(&ovf_path, &limits(), &confine), "a text file, not a disk image");
+    std::fs::write(&ovf_path, one_disk_ovf("disk.vmdk", r#"ovf:size="999""#)).unwrap();
+    expect_corrupt(unpacked::open(&ovf_path, &limits(), &confine), "999");
+}
+
+#[test]
+fn an_unpacked_export_that_does_not_match_its_mf_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("tar")
+        .arg("-xf")
+        .arg(data_dir().join("vsphere-gnu.ova"))
+        .arg("-C")
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ovf = dir.path().join("export/ova-sample.ovf");
+    let package = unpacked::open(&ovf, &limits(), &unpacked::unconfined).unwrap();
+    assert_eq!(package.disks.len(), 2);
+    let check = unpacked::verify_manifest(&package, &unpacked::unconfined).unwrap();
+    assert!(check.entries.iter().all(|e| e.algorithm == DigestAlgorithm::Sha1 && e.verified), "{check:?}");
+    let disk = &package.disks[1].path;
+    let mut bytes = std::fs::read(disk).unwrap();
+    let at = bytes.len() - 700;
+    bytes[at] ^= 1;
+    std::fs::write(disk, bytes).unwrap();
+    expect_corrupt(unpacked::verify_manifest(&package, &unpacked::unconfined), "SHA1 of");
 }
