@@ -39,6 +39,7 @@ test: deps
 		$(CARGO) test --all-targets; \
 	fi
 	$(MAKE) demo-check
+	scripts/k8s-validate.sh
 	SYSTEST_OPTIONAL=1 scripts/system-test.sh
 
 demo:
