@@ -16,7 +16,8 @@
 #    directory standing for the PVC. `podman run` is refused on these machines by an rlimit
 #    policy, hence the namespaces by hand. Checked: the startup and liveness probes (/healthz),
 #    a manifest dropped into the queue becomes V.qcow2 (qemu-img check, same content), a bad one
-#    becomes V.error, the readiness probe (capabilities) passes, the metrics the PrometheusRule
+#    becomes V.error, the readiness probe (capabilities) passes, and fails once WATCH_DIR is
+#    read-only, the metrics the PrometheusRule
 #    uses are served, logs are JSON lines, and the preStop hook drains and stops the daemon
 #    within terminationGracePeriodSeconds.
 # 4. The Job template's container (k8s/job-template.yaml) runs `hyper2kvm run` on each
@@ -220,6 +221,16 @@ if in_pod "$PY" "$ROOT/scripts/k8s-pod.py" exec --readiness --manifest "$ROOT/k8
 else
     check_failed "readiness probe exited non-zero: $(tail -n 3 "$run/readiness.out")"
 fi
+
+# A worker that cannot write its queue must leave the Service's endpoints: the probe must fail.
+chmod 0555 "$host_queue"
+if in_pod "$PY" "$ROOT/scripts/k8s-pod.py" exec --readiness --manifest "$ROOT/k8s/daemonset.yaml" \
+    --rootfs "$run/rootfs" --image-config "$run/image-config.json" --pod-name "$POD" >"$run/readiness.out" 2>&1; then
+    check_failed "readiness probe exited 0 with WATCH_DIR not writable (capabilities' exit status comes with the Worker Job Protocol, branch e2-worker)"
+else
+    echo "readiness probe with WATCH_DIR read-only: exit non-zero, as it should ($(grep -o 'WATCH_DIR[^"]*writable' "$run/readiness.out" | head -n 1))"
+fi
+chmod 0755 "$host_queue"
 
 say "metrics the PrometheusRule uses"
 nsenter -t "$inner" --net -- "$PY" - "$(pod show --manifest k8s/daemonset.yaml | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["env"]["METRICS_ADDR"].rsplit(":",1)[1])')" >"$run/metrics.txt" <<'EOF' || check_failed "GET /metrics failed"
