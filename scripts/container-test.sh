@@ -94,6 +94,34 @@ fi
 # ---- the image ----
 say "building the binary (cargo build --release)"
 cargo build --release --quiet
+# The prebuilt binary comes from this host's toolchain; the registry build's BUILD_IMAGE must
+# still be new enough for every locked dependency the binary compiles.
+run_meta=$(mktemp)
+host_triple=$(rustc -vV | sed -n 's/^host: //p')
+build_rust=$(sed -n 's/^ARG BUILD_IMAGE=.*rust:\([0-9][0-9.]*\)-.*/\1/p' Containerfile)
+cargo metadata --format-version 1 --locked --offline --filter-platform "$host_triple" >"$run_meta" 2>/dev/null \
+    || cargo metadata --format-version 1 --locked --filter-platform "$host_triple" >"$run_meta"
+"$PY" - "$run_meta" "$build_rust" <<'EOF' || check_failed "the Containerfile's BUILD_IMAGE (rust ${build_rust:-?}) is older than a locked dependency needs (above)"
+import json, sys
+meta, have = json.load(open(sys.argv[1])), sys.argv[2]
+version = lambda v: tuple((list(map(int, v.split("."))) + [0, 0])[:3])
+if not have:
+    sys.exit("no rust:<version>-... default in the Containerfile's ARG BUILD_IMAGE")
+packages = {p["id"]: p for p in meta["packages"]}
+nodes = {n["id"]: n for n in meta["resolve"]["nodes"]}
+seen, todo = set(), [meta["resolve"]["root"]]
+while todo:
+    node = todo.pop()
+    if node not in seen:
+        seen.add(node)
+        todo += [d["pkg"] for d in nodes[node]["deps"] if any(k["kind"] in (None, "build") for k in d["dep_kinds"])]
+needs = max((version(packages[i]["rust_version"]), packages[i]["name"] + " " + packages[i]["version"])
+            for i in seen if packages[i].get("rust_version"))
+print(f"BUILD_IMAGE rust {have}; the locked dependencies need {'.'.join(map(str, needs[0]))} ({needs[1]})")
+if version(have) < needs[0]:
+    sys.exit(1)
+EOF
+rm -f "$run_meta"
 say "building $IMAGE from the Containerfile (BINARY=prebuilt, BASE_IMAGE=$base_image)"
 build_started=$(date +%s)
 # The build's intermediate images are removed at the end; images that were there before stay.
