@@ -153,10 +153,18 @@ ctr=
 
 pod() { "$PY" "$ROOT/scripts/k8s-pod.py" "$@" --rootfs "$run/rootfs" --image-config "$run/image-config.json" --pod-name "$POD"; }
 grace=$(pod show --manifest k8s/daemonset.yaml | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["terminationGracePeriodSeconds"])')
-pvc_path=$("$PY" -c 'import yaml
-for d in yaml.safe_load_all(open("k8s/daemonset.yaml")):
-    c = d["spec"]["template"]["spec"]["containers"][0]
-    print(next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "data"))')
+# The PersistentVolumeClaim's volume: one directory stands for it in the DaemonSet and the Job.
+claim() { # manifest, field
+    pod show --manifest "$1" | "$PY" -c 'import json,sys
+claims = json.load(sys.stdin)["claims"]
+assert len(claims) == 1, f"expected one PersistentVolumeClaim mount, found {claims}"
+print(claims[0][sys.argv[1]])' "$2"
+}
+pvc_path=$(claim k8s/daemonset.yaml mountPath)
+pvc_volume=$(claim k8s/daemonset.yaml volume)
+[ "$(claim k8s/job-template.yaml claimName)" = "$(claim k8s/daemonset.yaml claimName)" ] \
+    && [ "$(claim k8s/job-template.yaml mountPath)" = "$pvc_path" ] \
+    || check_failed "the Job template does not mount the DaemonSet's claim at the same path"
 
 # ---- the PVC: an export with a source disk, writable by the image's user ----
 uid=$(pod show --manifest k8s/daemonset.yaml | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["user"][0])')
@@ -177,7 +185,7 @@ pod show --manifest k8s/daemonset.yaml >"$run/daemonset-container.json"
 "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print("argv:", d["argv"]); print("user:", d["user"], "readOnlyRootFilesystem:", d["readOnlyRootFilesystem"])' "$run/daemonset-container.json"
 unshare --mount --pid --fork --net --uts --ipc --propagation private \
     "$PY" "$ROOT/scripts/k8s-pod.py" run --manifest k8s/daemonset.yaml --rootfs "$run/rootfs" \
-    --image-config "$run/image-config.json" --pod-name "$POD" --volume "data=$pvc" --scratch "$run" \
+    --image-config "$run/image-config.json" --pod-name "$POD" --volume "$pvc_volume=$pvc" --scratch "$run" \
     >"$run/daemon.out" 2>"$run/daemon.log" &
 pod_pid=$!
 inner=
@@ -332,7 +340,7 @@ else
         rc=0
         unshare --mount --pid --fork --net --uts --ipc --propagation private \
             "$PY" "$ROOT/scripts/k8s-pod.py" run --manifest k8s/job-template.yaml --rootfs "$run/rootfs" \
-            --image-config "$run/image-config.json" --pod-name "hyper2kvm-run-$name" --volume "data=$pvc" \
+            --image-config "$run/image-config.json" --pod-name "hyper2kvm-run-$name" --volume "$(claim k8s/job-template.yaml volume)=$pvc" \
             --configmap "${spec_map}:$spec" --scratch "$run" >"$run/$name.out" 2>"$run/$name.log" || rc=$?
         if [ "$rc" -ne 0 ]; then
             check_failed "$name: hyper2kvm run exited $rc: $(tail -n 3 "$run/$name.log")"

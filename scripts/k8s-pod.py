@@ -179,7 +179,17 @@ class Container:
             "workingDir": self.c.get("workingDir") or self.image.get("WorkingDir") or "/",
             "volumeMounts": self.c.get("volumeMounts", []),
             "terminationGracePeriodSeconds": self.pod.get("terminationGracePeriodSeconds", 30),
+            "claims": self.claims(),
         }
+
+    def claims(self):
+        """The PersistentVolumeClaim volumes and where the container mounts them."""
+        volumes = {v["name"]: v for v in self.pod.get("volumes", []) if "persistentVolumeClaim" in v}
+        return [
+            {"volume": m["name"], "claimName": volumes[m["name"]]["persistentVolumeClaim"]["claimName"],
+             "mountPath": m["mountPath"]}
+            for m in self.c.get("volumeMounts", []) if m["name"] in volumes
+        ]
 
 
 def sh(*argv):
