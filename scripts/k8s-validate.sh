@@ -5,6 +5,9 @@
 #   of two Kubernetes versions, strictly (unknown fields are errors), with PyPI's
 #   kubernetes-validate, installed into a venv under target/;
 # - kustomization.yaml lists exactly the manifests it should (all but job-template.yaml);
+# - values several files must agree on: METRICS_ADDR's port (containerPort, scrape annotation,
+#   Service, NetworkPolicy), terminationGracePeriodSeconds at least DRAIN_SECONDS + 30 s, and
+#   runAsUser/runAsGroup equal to the Containerfile's UID/GID;
 # - k8s/examples/*.json are JSON objects naming an operation;
 # - k8s/monitoring/ holds Prometheus Operator resources (CRDs, which those schemas do not know):
 #   its rule groups are checked with promtool (`check rules` and the unit tests in
@@ -54,7 +57,7 @@ for v in $KUBE_VERSIONS; do
         || fail "k8s/ does not validate against Kubernetes $v"
 done
 
-say "kustomization.yaml, examples"
+say "kustomization.yaml, examples, values the files share (port, drain, uid)"
 "$PY" - <<'EOF'
 import glob, json, os, sys, yaml
 
@@ -63,6 +66,32 @@ listed = set(kust.get("resources", []))
 present = {os.path.basename(p) for p in glob.glob("k8s/*.yaml")} - {"kustomization.yaml", "job-template.yaml"}
 if listed != present:
     sys.exit(f"kustomization.yaml resources {sorted(listed)} != manifests {sorted(present)}")
+# Values that several files must agree on.
+def docs(path):
+    return [d for d in yaml.safe_load_all(open(path)) if d]
+config = next(d for d in docs("k8s/configmap.yaml") if d["kind"] == "ConfigMap")["data"]
+ds = docs("k8s/daemonset.yaml")[0]
+pod = ds["spec"]["template"]["spec"]
+worker = pod["containers"][0]
+port = int(config["METRICS_ADDR"].rsplit(":", 1)[1])
+ports = {
+    "DaemonSet containerPort metrics": next(p["containerPort"] for p in worker["ports"] if p["name"] == "metrics"),
+    "DaemonSet prometheus.io/port": int(ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]),
+    "Service port": docs("k8s/service.yaml")[0]["spec"]["ports"][0]["port"],
+    "NetworkPolicy ingress port": docs("k8s/networkpolicy.yaml")[0]["spec"]["ingress"][0]["ports"][0]["port"],
+}
+for what, value in ports.items():
+    if value != port:
+        sys.exit(f"{what} is {value}, METRICS_ADDR's port is {port}")
+drain = float(config["DRAIN_SECONDS"])
+grace = pod["terminationGracePeriodSeconds"]
+if grace < drain + 30:
+    sys.exit(f"terminationGracePeriodSeconds {grace} leaves under 30 s past DRAIN_SECONDS {drain:g} to release jobs")
+arg = lambda name: next(l.split("=", 1)[1].strip() for l in open("Containerfile") if l.startswith(f"ARG {name}="))
+for path in ("k8s/daemonset.yaml", "k8s/job-template.yaml"):
+    ctx = docs(path)[0]["spec"]["template"]["spec"]["securityContext"]
+    if (str(ctx["runAsUser"]), str(ctx["runAsGroup"])) != (arg("UID"), arg("GID")):
+        sys.exit(f"{path}: runAsUser/runAsGroup differ from the Containerfile's UID/GID {arg('UID')}/{arg('GID')}")
 examples = sorted(glob.glob("k8s/examples/*.json"))
 if not examples:
     sys.exit("no k8s/examples/*.json")
