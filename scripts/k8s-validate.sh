@@ -4,7 +4,8 @@
 # - every Kubernetes manifest (k8s/*.yaml but kustomization.yaml) against the OpenAPI schemas
 #   of two Kubernetes versions, strictly (unknown fields are errors), with PyPI's
 #   kubernetes-validate, installed into a venv under target/;
-# - kustomization.yaml lists exactly the manifests it should (all but job-template.yaml);
+# - kustomization.yaml lists exactly the manifests it should (all but job-template.yaml), and
+#   monitoring/kustomization.yaml its two resources;
 # - values several files must agree on: METRICS_ADDR's port (containerPort, scrape annotation,
 #   Service, NetworkPolicy), terminationGracePeriodSeconds at least DRAIN_SECONDS + 30 s, and
 #   runAsUser/runAsGroup equal to the Containerfile's UID/GID;
@@ -66,6 +67,10 @@ listed = set(kust.get("resources", []))
 present = {os.path.basename(p) for p in glob.glob("k8s/*.yaml")} - {"kustomization.yaml", "job-template.yaml"}
 if listed != present:
     sys.exit(f"kustomization.yaml resources {sorted(listed)} != manifests {sorted(present)}")
+listed = set(yaml.safe_load(open("k8s/monitoring/kustomization.yaml")).get("resources", []))
+present = {os.path.basename(p) for p in glob.glob("k8s/monitoring/*.yaml")} - {"kustomization.yaml", "prometheusrule.test.yaml"}
+if listed != present:
+    sys.exit(f"monitoring/kustomization.yaml resources {sorted(listed)} != {sorted(present)}")
 # Values that several files must agree on.
 def docs(path):
     return [d for d in yaml.safe_load_all(open(path)) if d]
