@@ -140,6 +140,9 @@ cleanup() {
     fi
     [ -n "$ctr" ] && podman rm --force "$ctr" >/dev/null 2>&1 || true
     rm -rf "$run"
+    podman rmi "$IMAGE" >/dev/null 2>&1 || true
+    comm -13 <(echo "$dangling_before") <(podman images --quiet --filter dangling=true --no-trunc | sort) \
+        | xargs -r podman rmi >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 
@@ -362,9 +365,6 @@ else
     done
 fi
 
-podman rmi "$IMAGE" >/dev/null 2>&1 || true
-comm -13 <(echo "$dangling_before") <(podman images --quiet --filter dangling=true --no-trunc | sort) \
-    | xargs -r podman rmi >/dev/null 2>&1 || true
 if [ "${#failures[@]}" -gt 0 ]; then
     printf '\ncontainer-test: %d check(s) failed:\n' "${#failures[@]}" >&2
     printf '  - %s\n' "${failures[@]}" >&2
