@@ -339,7 +339,6 @@ if ! chroot "$run/rootfs" /usr/bin/hyper2kvm --help | grep -qE '^ +run +'; then
 else
     for spec in k8s/examples/*.json; do
         name=$(basename "$spec" .json)
-        out=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["artifacts"]["output_path"])' "$spec")
         rc=0
         unshare --mount --pid --fork --net --uts --ipc --propagation private \
             "$PY" "$ROOT/scripts/k8s-pod.py" run --manifest k8s/job-template.yaml --rootfs "$run/rootfs" \
@@ -349,18 +348,25 @@ else
             check_failed "$name: hyper2kvm run exited $rc: $(tail -n 3 "$run/$name.log")"
             continue
         fi
-        host_out=$pvc${out#"$pvc_path"}
-        [ -e "$host_out" ] || { check_failed "$name: nothing at artifacts.output_path $out"; continue; }
-        if [ "$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["operation"])' "$spec")" = convert ]; then
-            qcow=$(find "$host_out" -name '*.qcow2' | head -n 1)
-            if [ -n "$qcow" ] && qemu-img check -q "$qcow" \
-                && qemu-img compare -q -f raw -F qcow2 "$run/web01.raw" "$qcow"; then
-                echo "$name: exit 0, $(basename "$qcow") checked and compared"
-            else
-                check_failed "$name: no valid qcow2 of the source under $out"
-            fi
-        else
-            echo "$name: exit 0, $(find "$host_out" -type f | wc -l) files under $out"
+        # The result file (docs/WORKER.md): <output_path>/<job_id>.result.json, state completed;
+        # a convert job's outputs must be the source disk, as qcow2.
+        if ! "$PY" - "$spec" "$pvc" "$pvc_path" "$run/web01.raw" <<'EOF'; then
+import json, subprocess, sys
+spec, pvc, mount, raw = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3], sys.argv[4]
+host = lambda path: pvc + path[len(mount):] if path.startswith(mount + "/") else sys.exit(f"{path} is not on the PVC")
+result = json.load(open(host(f"{spec['artifacts']['output_path']}/{spec['job_id']}.result.json")))
+if result.get("state") != "completed" or result.get("exit_code") != 0:
+    sys.exit(f"result: state {result.get('state')}, exit_code {result.get('exit_code')}, error {result.get('error')}")
+if spec["operation"] == "convert":
+    outputs = result.get("outputs") or sys.exit("result: no outputs")
+    qcow = host(outputs[0]["path"])
+    subprocess.run(["qemu-img", "check", "-q", qcow], check=True)
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", raw, qcow], check=True)
+    print(f"{spec['job_id']}: completed, {outputs[0]['path']} checked and compared with the source")
+else:
+    print(f"{spec['job_id']}: completed, result has {', '.join(k for k in ('inspection', 'image') if k in result)}")
+EOF
+            check_failed "$name: the job's result is not what it should be (above)"
         fi
     done
 fi
