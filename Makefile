@@ -39,7 +39,9 @@ test: deps
 		$(CARGO) test --all-targets; \
 	fi
 	$(MAKE) demo-check
+	scripts/k8s-validate.sh
 	SYSTEST_OPTIONAL=1 scripts/system-test.sh
+	CONTAINER_TEST_OPTIONAL=1 scripts/container-test.sh
 
 demo:
 	scripts/demo.sh
