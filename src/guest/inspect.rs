@@ -299,6 +299,21 @@ mod tests {
     }
 
     #[test]
+    fn a_disk_without_an_operating_system_is_not_recognised() {
+        let tools = Tools::new(vec!["sh".into(), "-c".into(), "echo '<operatingsystems/>'".into()]).with_kvm(false);
+        let dir = tempfile::tempdir().unwrap();
+        let e = inspect(
+            &tools,
+            &[PathBuf::from("/x/data.qcow2")],
+            dir.path(),
+            Duration::from_secs(10),
+            &super::super::tools::never,
+        );
+        let text = e.unwrap_err().to_string();
+        assert!(text.starts_with("no operating system was recognised on /x/data.qcow2"), "{text}");
+    }
+
+    #[test]
     fn no_operating_system_is_none() {
         assert_eq!(parse_inspector("<?xml version=\"1.0\"?>\n<operatingsystems/>\n").unwrap(), None);
     }

@@ -45,6 +45,14 @@ impl Tools {
         Tools { wrapper, kvm: OnceLock::new() }
     }
 
+    /// The same tools with KVM's usability already known (not probed): for callers that
+    /// probed it themselves, and tests.
+    pub fn with_kvm(self, usable: bool) -> Tools {
+        let kvm = OnceLock::new();
+        let _ = kvm.set(usable);
+        Tools { kvm, ..self }
+    }
+
     /// A command for `program`, behind the wrapper, with libguestfs told to run its appliance
     /// directly (no libvirtd needed) and with TCG when KVM is not usable.
     pub fn command(&self, program: &str) -> Command {
@@ -264,4 +272,102 @@ pub(crate) fn tail(log: &Path) -> String {
 /// absolute paths only, and the tools may run with another working directory.
 pub(crate) fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tools whose "wrapper" is a shell script standing in for the real tool.
+    fn fake(script: &str) -> Tools {
+        Tools::new(vec!["sh".into(), "-c".into(), script.into()]).with_kvm(false)
+    }
+
+    #[test]
+    fn a_missing_tool_says_what_to_install() {
+        let tools = Tools::new(vec!["/nonexistent/hyper2kvm-wrapper".into()]).with_kvm(false);
+        let dir = tempfile::tempdir().unwrap();
+        let cmd = tools.command("virt-v2v-in-place");
+        let e = tools.run_logged("virt-v2v-in-place", cmd, &dir.path().join("log"), Duration::from_secs(5), &never);
+        let text = e.unwrap_err().to_string();
+        assert!(text.starts_with("virt-v2v-in-place is not installed: install virt-v2v and nbdkit"), "{text}");
+        // A wrapper's chroot answers 127 for a program the root lacks.
+        let tools = fake("exit 127");
+        let e = tools.run_logged(
+            "guestfish",
+            tools.command("guestfish"),
+            &dir.path().join("log"),
+            Duration::from_secs(5),
+            &never,
+        );
+        assert!(matches!(e, Err(GuestError::ToolMissing { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn a_failed_tool_shows_the_last_lines_of_its_log() {
+        let tools = fake("i=0; while [ $i -lt 50 ]; do echo line $i; i=$((i+1)); done; echo 'virt-v2v-in-place: error: inspection could not detect the source guest' >&2; exit 1");
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("fix.log");
+        let e = tools.run_logged(
+            "virt-v2v-in-place",
+            tools.command("virt-v2v-in-place"),
+            &log,
+            Duration::from_secs(10),
+            &never,
+        );
+        let text = e.unwrap_err().to_string();
+        assert!(text.starts_with("virt-v2v-in-place failed (exit status 1); its log is"), "{text}");
+        assert!(text.contains("inspection could not detect the source guest"), "{text}");
+        assert!(!text.contains("line 30\n"), "capped to the last {LOG_TAIL_LINES} lines: {text}");
+        assert_eq!(text.lines().count(), 1 + LOG_TAIL_LINES, "{text}");
+    }
+
+    #[test]
+    fn a_tool_past_its_time_is_killed_with_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("grandchild.pid");
+        // The grandchild is what must die too: the appliance's qemu under virt-v2v.
+        let tools = fake(&format!("sleep 60 & echo $! > {}; wait", pidfile.display()));
+        let started = Instant::now();
+        let e = tools.run_logged(
+            "virt-v2v-in-place",
+            tools.command("virt-v2v-in-place"),
+            &dir.path().join("log"),
+            Duration::from_millis(800),
+            &never,
+        );
+        assert!(matches!(e, Err(GuestError::Timeout { .. })), "{e:?}");
+        assert!(e.unwrap_err().to_string().contains("did not finish within"));
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        // Killed but not yet reaped by whoever adopted it is a zombie: dead.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let alive = stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with(['Z', 'X']));
+        assert!(!alive, "the tool's child {pid} outlived the timeout");
+    }
+
+    #[test]
+    fn a_cancel_stops_the_tool() {
+        let tools = fake("sleep 60");
+        let dir = tempfile::tempdir().unwrap();
+        let e = tools.run_logged(
+            "virt-v2v-in-place",
+            tools.command("virt-v2v-in-place"),
+            &dir.path().join("log"),
+            Duration::from_secs(60),
+            &|| true,
+        );
+        assert!(matches!(e, Err(GuestError::Cancelled { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn libguestfs_is_told_to_use_tcg_when_kvm_is_not_usable() {
+        let tools = Tools::new(Vec::new()).with_kvm(false);
+        let cmd = tools.command("guestfish");
+        let envs: Vec<_> = cmd.get_envs().map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned()))).collect();
+        assert!(envs.contains(&("LIBGUESTFS_BACKEND_SETTINGS".into(), Some("force_tcg".into()))));
+        let tools = Tools::new(Vec::new()).with_kvm(true);
+        assert!(!tools.command("guestfish").get_envs().any(|(k, _)| k == "LIBGUESTFS_BACKEND_SETTINGS"));
+    }
 }
