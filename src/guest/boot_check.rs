@@ -31,6 +31,9 @@ const FAILED: &[&str] = &[
     "Give root password for maintenance",
     "dracut:/#",
     "Entering emergency mode",
+    // GRUB without its configuration (seen only when GRUB also writes to the serial port).
+    "grub rescue>",
+    "grub> ",
 ];
 
 /// The machine's firmware.
@@ -229,6 +232,12 @@ mod tests {
     fn the_initramfs_shell_is_a_failure() {
         let c = "Gave up waiting for root file system device.\nALERT!  /dev/sda1 does not exist.  Dropping to a shell!\n(initramfs) ";
         assert_eq!(decide(c), Some(BootOutcome::Failed("ALERT!".into())));
+    }
+
+    #[test]
+    fn a_grub_prompt_is_a_failure() {
+        let c = "GNU GRUB  version 2.06-13+deb12u2\r\n\r\n   Minimal BASH-like line editing is supported.\r\ngrub> ";
+        assert_eq!(decide(c), Some(BootOutcome::Failed("grub> ".into())));
     }
 
     #[test]
