@@ -41,10 +41,17 @@ rm -rf "$work"
 mkdir -p "$work/mnt"
 raw=$work/disk.raw
 loop=
+# The root file system is unmounted cleanly (not lazily) before the disk is exported: GRUB
+# does not replay the ext4 journal, so a file still only in the journal (grub.cfg, written
+# last) is missing at boot and GRUB stops at its `grub>` prompt.
 cleanup() {
-    for m in dev/pts dev proc sys ""; do
-        mountpoint -q "$work/mnt/$m" 2>/dev/null && umount -l "$work/mnt/$m"
+    for m in dev/pts dev proc sys; do
+        mountpoint -q "$work/mnt/$m" 2>/dev/null && umount "$work/mnt/$m"
     done
+    if mountpoint -q "$work/mnt" 2>/dev/null; then
+        sync
+        umount "$work/mnt"
+    fi
     [ -n "$loop" ] && losetup -d "$loop" 2>/dev/null
     true
 }
@@ -88,7 +95,8 @@ GRUB_CMDLINE_LINUX_DEFAULT=""
 GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8"
 GRUB_DISABLE_LINUX_UUID=true
 GRUB_DISABLE_OS_PROBER=true
-GRUB_TERMINAL=console
+GRUB_TERMINAL="console serial"
+GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
 GRUB
 echo 'root:hyper2kvm' | chroot "$r" chpasswd
 
@@ -107,6 +115,11 @@ if grep -E '/(virtio_blk|virtio_scsi|virtio_pci)\.ko' "$work/initramfs.list"; th
 fi
 grep -q '/ahci\.ko' "$work/initramfs.list" || { log "ahci missing from the initramfs"; exit 1; }
 rm -rf "$r"/var/cache/apt/archives/*.deb "$r"/var/lib/apt/lists/*_Packages
+for m in dev/pts dev proc sys; do umount "$r/$m"; done
+sync
+umount "$r"
+# A cleanly unmounted file system has an empty journal: check it, as GRUB will read it.
+e2fsck -fn "$part" >&2 || { log "the root file system is not clean after unmounting"; exit 1; }
 cleanup
 loop=
 trap - EXIT
