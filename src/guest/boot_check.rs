@@ -72,6 +72,8 @@ pub enum BootOutcome {
 /// The evidence.
 #[derive(Debug, Clone, Serialize)]
 pub struct BootReport {
+    /// `"outcome": "booted" | "failed" | "undecided"` and `"signal"`: the console text seen.
+    #[serde(flatten)]
     pub outcome: BootOutcome,
     pub seconds: f64,
     /// `kvm` or `tcg`.
@@ -212,10 +214,30 @@ pub(crate) fn decide(console: &str) -> Option<BootOutcome> {
 fn console_tail(text: &str, n: usize) -> Vec<String> {
     let lines: Vec<String> = text
         .lines()
-        .map(|l| l.chars().filter(|c| !c.is_control()).take(200).collect::<String>())
+        .map(|l| without_escapes(l).chars().filter(|c| !c.is_control()).take(200).collect::<String>())
         .filter(|l| !l.trim().is_empty())
         .collect();
     lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+/// The line without terminal escape sequences (`ESC [ ... letter`: systemd's colours).
+fn without_escapes(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        if chars.next() == Some('[') {
+            for e in chars.by_ref() {
+                if e.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -238,6 +260,22 @@ mod tests {
     fn a_grub_prompt_is_a_failure() {
         let c = "GNU GRUB  version 2.06-13+deb12u2\r\n\r\n   Minimal BASH-like line editing is supported.\r\ngrub> ";
         assert_eq!(decide(c), Some(BootOutcome::Failed("grub> ".into())));
+    }
+
+    #[test]
+    fn the_report_says_outcome_and_signal_at_its_top() {
+        let report = BootReport {
+            outcome: BootOutcome::Booted("login:".into()),
+            seconds: 1.0,
+            accel: "tcg".into(),
+            console_log: PathBuf::from("/c"),
+            console_tail: console_tail("\u{1b}[0;32m  OK  \u{1b}[0m] Reached target\r\nx login: ", 20),
+        };
+        let v = serde_json::to_value(&report).unwrap();
+        assert_eq!((v["outcome"].as_str(), v["signal"].as_str()), (Some("booted"), Some("login:")));
+        assert_eq!(v["console_tail"][0], "  OK  ] Reached target");
+        let undecided = BootReport { outcome: BootOutcome::Undecided, ..report };
+        assert_eq!(serde_json::to_value(&undecided).unwrap()["outcome"], "undecided");
     }
 
     #[test]
