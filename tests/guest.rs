@@ -178,3 +178,24 @@ fn guest_fix_makes_it_boot_on_virtio() {
     assert_eq!(report["boot_check"]["signal"], "login:");
     assert!(work.join("virt-v2v-in-place.log").is_file());
 }
+
+/// Runs anywhere: without the tools, `fix` says which package to install and changes nothing.
+#[test]
+fn guest_fix_without_the_tools_says_what_to_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("vm.qcow2");
+    std::fs::write(&image, b"not touched").unwrap();
+    let out = Command::new(bin())
+        .args(["--config-dir", "/nonexistent", "fix"])
+        .arg(&image)
+        .env("GUEST_TOOLS_WRAPPER", "/nonexistent/guest-tools-wrapper")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("hyper2kvm: virt-v2v-in-place is not installed: install virt-v2v and nbdkit (Debian 12)"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&image).unwrap(), b"not touched");
+}
