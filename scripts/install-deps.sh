@@ -9,6 +9,8 @@
 #   mke2fs, filefrag      e2fsprogs       (small scratch file systems in tests; shared extents)
 #   mkfs.xfs              xfsprogs        (a reflinking XFS, loop-mounted, in tests/reflink.rs)
 #   mount, umount         mount
+#   sfdisk                fdisk           (the real guest fixture's partition table, scripts/guest-fixture.sh)
+#   debootstrap           debootstrap     (the guest tools root and the guest fixture)
 #   python3               python3         (test fixtures, demo manifest)
 #   libvirt.h, pkg-config libvirt-dev     (the virt crate links libvirt)
 #   cargo fmt, clippy     rustup components rustfmt and clippy
@@ -39,6 +41,8 @@ have unshare || need util-linux
 { have_sbin mke2fs && have_sbin filefrag; } || need e2fsprogs
 have_sbin mkfs.xfs || need xfsprogs
 have mount || need mount
+have_sbin sfdisk || need fdisk
+have_sbin debootstrap || need debootstrap
 have python3 || need python3
 [ -e /usr/include/libvirt/libvirt.h ] || need libvirt-dev
 have pkg-config || need pkg-config

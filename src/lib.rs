@@ -12,6 +12,7 @@ pub mod convert;
 pub mod daemon;
 pub mod engine;
 pub mod events;
+pub mod guest;
 pub mod host;
 pub mod image;
 pub mod job;

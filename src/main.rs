@@ -62,6 +62,28 @@ enum Command {
         json: bool,
         #[arg(long, value_enum)]
         format: Option<Format>,
+        /// Inspect the guest inside the image (OS, boot loader, firmware, kernels and their
+        /// virtio drivers, VMware tools) with libguestfs instead of the image itself
+        #[arg(long, conflicts_with = "format")]
+        guest: bool,
+    },
+    /// Fix the guest on IMAGE... (all of one VM's disks, first disk first) for KVM with
+    /// virt-v2v-in-place, in place, then verify it from its own files (docs/GUEST.md)
+    Fix {
+        #[arg(required = true, value_name = "IMAGE")]
+        images: Vec<PathBuf>,
+        /// Then boot it once in a throwaway qemu (-snapshot) and wait for a login prompt
+        #[arg(long)]
+        boot_check: bool,
+        /// How long the boot check waits for the login prompt
+        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+        boot_check_seconds: u64,
+        /// Where the tools' logs go [default: IMAGE.fix beside the first image]
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+        /// Print the evidence as JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Drop a manifest into WATCH_DIR atomically (temporary name, then link)
     Submit {
@@ -193,6 +215,8 @@ impl From<Format> for SourceFormat {
     }
 }
 
+use hyper2kvm::guest::oneshot as guest_cmd;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Rust ignores SIGPIPE, so `hyper2kvm status --json | head` would panic in println! when
@@ -262,7 +286,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Inspect { source, json, format } => {
+        Command::Inspect { source, json, guest: true, .. } => {
+            let config = load_config(&cli.config_dir, log_level, &ConfigArgs::default())?;
+            let info = guest_cmd::inspect(&config, &source)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print_fields(&serde_json::to_value(&info)?, "");
+            }
+            Ok(())
+        }
+        Command::Fix { images, boot_check, boot_check_seconds, work_dir, json } => {
+            let config = load_config(&cli.config_dir, log_level, &ConfigArgs::default())?;
+            let boot = boot_check.then(|| std::time::Duration::from_secs(boot_check_seconds));
+            Ok(guest_cmd::fix(&config, &images, work_dir, boot, json)?)
+        }
+        Command::Inspect { source, json, format, .. } => {
             let format = format.map(SourceFormat::from).unwrap_or_else(|| oneshot::guess_format(&source));
             let info = oneshot::inspect(&source, format)?;
             if json {

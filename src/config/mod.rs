@@ -56,6 +56,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "DRAIN_SECONDS",
     "USE_INOTIFY",
     "MIN_FREE_SPACE_MB",
+    "GUEST_TOOLS_WRAPPER",
 ];
 
 /// Where a configuration value came from.
@@ -186,6 +187,9 @@ pub struct Config {
     pub use_inotify: bool,
     /// Below this many free bytes in OUTPUT_DIR the daemon claims nothing (MIN_FREE_SPACE_MB).
     pub min_free_bytes: u64,
+    /// GUEST_TOOLS_WRAPPER split on whitespace: the command prefix the guest tools
+    /// (virt-inspector, virt-v2v-in-place, qemu-system) run behind; empty runs them from PATH.
+    pub guest_tools_wrapper: Vec<String>,
     /// Start-up warnings (unknown keys, ignored options), to be logged once.
     pub warnings: Vec<String>,
 }
@@ -465,6 +469,10 @@ impl Resolver {
             drain_timeout: self.seconds("DRAIN_SECONDS", 600.0, 0.0, 86_400.0)?,
             use_inotify: self.boolean("USE_INOTIFY", true)?,
             min_free_bytes: self.integer("MIN_FREE_SPACE_MB", 64, 0, 1 << 30)? << 20,
+            guest_tools_wrapper: self
+                .string("GUEST_TOOLS_WRAPPER")
+                .map(|s| s.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default(),
             source_roots,
             lease,
             metrics_addr,

@@ -1,0 +1,348 @@
+//! What the guest is: libguestfs' `virt-inspector` (its XML read with quick-xml) for the
+//! operating system, then the guest's own boot files ([`super::files`]) for the boot loader,
+//! the firmware it boots with, and each kernel's virtio drivers.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use quick_xml::events::Event;
+use quick_xml::Reader;
+use serde::Serialize;
+
+use super::files::{self, GuestFiles};
+use super::tools::{absolute, Cancel, Tools};
+use super::GuestError;
+
+/// Application names that are VMware's guest tools.
+const VMWARE_TOOLS: &[&str] = &["open-vm-tools", "open-vm-tools-desktop", "vmware-tools", "VMware Tools"];
+
+/// The guest, as far as inspection can tell.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct GuestInfo {
+    /// `linux`, `windows`, ... (libguestfs' `name`).
+    pub os_type: String,
+    /// `debian`, `rhel`, `ubuntu`, `windows`, ...
+    pub distro: String,
+    /// `major.minor`.
+    pub version: String,
+    /// The product's own name (e.g. `12.2`, `Windows Server 2019 Standard`).
+    pub product_name: String,
+    /// libosinfo's id (e.g. `debian12`): the OS id for libvirt's metadata.
+    pub osinfo: String,
+    /// `x86_64`, `i386`, `aarch64`, ...
+    pub arch: String,
+    pub hostname: String,
+    /// The root file system's device as libguestfs named it.
+    pub root: String,
+    /// `grub2`, `grub-legacy`, `systemd-boot`, `windows` or `unknown`.
+    pub boot_loader: String,
+    /// `bios` or `uefi`.
+    pub firmware: String,
+    /// Mount points from the guest's fstab as libguestfs resolved them: (device, path).
+    pub mountpoints: Vec<(String, String)>,
+    /// Installed VMware tools packages.
+    pub vmware_tools: Vec<String>,
+    /// Every kernel in `/boot`.
+    pub kernels: Vec<Kernel>,
+}
+
+/// One installed kernel and its virtio support.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Kernel {
+    pub version: String,
+    /// `virtio_blk` is built in (`CONFIG_VIRTIO_BLK=y` in `/boot/config-VERSION`).
+    pub virtio_builtin: bool,
+    /// `/lib/modules/VERSION/.../virtio_blk.ko*` exists.
+    pub virtio_module: bool,
+    /// The initramfs file name, if the kernel has one.
+    pub initrd: Option<String>,
+    /// The virtio modules `lsinitramfs` lists in it.
+    pub initrd_virtio: Vec<String>,
+    /// Whether this kernel can find a virtio disk at boot: built in, or the module in its
+    /// initramfs.
+    pub boots_on_virtio: bool,
+}
+
+/// What `virt-inspector` says about the first operating system it finds.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Inspected {
+    pub name: String,
+    pub distro: String,
+    pub major: String,
+    pub minor: String,
+    pub product_name: String,
+    pub osinfo: String,
+    pub arch: String,
+    pub hostname: String,
+    pub root: String,
+    pub mountpoints: Vec<(String, String)>,
+    pub applications: Vec<String>,
+}
+
+/// Inspects the guest on `images` (all the VM's disks, first disk first). `scratch` receives
+/// the tools' logs and the copy of `/boot`.
+pub fn inspect(
+    tools: &Tools,
+    images: &[PathBuf],
+    scratch: &Path,
+    limit: Duration,
+    cancel: Cancel<'_>,
+) -> Result<GuestInfo, GuestError> {
+    let scratch = absolute(scratch);
+    std::fs::create_dir_all(&scratch).map_err(|source| GuestError::Io {
+        what: "cannot create",
+        path: scratch.clone(),
+        source,
+    })?;
+    let mut cmd = tools.command("virt-inspector");
+    files::add_disks(&mut cmd, images);
+    let xml = tools.run_output("virt-inspector", cmd, &scratch.join("virt-inspector.log"), limit, cancel)?;
+    let os = parse_inspector(&xml)?.ok_or_else(|| GuestError::NotRecognised {
+        images: super::capped(&images.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(), 4),
+    })?;
+    let found = files::read(tools, images, &scratch, limit, cancel)?;
+    let kernels = kernels(tools, &found, &scratch, limit, cancel)?;
+    Ok(assemble(os, &found, kernels))
+}
+
+fn assemble(os: Inspected, found: &GuestFiles, kernels: Vec<Kernel>) -> GuestInfo {
+    let vmware_tools =
+        os.applications.iter().filter(|a| VMWARE_TOOLS.iter().any(|t| t.eq_ignore_ascii_case(a))).cloned().collect();
+    let version = if os.minor.is_empty() { os.major.clone() } else { format!("{}.{}", os.major, os.minor) };
+    GuestInfo {
+        boot_loader: boot_loader(&os.name, &found.boot),
+        firmware: firmware(found),
+        os_type: os.name,
+        distro: os.distro,
+        version,
+        product_name: os.product_name,
+        osinfo: os.osinfo,
+        arch: os.arch,
+        hostname: os.hostname,
+        root: os.root,
+        mountpoints: os.mountpoints,
+        vmware_tools,
+        kernels,
+    }
+}
+
+fn boot_loader(os_type: &str, boot: &Path) -> String {
+    let loader = if os_type == "windows" {
+        "windows"
+    } else if boot.join("grub/grub.cfg").is_file() || boot.join("grub2/grub.cfg").is_file() {
+        "grub2"
+    } else if boot.join("grub/menu.lst").is_file() || boot.join("grub/grub.conf").is_file() {
+        "grub-legacy"
+    } else if boot.join("loader/entries").is_dir() {
+        "systemd-boot"
+    } else {
+        "unknown"
+    };
+    loader.into()
+}
+
+/// UEFI when the disk has a GPT label and an EFI system partition with boot loaders in it;
+/// BIOS otherwise (a GPT disk booted by BIOS GRUB has a bios_grub partition and no ESP).
+fn firmware(found: &GuestFiles) -> String {
+    let uefi = !found.efi_entries.is_empty() && found.parttype.as_deref() != Some("msdos");
+    if uefi { "uefi" } else { "bios" }.into()
+}
+
+/// Each kernel's virtio support, from its config, its modules and its initramfs.
+fn kernels(
+    tools: &Tools,
+    found: &GuestFiles,
+    scratch: &Path,
+    limit: Duration,
+    cancel: Cancel<'_>,
+) -> Result<Vec<Kernel>, GuestError> {
+    let mut out = Vec::new();
+    for version in files::kernel_versions(&found.boot) {
+        let config = std::fs::read_to_string(found.boot.join(format!("config-{version}"))).unwrap_or_default();
+        let virtio_builtin = config.lines().any(|l| l.trim() == "CONFIG_VIRTIO_BLK=y");
+        let virtio_module = found.virtio_modules.iter().any(|m| m.contains(&format!("/modules/{version}/")));
+        let initrd = files::initrd_of(&found.boot, &version);
+        let initrd_virtio = match &initrd {
+            Some(path) => virtio_in(&files::initramfs_list(tools, path, scratch, limit, cancel)?),
+            None => Vec::new(),
+        };
+        let boots_on_virtio = virtio_builtin || initrd_virtio.iter().any(|m| m == "virtio_blk");
+        out.push(Kernel {
+            version,
+            virtio_builtin,
+            virtio_module,
+            initrd: initrd.and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())),
+            initrd_virtio,
+            boots_on_virtio,
+        });
+    }
+    Ok(out)
+}
+
+/// The virtio module names (`virtio_blk`, `virtio_pci`, ...) in an initramfs listing.
+pub(crate) fn virtio_in(listing: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = listing
+        .iter()
+        .filter_map(|path| {
+            let file = path.rsplit('/').next()?;
+            let stem = file.split(".ko").next()?;
+            (file.contains(".ko") && stem.starts_with("virtio")).then(|| stem.to_owned())
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Reads virt-inspector's XML: the first `<operatingsystem>` (None when there is none).
+pub(crate) fn parse_inspector(xml: &str) -> Result<Option<Inspected>, GuestError> {
+    let bad = |reason: String| GuestError::Output { tool: "virt-inspector".into(), reason };
+    let mut reader = Reader::from_str(xml);
+    let mut path: Vec<String> = Vec::new();
+    let mut os: Option<Inspected> = None;
+    let mut done = false;
+    let mut mount_dev = String::new();
+    loop {
+        match reader.read_event().map_err(|e| bad(e.to_string()))? {
+            Event::Start(e) => {
+                let name = String::from_utf8_lossy(e.name().as_ref()).into_owned();
+                if name == "operatingsystem" && os.is_none() && !done {
+                    os = Some(Inspected::default());
+                }
+                if name == "mountpoint" {
+                    mount_dev = attribute(&e, "dev");
+                }
+                path.push(name);
+            }
+            Event::End(e) => {
+                if e.name().as_ref() == b"operatingsystem" && os.is_some() {
+                    done = true;
+                }
+                path.pop();
+            }
+            Event::Text(t) if !done => {
+                let Some(os) = os.as_mut() else { continue };
+                let text = t.unescape().map_err(|e| bad(e.to_string()))?.trim().to_owned();
+                record(os, &path, text, &mount_dev);
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    Ok(os)
+}
+
+fn attribute(e: &quick_xml::events::BytesStart<'_>, key: &str) -> String {
+    e.attributes()
+        .flatten()
+        .find(|a| a.key.as_ref() == key.as_bytes())
+        .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
+        .unwrap_or_default()
+}
+
+/// Stores one text node of an `<operatingsystem>` by where it is.
+fn record(os: &mut Inspected, path: &[String], text: String, mount_dev: &str) {
+    let Some(at) = path.iter().rposition(|p| p == "operatingsystem") else { return };
+    let rel: Vec<&str> = path[at + 1..].iter().map(String::as_str).collect();
+    match rel.as_slice() {
+        ["name"] => os.name = text,
+        ["distro"] => os.distro = text,
+        ["major_version"] => os.major = text,
+        ["minor_version"] => os.minor = text,
+        ["product_name"] => os.product_name = text,
+        ["osinfo"] => os.osinfo = text,
+        ["arch"] => os.arch = text,
+        ["hostname"] => os.hostname = text,
+        ["root"] => os.root = text,
+        ["mountpoints", "mountpoint"] => os.mountpoints.push((mount_dev.to_owned(), text)),
+        ["applications", "application", "name"] => os.applications.push(text),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEBIAN: &str = r#"<?xml version="1.0"?>
+<operatingsystems>
+  <operatingsystem>
+    <root>/dev/sda1</root>
+    <name>linux</name>
+    <arch>x86_64</arch>
+    <distro>debian</distro>
+    <product_name>12.8</product_name>
+    <major_version>12</major_version>
+    <minor_version>8</minor_version>
+    <hostname>debian12-vmware</hostname>
+    <osinfo>debian12</osinfo>
+    <mountpoints>
+      <mountpoint dev="/dev/sda1">/</mountpoint>
+    </mountpoints>
+    <applications>
+      <application><name>bash</name><version>5.2</version></application>
+      <application><name>open-vm-tools</name><version>12.2.0</version></application>
+    </applications>
+  </operatingsystem>
+</operatingsystems>"#;
+
+    #[test]
+    fn reads_the_first_operating_system() {
+        let os = parse_inspector(DEBIAN).unwrap().unwrap();
+        assert_eq!((os.name.as_str(), os.distro.as_str(), os.arch.as_str()), ("linux", "debian", "x86_64"));
+        assert_eq!((os.major.as_str(), os.minor.as_str()), ("12", "8"));
+        assert_eq!(os.mountpoints, vec![("/dev/sda1".to_string(), "/".to_string())]);
+        assert_eq!(os.applications, vec!["bash".to_string(), "open-vm-tools".to_string()]);
+        let info = assemble(os, &GuestFiles::default(), Vec::new());
+        assert_eq!(info.vmware_tools, vec!["open-vm-tools".to_string()]);
+        assert_eq!(info.version, "12.8");
+    }
+
+    #[test]
+    fn a_disk_without_an_operating_system_is_not_recognised() {
+        let tools = Tools::new(vec!["sh".into(), "-c".into(), "echo '<operatingsystems/>'".into()]).with_kvm(false);
+        let dir = tempfile::tempdir().unwrap();
+        let e = inspect(
+            &tools,
+            &[PathBuf::from("/x/data.qcow2")],
+            dir.path(),
+            Duration::from_secs(10),
+            &super::super::tools::never,
+        );
+        let text = e.unwrap_err().to_string();
+        assert!(text.starts_with("no operating system was recognised on /x/data.qcow2"), "{text}");
+    }
+
+    #[test]
+    fn no_operating_system_is_none() {
+        assert_eq!(parse_inspector("<?xml version=\"1.0\"?>\n<operatingsystems/>\n").unwrap(), None);
+    }
+
+    #[test]
+    fn broken_xml_is_an_error() {
+        assert!(parse_inspector("<operatingsystems><operatingsystem><name>linux</nam>").is_err());
+    }
+
+    #[test]
+    fn virtio_modules_are_named_from_the_listing() {
+        let listing: Vec<String> = [
+            "usr/lib/modules/6.1.0-28-amd64/kernel/drivers/block/virtio_blk.ko",
+            "usr/lib/modules/6.1.0-28-amd64/kernel/drivers/virtio/virtio_pci.ko.xz",
+            "usr/lib/modules/6.1.0-28-amd64/kernel/drivers/ata/ahci.ko",
+            "etc/virtio.conf",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(virtio_in(&listing), vec!["virtio_blk".to_string(), "virtio_pci".to_string()]);
+    }
+
+    #[test]
+    fn firmware_is_uefi_only_with_an_esp_on_gpt() {
+        let mut f = GuestFiles { parttype: Some("gpt".into()), ..Default::default() };
+        assert_eq!(firmware(&f), "bios");
+        f.efi_entries = vec!["/boot/efi/EFI/debian".into()];
+        assert_eq!(firmware(&f), "uefi");
+        f.parttype = Some("msdos".into());
+        assert_eq!(firmware(&f), "bios");
+    }
+}
