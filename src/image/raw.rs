@@ -21,14 +21,14 @@ impl RawImage {
     /// Opens a raw image; [`ImageError::Unsupported`] for a file that is plainly not a raw
     /// disk, saying what it looks like and what to do.
     pub fn open(path: &Path) -> Result<RawImage, ImageError> {
-        let file = FileSource::open(path)?;
-        check_is_raw_disk(&file)?;
-        Ok(RawImage { file })
+        RawImage::from_file(FileSource::open(path)?)
     }
 
-    /// A raw image of a file the caller opened (and confined).
-    pub fn from_file(file: FileSource) -> RawImage {
-        RawImage { file }
+    /// A raw image of a file the caller opened (and confined), refused as [`RawImage::open`]
+    /// refuses one.
+    pub fn from_file(file: FileSource) -> Result<RawImage, ImageError> {
+        check_is_raw_disk(&file)?;
+        Ok(RawImage { file })
     }
 
     /// What `inspect` shows, but the allocated bytes ([`DiskSource::allocated_bytes`]: the
