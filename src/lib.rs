@@ -31,5 +31,5 @@ pub mod submit;
 pub mod systemd_units;
 #[cfg(test)]
 pub(crate) mod test_support;
-pub mod worker;
 pub mod text;
+pub mod worker;

@@ -315,7 +315,7 @@ impl<'a> Work<'a> {
             }
             let copy_start = first * CLUSTER;
             let file_offset = file_offset + (copy_start - range.start);
-            if file_offset % alignment.min(CLUSTER) != 0 {
+            if !file_offset.is_multiple_of(alignment.min(CLUSTER)) {
                 continue;
             }
             let range = copy_start..(last * CLUSTER).min(self.size);

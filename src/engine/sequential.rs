@@ -202,7 +202,7 @@ impl<'a> Clusters<'a> {
             rest = &rest[n..];
         }
         // No later grain can add to a cluster filled to its end: write it now.
-        if pos % CLUSTER == 0 || pos >= self.size {
+        if pos.is_multiple_of(CLUSTER) || pos >= self.size {
             self.close_open()?;
         }
         self.control.progress.done_bytes.store(pos.min(self.size), Ordering::Relaxed);

@@ -336,7 +336,7 @@ fn scan(
             continue;
         }
         // A compressed grain.
-        if lba % header.grain_size != 0 || lba >= header.capacity {
+        if !lba.is_multiple_of(header.grain_size) || lba >= header.capacity {
             return Err(ImageError::Corrupt(format!(
                 "the grain marker at byte {at} of {name} is for sector {lba}, which is not the start of a grain inside the {}-sector disk: the stream is corrupt",
                 header.capacity

@@ -229,7 +229,7 @@ fn verify_large(image: &dyn DiskSource, oracle: &Path, full_every: u64, what: &s
             &zeros[..len]
         };
         assert_same(&ours[..len], expected, &format!("{what}: chunk at {start} from allocated parts"));
-        if n as u64 % full_every == 0 || !ranges.is_empty() {
+        if (n as u64).is_multiple_of(full_every) || !ranges.is_empty() {
             image.read_at(start, &mut ours[..len]).unwrap();
             assert_same(&ours[..len], expected, &format!("{what}: chunk at {start}"));
         }
