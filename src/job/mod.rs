@@ -29,7 +29,11 @@ use crate::names;
 use crate::publish::{self, Staging};
 use crate::queue::{Claim, EventLog, JobRecord, JobState, Layout, Outcome};
 use crate::report::{DiskReport, Report};
-use crate::source::{SourceError, SourceRoots};
+use crate::source::SourceRoots;
+
+use failures::{convert_failure, reference_failure, source_failure};
+
+mod failures;
 
 /// What every job of a daemon shares.
 pub struct JobContext {
@@ -162,18 +166,8 @@ fn prepare(ctx: &JobContext, claim: &Claim, safe_vm_name: Option<&String>) -> Re
     if let Some(vm_name) = safe_vm_name {
         move_aside_stale(ctx, claim, vm_name, &[])?;
     }
-    Staging::create(&ctx.config.temp_dir, &staging_name(claim)).map_err(|e| {
-        Stop::Failed(
-            Failure::new(
-                Stage::Publish,
-                format!(
-                    "Could not create a staging directory in TEMP_DIR ({}); check that it exists and is writable.",
-                    ctx.config.temp_dir.display()
-                ),
-            )
-            .because(e),
-        )
-    })
+    Staging::create(&ctx.config.temp_dir, &staging_name(claim))
+        .map_err(|e| failures::staging_failure(&ctx.config.temp_dir, e))
 }
 
 /// What the end of a job needs besides its claim and outcome.
@@ -276,13 +270,7 @@ fn keep_parsed_manifest(claim: &Claim, manifest: &ManifestFile) {
 fn isolated<T>(work: impl FnOnce() -> Result<T, Stop>) -> Result<T, Stop> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
         let message = crate::engine::pipeline::panic_message(panic.as_ref());
-        Err(Stop::Failed(
-            Failure::new(
-                Stage::Internal,
-                "hyper2kvm hit an internal error (a bug) on this job; report it with the lines below and the job's record.",
-            )
-            .because(format!("panic: {message}")),
-        ))
+        Err(Stop::Failed(failures::internal(&message)))
     })
 }
 
@@ -448,29 +436,7 @@ fn keep_unregistered(
         .and_then(|()| staging.write_new("unregistered.xml", xml.as_bytes()))
         .and_then(|_| staging.publish("unregistered.xml", &dir, &names::domain_xml_file(&spec.vm_name)));
     let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
-    let summary = match &kept {
-        Ok(_) => {
-            format!("{} The converted disks ({}) are kept in {}.", sentence(error), names.join(", "), dir.display())
-        }
-        Err(e) => format!(
-            "{} Keeping the converted disks in {} failed ({e}); submit the manifest again once libvirt is fixed.",
-            sentence(error),
-            dir.display()
-        ),
-    };
-    let mut failure = Failure::new(Stage::Libvirt, summary);
-    failure.causes = error.causes();
-    Stop::Failed(failure)
-}
-
-/// An error's text as a sentence that another may follow.
-fn sentence(error: &impl std::fmt::Display) -> String {
-    let text = error.to_string();
-    if text.ends_with(['.', '?', '!']) {
-        text
-    } else {
-        format!("{text}.")
-    }
+    Stop::Failed(failures::unregistered(error, &kept.map(|_| ()), &names, &dir))
 }
 
 /// Replaces each `source_format: "ova"` disk by the archive's disks (the first in its place,
@@ -532,11 +498,7 @@ fn expand_ova_disks(
     }
     let mut seen = std::collections::BTreeSet::new();
     if let Some(clash) = disks.iter().find(|d| !seen.insert(d.id.clone())) {
-        let summary = format!(
-            "Disk id {:?} is used both by the manifest and by a disk inside an OVA; rename the manifest's disk.",
-            clash.id
-        );
-        return Err(Failure::new(Stage::Manifest, summary).into());
+        return Err(failures::ova_disk_id_clash(&clash.id).into());
     }
     for disk in &disks {
         manifest::check_result_name(&spec.vm_name, &disk.id)
@@ -547,28 +509,12 @@ fn expand_ova_disks(
 }
 
 fn open_verified_ova(disk: &DiskSpec, path: &Path) -> Result<ova::OvaPackage, Stop> {
-    let unreadable = |e: ImageError| {
-        Failure::new(
-            Stage::Inspect,
-            format!("Disk {} ({}) is not a readable OVA ({e}); export it again.", disk.id, path.display()),
-        )
-    };
-    let package = ova::open(path, &ova::Limits::default()).map_err(unreadable)?;
+    let package = ova::open(path, &ova::Limits::default()).map_err(|e| failures::ova_unreadable(disk, path, &e))?;
     if package.manifest.is_some() {
-        ova::verify_manifest(&package).map_err(|e| {
-            Failure::new(
-                Stage::Checksum,
-                format!(
-                    "The OVA {} does not match its .mf manifest ({e}); the export is damaged, export it again.",
-                    path.display()
-                ),
-            )
-        })?;
+        ova::verify_manifest(&package).map_err(|e| failures::ova_manifest_mismatch(path, &e))?;
     }
     if package.disks.is_empty() {
-        let summary =
-            format!("The OVA {} holds no disk to convert; check that the export included its disks.", path.display());
-        return Err(Failure::new(Stage::Inspect, summary).into());
+        return Err(failures::ova_without_disks(path).into());
     }
     Ok(package)
 }
@@ -589,14 +535,10 @@ fn open_verified_ovf(ctx: &JobContext, disk: &DiskSpec, path: &Path) -> Result<o
         if let Some((_, e)) = refused.take() {
             return reference_failure(stage, disk, &e).into();
         }
-        let summary = match stage {
-            Stage::Checksum => format!(
-                "The OVF export {} does not match its .mf manifest ({e}); the export is damaged, export it again.",
-                path.display()
-            ),
-            _ => format!("Disk {} ({}) is not a readable OVF export ({e}); export it again.", disk.id, path.display()),
-        };
-        Failure::new(stage, summary).into()
+        match stage {
+            Stage::Checksum => failures::ovf_manifest_mismatch(path, &e).into(),
+            _ => failures::ovf_unreadable(stage, disk, path, &e).into(),
+        }
     };
     let limits = ova::Limits::default();
     let package = ova::unpacked::open(path, &limits, &confine).map_err(|e| failure(Stage::Inspect, e))?;
@@ -604,11 +546,7 @@ fn open_verified_ovf(ctx: &JobContext, disk: &DiskSpec, path: &Path) -> Result<o
         ova::unpacked::verify_manifest(&package, &confine).map_err(|e| failure(Stage::Checksum, e))?;
     }
     if package.disks.is_empty() {
-        let summary = format!(
-            "The OVF export {} has no disk to convert; check that the export included its disks.",
-            path.display()
-        );
-        return Err(Failure::new(Stage::Inspect, summary).into());
+        return Err(failures::ovf_without_disks(path).into());
     }
     Ok(package)
 }
@@ -709,16 +647,7 @@ fn verify_checksum(
     let file = ctx.roots.open(path).map_err(|e| source_failure(disk, &e))?.file;
     let actual = checksum::sha256_of(file, control).map_err(|e| convert_failure(Stage::Checksum, disk, path, e))?;
     if &actual != expected {
-        return Err(Failure::new(
-            Stage::Checksum,
-            format!(
-                "Disk {} does not match its checksum (expected {}, found {}); the export is damaged or incomplete, export it again.",
-                disk.id,
-                checksum::format_sha256(expected),
-                checksum::format_sha256(&actual)
-            ),
-        )
-        .into());
+        return Err(failures::checksum_mismatch(disk, expected, &actual).into());
     }
     Ok(())
 }
@@ -836,18 +765,7 @@ fn publish_results(
     staging: &Staging,
 ) -> Result<(), Stop> {
     let out = &ctx.config.output_dir;
-    let failure = |e: std::io::Error| {
-        Stop::Failed(
-            Failure::new(
-                Stage::Publish,
-                format!(
-                    "Could not publish the results in OUTPUT_DIR ({}); check that it is writable and has space.",
-                    out.display()
-                ),
-            )
-            .because(e),
-        )
-    };
+    let failure = |e: std::io::Error| failures::publish_failure(out, e);
     let report_json = serde_json::to_vec_pretty(report).map_err(|e| failure(std::io::Error::other(e)))?;
     staging.write_new("domain.xml", xml.as_bytes()).map_err(failure)?;
     staging.write_new("report.json", &report_json).map_err(failure)?;
@@ -897,16 +815,7 @@ fn move_aside_stale(ctx: &JobContext, claim: &Claim, vm_name: &str, disk_ids: &[
     stale.extend(disk_ids.iter().map(|id| names::data_disk_file(vm_name, id)));
     let out = &ctx.config.output_dir;
     let taken = taken_name(ctx, claim, vm_name, disk_ids);
-    let failure = |e| {
-        Failure::new(
-            Stage::Publish,
-            format!(
-                "Could not move the earlier results of {vm_name} aside in OUTPUT_DIR ({}); check that it is writable.",
-                out.display()
-            ),
-        )
-        .because(e)
-    };
+    let failure = |e| failures::move_aside_failure(vm_name, out, e);
     let mut moved = 0;
     // Only files that are there: each move costs a fence (a lock round trip on NFS).
     let movable = stale.iter().filter(|name| **name == boot || taken.as_ref().is_none_or(|t| t.name != **name));
@@ -969,27 +878,10 @@ fn older_claim_publishing(ctx: &JobContext, claim: &Claim, vm_name: &str, publis
 impl TakenName {
     /// The refusal of the job: the `.error`'s first line names the file and the other VM.
     fn refusal(&self, out: &Path, claim: &Claim, vm_name: &str) -> Failure {
-        let TakenName { name, other_vm: other, live } = self;
-        let whose = if *live {
-            format!("will be a result of VM {other}, which another job is converting now")
-        } else {
-            format!("is a result of VM {other} ({other}.json lists it)")
-        };
-        let failure = Failure::new(
-            Stage::Manifest,
-            format!(
-                "Result file {name} of VM {vm_name} {whose}; rename one of the two VMs, or the disk, so that their result files differ, and submit the manifest again."
-            ),
-        );
+        let TakenName { name, other_vm, live } = self;
         let aside = out.join(publish::SUPERSEDED_DIR).join(claim.job_id()).join(name);
-        if std::fs::symlink_metadata(&aside).is_ok() {
-            failure.because(format!(
-                "{name} was moved to {} so that it cannot answer this job's poller; VM {other}'s domain may need it back",
-                aside.display()
-            ))
-        } else {
-            failure
-        }
+        let moved = std::fs::symlink_metadata(&aside).is_ok();
+        failures::taken_name(name, vm_name, other_vm, *live, moved.then_some(aside.as_path()))
     }
 }
 
@@ -1074,7 +966,7 @@ fn publish_error(
     // The same path Claim::finish writes the record to, from the same timestamp.
     let finished_at = record.finished_at.unwrap_or_else(Utc::now);
     let record_path = Layout::new(&ctx.config.watch_dir).record_file(Outcome::Failed, finished_at, claim.job_id());
-    let text = error_text(ctx, claim.job_id(), failure, &record_path);
+    let text = failures::error_text(&ctx.identity, claim.job_id(), failure, &record_path);
     // Partial outputs go first: a poller that sees the .error may check that nothing is left.
     if let Err(e) = staging.clear() {
         warn!(error = %e, "could not clear the staging directory before publishing the .error");
@@ -1086,20 +978,6 @@ fn publish_error(
     let path = staging.publish("error", &ctx.config.output_dir, &names::error_file(vm_name))?;
     publish::fsync_dir(&ctx.config.output_dir)?;
     Ok(Some(path))
-}
-
-/// The `.error` file: one sentence a person can act on, then the details.
-fn error_text(ctx: &JobContext, job_id: &str, failure: &Failure, record_path: &Path) -> String {
-    let mut text = format!("{}\njob: {job_id}\nstage: {}\n", failure.summary, failure.stage.as_str());
-    text.push_str(&format!("host: {}\n", ctx.identity.host));
-    if let Some(instance) = &ctx.identity.instance {
-        text.push_str(&format!("instance: {instance}\n"));
-    }
-    for cause in &failure.causes {
-        text.push_str(&format!("cause: {cause}\n"));
-    }
-    text.push_str(&format!("record: {}\n", record_path.display()));
-    text
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1152,91 +1030,6 @@ fn cleanup_sources(report: &Report) {
             warn!(path = %disk.source_path.display(), error = %e, "CLEANUP_SOURCE: could not remove the source");
         }
     }
-}
-
-fn source_failure(disk: &DiskSpec, error: &SourceError) -> Failure {
-    let path = disk.local_path.display();
-    let summary = match error {
-        SourceError::Missing { .. } => format!(
-            "Disk {} source file {path} does not exist; check that the export finished and that the path is visible on this host.",
-            disk.id
-        ),
-        SourceError::Outside { roots, .. } => format!(
-            "Disk {} is at {path}, which is outside SOURCE_ROOTS ({roots}); move the export under one of them or add its directory to SOURCE_ROOTS.",
-            disk.id,
-        ),
-        SourceError::Results { area, .. } => format!(
-            "Disk {} is at {path}, which is inside {area}, where hyper2kvm keeps results and queue state; point local_path at the exported disk, not at a converted one.",
-            disk.id
-        ),
-        SourceError::NotAFile { .. } => format!("Disk {} source {path} is not a regular file; point local_path at the disk image file.", disk.id),
-        SourceError::Unreadable { .. } => format!("Disk {} source file {path} cannot be read; check its permissions and the mount.", disk.id),
-    };
-    Failure::new(Stage::Source, summary).because(error)
-}
-
-/// A file the disk names (extent, parent, backing or data file) refused by confinement, at
-/// `stage`; nothing of it was read.
-fn reference_failure(stage: Stage, disk: &DiskSpec, error: &SourceError) -> Failure {
-    let referenced = error.path().display();
-    let summary = match error {
-        SourceError::Missing { .. } => format!(
-            "Disk {} ({}) needs {referenced}, which does not exist; copy every extent and parent disk of the export.",
-            disk.id,
-            disk.local_path.display(),
-        ),
-        SourceError::Results { area, .. } => format!(
-            "Disk {} ({}) refers to {referenced}, which is inside {area}, where hyper2kvm keeps results and queue state; export the disk again with its own extents and parents.",
-            disk.id,
-            disk.local_path.display(),
-        ),
-        SourceError::NotAFile { .. } => format!(
-            "Disk {} ({}) refers to {referenced}, which is not a regular file; keep every extent and parent disk of the export as plain files.",
-            disk.id,
-            disk.local_path.display(),
-        ),
-        SourceError::Outside { roots, .. } => format!(
-            "Disk {} ({}) refers to {referenced}, which is outside SOURCE_ROOTS ({roots}); keep every extent and parent disk of the export under SOURCE_ROOTS.",
-            disk.id,
-            disk.local_path.display(),
-        ),
-        SourceError::Unreadable { .. } => format!(
-            "Disk {} ({}) refers to {referenced}, which cannot be read; check its permissions and the mount.",
-            disk.id,
-            disk.local_path.display(),
-        ),
-    };
-    Failure::new(stage, summary).because(error)
-}
-
-fn convert_failure(stage: Stage, disk: &DiskSpec, path: &Path, error: ConvertError) -> Stop {
-    let format = disk.source_format.as_str();
-    let summary = match &error {
-        ConvertError::Source(refused) if refused.path() == path || refused.path() == disk.local_path => {
-            return source_failure(disk, refused).into()
-        }
-        ConvertError::Source(refused) => return reference_failure(stage, disk, refused).into(),
-        ConvertError::Cancelled => return Stop::Cancelled,
-        ConvertError::LockLost => return Stop::LostLock,
-        ConvertError::TimedOut => {
-            "The job took longer than CONVERSION_TIMEOUT; raise CONVERSION_TIMEOUT or check the speed of the source and output storage.".to_owned()
-        }
-        ConvertError::Corrupt(detail) => {
-            format!("Disk {} ({}) is not a readable {format} image ({detail}); export it again.", disk.id, path.display())
-        }
-        ConvertError::Unsupported(detail) => {
-            format!("Disk {} ({}) cannot be converted: {detail}.", disk.id, path.display())
-        }
-        ConvertError::NoSpace(_) => format!(
-            "The output filesystem ran out of space while converting disk {}; free space in OUTPUT_DIR and submit the manifest again.",
-            disk.id
-        ),
-        ConvertError::Spawn { tool, .. } => format!("{tool} could not be run; install it (package qemu-utils) on this host."),
-        ConvertError::Failed(_) | ConvertError::Io(_) => {
-            format!("Disk {} ({}) could not be converted; see the causes below.", disk.id, path.display())
-        }
-    };
-    Stop::Failed(Failure::new(stage, summary).because(error))
 }
 
 #[cfg(test)]
