@@ -35,7 +35,7 @@ pub fn open_confined(
     match format {
         SourceFormat::Raw => {
             let confined = roots.open(path)?;
-            let raw = RawImage::from_file(FileSource::from_file(confined.file, path)?);
+            let raw = RawImage::from_file(FileSource::from_file(confined.file, path)?)?;
             let info = raw.info();
             Ok((Box::new(raw), info))
         }

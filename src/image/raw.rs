@@ -26,9 +26,11 @@ impl RawImage {
         Ok(RawImage { file })
     }
 
-    /// A raw image of a file the caller opened (and confined).
-    pub fn from_file(file: FileSource) -> RawImage {
-        RawImage { file }
+    /// A raw image of a file the caller opened (and confined), refused as [`RawImage::open`]
+    /// refuses one.
+    pub fn from_file(file: FileSource) -> Result<RawImage, ImageError> {
+        check_is_raw_disk(&file)?;
+        Ok(RawImage { file })
     }
 
     /// What `inspect` shows, but the allocated bytes ([`DiskSource::allocated_bytes`]: the
