@@ -155,7 +155,7 @@ mod tests {
         let subscriber = tracing_subscriber::registry().with(layer);
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!("daemon-wide line");
-            // The shape of the job span in job.rs and daemon.rs.
+            // The shape of the job span in job/mod.rs and daemon/mod.rs.
             let span =
                 tracing::info_span!("job", instance = "vsphere", job_id = "20260101T000000Z-1", vm_name = "web01");
             let _entered = span.enter();

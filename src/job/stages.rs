@@ -1,0 +1,642 @@
+//! The stages of a job, as methods of [`Job`], in the order [`Job::execute`] runs them:
+//! `prepare` (earlier results aside, the staging directory), then the manifest's parse,
+//! `expand_ova_disks`, `move_aside_stale`, `prepare_sources` (confine, `verify_checksum`,
+//! inspect), `convert_disk` for each disk, `register_domain` (LIBVIRT_INTEGRATION),
+//! `new_report` and `publish_results`.
+//!
+//! What it must not do: end the job. A stage returns its result or a [`Stop`]; recording,
+//! publishing an `.error`, releasing or abandoning the claim are `mod.rs`'s, and every
+//! sentence a person reads is `failures.rs`'s.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use chrono::Utc;
+use tracing::{info, warn};
+
+use super::failures::{self, convert_failure, reference_failure, source_failure};
+use super::{Failure, Job, Stage, Stop};
+use crate::checksum;
+use crate::config::{Config, DEFAULT_COMPRESS_LEVEL};
+use crate::convert::{Compression, ConversionRequest, ConvertError, Converter, ImageInfo};
+use crate::image::vmdk;
+use crate::image::{ova, ImageError};
+use crate::libvirt::domain_xml::{self, Acceleration, DomainDisk, NetworkAttachment};
+use crate::libvirt::pool::{DefaultPool, DiskFile, DISK_MODE};
+use crate::libvirt::register::{self, Registration, Request};
+use crate::libvirt::{Connection, LibvirtError};
+use crate::manifest::{self, DiskSpec, DiskType, JobSpec, SourceFormat};
+use crate::names;
+use crate::publish::{self, Staging};
+use crate::queue::{Claim, Layout};
+use crate::report::{DiskReport, Report};
+
+impl Job<'_> {
+    /// Moves an earlier job's results for this VM aside, so that they cannot answer this job's
+    /// poller whatever happens next, and creates the job's staging directory.
+    pub(super) fn prepare(&self) -> Result<Staging, Stop> {
+        let Job { ctx, claim, .. } = self;
+        if self.safe_name {
+            self.move_aside_stale(&self.vm_name, &[])?;
+        }
+        Staging::create(&ctx.config.temp_dir, &staging_name(claim))
+            .map_err(|e| failures::staging_failure(&ctx.config.temp_dir, e))
+    }
+
+    /// Everything from the manifest's parse to the published results: the job's stages in order.
+    pub(super) fn execute(&self, staging: &Staging) -> Result<(JobSpec, Report), Stop> {
+        let Job { ctx, manifest, control, events, .. } = self;
+        let started_at = Utc::now();
+        let clock = Instant::now();
+        let (spec, mut warnings) = manifest.parse().map_err(|e| Failure::new(Stage::Manifest, e.to_string()))?;
+        for warning in &warnings {
+            warn!(stage = Stage::Manifest.as_str(), "{warning}");
+            events.append(Stage::Manifest.as_str(), warning, None);
+        }
+        let spec = self.expand_ova_disks(spec)?;
+        let disk_ids: Vec<&str> = spec.disks.iter().map(|d| d.id.as_str()).collect();
+        self.move_aside_stale(&spec.vm_name, &disk_ids)?;
+
+        let sources = self.prepare_sources(&spec, &mut warnings)?;
+
+        let compression = compression_for(&ctx.config, &spec, &mut warnings, ctx.converter.as_ref());
+        let mut disks = Vec::with_capacity(sources.len());
+        for (index, source) in sources.iter().enumerate() {
+            events.append(
+                Stage::Convert.as_str(),
+                &format!("converting {}", source.disk.id),
+                control.progress.percent(),
+            );
+            // Per disk, so that the daemon's byte counters add up the whole job.
+            control.progress.start_disk(source.info.virtual_size);
+            let convert = || self.convert_disk(&spec, index, source, staging, compression);
+            disks.push(crate::events::with_progress_events(events, control, &source.disk.id, convert)?);
+        }
+
+        let registration =
+            if ctx.config.libvirt_integration { Some(self.register_domain(&spec, staging)?) } else { None };
+        let xml = match &registration {
+            Some(registration) => registration.xml.clone(),
+            None => build_domain_xml(&ctx.config, &spec, &output_paths(&ctx.config, &spec), Acceleration::Kvm),
+        };
+        let mut report = self.new_report(&spec, disks, warnings, registration.as_ref());
+        report.started_at = started_at;
+        report.seconds = clock.elapsed().as_secs_f64();
+        events.append(Stage::Publish.as_str(), "publishing", Some(100.0));
+        self.publish_results(&spec, &xml, &report, staging)?;
+        if let Some(warning) = registration.as_ref().and_then(Registration::after_publish) {
+            warn!(stage = Stage::Libvirt.as_str(), "{warning}");
+        }
+        Ok((spec, report))
+    }
+
+    /// Replaces each `source_format: "ova"` disk by the archive's disks (the first in its place,
+    /// so an OVA that is the boot disk gives `V.qcow2`; the others `V-<ovf disk id>.qcow2`), after
+    /// confining the OVA, verifying its checksum and its `.mf`. OVF hardware fills whatever the
+    /// manifest's `vm` block and `nics` leave out. A `local_path` that is an OVF descriptor (an
+    /// unpacked export) is replaced by its disk files instead ([`Job::open_verified_ovf`]).
+    fn expand_ova_disks(&self, mut spec: JobSpec) -> Result<JobSpec, Stop> {
+        let Job { ctx, events, .. } = self;
+        if !spec.disks.iter().any(|d| d.source_format == SourceFormat::Ova) {
+            return Ok(spec);
+        }
+        let mut disks = Vec::new();
+        for disk in std::mem::take(&mut spec.disks) {
+            if disk.source_format != SourceFormat::Ova {
+                disks.push(disk);
+                continue;
+            }
+            let path = ctx.roots.confine(&disk.local_path).map_err(|e| source_failure(&disk, &e))?;
+            if let Some(expected) = disk.sha256 {
+                events.append(Stage::Checksum.as_str(), &format!("verifying {}", disk.id), None);
+                self.verify_checksum(&disk, &path, &expected)?;
+            }
+            if ova::unpacked::is_ovf_descriptor(&path) {
+                let package = self.open_verified_ovf(&disk, &path)?;
+                fill_hardware(&mut spec, &package.hardware);
+                disks.extend(package.disks.into_iter().enumerate().map(|(index, file)| DiskSpec {
+                    id: file.disk_id,
+                    source_format: file.source_format,
+                    local_path: file.path,
+                    bytes: None,
+                    sha256: None,
+                    boot_order_hint: disk.boot_order_hint,
+                    label: Some(file.ovf_disk_id),
+                    disk_type: if index == 0 { disk.disk_type } else { DiskType::Data },
+                    ova_disk: None,
+                }));
+                continue;
+            }
+            let package = open_verified_ova(&disk, &path)?;
+            fill_hardware(&mut spec, &package.hardware);
+            for (index, member) in package.disks.iter().enumerate() {
+                disks.push(DiskSpec {
+                    id: member.disk_id.clone(),
+                    source_format: SourceFormat::Ova,
+                    local_path: disk.local_path.clone(),
+                    bytes: None,
+                    sha256: None,
+                    boot_order_hint: disk.boot_order_hint,
+                    label: Some(member.ovf_disk_id.clone()),
+                    disk_type: if index == 0 { disk.disk_type } else { DiskType::Data },
+                    ova_disk: Some(index),
+                });
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(clash) = disks.iter().find(|d| !seen.insert(d.id.clone())) {
+            return Err(failures::ova_disk_id_clash(&clash.id).into());
+        }
+        for disk in &disks {
+            manifest::check_result_name(&spec.vm_name, &disk.id)
+                .map_err(|e| Failure::new(Stage::Manifest, e.to_string()))?;
+        }
+        spec.disks = disks;
+        Ok(spec)
+    }
+
+    /// An unpacked OVF export (`local_path` is its `.ovf`): every file it reads besides the
+    /// descriptor — the `.mf`, the disks, what the `.mf` lists — confined to SOURCE_ROOTS before
+    /// it is opened, the `.mf` verified. A refused file fails the job as any refused extent does.
+    fn open_verified_ovf(&self, disk: &DiskSpec, path: &Path) -> Result<ova::unpacked::UnpackedOvf, Stop> {
+        let ctx = self.ctx;
+        let refused = std::cell::RefCell::new(None);
+        let confine = |file: &Path| {
+            ctx.roots.confine(file).map_err(|e| {
+                let message = ImageError::Corrupt(e.to_string());
+                refused.replace(Some((file.to_owned(), e)));
+                message
+            })
+        };
+        let failure = |stage: Stage, e: ImageError| -> Stop {
+            if let Some((_, e)) = refused.take() {
+                return reference_failure(stage, disk, &e).into();
+            }
+            match stage {
+                Stage::Checksum => failures::ovf_manifest_mismatch(path, &e).into(),
+                _ => failures::ovf_unreadable(stage, disk, path, &e).into(),
+            }
+        };
+        let limits = ova::Limits::default();
+        let package = ova::unpacked::open(path, &limits, &confine).map_err(|e| failure(Stage::Inspect, e))?;
+        if package.manifest.is_some() {
+            ova::unpacked::verify_manifest(&package, &confine).map_err(|e| failure(Stage::Checksum, e))?;
+        }
+        if package.disks.is_empty() {
+            return Err(failures::ovf_without_disks(path).into());
+        }
+        Ok(package)
+    }
+
+    /// Moves the results of an earlier job for this VM (including this job's own disk names) out
+    /// of the poller's sight. Fenced before each move: a daemon frozen since its claim must not
+    /// move aside what the job's new owner has published meanwhile. `disk_ids` are the job's disks,
+    /// boot disk first (none before the manifest is parsed).
+    ///
+    /// A result name of another VM (VM `web`'s disk `disk-1` and VM `web-disk-1` share
+    /// `web-disk-1.qcow2`) is never reused: the job is refused (docs/DECISIONS.md). Such a file is
+    /// left in place, unless it is this job's own `V.qcow2`, which HyperSDK checks before
+    /// `V.error` and would take for this job's success: that one is moved aside too.
+    fn move_aside_stale(&self, vm_name: &str, disk_ids: &[&str]) -> Result<(), Stop> {
+        let Job { ctx, claim, .. } = self;
+        let boot = names::boot_disk_file(vm_name);
+        let mut stale = vec![
+            boot.clone(),
+            names::error_file(vm_name),
+            names::report_file(vm_name),
+            names::domain_xml_file(vm_name),
+        ];
+        stale.extend(disk_ids.iter().map(|id| names::data_disk_file(vm_name, id)));
+        let out = &ctx.config.output_dir;
+        let taken = self.taken_name(vm_name, disk_ids);
+        let failure = |e| failures::move_aside_failure(vm_name, out, e);
+        let mut moved = 0;
+        // Only files that are there: each move costs a fence (a lock round trip on NFS).
+        let movable = stale.iter().filter(|name| **name == boot || taken.as_ref().is_none_or(|t| t.name != **name));
+        for name in movable.filter(|name| std::fs::symlink_metadata(out.join(name)).is_ok()) {
+            self.fence()?;
+            moved += usize::from(publish::move_aside(out, name, claim.job_id()).map_err(failure)?.is_some());
+        }
+        if moved > 0 {
+            info!(stage = "claim", moved, "moved earlier results aside");
+        }
+        match taken {
+            Some(taken) => Err(Stop::Failed(taken.refusal(out, claim, vm_name))),
+            None => Ok(()),
+        }
+    }
+
+    /// The first name this job would publish (`V.qcow2`, `V-<id>.qcow2` of each data disk) that
+    /// another VM's published report lists or, failing that, that an older claim of another VM —
+    /// a job converting now, which has not published its report yet — will publish.
+    fn taken_name(&self, vm_name: &str, disk_ids: &[&str]) -> Option<TakenName> {
+        let ctx = self.ctx;
+        let publishes: Vec<String> = std::iter::once(names::boot_disk_file(vm_name))
+            .chain(disk_ids.iter().skip(1).map(|id| names::data_disk_file(vm_name, id)))
+            .collect();
+        let out = &ctx.config.output_dir;
+        let published = publishes.iter().find_map(|name| {
+            let other_vm = names::other_vms_result(out, name, vm_name)?;
+            Some(TakenName { name: name.clone(), other_vm, live: false })
+        });
+        published.or_else(|| self.older_claim_publishing(vm_name, &publishes))
+    }
+
+    /// An older claim (by job id, which every daemon orders alike, so that of two colliding jobs
+    /// exactly one is refused) of another VM that will publish one of `publishes`. OVA disks are
+    /// known only once a job expands them, so only the manifest's own disks are compared.
+    fn older_claim_publishing(&self, vm_name: &str, publishes: &[String]) -> Option<TakenName> {
+        let Job { ctx, claim, .. } = self;
+        let claimed = Layout::new(&ctx.config.watch_dir).claimed_dir();
+        std::fs::read_dir(claimed).ok()?.flatten().find_map(|entry| {
+            let file_name = entry.file_name();
+            let job_id = file_name.to_str()?.strip_suffix(".json")?;
+            if !crate::queue::lock::is_job_id(job_id) || job_id >= claim.job_id() {
+                return None;
+            }
+            let spec = manifest::parse(&publish::read_small(&entry.path()).ok()?, "claimed.json").ok()?;
+            if spec.vm_name == vm_name {
+                return None;
+            }
+            let name = (0..spec.disks.len()).map(|i| output_name(&spec, i)).find(|n| publishes.contains(n))?;
+            Some(TakenName { name, other_vm: spec.vm_name, live: true })
+        })
+    }
+
+    /// Confines, verifies and inspects every disk before any conversion starts, so that a bad
+    /// disk fails the job in seconds rather than after the others were converted.
+    fn prepare_sources<'s>(
+        &self,
+        spec: &'s JobSpec,
+        warnings: &mut Vec<String>,
+    ) -> Result<Vec<PreparedSource<'s>>, Stop> {
+        let Job { ctx, control, events, .. } = self;
+        let mut prepared = Vec::with_capacity(spec.disks.len());
+        for disk in &spec.disks {
+            let path = ctx.roots.confine(&disk.local_path).map_err(|e| source_failure(disk, &e))?;
+            if let (Some(expected), Ok(meta)) = (disk.bytes, std::fs::metadata(&path)) {
+                if expected != meta.len() {
+                    warnings.push(format!(
+                        "disk {}: manifest says {expected} bytes, the file has {}",
+                        disk.id,
+                        meta.len()
+                    ));
+                }
+            }
+            let verified = match disk.sha256 {
+                Some(expected) => {
+                    events.append(Stage::Checksum.as_str(), &format!("verifying {}", disk.id), None);
+                    self.verify_checksum(disk, &path, &expected)?;
+                    true
+                }
+                None => false,
+            };
+            let info = match disk.ova_disk {
+                Some(index) => inspect_ova_disk(&path, index),
+                None => ctx.converter.inspect(&path, disk.source_format, &ctx.roots, control),
+            }
+            .map_err(|e| convert_failure(Stage::Inspect, disk, &path, e))?;
+            for referenced in &info.referenced_files {
+                ctx.roots.confine(referenced).map_err(|e| reference_failure(Stage::Inspect, disk, &e))?;
+            }
+            if !ctx.converter.reads_natively(disk.source_format) {
+                check_structure(disk, &path, &info.referenced_files)?;
+            }
+            prepared.push(PreparedSource { disk, path, info, verified });
+        }
+        Ok(prepared)
+    }
+
+    /// Hashes the source through its confinement: a name swapped since it was confined cannot have
+    /// an outside file's digest shown in the `.error`.
+    fn verify_checksum(&self, disk: &DiskSpec, path: &Path, expected: &[u8; 32]) -> Result<(), Stop> {
+        let Job { ctx, control, .. } = self;
+        let file = ctx.roots.open(path).map_err(|e| source_failure(disk, &e))?.file;
+        let actual = checksum::sha256_of(file, control).map_err(|e| convert_failure(Stage::Checksum, disk, path, e))?;
+        if &actual != expected {
+            return Err(failures::checksum_mismatch(disk, expected, &actual).into());
+        }
+        Ok(())
+    }
+
+    fn convert_disk(
+        &self,
+        spec: &JobSpec,
+        index: usize,
+        source: &PreparedSource<'_>,
+        staging: &Staging,
+        compression: Option<Compression>,
+    ) -> Result<DiskReport, Stop> {
+        let Job { ctx, control, .. } = self;
+        let disk = source.disk;
+        let clock = Instant::now();
+        let staged = staging.path(&staged_disk(disk));
+        let request = ConversionRequest {
+            source: &source.path,
+            format: disk.source_format,
+            destination: &staged,
+            compression,
+            ova_disk: disk.ova_disk,
+            inspected_files: Some(&source.info.referenced_files),
+            roots: &ctx.roots,
+        };
+        info!(stage = "convert", disk = %disk.id, source = %source.path.display(), "converting");
+        ctx.converter.convert(&request, control).map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
+        let io_failure = |e: std::io::Error| convert_failure(Stage::Convert, disk, &source.path, ConvertError::Io(e));
+        // libvirt's qemu user must read the disk wherever it is published or placed; the daemon's
+        // umask must not decide that.
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(DISK_MODE)).map_err(io_failure)?;
+        publish::fsync_file(&staged).map_err(io_failure)?;
+        let digest = checksum::sha256_file(&staged, control)
+            .map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
+        let output_bytes = std::fs::metadata(&staged).map_err(io_failure)?.len();
+        control.progress.add_output_bytes(output_bytes);
+        Ok(DiskReport {
+            id: disk.id.clone(),
+            boot: index == 0,
+            source_path: source.path.clone(),
+            source_format: disk.source_format,
+            detected_format: source.info.format.clone(),
+            subformat: source.info.subformat.clone(),
+            virtual_size: source.info.virtual_size,
+            allocated_bytes: source.info.allocated_bytes,
+            chain: source.info.chain.clone(),
+            ddb: source.info.ddb.clone(),
+            source_bytes: std::fs::metadata(&source.path).map(|m| m.len()).unwrap_or(0),
+            output: output_name(spec, index),
+            output_format: "qcow2",
+            output_bytes,
+            sha256: checksum::format_sha256(&digest),
+            source_checksum_verified: source.verified,
+            seconds: clock.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The `libvirt` stage: places the disks in LIBVIRT_POOL and defines the domain. On failure
+    /// the converted disks are kept in OUTPUT_DIR/.hyper2kvm-unregistered/<job>/ and the failure
+    /// says so.
+    fn register_domain(&self, spec: &JobSpec, staging: &Staging) -> Result<Registration, Stop> {
+        let Job { ctx, claim, events, .. } = self;
+        let config = &ctx.config;
+        let (domain_name, uuid) = (names::domain_name(&spec.vm_name), domain_xml::domain_uuid(spec));
+        events.append(Stage::Libvirt.as_str(), &format!("registering domain {domain_name}"), Some(100.0));
+        self.fence()?;
+        let disks = staged_disks(spec, staging);
+        let tag = staging_name(claim);
+        let default_pool = DefaultPool::virt_install();
+        let request = Request {
+            domain_name: &domain_name,
+            uuid: &uuid,
+            pool: &config.libvirt_pool,
+            default_pool: &default_pool,
+            output_dir: &config.output_dir,
+            autostart: config.libvirt_autostart,
+            tag: &tag,
+            disks: &disks,
+        };
+        let registered = Connection::open(&config.libvirt_uri).and_then(|conn| {
+            register::register(&conn, &request, |paths, accel| build_domain_xml(config, spec, paths, accel))
+        });
+        let registration = registered.map_err(|e| self.keep_unregistered(spec, staging, &disks, &e))?;
+        info!(
+            stage = Stage::Libvirt.as_str(),
+            domain = %registration.name,
+            uuid = %registration.uuid,
+            uri = %registration.uri,
+            autostart = registration.autostart,
+            redefined = registration.redefined,
+            pool = %registration.pool,
+            pool_created = registration.pool_created,
+            "registered domain"
+        );
+        for warning in &registration.warnings {
+            warn!(stage = Stage::Libvirt.as_str(), "{warning}");
+        }
+        Ok(registration)
+    }
+
+    /// A registration failed: the converted disks (and a `V.xml` for them in OUTPUT_DIR) are
+    /// moved where no poller looks, and the failure names that place.
+    fn keep_unregistered(&self, spec: &JobSpec, staging: &Staging, disks: &[DiskFile], error: &LibvirtError) -> Stop {
+        let Job { ctx, claim, .. } = self;
+        if !claim.still_owned() {
+            return Stop::LostLock;
+        }
+        let dir = ctx.config.output_dir.join(publish::UNREGISTERED_DIR).join(claim.job_id());
+        let xml = build_domain_xml(&ctx.config, spec, &output_paths(&ctx.config, spec), Acceleration::Kvm);
+        let kept = publish::keep(&dir, disks.iter().map(|d| (d.staged.as_path(), d.name.as_str())))
+            .and_then(|()| staging.write_new("unregistered.xml", xml.as_bytes()))
+            .and_then(|_| staging.publish("unregistered.xml", &dir, &names::domain_xml_file(&spec.vm_name)));
+        let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
+        Stop::Failed(failures::unregistered(error, &kept.map(|_| ()), &names, &dir))
+    }
+
+    /// The job's report, finished now; the caller sets when it started and its duration.
+    fn new_report(
+        &self,
+        spec: &JobSpec,
+        disks: Vec<DiskReport>,
+        mut warnings: Vec<String>,
+        registration: Option<&Registration>,
+    ) -> Report {
+        let Job { ctx, claim, .. } = self;
+        if let Some(registration) = registration {
+            warnings.extend(registration.warnings.iter().cloned());
+        }
+        let now = Utc::now();
+        Report {
+            job_id: claim.job_id().to_owned(),
+            vm_name: spec.vm_name.clone(),
+            instance: ctx.identity.instance.clone(),
+            host: ctx.identity.host.clone(),
+            converter: ctx.converter.name(),
+            started_at: now,
+            finished_at: now,
+            seconds: 0.0,
+            disks,
+            domain_name: names::domain_name(&spec.vm_name),
+            domain_uuid: domain_xml::domain_uuid(spec),
+            domain_disks: registration.map_or_else(|| output_paths(&ctx.config, spec), |r| r.disk_paths.clone()),
+            libvirt_uri: registration.map(|r| r.uri.clone()),
+            libvirt_pool: registration.map(|r| r.pool.clone()),
+            libvirt_pool_created: registration.is_some_and(|r| r.pool_created),
+            domain_xml: names::domain_xml_file(&spec.vm_name),
+            warnings,
+        }
+    }
+
+    /// Publishes data disks, `V.xml`, `V.json`, then the boot disk last. The lock is re-checked
+    /// before each rename: a daemon that lost its job must not publish.
+    fn publish_results(&self, spec: &JobSpec, xml: &str, report: &Report, staging: &Staging) -> Result<(), Stop> {
+        let ctx = self.ctx;
+        let out = &ctx.config.output_dir;
+        let failure = |e: std::io::Error| failures::publish_failure(out, e);
+        let report_json = serde_json::to_vec_pretty(report).map_err(|e| failure(std::io::Error::other(e)))?;
+        staging.write_new("domain.xml", xml.as_bytes()).map_err(failure)?;
+        staging.write_new("report.json", &report_json).map_err(failure)?;
+        let mut renames: Vec<(String, String)> = spec
+            .disks
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(index, disk)| (staged_disk(disk), output_name(spec, index)))
+            .collect();
+        renames.push(("domain.xml".to_owned(), names::domain_xml_file(&spec.vm_name)));
+        renames.push(("report.json".to_owned(), names::report_file(&spec.vm_name)));
+        for (staged, name) in &renames {
+            // Each rename fenced on its own: on a hard NFS mount any one of them may stall past
+            // the lease, and the job's new owner may be publishing by then.
+            self.fence()?;
+            staging.publish(staged, out, name).map_err(failure)?;
+        }
+        publish::fsync_dir(out).map_err(failure)?;
+        self.fence()?;
+        staging.publish(&staged_disk(spec.boot_disk()), out, &output_name(spec, 0)).map_err(failure)?;
+        publish::fsync_dir(out).map_err(failure)?;
+        Ok(())
+    }
+
+    /// Whether the job is still this daemon's: checked before every step another owner could see.
+    pub(super) fn fence(&self) -> Result<(), Stop> {
+        if self.claim.still_owned() {
+            Ok(())
+        } else {
+            Err(Stop::LostLock)
+        }
+    }
+}
+
+/// Each generation of a job stages apart, so a new owner never meets the files of a frozen
+/// old one.
+fn staging_name(claim: &Claim) -> String {
+    format!("{}.g{}", claim.job_id(), claim.record().generation)
+}
+
+/// The staged disks with their final names, boot disk first.
+fn staged_disks(spec: &JobSpec, staging: &Staging) -> Vec<DiskFile> {
+    (0..spec.disks.len())
+        .map(|i| DiskFile { staged: staging.path(&staged_disk(&spec.disks[i])), name: output_name(spec, i) })
+        .collect()
+}
+
+fn open_verified_ova(disk: &DiskSpec, path: &Path) -> Result<ova::OvaPackage, Stop> {
+    let package = ova::open(path, &ova::Limits::default()).map_err(|e| failures::ova_unreadable(disk, path, &e))?;
+    if package.manifest.is_some() {
+        ova::verify_manifest(&package).map_err(|e| failures::ova_manifest_mismatch(path, &e))?;
+    }
+    if package.disks.is_empty() {
+        return Err(failures::ova_without_disks(path).into());
+    }
+    Ok(package)
+}
+
+fn fill_hardware(spec: &mut JobSpec, hardware: &ova::OvfHardware) {
+    let ovf = hardware.to_manifest_hardware();
+    let hw = &mut spec.hardware;
+    hw.cpu = hw.cpu.or(ovf.cpu);
+    hw.mem_gb = hw.mem_gb.or(ovf.mem_gb);
+    hw.firmware = hw.firmware.or(ovf.firmware);
+    hw.secureboot = hw.secureboot || ovf.secureboot;
+    hw.os_hint = hw.os_hint.take().or(ovf.os_hint);
+    hw.os_version = hw.os_version.take().or(ovf.os_version);
+    if spec.nics.is_empty() {
+        spec.nics = hardware.to_nics();
+    }
+}
+
+fn inspect_ova_disk(path: &Path, index: usize) -> Result<ImageInfo, ConvertError> {
+    let info = crate::engine::inspect_ova_disk(path, index).map_err(crate::engine::pipeline::image_error)?;
+    // The members are read in place: nothing outside the OVA, already confined, is opened.
+    Ok(ImageInfo { format: "vmdk".into(), referenced_files: Vec::new(), ..info.into() })
+}
+
+/// A disk whose source passed every check.
+struct PreparedSource<'a> {
+    disk: &'a DiskSpec,
+    path: PathBuf,
+    info: ImageInfo,
+    verified: bool,
+}
+
+/// qemu-img reads grains past the end of a truncated sparse extent as zeros and succeeds, so
+/// every sparse extent involved (the disk, its extents, its parents) is checked first.
+fn check_structure(disk: &DiskSpec, path: &Path, referenced: &[PathBuf]) -> Result<(), Stop> {
+    for file in std::iter::once(path).chain(referenced.iter().map(PathBuf::as_path)) {
+        if !vmdk::is_sparse_extent(file) {
+            continue;
+        }
+        if let Err(e) = vmdk::check_sparse_file(file) {
+            let detail = if file == path { e.to_string() } else { format!("{}: {e}", file.display()) };
+            return Err(convert_failure(Stage::Inspect, disk, path, ConvertError::Corrupt(detail)));
+        }
+    }
+    Ok(())
+}
+
+fn compression_for(
+    config: &Config,
+    spec: &JobSpec,
+    warnings: &mut Vec<String>,
+    converter: &dyn Converter,
+) -> Option<Compression> {
+    let wanted = spec.compress.unwrap_or(config.convert_options.compress);
+    let level = spec.compress_level.unwrap_or(config.compress_level);
+    let by_qemu_img: Vec<&str> =
+        spec.disks.iter().filter(|d| !converter.reads_natively(d.source_format)).map(|d| d.id.as_str()).collect();
+    if wanted && level != DEFAULT_COMPRESS_LEVEL && !by_qemu_img.is_empty() {
+        warnings.push(format!(
+            "compress level {level} is not honoured for {} (converted by qemu-img, which uses its own default)",
+            by_qemu_img.join(", ")
+        ));
+    }
+    wanted.then_some(Compression { kind: config.convert_options.compression_type, level })
+}
+
+/// `V.qcow2` for the boot disk (index 0), `V-<id>.qcow2` for the others.
+fn output_name(spec: &JobSpec, index: usize) -> String {
+    if index == 0 {
+        names::boot_disk_file(&spec.vm_name)
+    } else {
+        names::data_disk_file(&spec.vm_name, &spec.disks[index].id)
+    }
+}
+
+/// A disk's file name in the staging directory.
+fn staged_disk(disk: &DiskSpec) -> String {
+    format!("{}.qcow2", disk.id)
+}
+
+/// The published disks in OUTPUT_DIR, boot disk first.
+fn output_paths(config: &Config, spec: &JobSpec) -> Vec<PathBuf> {
+    (0..spec.disks.len()).map(|i| config.output_dir.join(output_name(spec, i))).collect()
+}
+
+/// The domain XML for a VM whose disks are at `paths` (boot disk first).
+fn build_domain_xml(config: &Config, spec: &JobSpec, paths: &[PathBuf], accel: Acceleration) -> String {
+    let bus = domain_xml::disk_bus_for(&spec.hardware);
+    let disks: Vec<DomainDisk> = paths.iter().map(|path| DomainDisk { path: path.clone(), target_bus: bus }).collect();
+    let attach = match &config.libvirt_network {
+        Some(network) => NetworkAttachment::Network(network.clone()),
+        None => NetworkAttachment::Bridge(config.libvirt_bridge.clone()),
+    };
+    domain_xml::domain_xml_with(spec, &disks, &attach, accel)
+}
+
+/// A result name of this job that is another VM's.
+struct TakenName {
+    name: String,
+    other_vm: String,
+    /// Found in an older live claim's manifest rather than in a published report.
+    live: bool,
+}
+
+impl TakenName {
+    /// The refusal of the job: the `.error`'s first line names the file and the other VM.
+    fn refusal(&self, out: &Path, claim: &Claim, vm_name: &str) -> Failure {
+        let TakenName { name, other_vm, live } = self;
+        let aside = out.join(publish::SUPERSEDED_DIR).join(claim.job_id()).join(name);
+        let moved = std::fs::symlink_metadata(&aside).is_ok();
+        failures::taken_name(name, vm_name, other_vm, *live, moved.then_some(aside.as_path()))
+    }
+}
