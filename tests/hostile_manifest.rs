@@ -106,7 +106,12 @@ fn the_archived_manifest_is_the_one_converted_even_when_the_file_is_swapped() {
         Outcome::Failed(text) => s.daemon.fail(&format!("the job failed:\n{text}")),
     }
     let job = claimed.file_stem().unwrap().to_string_lossy().into_owned();
-    let archived = find_file(&state.join("done"), &format!("{job}.manifest.json")).expect("the archived manifest");
+    // V.qcow2 is published before the job is recorded: wait for the record, do not race it.
+    let archived_name = format!("{job}.manifest.json");
+    wait_for(&s.daemon, RESULT_TIMEOUT, "the job's record", || {
+        find_file(&state.join("done"), &archived_name).is_some()
+    });
+    let archived = find_file(&state.join("done"), &archived_name).expect("the archived manifest");
     let archived: serde_json::Value = serde_json::from_slice(&fs::read(&archived).unwrap()).unwrap();
     assert_eq!(archived, submitted, "the archive holds the manifest the job converted");
     assert!(s.daemon.log().contains("changed while the job ran"), "the swap is logged:\n{}", s.daemon.log());
