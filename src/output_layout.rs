@@ -109,6 +109,11 @@ pub fn staging_name(job_id: &str, generation: u64) -> String {
     format!("{job_id}.g{generation}")
 }
 
+/// Whether `name`, in TEMP_DIR, is the staging directory of some generation of job `job_id`.
+pub fn is_staging_of(name: &str, job_id: &str) -> bool {
+    name.strip_prefix(job_id).is_some_and(|rest| rest.starts_with(".g"))
+}
+
 /// Name of the directory in OUTPUT_DIR where a job stages its `.error` when it could not
 /// create its staging directory in TEMP_DIR, so the poller still gets an answer.
 pub fn error_staging_name(job_id: &str) -> String {
@@ -138,4 +143,29 @@ pub fn report_file(vm_name: &str) -> String {
 /// File name of the domain XML: `V.xml`.
 pub fn domain_xml_file(vm_name: &str) -> String {
     format!("{vm_name}.xml")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_the_names_hypersdk_polls_for() {
+        let layout = OutputLayout::new(Path::new("/out"), Path::new("/out/.hyper2kvm-tmp"));
+        assert_eq!(layout.boot_disk("web 1"), Path::new("/out/web 1.qcow2"));
+        assert_eq!(layout.data_disk("web 1", "disk-1"), Path::new("/out/web 1-disk-1.qcow2"));
+        assert_eq!(layout.error("web 1"), Path::new("/out/web 1.error"));
+        assert_eq!(layout.report("web 1"), Path::new("/out/web 1.json"));
+        assert_eq!(layout.domain_xml("web 1"), Path::new("/out/web 1.xml"));
+        assert_eq!(layout.superseded("j1"), Path::new("/out/.hyper2kvm-superseded/j1"));
+        assert_eq!(layout.unregistered("j1"), Path::new("/out/.hyper2kvm-unregistered/j1"));
+        assert_eq!(layout.staging("j1", 3), Path::new("/out/.hyper2kvm-tmp/j1.g3"));
+    }
+
+    #[test]
+    fn staging_directories_of_a_job_are_told_from_others() {
+        assert!(is_staging_of(&staging_name("j1", 2), "j1"));
+        assert!(!is_staging_of(&staging_name("j10", 2), "j1"));
+        assert!(!is_staging_of("j1", "j1"));
+    }
 }
