@@ -22,6 +22,7 @@ pub mod mac;
 pub mod manifest;
 pub mod metrics;
 pub mod names;
+pub mod output_layout;
 pub mod publish;
 pub mod queue;
 pub mod report;

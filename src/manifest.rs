@@ -659,7 +659,7 @@ fn check_output(raw: &RawManifest) -> Result<(), ManifestError> {
 
 /// Any disk may become a data disk (`V-<id>.qcow2`), the longest of the result names.
 pub fn check_result_name(vm_name: &str, disk_id: &str) -> Result<(), ManifestError> {
-    let bytes = names::data_disk_file(vm_name, disk_id).len();
+    let bytes = crate::output_layout::data_disk_file(vm_name, disk_id).len();
     if bytes > names::MAX_FILE_NAME_BYTES {
         return Err(ManifestError::ResultNameTooLong {
             id: disk_id.to_owned(),

@@ -1,9 +1,11 @@
-//! Names derived from a manifest: result file names in OUTPUT_DIR and the libvirt domain name.
+//! Names derived from a manifest: whether `vm_name` may name result files, which VM a result
+//! name belongs to, and the libvirt domain name. The result file names themselves are
+//! [`crate::output_layout`]'s.
 //!
 //! `source.vm_name` is used verbatim for result files because HyperSDK polls for the raw name
 //! (spaces included); it only has to be a safe single path component.
 
-use std::path::Path;
+use crate::output_layout::OutputLayout;
 
 use thiserror::Error;
 
@@ -59,31 +61,6 @@ pub fn check_vm_name(name: &str) -> Result<(), UnsafeName> {
     Ok(())
 }
 
-/// File name of the boot disk result: `V.qcow2`. Its appearance means success.
-pub fn boot_disk_file(vm_name: &str) -> String {
-    format!("{vm_name}.qcow2")
-}
-
-/// File name of a non-boot disk result: `V-<disk id>.qcow2`.
-pub fn data_disk_file(vm_name: &str, disk_id: &str) -> String {
-    format!("{vm_name}-{disk_id}.qcow2")
-}
-
-/// File name of the failure result: `V.error`.
-pub fn error_file(vm_name: &str) -> String {
-    format!("{vm_name}.error")
-}
-
-/// File name of the job report: `V.json`.
-pub fn report_file(vm_name: &str) -> String {
-    format!("{vm_name}.json")
-}
-
-/// File name of the domain XML: `V.xml`.
-pub fn domain_xml_file(vm_name: &str) -> String {
-    format!("{vm_name}.xml")
-}
-
 /// The VM names whose results could include the qcow2 file `file_name`: `V` for its boot
 /// disk `V.qcow2`, and each `P` for a data disk `P-<disk id>.qcow2`, so every prefix of the
 /// stem that ends before a `-`. Results of different VMs can share a name this way (VM `web`'s
@@ -96,12 +73,12 @@ pub fn possible_owners(file_name: &str) -> Vec<&str> {
     owners
 }
 
-/// The VM other than `vm_name` whose published report (`V.json` in `output_dir`) lists
+/// The VM other than `vm_name` whose published report (`V.json` in OUTPUT_DIR) lists
 /// `file_name` among its disks, if any: that file is that VM's result, not an earlier result of
 /// `vm_name`'s. Reports that cannot be read or parsed are passed over.
-pub fn other_vms_result(output_dir: &Path, file_name: &str, vm_name: &str) -> Option<String> {
+pub fn other_vms_result(output: &OutputLayout, file_name: &str, vm_name: &str) -> Option<String> {
     possible_owners(file_name).into_iter().filter(|owner| *owner != vm_name).find_map(|owner| {
-        let bytes = crate::publish::read_small(&output_dir.join(report_file(owner))).ok()?;
+        let bytes = crate::publish::read_small(&output.report(owner)).ok()?;
         let report: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
         let lists_it = report
             .get("disks")?
@@ -165,22 +142,20 @@ mod tests {
     #[test]
     fn a_file_listed_in_another_vms_report_is_that_vms() {
         let out = tempfile::tempdir().unwrap();
+        let layout = OutputLayout::new(out.path(), &out.path().join(".hyper2kvm-tmp"));
         let report = |vm: &str, outputs: &[&str]| {
             let disks: Vec<_> = outputs.iter().map(|o| serde_json::json!({ "output": o })).collect();
-            std::fs::write(
-                out.path().join(report_file(vm)),
-                serde_json::json!({ "vm_name": vm, "disks": disks }).to_string(),
-            )
-            .unwrap();
+            std::fs::write(layout.report(vm), serde_json::json!({ "vm_name": vm, "disks": disks }).to_string())
+                .unwrap();
         };
         report("web", &["web.qcow2", "web-disk-1.qcow2"]);
-        assert_eq!(other_vms_result(out.path(), "web-disk-1.qcow2", "web-disk-1").as_deref(), Some("web"));
-        assert_eq!(other_vms_result(out.path(), "web-disk-1.qcow2", "web"), None, "its own earlier result");
-        assert_eq!(other_vms_result(out.path(), "web-disk-2.qcow2", "web-disk-2"), None, "not listed");
+        assert_eq!(other_vms_result(&layout, "web-disk-1.qcow2", "web-disk-1").as_deref(), Some("web"));
+        assert_eq!(other_vms_result(&layout, "web-disk-1.qcow2", "web"), None, "its own earlier result");
+        assert_eq!(other_vms_result(&layout, "web-disk-2.qcow2", "web-disk-2"), None, "not listed");
         report("db-disk-1", &["db-disk-1.qcow2"]);
-        assert_eq!(other_vms_result(out.path(), "db-disk-1.qcow2", "db").as_deref(), Some("db-disk-1"));
+        assert_eq!(other_vms_result(&layout, "db-disk-1.qcow2", "db").as_deref(), Some("db-disk-1"));
         std::fs::write(out.path().join("x.json"), b"{not json").unwrap();
-        assert_eq!(other_vms_result(out.path(), "x-1.qcow2", "y"), None);
+        assert_eq!(other_vms_result(&layout, "x-1.qcow2", "y"), None);
     }
 
     #[test]

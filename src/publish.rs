@@ -11,12 +11,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-/// Directory under OUTPUT_DIR where results replaced by a newer job are kept.
-pub const SUPERSEDED_DIR: &str = ".hyper2kvm-superseded";
-
-/// Directory under OUTPUT_DIR where the converted disks of a job whose libvirt registration
-/// failed are kept (`<dir>/<job>/V.qcow2` …), out of the poller's sight.
-pub const UNREGISTERED_DIR: &str = ".hyper2kvm-unregistered";
+use crate::output_layout::OutputLayout;
 
 /// A job's private staging directory in TEMP_DIR.
 #[derive(Debug)]
@@ -112,15 +107,15 @@ pub fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(contents)
 }
 
-/// Moves the earlier result `name` out of `output_dir` into
-/// `output_dir/.hyper2kvm-superseded/<job_id>/`, so it cannot answer a new job's poller. It is
+/// Moves the earlier result `name` out of OUTPUT_DIR into
+/// `OUTPUT_DIR/.hyper2kvm-superseded/<job_id>/`, so it cannot answer a new job's poller. It is
 /// kept, never destroyed. Returns where it went; `None` when there was no such file.
-pub fn move_aside(output_dir: &Path, name: &str, job_id: &str) -> std::io::Result<Option<PathBuf>> {
-    let aside_dir = output_dir.join(SUPERSEDED_DIR).join(job_id);
-    own_dir(&output_dir.join(SUPERSEDED_DIR))?;
+pub fn move_aside(output: &OutputLayout, name: &str, job_id: &str) -> std::io::Result<Option<PathBuf>> {
+    let aside_dir = output.superseded(job_id);
+    own_dir(&output.superseded_root())?;
     own_dir(&aside_dir)?;
     let target = aside_dir.join(name);
-    match std::fs::rename(output_dir.join(name), &target) {
+    match std::fs::rename(output.result(name), &target) {
         Ok(()) => Ok(Some(target)),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
@@ -256,6 +251,11 @@ pub fn check_room(output_dir: &Path, temp_dir: &Path, min_free: u64, tag: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::output_layout::{SUPERSEDED_DIR, UNREGISTERED_DIR};
+
+    fn layout(out: &Path) -> OutputLayout {
+        OutputLayout::new(out, &out.join(".hyper2kvm-tmp"))
+    }
 
     #[test]
     fn clearing_the_staging_directory_keeps_it_and_empties_it() {
@@ -327,7 +327,7 @@ mod tests {
     fn a_symlinked_superseded_dir_is_replaced_not_followed() {
         let (_dir, out, outside) = planted(SUPERSEDED_DIR);
         std::fs::write(out.join("vm.qcow2"), b"old").unwrap();
-        assert!(move_aside(&out, "vm.qcow2", "j1").unwrap().is_some());
+        assert!(move_aside(&layout(&out), "vm.qcow2", "j1").unwrap().is_some());
         assert_replaced(&out, SUPERSEDED_DIR, &outside);
         assert_eq!(std::fs::read(out.join(SUPERSEDED_DIR).join("j1/vm.qcow2")).unwrap(), b"old");
     }
@@ -339,7 +339,7 @@ mod tests {
         std::fs::create_dir(out.join(SUPERSEDED_DIR)).unwrap();
         std::os::unix::fs::symlink(&outside, out.join(SUPERSEDED_DIR).join("j1")).unwrap();
         std::fs::write(out.join("vm.error"), b"old").unwrap();
-        move_aside(&out, "vm.error", "j1").unwrap();
+        move_aside(&layout(&out), "vm.error", "j1").unwrap();
         assert_replaced(&out.join(SUPERSEDED_DIR), "j1", &outside);
     }
 
@@ -385,7 +385,7 @@ mod tests {
         std::fs::write(dir.path().join("vm.error"), b"old error").unwrap();
         let moved: Vec<PathBuf> = ["vm.qcow2", "vm.error", "vm.json"]
             .iter()
-            .filter_map(|n| move_aside(dir.path(), n, "j1").unwrap())
+            .filter_map(|n| move_aside(&layout(dir.path()), n, "j1").unwrap())
             .collect();
         assert_eq!(moved.len(), 2);
         assert!(!dir.path().join("vm.qcow2").exists());

@@ -19,8 +19,12 @@ use thiserror::Error;
 
 /// Hidden directories the daemon keeps its queue state and results in, wherever they are: a
 /// source under one of them is another job's input or output, never an export.
-pub const RESULT_DIR_NAMES: [&str; 4] =
-    [".hyper2kvm", ".hyper2kvm-tmp", ".hyper2kvm-superseded", ".hyper2kvm-unregistered"];
+pub const RESULT_DIR_NAMES: [&str; 4] = [
+    ".hyper2kvm",
+    crate::output_layout::DEFAULT_TEMP_DIR,
+    crate::output_layout::SUPERSEDED_DIR,
+    crate::output_layout::UNREGISTERED_DIR,
+];
 
 /// Where the packages put every instance's state: `/var/lib/hyper2kvm/output` and
 /// `/var/lib/hyper2kvm/INSTANCE/output` hold published results.

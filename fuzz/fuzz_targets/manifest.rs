@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use hyper2kvm::libvirt::domain_xml::{self, DomainDisk, NetworkAttachment};
-use hyper2kvm::{manifest, names};
+use hyper2kvm::{manifest, names, output_layout};
 use libfuzzer_sys::fuzz_target;
 use quick_xml::events::Event;
 
@@ -20,9 +20,9 @@ fuzz_target!(|data: &[u8]| {
     if names::check_vm_name(&spec.vm_name).is_err() {
         return;
     }
-    let _ = names::boot_disk_file(&spec.vm_name);
+    let _ = output_layout::boot_disk_file(&spec.vm_name);
     for disk in &spec.disks {
-        let _ = names::data_disk_file(&spec.vm_name, &disk.id);
+        let _ = output_layout::data_disk_file(&spec.vm_name, &disk.id);
     }
     let _ = names::domain_name(&spec.vm_name);
     let _ = domain_xml::domain_uuid(&spec);

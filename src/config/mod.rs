@@ -226,6 +226,11 @@ impl Environment for BTreeMap<String, String> {
 type Layer = BTreeMap<String, (String, Origin)>;
 
 impl Config {
+    /// Where results and staging directories live under OUTPUT_DIR and TEMP_DIR.
+    pub fn output_layout(&self) -> crate::output_layout::OutputLayout {
+        crate::output_layout::OutputLayout::new(&self.output_dir, &self.temp_dir)
+    }
+
     /// Loads the configuration from every layer.
     pub fn load(overrides: &Overrides, env: &dyn Environment) -> Result<Config, ConfigError> {
         let config_dir = config_dir(overrides, env);
@@ -427,8 +432,12 @@ impl Resolver {
         let absolute = |s: &str| Some(PathBuf::from(s)).filter(|p| p.is_absolute());
         let watch_dir = self.parse("WATCH_DIR", state_root.join("queue"), "an absolute directory path", absolute)?;
         let output_dir = self.parse("OUTPUT_DIR", state_root.join("output"), "an absolute directory path", absolute)?;
-        let temp_dir =
-            self.parse("TEMP_DIR", output_dir.join(".hyper2kvm-tmp"), "an absolute directory path", absolute)?;
+        let temp_dir = self.parse(
+            "TEMP_DIR",
+            output_dir.join(crate::output_layout::DEFAULT_TEMP_DIR),
+            "an absolute directory path",
+            absolute,
+        )?;
         let default_roots = default_source_roots(&watch_dir);
         let source_roots =
             self.parse("SOURCE_ROOTS", default_roots, "a colon-separated list of absolute directories", parse_roots)?;

@@ -296,13 +296,12 @@ fn recover_orphans(ctx: &JobContext, queue: &Queue) {
 /// Removes every generation's staging directory of a job. Never through a symlink planted at
 /// TEMP_DIR: it is replaced first ([`publish::own_dir`]).
 fn remove_staging(temp_dir: &std::path::Path, job_id: &str) {
-    let prefix = format!("{job_id}.g");
     if publish::own_dir(temp_dir).is_err() {
         return;
     }
     let Ok(entries) = std::fs::read_dir(temp_dir) else { return };
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+        if crate::output_layout::is_staging_of(&entry.file_name().to_string_lossy(), job_id) {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

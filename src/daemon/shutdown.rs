@@ -156,7 +156,7 @@ impl Daemon {
             CANCEL_GRACE.as_secs()
         );
         let queue = self.queue.clone();
-        let temp_dir = self.ctx.config.temp_dir.clone();
+        let layout = self.ctx.config.output_layout();
         let release = tokio::task::spawn_blocking(move || {
             for record in stuck {
                 let (job_id, generation) = (record.job_id.clone(), record.generation);
@@ -167,7 +167,7 @@ impl Daemon {
                     }
                 }
                 // This generation's only: a daemon that took the job over stages its own.
-                remove_own_staging(&temp_dir, &job_id, generation);
+                remove_own_staging(&layout, &job_id, generation);
             }
         });
         if tokio::time::timeout(RELEASE_LIMIT, release).await.is_err() {
@@ -181,8 +181,8 @@ impl Daemon {
 
 /// Removes the staging directory of one generation of a job, as [`super::remove_staging`] does
 /// for all: never through a symlink planted at TEMP_DIR.
-fn remove_own_staging(temp_dir: &std::path::Path, job_id: &str, generation: u64) {
-    if crate::publish::own_dir(temp_dir).is_ok() {
-        let _ = std::fs::remove_dir_all(temp_dir.join(format!("{job_id}.g{generation}")));
+fn remove_own_staging(layout: &crate::output_layout::OutputLayout, job_id: &str, generation: u64) {
+    if crate::publish::own_dir(layout.temp_dir()).is_ok() {
+        let _ = std::fs::remove_dir_all(layout.staging(job_id, generation));
     }
 }

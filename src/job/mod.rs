@@ -23,6 +23,7 @@ use crate::convert::{Converter, JobControl};
 use crate::host::Identity;
 use crate::manifest::{self, JobSpec, ManifestFile};
 use crate::names;
+use crate::output_layout;
 use crate::publish::{self, Staging};
 use crate::queue::{Claim, EventLog, JobRecord, JobState, Layout, Outcome};
 use crate::report::Report;
@@ -142,7 +143,7 @@ pub fn run(ctx: &JobContext, claim: Claim, manifest: &ManifestFile, control: &Jo
         Err(stop) => {
             // Without a staging directory in TEMP_DIR the .error is staged in OUTPUT_DIR
             // itself, so the poller still gets its answer.
-            let name = format!(".hyper2kvm-error-{}", job.claim.job_id());
+            let name = output_layout::error_staging_name(job.claim.job_id());
             let fallback = Staging::create_in(&ctx.config.output_dir, &name);
             let end = job.conclude(fallback.as_ref().ok(), Err(stop));
             fallback.map(Staging::remove).unwrap_or_default();
@@ -232,7 +233,7 @@ impl Job<'_> {
     }
 
     fn done(self, spec: &JobSpec, report: &Report) -> JobEnd {
-        let boot = self.ctx.config.output_dir.join(names::boot_disk_file(&spec.vm_name));
+        let boot = self.ctx.config.output_layout().boot_disk(&spec.vm_name);
         info!(stage = "done", seconds = report.seconds, result = %boot.display(), "published");
         self.events.append("done", "published", Some(100.0));
         if self.ctx.config.cleanup_source {
@@ -307,7 +308,7 @@ impl Job<'_> {
         if self.fence().is_err() {
             return Ok(None);
         }
-        let path = staging.publish("error", &config.output_dir, &names::error_file(&self.vm_name))?;
+        let path = staging.publish("error", &config.output_dir, &output_layout::error_file(&self.vm_name))?;
         publish::fsync_dir(&config.output_dir)?;
         Ok(Some(path))
     }
@@ -328,7 +329,7 @@ pub fn record_published(ctx: &JobContext, claim: Claim, vm_name: &str) -> JobEnd
     );
     let events = EventLog::new(claim.event_log(), claim.job_id());
     events.append("done", "published by an earlier owner of the job; recorded as done", Some(100.0));
-    let boot = ctx.config.output_dir.join(names::boot_disk_file(vm_name));
+    let boot = ctx.config.output_layout().boot_disk(vm_name);
     let mut record = new_record(ctx, &claim, vm_name, Utc::now(), JobState::Done, "done");
     record.result_file = Some(boot);
     finish(claim, record, JobEnd::Done)
@@ -346,14 +347,13 @@ fn published_as(ctx: &JobContext, claim: &Claim, vm_name: &str) -> bool {
     if names::check_vm_name(vm_name).is_err() {
         return false;
     }
-    let out = &ctx.config.output_dir;
+    let layout = ctx.config.output_layout();
     let names_this_job = || -> Option<bool> {
         let report: serde_json::Value =
-            serde_json::from_slice(&publish::read_small(&out.join(names::report_file(vm_name))).ok()?).ok()?;
+            serde_json::from_slice(&publish::read_small(&layout.report(vm_name)).ok()?).ok()?;
         Some(report.get("job_id")?.as_str()? == claim.job_id())
     };
-    names_this_job() == Some(true)
-        && std::fs::symlink_metadata(out.join(names::boot_disk_file(vm_name))).is_ok_and(|m| m.is_file())
+    names_this_job() == Some(true) && std::fs::symlink_metadata(layout.boot_disk(vm_name)).is_ok_and(|m| m.is_file())
 }
 
 /// Runs a job's work so that a panic — a bug, whatever the input — fails this job with an

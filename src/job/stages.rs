@@ -28,6 +28,7 @@ use crate::libvirt::register::{self, Registration, Request};
 use crate::libvirt::{Connection, LibvirtError};
 use crate::manifest::{self, DiskSpec, DiskType, JobSpec, SourceFormat};
 use crate::names;
+use crate::output_layout::{self, OutputLayout};
 use crate::publish::{self, Staging};
 use crate::queue::{Claim, Layout};
 use crate::report::{DiskReport, Report};
@@ -40,7 +41,7 @@ impl Job<'_> {
         if self.safe_name {
             self.move_aside_stale(&self.vm_name, &[])?;
         }
-        Staging::create(&ctx.config.temp_dir, &staging_name(claim))
+        Staging::create(&ctx.config.temp_dir, &output_layout::staging_name(claim.job_id(), claim.record().generation))
             .map_err(|e| failures::staging_failure(&ctx.config.temp_dir, e))
     }
 
@@ -200,29 +201,30 @@ impl Job<'_> {
     /// `V.error` and would take for this job's success: that one is moved aside too.
     fn move_aside_stale(&self, vm_name: &str, disk_ids: &[&str]) -> Result<(), Stop> {
         let Job { ctx, claim, .. } = self;
-        let boot = names::boot_disk_file(vm_name);
+        let boot = output_layout::boot_disk_file(vm_name);
         let mut stale = vec![
             boot.clone(),
-            names::error_file(vm_name),
-            names::report_file(vm_name),
-            names::domain_xml_file(vm_name),
+            output_layout::error_file(vm_name),
+            output_layout::report_file(vm_name),
+            output_layout::domain_xml_file(vm_name),
         ];
-        stale.extend(disk_ids.iter().map(|id| names::data_disk_file(vm_name, id)));
-        let out = &ctx.config.output_dir;
+        stale.extend(disk_ids.iter().map(|id| output_layout::data_disk_file(vm_name, id)));
+        let layout = ctx.config.output_layout();
+        let out = layout.dir();
         let taken = self.taken_name(vm_name, disk_ids);
         let failure = |e| failures::move_aside_failure(vm_name, out, e);
         let mut moved = 0;
         // Only files that are there: each move costs a fence (a lock round trip on NFS).
         let movable = stale.iter().filter(|name| **name == boot || taken.as_ref().is_none_or(|t| t.name != **name));
-        for name in movable.filter(|name| std::fs::symlink_metadata(out.join(name)).is_ok()) {
+        for name in movable.filter(|name| std::fs::symlink_metadata(layout.result(name)).is_ok()) {
             self.fence()?;
-            moved += usize::from(publish::move_aside(out, name, claim.job_id()).map_err(failure)?.is_some());
+            moved += usize::from(publish::move_aside(&layout, name, claim.job_id()).map_err(failure)?.is_some());
         }
         if moved > 0 {
             info!(stage = "claim", moved, "moved earlier results aside");
         }
         match taken {
-            Some(taken) => Err(Stop::Failed(taken.refusal(out, claim, vm_name))),
+            Some(taken) => Err(Stop::Failed(taken.refusal(&layout, claim, vm_name))),
             None => Ok(()),
         }
     }
@@ -232,12 +234,12 @@ impl Job<'_> {
     /// a job converting now, which has not published its report yet — will publish.
     fn taken_name(&self, vm_name: &str, disk_ids: &[&str]) -> Option<TakenName> {
         let ctx = self.ctx;
-        let publishes: Vec<String> = std::iter::once(names::boot_disk_file(vm_name))
-            .chain(disk_ids.iter().skip(1).map(|id| names::data_disk_file(vm_name, id)))
+        let publishes: Vec<String> = std::iter::once(output_layout::boot_disk_file(vm_name))
+            .chain(disk_ids.iter().skip(1).map(|id| output_layout::data_disk_file(vm_name, id)))
             .collect();
-        let out = &ctx.config.output_dir;
+        let layout = ctx.config.output_layout();
         let published = publishes.iter().find_map(|name| {
-            let other_vm = names::other_vms_result(out, name, vm_name)?;
+            let other_vm = names::other_vms_result(&layout, name, vm_name)?;
             Some(TakenName { name: name.clone(), other_vm, live: false })
         });
         published.or_else(|| self.older_claim_publishing(vm_name, &publishes))
@@ -383,14 +385,14 @@ impl Job<'_> {
         events.append(Stage::Libvirt.as_str(), &format!("registering domain {domain_name}"), Some(100.0));
         self.fence()?;
         let disks = staged_disks(spec, staging);
-        let tag = staging_name(claim);
+        let tag = output_layout::staging_name(claim.job_id(), claim.record().generation);
         let default_pool = DefaultPool::virt_install();
         let request = Request {
             domain_name: &domain_name,
             uuid: &uuid,
             pool: &config.libvirt_pool,
             default_pool: &default_pool,
-            output_dir: &config.output_dir,
+            output: &config.output_layout(),
             autostart: config.libvirt_autostart,
             tag: &tag,
             disks: &disks,
@@ -423,11 +425,11 @@ impl Job<'_> {
         if !claim.still_owned() {
             return Stop::LostLock;
         }
-        let dir = ctx.config.output_dir.join(publish::UNREGISTERED_DIR).join(claim.job_id());
+        let dir = ctx.config.output_layout().unregistered(claim.job_id());
         let xml = build_domain_xml(&ctx.config, spec, &output_paths(&ctx.config, spec), Acceleration::Kvm);
         let kept = publish::keep(&dir, disks.iter().map(|d| (d.staged.as_path(), d.name.as_str())))
             .and_then(|()| staging.write_new("unregistered.xml", xml.as_bytes()))
-            .and_then(|_| staging.publish("unregistered.xml", &dir, &names::domain_xml_file(&spec.vm_name)));
+            .and_then(|_| staging.publish("unregistered.xml", &dir, &output_layout::domain_xml_file(&spec.vm_name)));
         let names: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
         Stop::Failed(failures::unregistered(error, &kept.map(|_| ()), &names, &dir))
     }
@@ -461,7 +463,7 @@ impl Job<'_> {
             libvirt_uri: registration.map(|r| r.uri.clone()),
             libvirt_pool: registration.map(|r| r.pool.clone()),
             libvirt_pool_created: registration.is_some_and(|r| r.pool_created),
-            domain_xml: names::domain_xml_file(&spec.vm_name),
+            domain_xml: output_layout::domain_xml_file(&spec.vm_name),
             warnings,
         }
     }
@@ -482,8 +484,8 @@ impl Job<'_> {
             .skip(1)
             .map(|(index, disk)| (staged_disk(disk), output_name(spec, index)))
             .collect();
-        renames.push(("domain.xml".to_owned(), names::domain_xml_file(&spec.vm_name)));
-        renames.push(("report.json".to_owned(), names::report_file(&spec.vm_name)));
+        renames.push(("domain.xml".to_owned(), output_layout::domain_xml_file(&spec.vm_name)));
+        renames.push(("report.json".to_owned(), output_layout::report_file(&spec.vm_name)));
         for (staged, name) in &renames {
             // Each rename fenced on its own: on a hard NFS mount any one of them may stall past
             // the lease, and the job's new owner may be publishing by then.
@@ -505,12 +507,6 @@ impl Job<'_> {
             Err(Stop::LostLock)
         }
     }
-}
-
-/// Each generation of a job stages apart, so a new owner never meets the files of a frozen
-/// old one.
-fn staging_name(claim: &Claim) -> String {
-    format!("{}.g{}", claim.job_id(), claim.record().generation)
 }
 
 /// The staged disks with their final names, boot disk first.
@@ -596,9 +592,9 @@ fn compression_for(
 /// `V.qcow2` for the boot disk (index 0), `V-<id>.qcow2` for the others.
 fn output_name(spec: &JobSpec, index: usize) -> String {
     if index == 0 {
-        names::boot_disk_file(&spec.vm_name)
+        output_layout::boot_disk_file(&spec.vm_name)
     } else {
-        names::data_disk_file(&spec.vm_name, &spec.disks[index].id)
+        output_layout::data_disk_file(&spec.vm_name, &spec.disks[index].id)
     }
 }
 
@@ -609,7 +605,8 @@ fn staged_disk(disk: &DiskSpec) -> String {
 
 /// The published disks in OUTPUT_DIR, boot disk first.
 fn output_paths(config: &Config, spec: &JobSpec) -> Vec<PathBuf> {
-    (0..spec.disks.len()).map(|i| config.output_dir.join(output_name(spec, i))).collect()
+    let layout = config.output_layout();
+    (0..spec.disks.len()).map(|i| layout.result(&output_name(spec, i))).collect()
 }
 
 /// The domain XML for a VM whose disks are at `paths` (boot disk first).
@@ -633,9 +630,9 @@ struct TakenName {
 
 impl TakenName {
     /// The refusal of the job: the `.error`'s first line names the file and the other VM.
-    fn refusal(&self, out: &Path, claim: &Claim, vm_name: &str) -> Failure {
+    fn refusal(&self, layout: &OutputLayout, claim: &Claim, vm_name: &str) -> Failure {
         let TakenName { name, other_vm, live } = self;
-        let aside = out.join(publish::SUPERSEDED_DIR).join(claim.job_id()).join(name);
+        let aside = layout.superseded(claim.job_id()).join(name);
         let moved = std::fs::symlink_metadata(&aside).is_ok();
         failures::taken_name(name, vm_name, other_vm, *live, moved.then_some(aside.as_path()))
     }

@@ -16,6 +16,7 @@ use super::domain_xml::Acceleration;
 use super::host_caps::HostCapabilities;
 use super::pool::{self, DefaultPool, DiskFile, Placement, Pool};
 use super::{Connection, LibvirtError};
+use crate::output_layout::OutputLayout;
 
 /// What to register.
 #[derive(Debug, Clone)]
@@ -29,7 +30,7 @@ pub struct Request<'a> {
     /// How LIBVIRT_POOL is created when it is the missing `default` pool.
     pub default_pool: &'a DefaultPool,
     /// OUTPUT_DIR, where the published disks are.
-    pub output_dir: &'a Path,
+    pub output: &'a OutputLayout,
     /// LIBVIRT_AUTOSTART.
     pub autostart: bool,
     /// Unique to this run of the job; names temporary files in the pool.
@@ -86,8 +87,8 @@ pub fn register(
     let opened = Pool::open(conn, request.pool, request.default_pool)?;
     let (pool, pool_created, mut warnings) = (opened.pool, opened.created, opened.warnings);
     let existing = check_existing(conn, request)?;
-    let placement = pool::placement(pool.target(), request.output_dir, conn.is_remote());
-    let in_output: Vec<PathBuf> = request.disks.iter().map(|d| request.output_dir.join(&d.name)).collect();
+    let placement = pool::placement(pool.target(), request.output.dir(), conn.is_remote());
+    let in_output: Vec<PathBuf> = request.disks.iter().map(|d| request.output.result(&d.name)).collect();
     let (disk_paths, placed) = match &placement {
         Placement::Directory(dir) => {
             let replaceable = existing.as_ref().map(|e| e.disks.as_slice()).unwrap_or_default();
@@ -100,7 +101,7 @@ pub fn register(
             warnings.push(format!(
                 "libvirt storage pool '{}' {why}; the domain uses the disks in OUTPUT_DIR ({})",
                 pool.name(),
-                request.output_dir.display()
+                request.output.dir().display()
             ));
             (in_output, None)
         }

@@ -17,6 +17,7 @@ use super::register::{disk_sources, register, Registration, Request};
 use super::{Connection, LibvirtError};
 use crate::manifest::{Firmware, Hardware, JobSpec, NicSpec};
 use crate::names;
+use crate::output_layout::{self, OutputLayout};
 
 /// A domain the test driver's node file holds besides the pool.
 const OTHER_UUID: &str = "11111111-2222-4333-8444-555555555555";
@@ -86,9 +87,9 @@ impl TestLibvirt {
                 std::fs::write(&staged, format!("{contents} {}", disk.id)).unwrap();
                 std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(DISK_MODE)).unwrap();
                 let name = if i == 0 {
-                    names::boot_disk_file(&spec.vm_name)
+                    output_layout::boot_disk_file(&spec.vm_name)
                 } else {
-                    names::data_disk_file(&spec.vm_name, &disk.id)
+                    output_layout::data_disk_file(&spec.vm_name, &disk.id)
                 };
                 DiskFile { staged, name }
             })
@@ -154,7 +155,7 @@ fn register_in(
         uuid: &uuid,
         pool,
         default_pool: &default_pool,
-        output_dir: &lv.output,
+        output: &OutputLayout::new(&lv.output, &lv.staging),
         autostart,
         tag: "job-1.g1",
         disks,

@@ -6,10 +6,11 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::budget::Budget;
 use super::descriptor::{self, Access, Descriptor, ExtentType};
 use super::flat::FlatExtent;
 use super::header::{SparseHeader, COWD_MAGIC, SECTOR, SPARSE_MAGIC};
-use super::sparse::{Budget, SparseExtent};
+use super::sparse::SparseExtent;
 use super::{whole_file_extent, Extent, Limits, Placed, VmdkImage, MAX_VIRTUAL_BYTES};
 use crate::image::{ExtentInfo, FileSource, ImageError, ReadAt};
 use crate::source::{SourceError, SourceRoots};

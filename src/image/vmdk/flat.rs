@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use super::sparse::{push_region, Region};
+use super::regions::{push_region, Region};
 use crate::image::{push_plain_run, FileSource, ImageError, PlainRun, ReadAt};
 
 #[derive(Debug)]

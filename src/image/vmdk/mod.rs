@@ -15,12 +15,16 @@
 //! [`Limits`], and every problem is an [`ImageError`], never a panic. Layout facts:
 //! shared/FORMATS.md.
 
+mod budget;
 mod chain;
 mod check;
 mod descriptor;
+mod errors;
 mod flat;
 mod gt_cache;
 mod header;
+mod packed;
+mod regions;
 mod sparse;
 mod stream;
 
@@ -39,8 +43,10 @@ pub use stream::{read_stream_sequential, scan_stream_markers, StreamMap};
 use header::FLAG_COMPRESSED;
 
 use super::{push_plain_run, DiskSource, ExtentInfo, ImageError, PlainRun, ReadAt, SourceInfo};
+use budget::Budget;
 use flat::FlatExtent;
-use sparse::{Budget, Region, SparseExtent};
+use regions::{push_region, Region};
+use sparse::SparseExtent;
 
 /// Bounds every parser obeys; over one is [`ImageError::Limit`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,9 +223,7 @@ impl DiskSource for VmdkImage {
         let mut regions = Vec::new();
         for (p, local) in self.extents_in(range) {
             match &p.extent {
-                Extent::Zero => {
-                    sparse::push_region(&mut regions, p.start + local.start..p.start + local.end, Region::Zero)
-                }
+                Extent::Zero => push_region(&mut regions, p.start + local.start..p.start + local.end, Region::Zero),
                 Extent::Flat(f) => f.map(local, p.start, &mut regions),
                 Extent::Sparse(s) => s.map(local, p.start, &mut regions)?,
             }

@@ -19,8 +19,12 @@ use std::sync::Arc;
 
 use libdeflater::{DecompressionError, Decompressor};
 
+use super::budget::Budget;
+use super::errors::{header_error, past_end};
 use super::gt_cache::{self, GtCache, Table};
 use super::header::*;
+use super::packed::{check_packed_size, packed_bound};
+use super::regions::{push_region, Region};
 use super::{stream, Limits};
 use crate::image::{push_plain_run, ImageError, PlainRun, ReadAt};
 
@@ -46,28 +50,6 @@ pub(crate) enum Grain {
     Zero,
     /// Stored at this byte offset of the file (for compressed extents, the marker's).
     At(u64),
-}
-
-/// How a byte range of an extent reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Region {
-    Data,
-    Zero,
-    Hole,
-}
-
-/// Pushes `range` with `region`, merging with the previous run when they touch.
-pub(crate) fn push_region(out: &mut Vec<(Range<u64>, Region)>, range: Range<u64>, region: Region) {
-    if range.is_empty() {
-        return;
-    }
-    if let Some((last, r)) = out.last_mut() {
-        if *r == region && last.end == range.start {
-            last.end = range.end;
-            return;
-        }
-    }
-    out.push((range, region));
 }
 
 /// A sparse extent, opened.
@@ -134,84 +116,6 @@ struct Cursor {
 impl Cursor {
     fn new() -> Cursor {
         Cursor { index: u64::MAX, table: None }
-    }
-}
-
-/// Maps a header parse failure to an image error naming the file.
-pub(crate) fn header_error(name: &str, what: &str, e: VmdkError) -> ImageError {
-    match e {
-        VmdkError::BadVersion(v) => ImageError::Unsupported(format!(
-            "the {what} of {name} is sparse VMDK version {v}; versions 1 to 3 are supported"
-        )),
-        VmdkError::BadMagic => ImageError::Corrupt(format!("the {what} of {name} does not start with KDMV")),
-        other => ImageError::Corrupt(format!("the {what} of {name} is invalid: {other}")),
-    }
-}
-
-pub(crate) fn past_end(what: &str, name: &str, offset: u64, size: u64, len: u64) -> ImageError {
-    ImageError::Corrupt(format!(
-        "{what} of {name} points past the end of the file (offset {offset}, {size} bytes; the file is {len} bytes): the file is truncated or corrupt"
-    ))
-}
-
-/// Largest compressed grain for `grain_bytes`: structurally (zlib never grows data by half)
-/// and by the limit.
-pub(crate) fn packed_bound(grain_bytes: u64, limits: &Limits) -> u64 {
-    (grain_bytes * 2 + 4096).min(limits.max_compressed_grain_bytes)
-}
-
-/// Checks a compressed grain's size from its marker against the structure and the limit
-/// (`max_compressed_grain_bytes`).
-pub(crate) fn check_packed_size(
-    size: u64,
-    name: &str,
-    grain: u64,
-    grain_bytes: u64,
-    limit: u64,
-) -> Result<(), ImageError> {
-    let structural = grain_bytes * 2 + 4096;
-    let max = structural.min(limit);
-    if size == 0 || size > structural {
-        return Err(ImageError::Corrupt(format!(
-            "compressed grain {grain} of {name} claims {size} bytes, impossible for a {grain_bytes}-byte grain: the file is corrupt"
-        )));
-    }
-    if size > max {
-        return Err(ImageError::Limit(format!(
-            "compressed grain {grain} of {name} is {size} bytes, over the limit of {max} bytes (max_compressed_grain_bytes)"
-        )));
-    }
-    Ok(())
-}
-
-/// Memory for grain tables across a whole open (every extent and parent): the cache that
-/// tables read from the file share, and the budget of maps rebuilt from stream markers, which
-/// are held whole.
-#[derive(Debug)]
-pub(crate) struct Budget {
-    pub(crate) remaining: u64,
-    pub(crate) limit: u64,
-    pub(crate) cache: Arc<GtCache>,
-}
-
-impl Budget {
-    pub(crate) fn new(limits: &Limits) -> Budget {
-        Budget {
-            remaining: limits.max_stream_map_bytes,
-            limit: limits.max_stream_map_bytes,
-            cache: Arc::new(GtCache::new(limits.max_grain_table_bytes)),
-        }
-    }
-
-    pub(crate) fn take(&mut self, bytes: u64, name: &str) -> Result<(), ImageError> {
-        if bytes > self.remaining {
-            return Err(ImageError::Limit(format!(
-                "the grain map of {name} rebuilt from its markers (with the rest of the disk) needs more than {} bytes of memory, over the limit (max_stream_map_bytes)",
-                self.limit
-            )));
-        }
-        self.remaining -= bytes;
-        Ok(())
     }
 }
 

@@ -11,8 +11,10 @@ use std::io::Read;
 
 use libdeflater::Decompressor;
 
+use super::budget::Budget;
+use super::errors::header_error;
 use super::header::*;
-use super::sparse::{check_packed_size, header_error, Budget};
+use super::packed::check_packed_size;
 use super::Limits;
 use crate::image::{ImageError, ReadAt};
 
