@@ -12,7 +12,6 @@ use std::time::Duration;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
 use super::{Compression, ConversionRequest, ConvertError, Converter, JobControl};
-use crate::engine::pipeline::image_error;
 use crate::engine::{sequential, Auto, PipelineOptions};
 use crate::image::{ova, sniff};
 use crate::manifest::SourceFormat;
@@ -56,12 +55,17 @@ pub fn inspect_with(
 ) -> Result<serde_json::Value, ConvertError> {
     if !crate::engine::reads_natively(format) {
         let info = Auto::default().inspect(source, format, &SourceRoots::anywhere(), control)?;
-        return serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()));
+        let mut value = serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()))?;
+        // qemu-img lists no extents: the report of a format it reads has never had the key.
+        if let Some(fields) = value.as_object_mut() {
+            fields.remove("extents");
+        }
+        return Ok(value);
     }
     if format == SourceFormat::Ova {
         return inspect_ova(source);
     }
-    let info = crate::engine::inspect(source, format).map_err(image_error)?;
+    let info = crate::engine::inspect(source, format)?;
     serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()))
 }
 
@@ -69,10 +73,10 @@ fn inspect_ova(source: &Path) -> Result<serde_json::Value, ConvertError> {
     if ova::unpacked::is_ovf_descriptor(source) {
         return inspect_unpacked(source);
     }
-    let package = ova::open(source, &ova::Limits::default()).map_err(image_error)?;
+    let package = ova::open(source, &ova::Limits::default())?;
     let mut disks = Vec::new();
     for (index, disk) in package.disks.iter().enumerate() {
-        let info = crate::engine::inspect_ova_disk(source, index).map_err(image_error)?;
+        let info = crate::engine::inspect_ova_disk(source, index)?;
         disks.push(serde_json::json!({
             "disk_id": disk.disk_id,
             "href": disk.href,
@@ -96,11 +100,10 @@ fn inspect_ova(source: &Path) -> Result<serde_json::Value, ConvertError> {
 
 /// An unpacked OVF export: what [`inspect_ova`] shows of an OVA, with each disk's file.
 fn inspect_unpacked(source: &Path) -> Result<serde_json::Value, ConvertError> {
-    let package =
-        ova::unpacked::open(source, &ova::Limits::default(), &ova::unpacked::unconfined).map_err(image_error)?;
+    let package = ova::unpacked::open(source, &ova::Limits::default(), &ova::unpacked::unconfined)?;
     let mut disks = Vec::new();
     for disk in &package.disks {
-        let info = crate::engine::inspect(&disk.path, disk.source_format).map_err(image_error)?;
+        let info = crate::engine::inspect(&disk.path, disk.source_format)?;
         disks.push(serde_json::json!({
             "disk_id": disk.disk_id,
             "href": disk.href,
@@ -382,26 +385,26 @@ fn plan(source: &Path, format: SourceFormat, destination: &Path) -> Result<Vec<O
     if ova::unpacked::is_ovf_descriptor(source) {
         return plan_unpacked(source, destination);
     }
-    let package = ova::open(source, &ova::Limits::default()).map_err(image_error)?;
+    let package = ova::open(source, &ova::Limits::default())?;
     let ids: Vec<&str> = package.disks.iter().map(|d| d.disk_id.as_str()).collect();
     let outputs = name_outputs(source, destination, &ids, |index| (source.to_owned(), format, Some(index)))?;
     // After the names: hashing a large OVA takes a while, and a name taken is known at once.
     if package.manifest.is_some() {
-        ova::verify_manifest(&package).map_err(image_error)?;
+        ova::verify_manifest(&package)?;
     }
     Ok(outputs)
 }
 
 fn plan_unpacked(source: &Path, destination: &Path) -> Result<Vec<Output>, ConvertError> {
     let confine = &ova::unpacked::unconfined;
-    let package = ova::unpacked::open(source, &ova::Limits::default(), confine).map_err(image_error)?;
+    let package = ova::unpacked::open(source, &ova::Limits::default(), confine)?;
     let ids: Vec<&str> = package.disks.iter().map(|d| d.disk_id.as_str()).collect();
     let outputs = name_outputs(source, destination, &ids, |index| {
         let disk = &package.disks[index];
         (disk.path.clone(), disk.source_format, None)
     })?;
     if package.manifest.is_some() {
-        ova::unpacked::verify_manifest(&package, confine).map_err(image_error)?;
+        ova::unpacked::verify_manifest(&package, confine)?;
     }
     Ok(outputs)
 }

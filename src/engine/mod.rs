@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::convert::qemu_img::QemuImg;
-use crate::convert::{ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
+use crate::convert::{ConversionRequest, ConvertError, Converter, JobControl};
 use crate::image::raw::RawImage;
 use crate::image::{ova, vmdk, DiskSource, FileSource, ImageError, SourceInfo};
 use crate::manifest::SourceFormat;
@@ -125,9 +125,9 @@ impl Converter for Native {
         format: SourceFormat,
         roots: &SourceRoots,
         control: &JobControl,
-    ) -> Result<ImageInfo, ConvertError> {
+    ) -> Result<SourceInfo, ConvertError> {
         control.check()?;
-        Ok(inspect_confined(source, format, roots).map_err(pipeline::image_error)?.into())
+        Ok(inspect_confined(source, format, roots)?)
     }
 
     fn convert(&self, request: &ConversionRequest<'_>, control: &JobControl) -> Result<(), ConvertError> {
@@ -135,7 +135,7 @@ impl Converter for Native {
             (SourceFormat::Ova, Some(index)) => open_ova_disk(request.source, index),
             (format, _) => open_confined(request.source, format, request.roots),
         };
-        let (source, info) = opened.map_err(pipeline::image_error)?;
+        let (source, info) = opened?;
         request.check_unchanged(&info.referenced_files)?;
         let options = PipelineOptions { compression: request.compression, ..self.options };
         pipeline::run(source.as_ref(), request.destination, options, control)?;
@@ -175,7 +175,7 @@ impl Converter for Auto {
         format: SourceFormat,
         roots: &SourceRoots,
         control: &JobControl,
-    ) -> Result<ImageInfo, ConvertError> {
+    ) -> Result<SourceInfo, ConvertError> {
         self.pick(format).inspect(source, format, roots, control)
     }
 
