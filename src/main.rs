@@ -238,9 +238,7 @@ fn main() -> ExitCode {
             if let Some(signal) = oneshot::interrupted() {
                 // Now that the partial files are gone, end as the signal would have, so
                 // that a shell or script sees an interruption and not a failure.
-                unsafe {
-                    libc::raise(signal);
-                }
+                let _ = signal_hook::low_level::raise(signal);
             }
             ExitCode::FAILURE
         }

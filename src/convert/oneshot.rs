@@ -5,11 +5,12 @@ use std::io::{ErrorKind, IsTerminal, Read};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::signal::Signal;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use super::{Compression, ConversionRequest, ConvertError, Converter, JobControl};
 use crate::engine::{sequential, Auto, PipelineOptions};
@@ -582,13 +583,56 @@ fn link_new(temp: &Path, path: &Path) -> std::io::Result<()> {
 /// The first signal that asked a conversion to stop; 0 for none.
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn note_signal(signal: libc::c_int) {
-    // Only an atomic store: anything else is unsafe in a signal handler.
-    let _ = SIGNAL.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+/// The signals that cancel a conversion instead of killing the process.
+const STOP_SIGNALS: [libc::c_int; 3] = [SIGINT, SIGTERM, SIGHUP];
+
+/// How many [`Interrupt`] guards are alive (the worker's, and a conversion's inside it).
+static GUARDS: AtomicUsize = AtomicUsize::new(0);
+
+/// The handlers, registered once per process and never removed (signal-hook cannot put a
+/// disposition back); `disarmed` tells them to act as the signal's default instead.
+struct Handlers {
+    disarmed: Arc<AtomicBool>,
 }
 
-/// The signal that interrupted [`convert`], if one did. Once `convert` has returned, the
-/// signal's previous disposition is back: raising it again ends the process as the signal
+fn handlers() -> &'static Handlers {
+    static HANDLERS: OnceLock<Handlers> = OnceLock::new();
+    HANDLERS.get_or_init(|| {
+        let disarmed = Arc::new(AtomicBool::new(true));
+        let ignored = ignored_signals();
+        for sig in STOP_SIGNALS.into_iter().filter(|sig| !ignored.contains(sig)) {
+            let off = Arc::clone(&disarmed);
+            // SAFETY: the action only loads and stores atomics, which is async-signal-safe.
+            let noted = unsafe {
+                signal_hook::low_level::register(sig, move || {
+                    if !off.load(Ordering::SeqCst) {
+                        let _ = SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+                    }
+                })
+            };
+            // Registered second, so it runs after the signal was noted.
+            if noted.is_ok() {
+                let _ = signal_hook::flag::register_conditional_default(sig, Arc::clone(&disarmed));
+            }
+        }
+        Handlers { disarmed }
+    })
+}
+
+/// The signals ignored when the process started (`nohup` ignores SIGHUP), from the `SigIgn`
+/// mask of `/proc/self/status`: they stay ignored. None when the mask cannot be read.
+fn ignored_signals() -> Vec<libc::c_int> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let mask = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    STOP_SIGNALS.into_iter().filter(|&sig| mask & (1u64 << (sig - 1)) != 0).collect()
+}
+
+/// The signal that interrupted [`convert`], if one did. Once the last [`Interrupt`] is
+/// dropped, the signal acts as its default again: raising it ends the process as the signal
 /// would have, for the shell to see.
 pub fn interrupted() -> Option<i32> {
     match SIGNAL.load(Ordering::SeqCst) {
@@ -598,29 +642,20 @@ pub fn interrupted() -> Option<i32> {
 }
 
 /// While alive, SIGINT, SIGTERM and SIGHUP cancel the conversion instead of killing the
-/// process, so that its temporary files are removed. A signal ignored before (`nohup`) stays
-/// ignored.
+/// process, so that its temporary files are removed. A signal ignored when the process
+/// started (`nohup`) stays ignored.
 pub struct Interrupt {
-    previous: Vec<(Signal, SigAction)>,
+    _private: (),
 }
 
 impl Interrupt {
     /// Catches the signals until dropped; [`interrupted`] tells whether one came.
     pub fn install() -> Interrupt {
-        let action = SigAction::new(SigHandler::Handler(note_signal), SaFlags::SA_RESTART, SigSet::empty());
-        let mut previous = Vec::new();
-        for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-            // SAFETY: the handler only stores into an atomic.
-            match unsafe { signal::sigaction(sig, &action) } {
-                Ok(old) if old.handler() == SigHandler::SigIgn => {
-                    // SAFETY: puts back the disposition found.
-                    let _ = unsafe { signal::sigaction(sig, &old) };
-                }
-                Ok(old) => previous.push((sig, old)),
-                Err(_) => {}
-            }
+        let handlers = handlers();
+        if GUARDS.fetch_add(1, Ordering::SeqCst) == 0 {
+            handlers.disarmed.store(false, Ordering::SeqCst);
         }
-        Interrupt { previous }
+        Interrupt { _private: () }
     }
 
     fn check(&self) -> Result<(), ConvertError> {
@@ -633,9 +668,8 @@ impl Interrupt {
 
 impl Drop for Interrupt {
     fn drop(&mut self) {
-        for (sig, old) in &self.previous {
-            // SAFETY: puts back the disposition found at install.
-            let _ = unsafe { signal::sigaction(*sig, old) };
+        if GUARDS.fetch_sub(1, Ordering::SeqCst) == 1 {
+            handlers().disarmed.store(true, Ordering::SeqCst);
         }
     }
 }
