@@ -2,9 +2,11 @@
 //!
 //! Converters are synchronous and run on a blocking thread: a conversion is long, CPU- and
 //! I/O-bound work, and the daemon's async loop only needs to start it, watch its [`JobControl`]
-//! and collect the result. [`crate::engine`] converts VMDK, OVA and raw natively; [`qemu_img`]
+//! and collect the result. [`native`] converts VMDK, OVA and raw natively; [`qemu_img`]
 //! drives `qemu-img` for the formats read nowhere else (vhd, vhdx, vdi, qcow2 input).
 
+pub mod auto;
+pub mod native;
 pub mod oneshot;
 pub mod qemu_img;
 

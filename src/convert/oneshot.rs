@@ -12,8 +12,9 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+use super::auto::Auto;
+use super::native::{self, sequential, PipelineOptions};
 use super::{Compression, ConversionRequest, ConvertError, Converter, JobControl};
-use crate::engine::{sequential, Auto, PipelineOptions};
 use crate::image::{ova, sniff};
 use crate::manifest::SourceFormat;
 use crate::source::SourceRoots;
@@ -54,7 +55,7 @@ pub fn inspect_with(
     format: SourceFormat,
     control: &JobControl,
 ) -> Result<serde_json::Value, ConvertError> {
-    if !crate::engine::reads_natively(format) {
+    if !native::reads_natively(format) {
         let info = Auto::default().inspect(source, format, &SourceRoots::anywhere(), control)?;
         let mut value = serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()))?;
         // qemu-img lists no extents: the report of a format it reads has never had the key.
@@ -66,7 +67,7 @@ pub fn inspect_with(
     if format == SourceFormat::Ova {
         return inspect_ova(source);
     }
-    let info = crate::engine::inspect(source, format)?;
+    let info = native::inspect(source, format)?;
     serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()))
 }
 
@@ -77,7 +78,7 @@ fn inspect_ova(source: &Path) -> Result<serde_json::Value, ConvertError> {
     let package = ova::open(source, &ova::Limits::default())?;
     let mut disks = Vec::new();
     for (index, disk) in package.disks.iter().enumerate() {
-        let info = crate::engine::inspect_ova_disk(source, index)?;
+        let info = native::inspect_ova_disk(source, index)?;
         disks.push(serde_json::json!({
             "disk_id": disk.disk_id,
             "href": disk.href,
@@ -104,7 +105,7 @@ fn inspect_unpacked(source: &Path) -> Result<serde_json::Value, ConvertError> {
     let package = ova::unpacked::open(source, &ova::Limits::default(), &ova::unpacked::unconfined)?;
     let mut disks = Vec::new();
     for disk in &package.disks {
-        let info = crate::engine::inspect(&disk.path, disk.source_format)?;
+        let info = native::inspect(&disk.path, disk.source_format)?;
         disks.push(serde_json::json!({
             "disk_id": disk.disk_id,
             "href": disk.href,
@@ -244,7 +245,7 @@ pub fn is_stream(source: &Path) -> bool {
 }
 
 /// [`convert`] for a source that cannot seek (see [`is_stream`]): a stream-optimized VMDK
-/// read in one pass ([`crate::engine::sequential`]); every other format is refused before
+/// read in one pass ([`super::native::sequential`]); every other format is refused before
 /// anything is written. Without `format`, the first bytes tell. The result is published as
 /// [`convert`] publishes it.
 pub fn convert_stream(
@@ -459,7 +460,7 @@ fn convert_one(
     control: &JobControl,
 ) -> Result<(), ConvertError> {
     control.progress.start_disk(0);
-    if !crate::engine::reads_natively(request.format) {
+    if !native::reads_natively(request.format) {
         // The native engine sets the total itself; qemu-img only reports percentages.
         let info = converter.inspect(request.source, request.format, request.roots, control)?;
         control.progress.total_bytes.store(info.virtual_size, Ordering::Relaxed);

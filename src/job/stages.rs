@@ -546,7 +546,7 @@ fn fill_hardware(spec: &mut JobSpec, hardware: &ova::OvfHardware) {
 }
 
 fn inspect_ova_disk(path: &Path, index: usize) -> Result<SourceInfo, ConvertError> {
-    let info = crate::engine::inspect_ova_disk(path, index)?;
+    let info = crate::convert::native::inspect_ova_disk(path, index)?;
     // The members are read in place: nothing outside the OVA, already confined, is opened.
     Ok(SourceInfo { format: "vmdk".into(), referenced_files: Vec::new(), ..info })
 }

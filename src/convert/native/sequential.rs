@@ -11,8 +11,8 @@ use std::io::{Cursor, Read};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
+use super::pipeline::{is_zero, PipelineOptions, CLUSTER_BITS};
 use crate::convert::{Compression, ConvertError, JobControl};
-use crate::engine::pipeline::{is_zero, PipelineOptions, CLUSTER_BITS};
 use crate::image::qcow2::{compress, Qcow2Writer, WriteStats, WriterOptions};
 use crate::image::vmdk::{self, SparseHeader, COWD_MAGIC, SPARSE_MAGIC};
 use crate::image::ImageError;
