@@ -6,6 +6,7 @@
 //! drives `qemu-img` for the formats read nowhere else (vhd, vhdx, vdi, qcow2 input).
 
 pub mod auto;
+pub mod fields;
 pub mod native;
 pub mod oneshot;
 pub mod qemu_img;
