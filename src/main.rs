@@ -270,12 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 level,
             });
-            let written = if oneshot::is_stream(&source) {
-                oneshot::convert_stream(&source, format, &output, compression)?
-            } else {
-                let format = format.unwrap_or_else(|| oneshot::guess_format(&source));
-                oneshot::convert(&source, format, &output, compression)?
-            };
+            let written = oneshot::convert_any(&source, format, &output, compression)?;
             // Only names the user did not choose are worth printing.
             if written.len() > 1 {
                 for path in written {

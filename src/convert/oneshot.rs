@@ -244,6 +244,21 @@ pub fn is_stream(source: &Path) -> bool {
     })
 }
 
+/// `hyper2kvm convert`: [`convert_stream`] for a source that cannot seek, else [`convert`]
+/// with `format`, or the one [`guess_format`] finds.
+pub fn convert_any(
+    source: &Path,
+    format: Option<SourceFormat>,
+    destination: &Path,
+    compression: Option<Compression>,
+) -> Result<Vec<PathBuf>, ConvertError> {
+    if is_stream(source) {
+        return convert_stream(source, format, destination, compression);
+    }
+    let format = format.unwrap_or_else(|| guess_format(source));
+    convert(source, format, destination, compression)
+}
+
 /// [`convert`] for a source that cannot seek (see [`is_stream`]): a stream-optimized VMDK
 /// read in one pass ([`super::native::sequential`]); every other format is refused before
 /// anything is written. Without `format`, the first bytes tell. The result is published as
