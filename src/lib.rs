@@ -10,7 +10,6 @@ pub mod checksum;
 pub mod config;
 pub mod convert;
 pub mod daemon;
-pub mod engine;
 pub mod events;
 pub mod guest;
 pub mod host;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use hyper2kvm::config::{self, CompressionType, Config, Overrides};
-use hyper2kvm::convert::{oneshot, Compression};
+use hyper2kvm::convert::{fields, oneshot, Compression};
 use hyper2kvm::logging::{self, LogFormat};
 use hyper2kvm::manifest::SourceFormat;
 use hyper2kvm::{capabilities, daemon, events, status, submit, worker};
@@ -238,9 +238,7 @@ fn main() -> ExitCode {
             if let Some(signal) = oneshot::interrupted() {
                 // Now that the partial files are gone, end as the signal would have, so
                 // that a shell or script sees an interruption and not a failure.
-                unsafe {
-                    libc::raise(signal);
-                }
+                let _ = signal_hook::low_level::raise(signal);
             }
             ExitCode::FAILURE
         }
@@ -272,12 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 level,
             });
-            let written = if oneshot::is_stream(&source) {
-                oneshot::convert_stream(&source, format, &output, compression)?
-            } else {
-                let format = format.unwrap_or_else(|| oneshot::guess_format(&source));
-                oneshot::convert(&source, format, &output, compression)?
-            };
+            let written = oneshot::convert_any(&source, format, &output, compression)?;
             // Only names the user did not choose are worth printing.
             if written.len() > 1 {
                 for path in written {
@@ -292,7 +285,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
-                print_fields(&serde_json::to_value(&info)?, "");
+                print!("{}", fields::render(&serde_json::to_value(&info)?));
             }
             Ok(())
         }
@@ -307,7 +300,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
-                print_fields(&info, "");
+                print!("{}", fields::render(&info));
             }
             Ok(())
         }
@@ -417,91 +410,4 @@ fn load_config(config_dir: &Option<PathBuf>, log_level: Option<String>, args: &C
     }
     let overrides = Overrides { config_dir: config_dir.clone(), flags };
     Ok(Config::load(&overrides, &config::ProcessEnv)?)
-}
-
-/// Keys shown first, in this order, by the human form of `inspect`; the others follow
-/// alphabetically.
-const FIRST_KEYS: &[&str] = &[
-    "format",
-    "subformat",
-    "virtual_size",
-    "allocated_bytes",
-    "disk",
-    "type",
-    "access",
-    "file",
-    "sectors",
-    "bytes",
-    "virtual_offset",
-    "file_offset",
-    "ovf",
-    "hardware",
-    "disks",
-    "disk_id",
-    "href",
-    "capacity_bytes",
-    "extents",
-    "chain",
-    "referenced_files",
-];
-
-/// Prints a JSON description as indented `key: value` lines: the main facts first, sizes
-/// also in binary units, empty lists as `none`.
-fn print_fields(value: &serde_json::Value, indent: &str) {
-    match value {
-        serde_json::Value::Object(map) => {
-            let rank = |key: &str| FIRST_KEYS.iter().position(|k| *k == key).unwrap_or(FIRST_KEYS.len());
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort_by_key(|k| (rank(k), k.as_str()));
-            for key in keys {
-                let v = &map[key];
-                match v {
-                    serde_json::Value::Null => {}
-                    serde_json::Value::Array(a) if a.is_empty() => println!("{indent}{key}: none"),
-                    serde_json::Value::Object(o) if o.is_empty() => println!("{indent}{key}: none"),
-                    serde_json::Value::Array(_) | serde_json::Value::Object(_) => {
-                        println!("{indent}{key}:");
-                        print_fields(v, &format!("{indent}  "));
-                    }
-                    serde_json::Value::Number(n) if is_size(key) && n.as_u64().is_some_and(|n| n >= 1024) => {
-                        println!("{indent}{key}: {n} ({})", binary_size(n.as_u64().unwrap_or_default()));
-                    }
-                    _ => println!("{indent}{key}: {}", scalar(v)),
-                }
-            }
-        }
-        serde_json::Value::Array(items) => {
-            for (i, item) in items.iter().enumerate() {
-                if item.is_object() || item.is_array() {
-                    println!("{indent}- [{i}]");
-                    print_fields(item, &format!("{indent}  "));
-                } else {
-                    println!("{indent}- {}", scalar(item));
-                }
-            }
-        }
-        other => println!("{indent}{}", scalar(other)),
-    }
-}
-
-fn scalar(v: &serde_json::Value) -> String {
-    v.as_str().map_or_else(|| v.to_string(), str::to_owned)
-}
-
-fn is_size(key: &str) -> bool {
-    key == "virtual_size" || key == "bytes" || key.ends_with("_bytes")
-}
-
-/// `1.5 GiB`: two decimals at most, trailing zeros dropped.
-fn binary_size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    let text = format!("{value:.2}");
-    let text = text.trim_end_matches('0').trim_end_matches('.');
-    format!("{text} {}", UNITS[unit])
 }

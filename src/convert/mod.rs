@@ -2,9 +2,12 @@
 //!
 //! Converters are synchronous and run on a blocking thread: a conversion is long, CPU- and
 //! I/O-bound work, and the daemon's async loop only needs to start it, watch its [`JobControl`]
-//! and collect the result. [`crate::engine`] converts VMDK, OVA and raw natively; [`qemu_img`]
+//! and collect the result. [`native`] converts VMDK, OVA and raw natively; [`qemu_img`]
 //! drives `qemu-img` for the formats read nowhere else (vhd, vhdx, vdi, qcow2 input).
 
+pub mod auto;
+pub mod fields;
+pub mod native;
 pub mod oneshot;
 pub mod qemu_img;
 
@@ -16,6 +19,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::config::CompressionType;
+use crate::image::{ImageError, SourceInfo};
 use crate::manifest::SourceFormat;
 use crate::source::SourceRoots;
 
@@ -57,39 +61,6 @@ impl ConversionRequest<'_> {
                 "it now refers to {}, which it did not when it was inspected (the export changed during the job); submit the manifest again once the export is complete",
                 new.display()
             ))),
-        }
-    }
-}
-
-/// What a source image is, as far as the job needs to know before converting it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ImageInfo {
-    /// Format as detected (`vmdk`, `raw`, …).
-    pub format: String,
-    /// VMDK subformat (`monolithicSparse`, `streamOptimized`, …) when known.
-    pub subformat: Option<String>,
-    pub virtual_size: u64,
-    /// Every other file reading this image would open: extents, parents, backing files.
-    /// The job confines these to SOURCE_ROOTS before converting.
-    pub referenced_files: Vec<PathBuf>,
-    /// Bytes of the virtual disk that hold data, when the reader knows.
-    pub allocated_bytes: Option<u64>,
-    /// The delta chain below the image, child first (parents, backing files).
-    pub chain: Vec<PathBuf>,
-    /// A VMDK descriptor's `ddb.*` keys (VMware's adapter type, tools version, UUID …).
-    pub ddb: std::collections::BTreeMap<String, String>,
-}
-
-impl From<crate::image::SourceInfo> for ImageInfo {
-    fn from(info: crate::image::SourceInfo) -> ImageInfo {
-        ImageInfo {
-            format: info.format,
-            subformat: info.subformat,
-            virtual_size: info.virtual_size,
-            referenced_files: info.referenced_files,
-            allocated_bytes: info.allocated_bytes,
-            chain: info.chain,
-            ddb: info.ddb,
         }
     }
 }
@@ -223,6 +194,24 @@ pub enum ConvertError {
     Io(#[from] std::io::Error),
 }
 
+/// The conversion error a job reports for an image reader's or writer's error: a full
+/// output filesystem is told apart from other I/O failures, and a refused file keeps its
+/// SOURCE_ROOTS reason.
+impl From<ImageError> for ConvertError {
+    fn from(e: ImageError) -> ConvertError {
+        match e {
+            ImageError::Corrupt(m) | ImageError::Limit(m) => ConvertError::Corrupt(m),
+            ImageError::Unsupported(m) => ConvertError::Unsupported(m),
+            e @ ImageError::Internal(_) => ConvertError::Failed(e.to_string()),
+            ImageError::Source(e) => ConvertError::Source(e),
+            ImageError::Io { path, source } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                ConvertError::NoSpace(format!("{}: {source}", path.display()))
+            }
+            ImageError::Io { path, source } => ConvertError::Failed(format!("{}: {source}", path.display())),
+        }
+    }
+}
+
 /// Reads a source disk and writes a qcow2.
 pub trait Converter: Send + Sync {
     /// A short name for reports (`qemu-img`, `native`).
@@ -242,7 +231,7 @@ pub trait Converter: Send + Sync {
         format: SourceFormat,
         roots: &SourceRoots,
         control: &JobControl,
-    ) -> Result<ImageInfo, ConvertError>;
+    ) -> Result<SourceInfo, ConvertError>;
 
     /// Converts `request.source` into a new qcow2 at `request.destination`, honouring
     /// `control`'s deadline and cancellation and advancing its progress.

@@ -5,15 +5,16 @@ use std::io::{ErrorKind, IsTerminal, Read};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::signal::Signal;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+use super::auto::Auto;
+use super::native::{self, sequential, PipelineOptions};
 use super::{Compression, ConversionRequest, ConvertError, Converter, JobControl};
-use crate::engine::pipeline::image_error;
-use crate::engine::{sequential, Auto, PipelineOptions};
 use crate::image::{ova, sniff};
 use crate::manifest::SourceFormat;
 use crate::source::SourceRoots;
@@ -54,14 +55,19 @@ pub fn inspect_with(
     format: SourceFormat,
     control: &JobControl,
 ) -> Result<serde_json::Value, ConvertError> {
-    if !crate::engine::reads_natively(format) {
+    if !native::reads_natively(format) {
         let info = Auto::default().inspect(source, format, &SourceRoots::anywhere(), control)?;
-        return serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()));
+        let mut value = serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()))?;
+        // qemu-img lists no extents: the report of a format it reads has never had the key.
+        if let Some(fields) = value.as_object_mut() {
+            fields.remove("extents");
+        }
+        return Ok(value);
     }
     if format == SourceFormat::Ova {
         return inspect_ova(source);
     }
-    let info = crate::engine::inspect(source, format).map_err(image_error)?;
+    let info = native::inspect(source, format)?;
     serde_json::to_value(info).map_err(|e| ConvertError::Failed(e.to_string()))
 }
 
@@ -69,10 +75,10 @@ fn inspect_ova(source: &Path) -> Result<serde_json::Value, ConvertError> {
     if ova::unpacked::is_ovf_descriptor(source) {
         return inspect_unpacked(source);
     }
-    let package = ova::open(source, &ova::Limits::default()).map_err(image_error)?;
+    let package = ova::open(source, &ova::Limits::default())?;
     let mut disks = Vec::new();
     for (index, disk) in package.disks.iter().enumerate() {
-        let info = crate::engine::inspect_ova_disk(source, index).map_err(image_error)?;
+        let info = native::inspect_ova_disk(source, index)?;
         disks.push(serde_json::json!({
             "disk_id": disk.disk_id,
             "href": disk.href,
@@ -96,11 +102,10 @@ fn inspect_ova(source: &Path) -> Result<serde_json::Value, ConvertError> {
 
 /// An unpacked OVF export: what [`inspect_ova`] shows of an OVA, with each disk's file.
 fn inspect_unpacked(source: &Path) -> Result<serde_json::Value, ConvertError> {
-    let package =
-        ova::unpacked::open(source, &ova::Limits::default(), &ova::unpacked::unconfined).map_err(image_error)?;
+    let package = ova::unpacked::open(source, &ova::Limits::default(), &ova::unpacked::unconfined)?;
     let mut disks = Vec::new();
     for disk in &package.disks {
-        let info = crate::engine::inspect(&disk.path, disk.source_format).map_err(image_error)?;
+        let info = native::inspect(&disk.path, disk.source_format)?;
         disks.push(serde_json::json!({
             "disk_id": disk.disk_id,
             "href": disk.href,
@@ -239,8 +244,23 @@ pub fn is_stream(source: &Path) -> bool {
     })
 }
 
+/// `hyper2kvm convert`: [`convert_stream`] for a source that cannot seek, else [`convert`]
+/// with `format`, or the one [`guess_format`] finds.
+pub fn convert_any(
+    source: &Path,
+    format: Option<SourceFormat>,
+    destination: &Path,
+    compression: Option<Compression>,
+) -> Result<Vec<PathBuf>, ConvertError> {
+    if is_stream(source) {
+        return convert_stream(source, format, destination, compression);
+    }
+    let format = format.unwrap_or_else(|| guess_format(source));
+    convert(source, format, destination, compression)
+}
+
 /// [`convert`] for a source that cannot seek (see [`is_stream`]): a stream-optimized VMDK
-/// read in one pass ([`crate::engine::sequential`]); every other format is refused before
+/// read in one pass ([`super::native::sequential`]); every other format is refused before
 /// anything is written. Without `format`, the first bytes tell. The result is published as
 /// [`convert`] publishes it.
 pub fn convert_stream(
@@ -382,26 +402,26 @@ fn plan(source: &Path, format: SourceFormat, destination: &Path) -> Result<Vec<O
     if ova::unpacked::is_ovf_descriptor(source) {
         return plan_unpacked(source, destination);
     }
-    let package = ova::open(source, &ova::Limits::default()).map_err(image_error)?;
+    let package = ova::open(source, &ova::Limits::default())?;
     let ids: Vec<&str> = package.disks.iter().map(|d| d.disk_id.as_str()).collect();
     let outputs = name_outputs(source, destination, &ids, |index| (source.to_owned(), format, Some(index)))?;
     // After the names: hashing a large OVA takes a while, and a name taken is known at once.
     if package.manifest.is_some() {
-        ova::verify_manifest(&package).map_err(image_error)?;
+        ova::verify_manifest(&package)?;
     }
     Ok(outputs)
 }
 
 fn plan_unpacked(source: &Path, destination: &Path) -> Result<Vec<Output>, ConvertError> {
     let confine = &ova::unpacked::unconfined;
-    let package = ova::unpacked::open(source, &ova::Limits::default(), confine).map_err(image_error)?;
+    let package = ova::unpacked::open(source, &ova::Limits::default(), confine)?;
     let ids: Vec<&str> = package.disks.iter().map(|d| d.disk_id.as_str()).collect();
     let outputs = name_outputs(source, destination, &ids, |index| {
         let disk = &package.disks[index];
         (disk.path.clone(), disk.source_format, None)
     })?;
     if package.manifest.is_some() {
-        ova::unpacked::verify_manifest(&package, confine).map_err(image_error)?;
+        ova::unpacked::verify_manifest(&package, confine)?;
     }
     Ok(outputs)
 }
@@ -455,7 +475,7 @@ fn convert_one(
     control: &JobControl,
 ) -> Result<(), ConvertError> {
     control.progress.start_disk(0);
-    if !crate::engine::reads_natively(request.format) {
+    if !native::reads_natively(request.format) {
         // The native engine sets the total itself; qemu-img only reports percentages.
         let info = converter.inspect(request.source, request.format, request.roots, control)?;
         control.progress.total_bytes.store(info.virtual_size, Ordering::Relaxed);
@@ -579,13 +599,56 @@ fn link_new(temp: &Path, path: &Path) -> std::io::Result<()> {
 /// The first signal that asked a conversion to stop; 0 for none.
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn note_signal(signal: libc::c_int) {
-    // Only an atomic store: anything else is unsafe in a signal handler.
-    let _ = SIGNAL.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+/// The signals that cancel a conversion instead of killing the process.
+const STOP_SIGNALS: [libc::c_int; 3] = [SIGINT, SIGTERM, SIGHUP];
+
+/// How many [`Interrupt`] guards are alive (the worker's, and a conversion's inside it).
+static GUARDS: AtomicUsize = AtomicUsize::new(0);
+
+/// The handlers, registered once per process and never removed (signal-hook cannot put a
+/// disposition back); `disarmed` tells them to act as the signal's default instead.
+struct Handlers {
+    disarmed: Arc<AtomicBool>,
 }
 
-/// The signal that interrupted [`convert`], if one did. Once `convert` has returned, the
-/// signal's previous disposition is back: raising it again ends the process as the signal
+fn handlers() -> &'static Handlers {
+    static HANDLERS: OnceLock<Handlers> = OnceLock::new();
+    HANDLERS.get_or_init(|| {
+        let disarmed = Arc::new(AtomicBool::new(true));
+        let ignored = ignored_signals();
+        for sig in STOP_SIGNALS.into_iter().filter(|sig| !ignored.contains(sig)) {
+            let off = Arc::clone(&disarmed);
+            // SAFETY: the action only loads and stores atomics, which is async-signal-safe.
+            let noted = unsafe {
+                signal_hook::low_level::register(sig, move || {
+                    if !off.load(Ordering::SeqCst) {
+                        let _ = SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+                    }
+                })
+            };
+            // Registered second, so it runs after the signal was noted.
+            if noted.is_ok() {
+                let _ = signal_hook::flag::register_conditional_default(sig, Arc::clone(&disarmed));
+            }
+        }
+        Handlers { disarmed }
+    })
+}
+
+/// The signals ignored when the process started (`nohup` ignores SIGHUP), from the `SigIgn`
+/// mask of `/proc/self/status`: they stay ignored. None when the mask cannot be read.
+fn ignored_signals() -> Vec<libc::c_int> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let mask = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    STOP_SIGNALS.into_iter().filter(|&sig| mask & (1u64 << (sig - 1)) != 0).collect()
+}
+
+/// The signal that interrupted [`convert`], if one did. Once the last [`Interrupt`] is
+/// dropped, the signal acts as its default again: raising it ends the process as the signal
 /// would have, for the shell to see.
 pub fn interrupted() -> Option<i32> {
     match SIGNAL.load(Ordering::SeqCst) {
@@ -595,29 +658,20 @@ pub fn interrupted() -> Option<i32> {
 }
 
 /// While alive, SIGINT, SIGTERM and SIGHUP cancel the conversion instead of killing the
-/// process, so that its temporary files are removed. A signal ignored before (`nohup`) stays
-/// ignored.
+/// process, so that its temporary files are removed. A signal ignored when the process
+/// started (`nohup`) stays ignored.
 pub struct Interrupt {
-    previous: Vec<(Signal, SigAction)>,
+    _private: (),
 }
 
 impl Interrupt {
     /// Catches the signals until dropped; [`interrupted`] tells whether one came.
     pub fn install() -> Interrupt {
-        let action = SigAction::new(SigHandler::Handler(note_signal), SaFlags::SA_RESTART, SigSet::empty());
-        let mut previous = Vec::new();
-        for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-            // SAFETY: the handler only stores into an atomic.
-            match unsafe { signal::sigaction(sig, &action) } {
-                Ok(old) if old.handler() == SigHandler::SigIgn => {
-                    // SAFETY: puts back the disposition found.
-                    let _ = unsafe { signal::sigaction(sig, &old) };
-                }
-                Ok(old) => previous.push((sig, old)),
-                Err(_) => {}
-            }
+        let handlers = handlers();
+        if GUARDS.fetch_add(1, Ordering::SeqCst) == 0 {
+            handlers.disarmed.store(false, Ordering::SeqCst);
         }
-        Interrupt { previous }
+        Interrupt { _private: () }
     }
 
     fn check(&self) -> Result<(), ConvertError> {
@@ -630,9 +684,8 @@ impl Interrupt {
 
 impl Drop for Interrupt {
     fn drop(&mut self) {
-        for (sig, old) in &self.previous {
-            // SAFETY: puts back the disposition found at install.
-            let _ = unsafe { signal::sigaction(*sig, old) };
+        if GUARDS.fetch_sub(1, Ordering::SeqCst) == 1 {
+            handlers().disarmed.store(true, Ordering::SeqCst);
         }
     }
 }

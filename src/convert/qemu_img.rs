@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
+use super::{ConversionRequest, ConvertError, Converter, JobControl};
 use crate::config::CompressionType;
+use crate::image::SourceInfo;
 use crate::manifest::SourceFormat;
 use crate::source::{Confined, SourceRoots};
 
@@ -85,7 +86,7 @@ impl Converter for QemuImg {
         format: SourceFormat,
         roots: &SourceRoots,
         control: &JobControl,
-    ) -> Result<ImageInfo, ConvertError> {
+    ) -> Result<SourceInfo, ConvertError> {
         Ok(self.walk(source, format, roots, control)?.info())
     }
 
@@ -247,19 +248,19 @@ struct Chain {
 
 impl Chain {
     /// Format, size and every file besides the top one.
-    fn info(&self) -> ImageInfo {
+    fn info(&self) -> SourceInfo {
         let top = &self.layers[0].info;
         let backing: Vec<PathBuf> = self.layers.iter().skip(1).map(|l| l.path.clone()).collect();
         let mut referenced = backing.clone();
         referenced.extend(self.layers.iter().filter_map(|l| l.data_file.as_ref().map(|(name, _)| name.clone())));
-        ImageInfo {
+        SourceInfo {
             format: top.format.clone(),
             subformat: top.subformat.clone(),
             virtual_size: top.virtual_size,
             referenced_files: referenced,
             allocated_bytes: None,
             chain: backing,
-            ddb: Default::default(),
+            ..SourceInfo::default()
         }
     }
 

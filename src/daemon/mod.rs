@@ -32,8 +32,8 @@ pub use shutdown::{signals, CANCEL_GRACE, RELEASE_LIMIT, RUNTIME_GRACE};
 use supervisor::JobSupervisor;
 
 use crate::config::Config;
+use crate::convert::auto::Auto;
 use crate::convert::JobControl;
-use crate::engine::Auto;
 use crate::host::Identity;
 use crate::job::{self, JobContext, JobEnd};
 use crate::libvirt;

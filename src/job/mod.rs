@@ -361,7 +361,7 @@ fn published_as(ctx: &JobContext, claim: &Claim, vm_name: &str) -> bool {
 /// retaken after every lease, and the same manifest would hit the same bug for ever.
 fn isolated<T>(work: impl FnOnce() -> Result<T, Stop>) -> Result<T, Stop> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
-        let message = crate::engine::pipeline::panic_message(panic.as_ref());
+        let message = crate::convert::native::pipeline::panic_message(panic.as_ref());
         Err(Stop::Failed(failures::internal(&message)))
     })
 }

@@ -19,9 +19,9 @@ use super::failures::{self, convert_failure, reference_failure, source_failure};
 use super::{Failure, Job, Stage, Stop};
 use crate::checksum;
 use crate::config::{Config, DEFAULT_COMPRESS_LEVEL};
-use crate::convert::{Compression, ConversionRequest, ConvertError, Converter, ImageInfo};
+use crate::convert::{Compression, ConversionRequest, ConvertError, Converter};
 use crate::image::vmdk;
-use crate::image::{ova, ImageError};
+use crate::image::{ova, ImageError, SourceInfo};
 use crate::libvirt::domain_xml::{self, Acceleration, DomainDisk, NetworkAttachment};
 use crate::libvirt::pool::{DefaultPool, DiskFile, DISK_MODE};
 use crate::libvirt::register::{self, Registration, Request};
@@ -541,17 +541,17 @@ fn fill_hardware(spec: &mut JobSpec, hardware: &ova::OvfHardware) {
     }
 }
 
-fn inspect_ova_disk(path: &Path, index: usize) -> Result<ImageInfo, ConvertError> {
-    let info = crate::engine::inspect_ova_disk(path, index).map_err(crate::engine::pipeline::image_error)?;
+fn inspect_ova_disk(path: &Path, index: usize) -> Result<SourceInfo, ConvertError> {
+    let info = crate::convert::native::inspect_ova_disk(path, index)?;
     // The members are read in place: nothing outside the OVA, already confined, is opened.
-    Ok(ImageInfo { format: "vmdk".into(), referenced_files: Vec::new(), ..info.into() })
+    Ok(SourceInfo { format: "vmdk".into(), referenced_files: Vec::new(), ..info })
 }
 
 /// A disk whose source passed every check.
 struct PreparedSource<'a> {
     disk: &'a DiskSpec,
     path: PathBuf,
-    info: ImageInfo,
+    info: SourceInfo,
     verified: bool,
 }
 

@@ -1352,7 +1352,7 @@ fn grains_of_8_sectors_or_fewer_are_refused() {
 /// itself where qemu-img reads it, else a raw file of what it holds. The read path stores
 /// exactly `data_clusters`, the 64 KiB clusters with a non-zero byte.
 fn convert_to_qcow2(image: &dyn DiskSource, dir: &Path, name: &str, original: &Path, format: &str, data_clusters: u64) {
-    use crate::engine::pipeline::tests::convert as pipeline_convert;
+    use crate::convert::native::pipeline::tests::convert as pipeline_convert;
     use crate::image::qcow2::CopyMode;
     let out = dir.join(format!("{name}.qcow2"));
     let read = pipeline_convert(image, &out, CopyMode::ReadWrite, original, format);

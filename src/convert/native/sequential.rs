@@ -11,8 +11,8 @@ use std::io::{Cursor, Read};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
+use super::pipeline::{is_zero, PipelineOptions, CLUSTER_BITS};
 use crate::convert::{Compression, ConvertError, JobControl};
-use crate::engine::pipeline::{image_error, is_zero, PipelineOptions, CLUSTER_BITS};
 use crate::image::qcow2::{compress, Qcow2Writer, WriteStats, WriterOptions};
 use crate::image::vmdk::{self, SparseHeader, COWD_MAGIC, SPARSE_MAGIC};
 use crate::image::ImageError;
@@ -59,7 +59,7 @@ pub fn convert_stream<R: Read>(
     let (header, prefix) = read_prefix(&mut reader, &limits).map_err(|e| stopped_or(control, e))?;
     let size = header.capacity * SECTOR;
     let writer_options = WriterOptions { cluster_bits: CLUSTER_BITS, compression: options.compression.map(|c| c.kind) };
-    let writer = Qcow2Writer::create(destination, size, writer_options).map_err(image_error)?;
+    let writer = Qcow2Writer::create(destination, size, writer_options)?;
     control.progress.total_bytes.store(size, Ordering::Relaxed);
     let mut clusters = Clusters::new(writer, size, options, control);
     let mut input = Cursor::new(prefix).chain(reader);
@@ -68,7 +68,7 @@ pub fn convert_stream<R: Read>(
     drain_trailer(&mut input);
     let writer = clusters.close().map_err(|e| stopped_or(control, e))?;
     control.check()?;
-    let stats = writer.finish().map_err(image_error)?;
+    let stats = writer.finish()?;
     control.progress.done_bytes.store(size, Ordering::Relaxed);
     Ok(stats)
 }
@@ -85,7 +85,7 @@ fn drain_trailer(input: &mut impl Read) {
 /// The reason to stop when there is one: a failure seen after a cancellation (a reader told
 /// to give up, a grain refused) is only its echo.
 fn stopped_or(control: &JobControl, e: ImageError) -> ConvertError {
-    control.check().err().unwrap_or_else(|| image_error(e))
+    control.check().err().unwrap_or_else(|| e.into())
 }
 
 /// Reads the header and, when it names one, the embedded descriptor: a delta disk is refused

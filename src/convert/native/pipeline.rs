@@ -134,7 +134,7 @@ fn run_with(
     let workers = options.workers();
     let in_flight = (workers * options.in_flight_per_worker).max(2) as u64;
     let writer_options = WriterOptions { cluster_bits: CLUSTER_BITS, compression: options.compression.map(|c| c.kind) };
-    let mut writer = Qcow2Writer::create(destination, size, writer_options).map_err(image_error)?;
+    let mut writer = Qcow2Writer::create(destination, size, writer_options)?;
     prepare(&mut writer);
     control.progress.total_bytes.store(size, Ordering::Relaxed);
     // Compressed clusters must be read to be compressed; and where no copy can be offloaded,
@@ -165,7 +165,7 @@ fn run_with(
         written
     });
     result?;
-    writer.finish().map_err(image_error)
+    Ok(writer.finish()?)
 }
 
 /// What every thread of one conversion shares.
@@ -346,7 +346,7 @@ impl<'a> Work<'a> {
             // are checked here too.
             control.check()?;
             let chunk = match self.wait_for(index, control)? {
-                Done::Chunk(chunk) => chunk.map_err(image_error)?,
+                Done::Chunk(chunk) => chunk?,
                 Done::Skip(next) => {
                     control.progress.done_bytes.store((next * self.chunk_bytes).min(self.size), Ordering::Relaxed);
                     self.lock().next_to_write = next;
@@ -364,8 +364,7 @@ impl<'a> Work<'a> {
                     Payload::Copy { count, file, file_offset } => {
                         self.write_copy(writer, *cluster, *count, file, *file_offset, &mut fallback)
                     }
-                }
-                .map_err(image_error)?;
+                }?;
             }
             debug_assert!(chunk.clusters.iter().all(|(c, _)| *c >= chunk.first_cluster));
             let done = ((index + 1) * self.chunk_bytes).min(self.size);
@@ -494,20 +493,6 @@ pub fn is_zero(data: &[u8]) -> bool {
     // SAFETY: every bit pattern is a valid u128; align_to only splits off unaligned ends.
     let (head, words, tail) = unsafe { data.align_to::<u128>() };
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
-}
-
-/// Maps an image error to the conversion error a job reports.
-pub fn image_error(e: ImageError) -> ConvertError {
-    match e {
-        ImageError::Corrupt(m) | ImageError::Limit(m) => ConvertError::Corrupt(m),
-        ImageError::Unsupported(m) => ConvertError::Unsupported(m),
-        e @ ImageError::Internal(_) => ConvertError::Failed(e.to_string()),
-        ImageError::Source(e) => ConvertError::Source(e),
-        ImageError::Io { path, source } if source.raw_os_error() == Some(libc::ENOSPC) => {
-            ConvertError::NoSpace(format!("{}: {source}", path.display()))
-        }
-        ImageError::Io { path, source } => ConvertError::Failed(format!("{}: {source}", path.display())),
-    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! The native conversion engine: VMware disks (VMDK of every flavour, OVA members) and raw
 //! images read in Rust, qcow2 written in one forward pass, with decompression and compression
-//! spread over every core by a bounded [`pipeline`].
+//! spread over every core by a bounded [`pipeline`], or in one front-to-back pass by
+//! [`sequential`] for a stream that cannot be read twice.
 //!
-//! [`Auto`] is the converter the daemon and the one-shot commands use: native for the formats
-//! read here, `qemu-img` for the rest (vhd, vhdx, vdi, qcow2 input).
+//! It does not choose between itself and `qemu-img`: [`super::auto::Auto`] does.
 
 pub mod pipeline;
 pub mod sequential;
@@ -11,8 +11,7 @@ pub mod sequential;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::convert::qemu_img::QemuImg;
-use crate::convert::{ConversionRequest, ConvertError, Converter, ImageInfo, JobControl};
+use crate::convert::{ConversionRequest, ConvertError, Converter, JobControl};
 use crate::image::raw::RawImage;
 use crate::image::{ova, vmdk, DiskSource, FileSource, ImageError, SourceInfo};
 use crate::manifest::SourceFormat;
@@ -125,9 +124,9 @@ impl Converter for Native {
         format: SourceFormat,
         roots: &SourceRoots,
         control: &JobControl,
-    ) -> Result<ImageInfo, ConvertError> {
+    ) -> Result<SourceInfo, ConvertError> {
         control.check()?;
-        Ok(inspect_confined(source, format, roots).map_err(pipeline::image_error)?.into())
+        Ok(inspect_confined(source, format, roots)?)
     }
 
     fn convert(&self, request: &ConversionRequest<'_>, control: &JobControl) -> Result<(), ConvertError> {
@@ -135,52 +134,11 @@ impl Converter for Native {
             (SourceFormat::Ova, Some(index)) => open_ova_disk(request.source, index),
             (format, _) => open_confined(request.source, format, request.roots),
         };
-        let (source, info) = opened.map_err(pipeline::image_error)?;
+        let (source, info) = opened?;
         request.check_unchanged(&info.referenced_files)?;
         let options = PipelineOptions { compression: request.compression, ..self.options };
         pipeline::run(source.as_ref(), request.destination, options, control)?;
         Ok(())
-    }
-}
-
-/// Native where possible, qemu-img otherwise.
-#[derive(Debug, Default, Clone)]
-pub struct Auto {
-    pub native: Native,
-    pub qemu_img: QemuImg,
-}
-
-impl Auto {
-    fn pick(&self, format: SourceFormat) -> &dyn Converter {
-        if reads_natively(format) {
-            &self.native
-        } else {
-            &self.qemu_img
-        }
-    }
-}
-
-impl Converter for Auto {
-    fn name(&self) -> &'static str {
-        "native+qemu-img"
-    }
-
-    fn reads_natively(&self, format: SourceFormat) -> bool {
-        reads_natively(format)
-    }
-
-    fn inspect(
-        &self,
-        source: &Path,
-        format: SourceFormat,
-        roots: &SourceRoots,
-        control: &JobControl,
-    ) -> Result<ImageInfo, ConvertError> {
-        self.pick(format).inspect(source, format, roots, control)
-    }
-
-    fn convert(&self, request: &ConversionRequest<'_>, control: &JobControl) -> Result<(), ConvertError> {
-        self.pick(request.format).convert(request, control)
     }
 }
 
