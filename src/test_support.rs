@@ -6,12 +6,20 @@
 //! tests cannot reach it and have their own in `tests/common`.
 
 use std::ffi::OsStr;
+use std::path::Path;
 use std::process::{Command, Output};
 
 /// Runs `qemu-img` with `args` and returns what it did, whatever its exit status: for tests
 /// that expect it to fail, or read its output either way.
 pub(crate) fn qemu_img_output<S: AsRef<OsStr>>(args: &[S]) -> Output {
     Command::new("qemu-img").args(args).output().expect("qemu-img runs (install qemu-utils)")
+}
+
+/// Runs `args[0]` with the rest of `args` in `dir` (qemu-img and qemu-io on relative names),
+/// failing the test unless it succeeds.
+pub(crate) fn run_in(dir: &Path, args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Runs `qemu-img` with `args`, fails the test unless it succeeds, and returns its standard

@@ -587,10 +587,7 @@ mod tests {
     fn converts_a_backing_chain_through_the_descriptors_it_confined() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let qemu = |args: &[&str]| {
-            let out = Command::new(args[0]).args(&args[1..]).current_dir(d).output().unwrap();
-            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
+        let qemu = |args: &[&str]| crate::test_support::run_in(d, args);
         qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
         qemu(&["qemu-io", "-c", "write -P 0x41 0 64k", "base.qcow2"]);
         qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", "top.qcow2"]);
@@ -629,10 +626,7 @@ mod tests {
     fn a_header_rewritten_during_the_conversion_fails_it() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let qemu = |args: &[&str]| {
-            let out = Command::new(args[0]).args(&args[1..]).current_dir(d).output().unwrap();
-            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
+        let qemu = |args: &[&str]| crate::test_support::run_in(d, args);
         qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
         qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "other.qcow2", "1M"]);
         qemu(&["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", "top.qcow2"]);
