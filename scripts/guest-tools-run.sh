@@ -7,7 +7,8 @@
 # Bind-mounted at the same paths: /dev, /proc, /sys, and the directory of every absolute path
 # found in the arguments (alone or after `=`, `:` or `,`, as in `-drive file=/x/y.qcow2,...`),
 # except system directories, which the root has its own of. Set GUEST_TOOLS_BIND to a
-# colon-separated list of more directories.
+# colon-separated list of more directories. VIRTIO_WIN (a virtio-win ISO or directory) is bound
+# at /run/hyper2kvm-virtio-win.{iso,d} in the root and VIRTIO_WIN set to that path.
 #
 # The environment passes through, with LIBGUESTFS_BACKEND=direct (no libvirtd in the root) and,
 # when KVM is not usable, LIBGUESTFS_BACKEND_SETTINGS=force_tcg. "Usable" is tried, not assumed:
@@ -48,6 +49,28 @@ for arg in "$@"; do
 done
 IFS=':' read -r -a extra <<<"${GUEST_TOOLS_BIND:-}"
 for d in "${extra[@]}"; do [ -n "$d" ] && bind "$d"; done
+
+# VIRTIO_WIN (virt-v2v's virtio-win ISO or directory) is read from the environment, not the
+# arguments, and is often under /usr/share, which the root has its own of: it is bound at a
+# fixed place in the root and VIRTIO_WIN pointed there.
+if [ -n "${VIRTIO_WIN:-}" ]; then
+    case "$VIRTIO_WIN" in
+        /*) ;;
+        *) echo "guest-tools-run: VIRTIO_WIN=$VIRTIO_WIN is not an absolute path" >&2; exit 2 ;;
+    esac
+    if [ -d "$VIRTIO_WIN" ]; then
+        inside=/run/hyper2kvm-virtio-win.d
+        mkdir -p "$root$inside"
+    elif [ -f "$VIRTIO_WIN" ]; then
+        inside=/run/hyper2kvm-virtio-win.iso
+        mkdir -p "$root/run"
+        [ -f "$root$inside" ] || : >"$root$inside"
+    else
+        echo "guest-tools-run: VIRTIO_WIN=$VIRTIO_WIN is neither a file nor a directory" >&2; exit 2
+    fi
+    mountpoint -q "$root$inside" || mount --bind "$VIRTIO_WIN" "$root$inside"
+    export VIRTIO_WIN=$inside
+fi
 
 export LIBGUESTFS_BACKEND=${LIBGUESTFS_BACKEND:-direct}
 if [ -z "${LIBGUESTFS_BACKEND_SETTINGS:-}" ]; then

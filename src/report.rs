@@ -68,5 +68,7 @@ pub struct Report {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub libvirt_pool_created: bool,
     pub domain_xml: String,
+    /// The domain's firmware, disk bus, NIC model, machine type and OS id, each with its reason.
+    pub devices: crate::libvirt::domain_xml::Devices,
     pub warnings: Vec<String>,
 }

@@ -109,6 +109,16 @@ fn the_domain_is_registered_with_its_disks_in_the_pool() {
     assert_eq!(domain_disks, in_pool, "{r:#}");
     let warnings = r["warnings"].to_string();
     assert!(warnings.contains("does not list"), "the test driver never lists placed volumes: {warnings}");
+    // The devices of V.xml and why (without inspection: the manifest's, an Ubuntu VM).
+    let devices = &r["devices"];
+    assert_eq!(
+        (devices["disk_bus"].as_str(), devices["nic_model"].as_str()),
+        (Some("virtio"), Some("virtio")),
+        "{r:#}"
+    );
+    assert_eq!((devices["firmware"].as_str(), devices["machine"].as_str()), (Some("uefi"), Some("q35")), "{r:#}");
+    let why = devices["reasons"]["disk_bus"].as_str().unwrap_or_default();
+    assert_eq!(why, "virtio: the manifest names no Windows guest (no inspection)", "{r:#}");
 
     // V.xml is the XML that was defined: this VM's name, UUID and MAC, the pool's disks.
     let xml_path = s.env.output.join("Web 01.xml");

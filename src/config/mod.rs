@@ -57,6 +57,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "USE_INOTIFY",
     "MIN_FREE_SPACE_MB",
     "GUEST_TOOLS_WRAPPER",
+    "VIRTIO_WIN",
 ];
 
 /// Where a configuration value came from.
@@ -190,6 +191,10 @@ pub struct Config {
     /// GUEST_TOOLS_WRAPPER split on whitespace: the command prefix the guest tools
     /// (virt-inspector, virt-v2v-in-place, qemu-system) run behind; empty runs them from PATH.
     pub guest_tools_wrapper: Vec<String>,
+    /// VIRTIO_WIN: the virtio-win ISO or directory virt-v2v-in-place installs Windows' virtio
+    /// drivers from; checked at start-up (exists, readable). Without it a Windows guest keeps
+    /// SATA and e1000e.
+    pub virtio_win: Option<PathBuf>,
     /// Start-up warnings (unknown keys, ignored options), to be logged once.
     pub warnings: Vec<String>,
 }
@@ -482,6 +487,7 @@ impl Resolver {
                 .string("GUEST_TOOLS_WRAPPER")
                 .map(|s| s.split_whitespace().map(str::to_owned).collect())
                 .unwrap_or_default(),
+            virtio_win: self.virtio_win()?,
             source_roots,
             lease,
             metrics_addr,
@@ -491,6 +497,28 @@ impl Resolver {
             instance,
             warnings: std::mem::take(&mut self.warnings),
         })
+    }
+
+    /// VIRTIO_WIN, when set: an absolute path to an ISO or a directory that this process can
+    /// read now, so that a typo fails at start-up rather than in a Windows guest's fix.
+    fn virtio_win(&self) -> Result<Option<PathBuf>, ConfigError> {
+        let Some((value, origin)) = self.raw("VIRTIO_WIN").filter(|(v, _)| !v.trim().is_empty()) else {
+            return Ok(None);
+        };
+        let path = PathBuf::from(value.trim());
+        let invalid = |why: String| ConfigError::Invalid {
+            key: "VIRTIO_WIN",
+            value: value.clone(),
+            origin: origin.clone(),
+            expected: format!("the absolute path of a readable virtio-win ISO or directory ({why})"),
+        };
+        if !path.is_absolute() {
+            return Err(invalid("the path is relative".into()));
+        }
+        let readable =
+            if path.is_dir() { std::fs::read_dir(&path).map(|_| ()) } else { std::fs::File::open(&path).map(|_| ()) };
+        readable.map_err(|e| invalid(e.to_string()))?;
+        Ok(Some(path))
     }
 
     fn convert_options(&mut self) -> Result<ConvertOptions, ConfigError> {

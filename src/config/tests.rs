@@ -587,3 +587,25 @@ fn prefixed_variables_rank_above_defaults_and_below_everything_else() {
     assert!(err.to_string().contains("the environment variable HYPER2KVM_POLL_INTERVAL"), "{err}");
     assert_eq!(with_env("HYPER2KVM_WATCH_DIR", "").unwrap().watch_dir, PathBuf::from("/var/lib/hyper2kvm/queue"));
 }
+
+#[test]
+fn virtio_win_must_be_an_existing_readable_iso_or_directory() {
+    assert_eq!(with_env("VIRTIO_WIN", "").unwrap().virtio_win, None);
+    assert_eq!(Setup::new().ok().virtio_win, None);
+    let dir = tempfile::tempdir().unwrap();
+    let iso = dir.path().join("virtio-win.iso");
+    std::fs::write(&iso, b"CD001").unwrap();
+    for path in [iso.clone(), dir.path().to_path_buf()] {
+        let config = with_env("VIRTIO_WIN", path.to_str().unwrap()).unwrap();
+        assert_eq!(config.virtio_win, Some(path));
+    }
+    let missing = dir.path().join("virtio-win-0.1.240.iso");
+    let err = with_env("VIRTIO_WIN", missing.to_str().unwrap()).unwrap_err().to_string();
+    assert!(err.starts_with("invalid VIRTIO_WIN="), "{err}");
+    assert!(
+        err.contains("expected the absolute path of a readable virtio-win ISO or directory (No such file"),
+        "{err}"
+    );
+    let err = with_env("VIRTIO_WIN", "virtio-win.iso").unwrap_err().to_string();
+    assert!(err.contains("(the path is relative)"), "{err}");
+}

@@ -25,6 +25,11 @@ pub struct GuestFiles {
     pub efi_entries: Vec<String>,
     /// Paths of virtio_blk modules under `/lib/modules`.
     pub virtio_modules: Vec<String>,
+    /// Paths of virtio_net modules under `/lib/modules`.
+    pub virtio_net_modules: Vec<String>,
+    /// Windows: the driver files in `System32/drivers` (virtio-win's among them once
+    /// virt-v2v installed them).
+    pub windows_drivers: Vec<String>,
 }
 
 const MARK: &str = "@@hyper2kvm@@";
@@ -32,12 +37,17 @@ const MARK: &str = "@@hyper2kvm@@";
 /// The guestfish script: every command prefixed with `-` so that a missing file does not end
 /// the session, each answer introduced by a marker line.
 fn script(boot: &Path) -> String {
-    let sections: [(&str, String); 5] = [
+    let sections: [(&str, String); 8] = [
         ("fstab", "cat /etc/fstab".into()),
         ("default_grub", "cat /etc/default/grub".into()),
         ("parttype", "part-get-parttype /dev/sda".into()),
         ("efi", "glob-expand /boot/efi/EFI/*".into()),
         ("virtio_modules", "glob-expand /lib/modules/*/kernel/drivers/block/virtio_blk.ko*".into()),
+        ("virtio_net_modules", "glob-expand /lib/modules/*/kernel/drivers/net/virtio_net.ko*".into()),
+        // Windows' file names keep their case on NTFS and guestfish's glob is case-sensitive:
+        // the spellings Windows Vista and later use (2003 and XP are not virt-v2v guests).
+        ("windows_drivers", "glob-expand /Windows/System32/drivers/*.sys".into()),
+        ("windows_drivers", "glob-expand /Windows/system32/drivers/*.sys".into()),
     ];
     let mut text = String::new();
     for (name, command) in sections {
@@ -88,6 +98,9 @@ pub fn read(
     let sections = split(&out);
     let get = |name: &str| sections.iter().find(|(n, _)| n == name).map(|(_, t)| t.clone());
     let lines = |name: &str| get(name).map(|t| t.lines().map(str::to_owned).collect()).unwrap_or_default();
+    let all_lines = |name: &str| -> Vec<String> {
+        sections.iter().filter(|(n, _)| n == name).flat_map(|(_, t)| t.lines().map(str::to_owned)).collect()
+    };
     Ok(GuestFiles {
         boot: boot.join("boot"),
         fstab: get("fstab").filter(|t| !t.is_empty()),
@@ -95,6 +108,8 @@ pub fn read(
         parttype: get("parttype").map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()),
         efi_entries: lines("efi"),
         virtio_modules: lines("virtio_modules"),
+        virtio_net_modules: lines("virtio_net_modules"),
+        windows_drivers: all_lines("windows_drivers"),
     })
 }
 

@@ -47,6 +47,11 @@ pub fn fix(tools: &Tools, images: &[PathBuf], options: &FixOptions<'_>) -> Resul
     cmd.args(["-i", "libvirtxml"]).arg(&xml_path);
     // The disks are named inside the XML, not on the command line: tell the wrapper.
     cmd.env("GUEST_TOOLS_BIND", bind_list(&images));
+    if let Some(virtio_win) = &tools.virtio_win {
+        // virt-v2v reads it from its environment (an ISO or a directory); the wrapper makes it
+        // visible inside its root (scripts/guest-tools-run.sh).
+        cmd.env("VIRTIO_WIN", absolute(virtio_win));
+    }
     let log = work.join("virt-v2v-in-place.log");
     let started = Instant::now();
     tools.run_logged("virt-v2v-in-place", cmd, &log, options.timeout, options.cancel)?;
@@ -116,6 +121,88 @@ mod tests {
         assert_eq!(disk_letters(25), "z");
         assert_eq!(disk_letters(26), "aa");
         assert_eq!(disk_letters(27), "ab");
+    }
+
+    /// A GUEST_TOOLS_WRAPPER that records the environment and the command line it is given.
+    fn recorder(dir: &std::path::Path) -> PathBuf {
+        let script = dir.join("record.sh");
+        let body = format!("#!/bin/sh\nenv > {0}/env\nprintf '%s\\n' \"$@\" > {0}/args\n", dir.display());
+        std::fs::write(&script, body).unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        script
+    }
+
+    fn fix_with(tools: &Tools, dir: &std::path::Path) -> (String, String) {
+        let image = dir.join("staged/vm.qcow2");
+        let options = FixOptions {
+            work_dir: dir.join("work"),
+            timeout: Duration::from_secs(20),
+            cancel: &super::super::tools::never,
+        };
+        fix(tools, &[image], &options).unwrap();
+        (std::fs::read_to_string(dir.join("env")).unwrap(), std::fs::read_to_string(dir.join("args")).unwrap())
+    }
+
+    #[test]
+    fn virtio_win_reaches_virt_v2v_in_place_through_the_wrapper() {
+        let dir = tempfile::tempdir().unwrap();
+        let wrapper = vec![recorder(dir.path()).display().to_string()];
+        let iso = dir.path().join("virtio-win.iso");
+        let mut tools = Tools::new(wrapper.clone()).with_kvm(false);
+        tools.virtio_win = Some(iso.clone());
+        let (env, args) = fix_with(&tools, dir.path());
+        assert!(env.lines().any(|l| l == format!("VIRTIO_WIN={}", iso.display())), "{env}");
+        assert!(env.lines().any(|l| l == format!("GUEST_TOOLS_BIND={}/staged", dir.path().display())), "{env}");
+        assert!(args.starts_with("virt-v2v-in-place\n-i\nlibvirtxml\n"), "{args}");
+
+        let tools = Tools::new(wrapper).with_kvm(false);
+        let (env, _) = fix_with(&tools, dir.path());
+        assert!(!env.lines().any(|l| l.starts_with("VIRTIO_WIN=")), "{env}");
+    }
+
+    /// scripts/guest-tools-run.sh makes VIRTIO_WIN visible in its root wherever it is on the
+    /// host (here in a temporary directory the root does not have), for an ISO and a directory.
+    /// Needs root (a mount namespace); the root is a minimal one with the host's /bin/sh.
+    #[test]
+    fn the_wrapper_binds_virtio_win_into_its_root() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("*** SKIPPED: needs root for the wrapper's mount namespace ***");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        for file in ["/bin/sh", "/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"] {
+            let target = root.join(&file[1..]);
+            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+            std::fs::copy(file, &target).unwrap_or_else(|e| panic!("copy {file}: {e}"));
+        }
+        for d in ["dev", "proc", "sys", "run"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join(".complete"), "").unwrap();
+        let iso = dir.path().join("host/virtio-win.iso");
+        let drivers = dir.path().join("host/virtio-win");
+        std::fs::create_dir_all(&drivers).unwrap();
+        std::fs::write(&iso, "iso-contents\n").unwrap();
+        std::fs::write(drivers.join("marker"), "dir-contents\n").unwrap();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/guest-tools-run.sh");
+        let show = r#"if [ -d "$VIRTIO_WIN" ]; then read l < "$VIRTIO_WIN/marker"; else read l < "$VIRTIO_WIN"; fi; echo "$VIRTIO_WIN $l""#;
+        for (path, expected) in [
+            (&iso, "/run/hyper2kvm-virtio-win.iso iso-contents"),
+            (&drivers, "/run/hyper2kvm-virtio-win.d dir-contents"),
+        ] {
+            let out = std::process::Command::new(script)
+                .arg(&root)
+                .args(["--", "/bin/sh", "-c", show])
+                .env("VIRTIO_WIN", path)
+                .env("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+                .env_remove("GUEST_TOOLS_IN_NS")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(stdout.trim(), expected);
+        }
     }
 
     #[test]

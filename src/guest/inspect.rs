@@ -44,6 +44,10 @@ pub struct GuestInfo {
     pub vmware_tools: Vec<String>,
     /// Every kernel in `/boot`.
     pub kernels: Vec<Kernel>,
+    /// Windows: the virtio-win drivers in `System32/drivers` (`viostor.sys`, `netkvm.sys`,
+    /// ...), as virt-v2v installs them from VIRTIO_WIN; empty for other guests.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub virtio_drivers: Vec<String>,
 }
 
 /// One installed kernel and its virtio support.
@@ -61,6 +65,9 @@ pub struct Kernel {
     /// Whether this kernel can find a virtio disk at boot: built in, or the module in its
     /// initramfs.
     pub boots_on_virtio: bool,
+    /// virtio_net is built in (`CONFIG_VIRTIO_NET=y`) or a module under `/lib/modules/VERSION`
+    /// (loaded after boot, so it need not be in the initramfs).
+    pub virtio_net: bool,
 }
 
 /// What `virt-inspector` says about the first operating system it finds.
@@ -123,7 +130,22 @@ fn assemble(os: Inspected, found: &GuestFiles, kernels: Vec<Kernel>) -> GuestInf
         mountpoints: os.mountpoints,
         vmware_tools,
         kernels,
+        virtio_drivers: virtio_drivers(&found.windows_drivers),
     }
+}
+
+/// The virtio-win driver file names (`viostor.sys`, `netkvm.sys`, ...) among Windows' drivers:
+/// virtio-win names its drivers `vio*` except the network one.
+pub(crate) fn virtio_drivers(paths: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = paths
+        .iter()
+        .filter_map(|p| p.rsplit('/').next())
+        .map(str::to_ascii_lowercase)
+        .filter(|n| n.ends_with(".sys") && (n.starts_with("vio") || n.starts_with("netkvm")))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 fn boot_loader(os_type: &str, boot: &Path) -> String {
@@ -160,7 +182,10 @@ fn kernels(
     for version in files::kernel_versions(&found.boot) {
         let config = std::fs::read_to_string(found.boot.join(format!("config-{version}"))).unwrap_or_default();
         let virtio_builtin = config.lines().any(|l| l.trim() == "CONFIG_VIRTIO_BLK=y");
-        let virtio_module = found.virtio_modules.iter().any(|m| m.contains(&format!("/modules/{version}/")));
+        let in_modules = |paths: &[String]| paths.iter().any(|m| m.contains(&format!("/modules/{version}/")));
+        let virtio_module = in_modules(&found.virtio_modules);
+        let virtio_net =
+            config.lines().any(|l| l.trim() == "CONFIG_VIRTIO_NET=y") || in_modules(&found.virtio_net_modules);
         let initrd = files::initrd_of(&found.boot, &version);
         let initrd_virtio = match &initrd {
             Some(path) => virtio_in(&files::initramfs_list(tools, path, scratch, limit, cancel)?),
@@ -174,6 +199,7 @@ fn kernels(
             initrd: initrd.and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())),
             initrd_virtio,
             boots_on_virtio,
+            virtio_net,
         });
     }
     Ok(out)
@@ -261,10 +287,61 @@ fn record(os: &mut Inspected, path: &[String], text: String, mount_dev: &str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const DEBIAN: &str = r#"<?xml version="1.0"?>
+    /// libguestfs' own inspector/example-windows.xml (the output of virt-inspector on its
+    /// test Windows 7 image), with the `<osinfo>` libguestfs gives Windows 6.1 Client added.
+    pub(crate) const WINDOWS: &str = r#"<?xml version="1.0"?>
+<operatingsystems>
+  <operatingsystem>
+    <root>/dev/sda2</root>
+    <name>windows</name>
+    <arch>i386</arch>
+    <distro>windows</distro>
+    <product_name>Microsoft Windows 7 Phony Edition</product_name>
+    <product_variant>Client</product_variant>
+    <major_version>6</major_version>
+    <minor_version>1</minor_version>
+    <windows_systemroot>/Windows</windows_systemroot>
+    <windows_current_control_set>ControlSet001</windows_current_control_set>
+    <format>installed</format>
+    <osinfo>win7</osinfo>
+    <mountpoints>
+      <mountpoint dev="/dev/sda2">/</mountpoint>
+    </mountpoints>
+    <filesystems>
+      <filesystem dev="/dev/sda2">
+        <type>ntfs</type>
+      </filesystem>
+    </filesystems>
+    <drive_mappings>
+      <drive_mapping name="C">/dev/sda2</drive_mapping>
+    </drive_mappings>
+    <applications>
+      <application>
+        <name>test1</name>
+        <display_name>Test1 is not real software</display_name>
+        <version>1.2.3</version>
+      </application>
+    </applications>
+  </operatingsystem>
+</operatingsystems>"#;
+
+    /// A guest as [`inspect`] assembles it from virt-inspector's `xml` and what the boot files
+    /// showed: the firmware, the kernels, and the files in Windows' `System32/drivers`.
+    pub(crate) fn guest(xml: &str, uefi: bool, kernels: Vec<Kernel>, windows_drivers: &[&str]) -> GuestInfo {
+        let os = parse_inspector(xml).unwrap().unwrap();
+        let files = GuestFiles {
+            parttype: Some(if uefi { "gpt" } else { "msdos" }.into()),
+            efi_entries: if uefi { vec!["/boot/efi/EFI/debian".into()] } else { Vec::new() },
+            windows_drivers: windows_drivers.iter().map(|d| format!("/Windows/System32/drivers/{d}")).collect(),
+            ..GuestFiles::default()
+        };
+        assemble(os, &files, kernels)
+    }
+
+    pub(crate) const DEBIAN: &str = r#"<?xml version="1.0"?>
 <operatingsystems>
   <operatingsystem>
     <root>/dev/sda1</root>
@@ -311,6 +388,35 @@ mod tests {
         );
         let text = e.unwrap_err().to_string();
         assert!(text.starts_with("no operating system was recognised on /x/data.qcow2"), "{text}");
+    }
+
+    #[test]
+    fn windows_virtio_drivers_are_picked_from_system32_drivers() {
+        let info =
+            guest(WINDOWS, false, Vec::new(), &["disk.sys", "VIOSTOR.SYS", "netkvm.sys", "vioscsi.sys", "ahcix.sys"]);
+        assert_eq!((info.os_type.as_str(), info.osinfo.as_str()), ("windows", "win7"));
+        assert_eq!(info.virtio_drivers, vec!["netkvm.sys".to_string(), "vioscsi.sys".into(), "viostor.sys".into()]);
+        assert_eq!(info.boot_loader, "windows");
+        assert!(guest(DEBIAN, false, Vec::new(), &[]).virtio_drivers.is_empty());
+    }
+
+    #[test]
+    fn virtio_net_is_built_in_or_a_module_of_that_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        for v in ["6.1.0-28-amd64", "6.1.0-9-amd64", "5.10.0-1-amd64"] {
+            std::fs::write(dir.path().join(format!("vmlinuz-{v}")), "").unwrap();
+        }
+        std::fs::write(dir.path().join("config-5.10.0-1-amd64"), "CONFIG_VIRTIO_NET=y\n").unwrap();
+        let found = GuestFiles {
+            boot: dir.path().to_path_buf(),
+            virtio_net_modules: vec!["/lib/modules/6.1.0-28-amd64/kernel/drivers/net/virtio_net.ko".into()],
+            ..GuestFiles::default()
+        };
+        // No initramfs, so no tool runs.
+        let tools = Tools::new(vec!["/nonexistent".into()]).with_kvm(false);
+        let ks = kernels(&tools, &found, dir.path(), Duration::from_secs(5), &super::super::tools::never).unwrap();
+        let net: Vec<(&str, bool)> = ks.iter().map(|k| (k.version.as_str(), k.virtio_net)).collect();
+        assert_eq!(net, [("5.10.0-1-amd64", true), ("6.1.0-28-amd64", true), ("6.1.0-9-amd64", false)]);
     }
 
     #[test]

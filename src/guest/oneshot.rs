@@ -24,7 +24,7 @@ pub enum OneShotError {
 }
 
 fn tools(config: &Config) -> Tools {
-    Tools::new(config.guest_tools_wrapper.clone())
+    Tools::for_config(config)
 }
 
 /// A scratch directory under the system's temporary directory, removed when dropped.
@@ -136,4 +136,21 @@ fn summary(report: &serde_json::Value) -> String {
 /// Whether the verified guest has an EFI boot loader in its `/boot/efi` copy.
 fn efi_boot(work: &Path) -> bool {
     work.join("verify/boot/boot/efi/EFI").is_dir()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::Overrides;
+
+    #[test]
+    fn the_one_shot_tools_carry_virtio_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let overrides = Overrides { config_dir: Some(dir.path().to_owned()), flags: Vec::new() };
+        let env = BTreeMap::from([("VIRTIO_WIN".to_owned(), dir.path().display().to_string())]);
+        let config = Config::load(&overrides, &env).unwrap();
+        assert_eq!(tools(&config).virtio_win.as_deref(), Some(dir.path()));
+    }
 }

@@ -26,6 +26,8 @@ pub fn never() -> bool {
 pub struct Tools {
     /// Command prefix (GUEST_TOOLS_WRAPPER split on whitespace); empty runs them from PATH.
     pub wrapper: Vec<String>,
+    /// VIRTIO_WIN: the virtio-win ISO or directory for Windows guests' drivers.
+    pub virtio_win: Option<PathBuf>,
     kvm: OnceLock<bool>,
 }
 
@@ -42,7 +44,12 @@ fn package_of(tool: &str) -> &'static str {
 impl Tools {
     /// Tools behind `wrapper` (GUEST_TOOLS_WRAPPER, already split).
     pub fn new(wrapper: Vec<String>) -> Tools {
-        Tools { wrapper, kvm: OnceLock::new() }
+        Tools { wrapper, virtio_win: None, kvm: OnceLock::new() }
+    }
+
+    /// The tools as the configuration says: GUEST_TOOLS_WRAPPER and VIRTIO_WIN.
+    pub fn for_config(config: &crate::config::Config) -> Tools {
+        Tools { virtio_win: config.virtio_win.clone(), ..Tools::new(config.guest_tools_wrapper.clone()) }
     }
 
     /// The same tools with KVM's usability already known (not probed): for callers that

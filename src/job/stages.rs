@@ -20,9 +20,10 @@ use super::{Failure, Job, Stage, Stop};
 use crate::checksum;
 use crate::config::{Config, DEFAULT_COMPRESS_LEVEL};
 use crate::convert::{Compression, ConversionRequest, ConvertError, Converter};
+use crate::guest::GuestInfo;
 use crate::image::vmdk;
 use crate::image::{ova, ImageError, SourceInfo};
-use crate::libvirt::domain_xml::{self, Acceleration, DomainDisk, NetworkAttachment};
+use crate::libvirt::domain_xml::{self, Acceleration, Devices, DomainDisk, NetworkAttachment};
 use crate::libvirt::pool::{DefaultPool, DiskFile, DISK_MODE};
 use crate::libvirt::register::{self, Registration, Request};
 use crate::libvirt::{Connection, LibvirtError};
@@ -79,7 +80,7 @@ impl Job<'_> {
             if ctx.config.libvirt_integration { Some(self.register_domain(&spec, staging)?) } else { None };
         let xml = match &registration {
             Some(registration) => registration.xml.clone(),
-            None => build_domain_xml(&ctx.config, &spec, &output_paths(&ctx.config, &spec), Acceleration::Kvm),
+            None => build_domain_xml(&ctx.config, &spec, &output_paths(&ctx.config, &spec), Acceleration::Kvm, None),
         };
         let mut report = self.new_report(&spec, disks, warnings, registration.as_ref());
         report.started_at = started_at;
@@ -398,7 +399,7 @@ impl Job<'_> {
             disks: &disks,
         };
         let registered = Connection::open(&config.libvirt_uri).and_then(|conn| {
-            register::register(&conn, &request, |paths, accel| build_domain_xml(config, spec, paths, accel))
+            register::register(&conn, &request, |paths, accel| build_domain_xml(config, spec, paths, accel, None))
         });
         let registration = registered.map_err(|e| self.keep_unregistered(spec, staging, &disks, &e))?;
         info!(
@@ -426,7 +427,7 @@ impl Job<'_> {
             return Stop::LostLock;
         }
         let dir = ctx.config.output_layout().unregistered(claim.job_id());
-        let xml = build_domain_xml(&ctx.config, spec, &output_paths(&ctx.config, spec), Acceleration::Kvm);
+        let xml = build_domain_xml(&ctx.config, spec, &output_paths(&ctx.config, spec), Acceleration::Kvm, None);
         let kept = publish::keep(&dir, disks.iter().map(|d| (d.staged.as_path(), d.name.as_str())))
             .and_then(|()| staging.write_new("unregistered.xml", xml.as_bytes()))
             .and_then(|_| staging.publish("unregistered.xml", &dir, &output_layout::domain_xml_file(&spec.vm_name)));
@@ -464,6 +465,7 @@ impl Job<'_> {
             libvirt_pool: registration.map(|r| r.pool.clone()),
             libvirt_pool_created: registration.is_some_and(|r| r.pool_created),
             domain_xml: output_layout::domain_xml_file(&spec.vm_name),
+            devices: domain_devices(&ctx.config, spec, None),
             warnings,
         }
     }
@@ -609,15 +611,29 @@ fn output_paths(config: &Config, spec: &JobSpec) -> Vec<PathBuf> {
     (0..spec.disks.len()).map(|i| layout.result(&output_name(spec, i))).collect()
 }
 
-/// The domain XML for a VM whose disks are at `paths` (boot disk first).
-fn build_domain_xml(config: &Config, spec: &JobSpec, paths: &[PathBuf], accel: Acceleration) -> String {
-    let bus = domain_xml::disk_bus_for(&spec.hardware);
+/// The domain XML for a VM whose disks are at `paths` (boot disk first), with the devices
+/// [`domain_devices`] chooses.
+fn build_domain_xml(
+    config: &Config,
+    spec: &JobSpec,
+    paths: &[PathBuf],
+    accel: Acceleration,
+    guest: Option<&GuestInfo>,
+) -> String {
+    let devices = domain_devices(config, spec, guest);
+    let bus = devices.disk_bus;
     let disks: Vec<DomainDisk> = paths.iter().map(|path| DomainDisk { path: path.clone(), target_bus: bus }).collect();
     let attach = match &config.libvirt_network {
         Some(network) => NetworkAttachment::Network(network.clone()),
         None => NetworkAttachment::Bridge(config.libvirt_bridge.clone()),
     };
-    domain_xml::domain_xml_with(spec, &disks, &attach, accel)
+    domain_xml::domain_xml_for(spec, &disks, &attach, accel, &devices)
+}
+
+/// The domain's devices and why: from the guest's inspection (after the fix, when the job
+/// fixed it) when there is one, else from the manifest.
+fn domain_devices(config: &Config, spec: &JobSpec, guest: Option<&GuestInfo>) -> Devices {
+    Devices::choose(&spec.hardware, guest, config.virtio_win.is_some())
 }
 
 /// A result name of this job that is another VM's.

@@ -7,11 +7,17 @@
 
 use std::path::PathBuf;
 
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::mac::MacAddress;
 use crate::manifest::{Firmware, Hardware, JobSpec, NicSpec};
 use crate::names;
+
+pub use super::devices::{Devices, NicModel};
+
+/// The namespace libosinfo's metadata lives in (what virt-install writes).
+const LIBOSINFO_NS: &str = "http://libosinfo.org/xmlns/libvirt/domain/1.0";
 
 /// Memory for a VM whose manifest does not give a usable `vm.mem_gb`, in MiB.
 const DEFAULT_MEMORY_MIB: u64 = 2048;
@@ -47,7 +53,8 @@ pub struct DomainDisk {
 }
 
 /// The bus a disk is attached to in the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DiskBus {
     /// virtio-blk (`vdX`): fastest, needs virtio drivers in the guest.
     Virtio,
@@ -128,14 +135,25 @@ pub fn domain_xml_with(
     attach: &NetworkAttachment,
     accel: Acceleration,
 ) -> String {
-    let hw = &spec.hardware;
-    let windows = is_windows(hw);
-    let boot = BootFirmware::of(hw);
+    domain_xml_for(spec, disks, attach, accel, &Devices::choose(&spec.hardware, None, false))
+}
+
+/// The domain XML text with the firmware, NIC model, OS id and Windows specifics of `devices`
+/// (the disks carry their own bus: usually `devices.disk_bus`).
+pub fn domain_xml_for(
+    spec: &JobSpec,
+    disks: &[DomainDisk],
+    attach: &NetworkAttachment,
+    accel: Acceleration,
+    devices: &Devices,
+) -> String {
+    let (boot, windows) = (devices.firmware, devices.windows);
     let mut xml = XmlWriter::default();
     xml.open("domain", &[("type", accel.domain_type())]);
     write_identity(&mut xml, spec);
-    write_resources(&mut xml, hw);
-    write_os(&mut xml, boot);
+    write_metadata(&mut xml, devices.osinfo.as_deref());
+    write_resources(&mut xml, &spec.hardware);
+    write_os(&mut xml, boot, devices.machine);
     write_features(&mut xml, boot, windows);
     write_clock(&mut xml, windows);
     xml.text("on_poweroff", &[], "destroy");
@@ -143,20 +161,32 @@ pub fn domain_xml_with(
     xml.text("on_crash", &[], "destroy");
     xml.open("devices", &[]);
     write_disks(&mut xml, disks);
-    write_nics(&mut xml, &spec.nics, attach, windows);
+    write_nics(&mut xml, &spec.nics, attach, devices.nic_model.as_str());
     write_other_devices(&mut xml, windows);
     xml.finish()
 }
 
+/// The OS id for tools such as virt-manager and `virt-install --osinfo`: libvirt keeps
+/// `<metadata>` as given.
+fn write_metadata(xml: &mut XmlWriter, osinfo: Option<&str>) {
+    let Some(id) = osinfo else { return };
+    xml.open("metadata", &[]);
+    xml.open("libosinfo:libosinfo", &[("xmlns:libosinfo", LIBOSINFO_NS)]);
+    xml.empty("libosinfo:os", &[("id", id)]);
+    xml.close();
+    xml.close();
+}
+
 /// How the guest boots, reduced to what the XML needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BootFirmware {
+pub enum BootFirmware {
     Bios,
     Uefi { secure_boot: bool },
 }
 
 impl BootFirmware {
-    fn of(hw: &Hardware) -> Self {
+    /// The firmware the manifest's hardware says.
+    pub fn of(hw: &Hardware) -> Self {
         match hw.firmware {
             Some(Firmware::Uefi) => Self::Uefi { secure_boot: hw.secureboot },
             // Secure boot exists only with UEFI, so a manifest that enables it without naming
@@ -167,7 +197,8 @@ impl BootFirmware {
     }
 }
 
-fn is_windows(hw: &Hardware) -> bool {
+/// Whether the manifest describes a Windows guest (its vSphere guest id or OS hint).
+pub(crate) fn is_windows(hw: &Hardware) -> bool {
     // Every vSphere guest id for Windows starts with "win": windows9_64Guest, winNetStandardGuest…
     let by_version = hw.os_version.as_deref().is_some_and(|v| v.trim().to_ascii_lowercase().starts_with("win"));
     let by_hint = hw.os_hint.as_deref().is_some_and(hint_says_windows);
@@ -222,12 +253,12 @@ fn write_resources(xml: &mut XmlWriter, hw: &Hardware) {
     xml.close();
 }
 
-fn write_os(xml: &mut XmlWriter, boot: BootFirmware) {
+fn write_os(xml: &mut XmlWriter, boot: BootFirmware, machine: &str) {
     match boot {
         BootFirmware::Bios => xml.open("os", &[]),
         BootFirmware::Uefi { .. } => xml.open("os", &[("firmware", "efi")]),
     }
-    xml.text("type", &[("arch", "x86_64"), ("machine", "q35")], "hvm");
+    xml.text("type", &[("arch", "x86_64"), ("machine", machine)], "hvm");
     match boot {
         BootFirmware::Bios => {}
         BootFirmware::Uefi { secure_boot: true } => {
@@ -316,9 +347,7 @@ fn disk_letters(mut index: usize) -> String {
     letters.iter().rev().collect()
 }
 
-fn write_nics(xml: &mut XmlWriter, nics: &[NicSpec], attach: &NetworkAttachment, windows: bool) {
-    // Without virtio drivers a Windows guest would come up with no network at all.
-    let model = if windows { "e1000e" } else { "virtio" };
+fn write_nics(xml: &mut XmlWriter, nics: &[NicSpec], attach: &NetworkAttachment, model: &str) {
     let mut used_macs: Vec<MacAddress> = Vec::new();
     let macs: Vec<Option<MacAddress>> = if nics.is_empty() {
         vec![None]
@@ -846,7 +875,102 @@ pub(super) mod tests {
             let many: Vec<DomainDisk> = (0..28).map(|i| disk(&format!("/out/d{i}.qcow2"), bus)).collect();
             cases.push((label, domain_xml(&job, &many, &network)));
         }
+        for (label, hw, devices) in inspected_cases() {
+            let mut job = spec("Web Server & <Co> \"it's\"", hw);
+            job.nics = nics.clone();
+            let disks = [disk("/out/a.qcow2", devices.disk_bus), disk("/out/b.qcow2", devices.disk_bus)];
+            for accel in [Acceleration::Kvm, Acceleration::Emulated] {
+                cases.push((label, domain_xml_for(&job, &disks, &bridge(), accel, &devices)));
+            }
+        }
         cases
+    }
+
+    /// Devices chosen from inspected guests: every kind of choice [`Devices::choose`] makes.
+    pub(crate) fn inspected_cases() -> Vec<(&'static str, Hardware, Devices)> {
+        use crate::guest::inspect::tests::{guest, DEBIAN, WINDOWS};
+        use crate::guest::inspect::Kernel;
+        let fixed =
+            Kernel { version: "6.1.0-28-amd64".into(), boots_on_virtio: true, virtio_net: true, ..Kernel::default() };
+        let unfixed = Kernel { boots_on_virtio: false, ..fixed.clone() };
+        let debian_uefi = guest(DEBIAN, true, vec![fixed.clone()], &[]);
+        let debian_unfixed = guest(DEBIAN, false, vec![unfixed], &[]);
+        let windows_fixed = guest(WINDOWS, false, Vec::new(), &["viostor.sys", "netkvm.sys"]);
+        let windows_plain = guest(WINDOWS, false, Vec::new(), &[]);
+        vec![
+            (
+                "inspected-linux-uefi",
+                Hardware::default(),
+                Devices::choose(&Hardware::default(), Some(&debian_uefi), false),
+            ),
+            (
+                "inspected-linux-unfixed",
+                Hardware::default(),
+                Devices::choose(&Hardware::default(), Some(&debian_unfixed), false),
+            ),
+            ("inspected-windows-virtio", uefi(false), Devices::choose(&uefi(false), Some(&windows_fixed), true)),
+            ("inspected-windows-secureboot", windows_hw(), Devices::choose(&windows_hw(), Some(&windows_plain), false)),
+        ]
+    }
+
+    #[test]
+    fn inspected_devices_shape_the_xml() {
+        let by_label = |wanted: &str| inspected_cases().into_iter().find(|(l, _, _)| *l == wanted).unwrap();
+        let (_, hw, devices) = by_label("inspected-linux-uefi");
+        let xml = domain_xml_for(
+            &spec("web01", hw),
+            &[disk("/o/a.qcow2", devices.disk_bus)],
+            &bridge(),
+            Acceleration::Kvm,
+            &devices,
+        );
+        assert!(xml.contains("<os firmware='efi'>\n    <type arch='x86_64' machine='q35'>hvm</type>"), "{xml}");
+        assert!(xml.contains(
+            "<metadata>\n    <libosinfo:libosinfo xmlns:libosinfo='http://libosinfo.org/xmlns/libvirt/domain/1.0'>\n      \
+             <libosinfo:os id='http://debian.org/debian/12'/>"
+        ), "{xml}");
+        assert!(xml.contains("<target dev='vda' bus='virtio'/>") && xml.contains("<model type='virtio'/>"), "{xml}");
+        let (_, hw, devices) = by_label("inspected-linux-unfixed");
+        let xml = domain_xml_for(
+            &spec("web01", hw),
+            &[disk("/o/a.qcow2", devices.disk_bus)],
+            &bridge(),
+            Acceleration::Kvm,
+            &devices,
+        );
+        assert!(xml.contains("<target dev='sda' bus='sata'/>") && !xml.contains("<os firmware='efi'>"), "{xml}");
+        let (_, hw, devices) = by_label("inspected-windows-virtio");
+        let xml = domain_xml_for(
+            &spec("dc01", hw),
+            &[disk("/o/a.qcow2", devices.disk_bus)],
+            &bridge(),
+            Acceleration::Kvm,
+            &devices,
+        );
+        assert!(
+            xml.contains("<target dev='vda' bus='virtio'/>")
+                && xml.contains(
+                    "<interface type='bridge'>\n      <source bridge='virbr0'/>\n      <model type='virtio'/>"
+                ),
+            "{xml}"
+        );
+        assert!(xml.contains("<hyperv>") && xml.contains("<clock offset='localtime'>"), "{xml}");
+        assert!(xml.contains("<libosinfo:os id='http://microsoft.com/win/7'/>"), "{xml}");
+        let (_, hw, devices) = by_label("inspected-windows-secureboot");
+        let xml = domain_xml_for(
+            &spec("dc01", hw),
+            &[disk("/o/a.qcow2", devices.disk_bus)],
+            &bridge(),
+            Acceleration::Kvm,
+            &devices,
+        );
+        assert!(xml.contains("<target dev='sda' bus='sata'/>") && xml.contains("<model type='e1000e'/>"), "{xml}");
+        assert!(xml.contains("<loader secure='yes'/>"), "{xml}");
+    }
+
+    #[test]
+    fn without_inspection_the_xml_has_no_metadata() {
+        assert!(!xml_for(&spec("web01", Hardware::default())).contains("<metadata>"));
     }
 
     /// `virt-xml-validate`, or `None` when it is missing and HYPER2KVM_SKIP_XML_VALIDATE=1 says
@@ -880,7 +1004,9 @@ pub(super) mod tests {
         let cases = schema_cases();
         for domain in ["<domain type='kvm'>", "<domain type='qemu'>"] {
             let with: Vec<&str> = cases.iter().filter(|(_, xml)| xml.starts_with(domain)).map(|(l, _)| *l).collect();
-            for label in ["bios", "uefi", "uefi-secureboot", "windows"] {
+            for label in
+                ["bios", "uefi", "uefi-secureboot", "windows", "inspected-linux-uefi", "inspected-windows-virtio"]
+            {
                 assert!(with.contains(&label), "no {label} case starts with {domain}");
             }
         }

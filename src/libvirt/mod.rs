@@ -4,6 +4,7 @@
 //! runs on the job's blocking thread, with one connection per job. Rules and messages:
 //! docs/LIBVIRT.md.
 pub mod connection;
+pub mod devices;
 pub mod domain_xml;
 pub mod error;
 pub mod host_caps;

@@ -646,3 +646,32 @@ fn a_build_or_start_refused_because_another_started_the_pool_is_no_error() {
     let failed = StoragePool::lookup_by_name(conn.raw(), "nonexistent").map(|_| ());
     assert!(super::pool::unless_active(&pool, failed).is_err());
 }
+
+/// The XML of every kind of device choice from an inspected guest is one libvirt defines, and
+/// libvirt keeps the libosinfo id and the chosen devices.
+#[test]
+fn inspected_devices_define_on_the_test_driver() {
+    let conn = Connection::open("test:///default").unwrap();
+    for (index, (label, hardware, devices)) in super::domain_xml::tests::inspected_cases().into_iter().enumerate() {
+        let spec = JobSpec { vm_name: format!("g-domain-{index}-{label}"), hardware, ..web01() };
+        let disks: Vec<DomainDisk> = ["/out/a.qcow2", "/out/b.qcow2"]
+            .iter()
+            .map(|p| DomainDisk { path: PathBuf::from(p), target_bus: devices.disk_bus })
+            .collect();
+        let attach = NetworkAttachment::Bridge("virbr0".to_owned());
+        let xml = domain_xml::domain_xml_for(&spec, &disks, &attach, Acceleration::Kvm, &devices);
+        assert_schema_valid(&xml);
+        let domain = Domain::define_xml(conn.raw(), &xml).unwrap_or_else(|e| panic!("{label}: {e}\n{xml}"));
+        let defined = domain.get_xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE).unwrap();
+        domain.undefine().unwrap();
+        let bus = match devices.disk_bus {
+            DiskBus::Virtio => "bus='virtio'",
+            DiskBus::Sata => "bus='sata'",
+        };
+        assert!(defined.contains(bus), "{label}: {defined}");
+        assert!(defined.contains(&format!("<model type='{}'/>", devices.nic_model.as_str())), "{label}: {defined}");
+        if let Some(id) = &devices.osinfo {
+            assert!(defined.contains(&format!("<libosinfo:os id=\"{id}\"/>")), "{label}: {defined}");
+        }
+    }
+}
