@@ -157,6 +157,11 @@ for unit in hyper2kvm.service hyper2kvm@.service hyper2kvm.target; do
     in_ct systemctl cat "$unit" >/dev/null || fail "systemd does not know $unit"
 done
 check "the package installs the binary, the user and the units"
+recommends=$(in_ct dpkg-query -W -f='${Recommends}' hyper2kvm)
+for pkg in virt-v2v nbdkit libguestfs-tools qemu-system-x86 ovmf initramfs-tools-core zstd; do
+    grep -Eq "(^|, )$pkg(,|$| )" <<<"$recommends" || fail "the package does not recommend $pkg (guest fixing): $recommends"
+done
+check "the package recommends what guest fixing needs ($recommends)"
 
 verify=$(in_ct systemd-analyze verify hyper2kvm.service hyper2kvm@vsphere.service hyper2kvm.target 2>&1 || true)
 [ -z "$verify" ] || fail "systemd-analyze verify is not clean:
