@@ -10,7 +10,8 @@
 # hyper2kvm@vsphere, a manifest dropped into its queue becomes a qcow2 and
 # a libvirt domain in qemu:///system, journalctl shows the job's fields, systemctl stop during a
 # conversion leaves no partial file, hyper2kvm.target starts every enabled instance, and
-# systemd-analyze verify is clean. This machine does not run systemd as PID 1, so commands run
+# systemd-analyze verify is clean; libguestfs' appliance (guest fixing) launches under the
+# unit's own sandbox. This machine does not run systemd as PID 1, so commands run
 # inside the container with `nsenter -t <container PID 1> -a`.
 #
 # Where the machine cannot do this (not root, no systemd-nspawn or debootstrap and no apt-get to
@@ -156,6 +157,11 @@ for unit in hyper2kvm.service hyper2kvm@.service hyper2kvm.target; do
     in_ct systemctl cat "$unit" >/dev/null || fail "systemd does not know $unit"
 done
 check "the package installs the binary, the user and the units"
+recommends=$(in_ct dpkg-query -W -f='${Recommends}' hyper2kvm)
+for pkg in virt-v2v nbdkit libguestfs-tools qemu-system-x86 ovmf initramfs-tools-core zstd; do
+    grep -Eq "(^|, )$pkg(,|$| )" <<<"$recommends" || fail "the package does not recommend $pkg (guest fixing): $recommends"
+done
+check "the package recommends what guest fixing needs ($recommends)"
 
 verify=$(in_ct systemd-analyze verify hyper2kvm.service hyper2kvm@vsphere.service hyper2kvm.target 2>&1 || true)
 [ -z "$verify" ] || fail "systemd-analyze verify is not clean:
@@ -163,6 +169,56 @@ $verify"
 check "systemd-analyze verify of every unit is clean"
 score=$(in_ct systemd-analyze security --no-pager hyper2kvm@vsphere.service 2>/dev/null | tail -n 1 || true)
 echo "  systemd-analyze security: ${score:-n/a}"
+
+# ---- guest fixing under the unit's own sandbox ----
+# libguestfs' appliance, as guest fixing starts it (supermin builds it from the container's
+# kernel and modules, qemu boots it under TCG), run by the shipped hyper2kvm@.service itself:
+# the drop-in only replaces what it runs and how long it may take, so every sandbox, device
+# and resource setting is the unit file's own. TCG is forced as hyper2kvm forces it where
+# KVM is not usable (the container has no /dev/kvm).
+say "libguestfs' appliance under hyper2kvm@.service's sandbox (libguestfs-test-tool, TCG)"
+mkdir -p "$ct/etc/systemd/system/hyper2kvm@guestfs.service.d"
+printf '%s\n' '[Service]' 'Type=oneshot' 'ExecStart=' 'ExecStart=/usr/bin/libguestfs-test-tool' 'Restart=no' \
+    'WatchdogSec=0' 'TimeoutStartSec=600' 'Environment=LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg' \
+    >"$ct/etc/systemd/system/hyper2kvm@guestfs.service.d/override.conf"
+in_ct systemctl daemon-reload
+guestfs_started=$(date +%s)
+in_ct systemctl start hyper2kvm@guestfs.service 2>/dev/null || true
+guestfs_seconds=$(($(date +%s) - guestfs_started))
+guestfs_log=$(in_ct journalctl -u hyper2kvm@guestfs.service --no-pager -o cat)
+result=$(in_ct systemctl show -P Result hyper2kvm@guestfs.service)
+if [ "$result" != success ] || ! grep -q '===== TEST FINISHED OK =====' <<<"$guestfs_log"; then
+    printf '%s\n' "$guestfs_log" | tail -n 60 >&2
+    fail "libguestfs' appliance did not run under hyper2kvm@.service's sandbox (result: $result)"
+fi
+# libguestfs reports its qemu's peak resident memory: what MemoryMax must hold per appliance.
+maxrss=$(sed -n 's/^libguestfs: qemu maxrss \([0-9]*\)K$/\1/p' <<<"$guestfs_log" | tail -n 1)
+check "libguestfs' appliance ran under hyper2kvm@.service's sandbox in ${guestfs_seconds}s (TCG), its qemu at most $((${maxrss:-0} >> 10)) MiB resident"
+in_ct test -d "/var/cache/hyper2kvm/.guestfs-$(in_ct id -u hyper2kvm)" ||
+    fail "the appliance was not cached in /var/cache/hyper2kvm (LIBGUESTFS_CACHEDIR)"
+cache_mib=$(in_ct du -sm /var/cache/hyper2kvm | cut -f1)
+check "the appliance is cached in /var/cache/hyper2kvm (${cache_mib} MiB), kept across restarts"
+
+# /dev/kvm reaches the private /dev through the unit's own lines for it. The container has no
+# /dev/kvm, so those lines are tried on a device it has, /dev/net/tun, and must be what opens it.
+if in_ct test -c /dev/net/tun; then
+    kvm_lines=$(grep -E '^[A-Za-z]+=.*/dev/kvm' "$ct/lib/systemd/system/hyper2kvm@.service" | sed 's|/dev/kvm|/dev/net/tun|g')
+    [ -n "$kvm_lines" ] || fail "hyper2kvm@.service has no lines for /dev/kvm"
+    for variant in with without; do
+        mkdir -p "$ct/etc/systemd/system/hyper2kvm@dev$variant.service.d"
+        {
+            printf '%s\n' '[Service]' 'Type=oneshot' 'ExecStart=' 'Restart=no' 'WatchdogSec=0'
+            echo "ExecStart=/bin/sh -c ': <>/dev/net/tun'"
+            [ "$variant" = without ] || printf '%s\n' "$kvm_lines"
+        } >"$ct/etc/systemd/system/hyper2kvm@dev$variant.service.d/override.conf"
+    done
+    in_ct systemctl daemon-reload
+    in_ct systemctl start hyper2kvm@devwith.service || fail "the unit's /dev/kvm lines do not open the device in its private /dev"
+    ! in_ct systemctl start hyper2kvm@devwithout.service 2>/dev/null || fail "a device opened without the unit's lines for it"
+    check "the unit's /dev/kvm lines (tried on /dev/net/tun) open that device, and nothing else does"
+else
+    echo "  (no /dev/net/tun in the container: the unit's /dev/kvm lines were not tried)"
+fi
 
 # ---- an instance, configured the way an operator does ----
 exports=/var/lib/hyper2kvm/vsphere/exports

@@ -5,7 +5,10 @@
 //! What makes a worker not ready ([`Capabilities::problems`]): WATCH_DIR missing or not
 //! writable, TEMP_DIR or OUTPUT_DIR not writable or with less free space than the threshold,
 //! libvirt unreachable while LIBVIRT_INTEGRATION is on. What only limits it
-//! ([`Capabilities::warnings`]): no qemu-img (vhd, vhdx, vdi and qcow2 sources fail).
+//! ([`Capabilities::warnings`]): no qemu-img (vhd, vhdx, vdi and qcow2 sources fail), no guest
+//! tools (guests cannot be fixed or boot-checked: [`guest`]).
+
+pub mod guest;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
@@ -65,6 +68,8 @@ pub struct Capabilities {
     /// WATCH_DIR, OUTPUT_DIR and TEMP_DIR as found.
     pub directories: Vec<Directory>,
     pub memory: Memory,
+    /// Whether guests can be inspected, fixed and boot-checked here, and on what.
+    pub guest: guest::GuestSupport,
 }
 
 /// `/dev/kvm`, as this process can use it.
@@ -160,6 +165,7 @@ pub fn probe_with(config: &Config, min_free_bytes: u64) -> Capabilities {
         mount,
         directories,
         memory: memory(),
+        guest: guest::probe(&crate::guest::Tools::new(config.guest_tools_wrapper.clone())),
     };
     judge(&mut caps, min_free_bytes);
     caps
@@ -194,6 +200,7 @@ fn judge(caps: &mut Capabilities, min_free_bytes: u64) {
         caps.warnings
             .push("qemu-img is not installed: vhd, vhdx, vdi and qcow2 sources will fail (install qemu-utils)".into());
     }
+    caps.warnings.extend(guest::warnings(&caps.guest));
     caps.ready = problems.is_empty();
     caps.problems = problems;
 }
@@ -359,6 +366,7 @@ pub fn render(c: &Capabilities) -> String {
         let limit = c.memory.limit_bytes.map(|l| format!(", limited to {} MiB", l >> 20)).unwrap_or_default();
         text.push_str(&format!("memory: {} MiB{available}{limit}\n", total >> 20));
     }
+    text.push_str(&guest::render(&c.guest));
     for line in
         c.problems.iter().map(|p| format!("problem: {p}\n")).chain(c.warnings.iter().map(|w| format!("warning: {w}\n")))
     {
@@ -391,12 +399,50 @@ mod tests {
     use crate::config::Overrides;
 
     fn config_with_uri(uri: &str) -> Config {
+        config_with(&[("LIBVIRT_URI", uri)])
+    }
+
+    fn config_with(flags: &[(&str, &str)]) -> Config {
         let dir = tempfile::tempdir().unwrap();
         let overrides = Overrides {
             config_dir: Some(dir.path().to_owned()),
-            flags: vec![("LIBVIRT_URI".to_owned(), uri.to_owned())],
+            flags: flags.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
         };
         Config::load(&overrides, &BTreeMap::<String, String>::new()).unwrap()
+    }
+
+    #[test]
+    fn guest_tools_are_looked_for_behind_the_configured_wrapper() {
+        let wrapper = "/nonexistent/guest-tools-run.sh /nonexistent/root --";
+        let dir = tempfile::tempdir().unwrap();
+        let queue = dir.path().to_str().unwrap();
+        let output = dir.path().join("out");
+        let config = config_with(&[
+            ("LIBVIRT_URI", "test:///default"),
+            ("WATCH_DIR", queue),
+            ("OUTPUT_DIR", output.to_str().unwrap()),
+            ("GUEST_TOOLS_WRAPPER", wrapper),
+        ]);
+        let caps = probe_with(&config, 0);
+        assert_eq!(caps.guest.tools_wrapper.as_deref(), Some(wrapper), "{:?}", caps.guest);
+        assert!(!caps.guest.fix && !caps.guest.boot_check, "{:?}", caps.guest);
+        // Missing guest tools limit the worker; they do not make it unready.
+        assert!(caps.problems.is_empty(), "{:?}", caps.problems);
+        assert!(
+            caps.warnings
+                .iter()
+                .any(|w| w.starts_with("guests cannot be inspected or fixed here (pipeline.fix fails): ")),
+            "{:?}",
+            caps.warnings
+        );
+        let text = render(&caps);
+        assert!(text.contains(&format!("guest tools: (through GUEST_TOOLS_WRAPPER={wrapper})\n")), "{text}");
+        assert!(text.contains("\n  guest fixing: no: virt-inspector is not installed"), "{text}");
+        let json = serde_json::to_value(&caps).unwrap();
+        for key in ["tools_wrapper", "tools", "inspect", "fix", "boot_check", "accel", "ovmf"] {
+            assert!(json["guest"].get(key).is_some(), "guest.{key} in {json}");
+        }
+        assert_eq!(json["guest"]["tools"][0]["tool"], "virt-inspector", "{json}");
     }
 
     #[test]

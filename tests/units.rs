@@ -128,6 +128,41 @@ fn the_single_unit_reads_the_shared_conf_only_and_has_no_instance() {
     assert_daemon_unit(name, &entries);
 }
 
+/// Guest fixing runs libguestfs' appliance (supermin, then qemu under TCG where KVM is not
+/// usable) inside the daemon's sandbox; the system test launches it under the installed unit.
+/// Each unit carries the few relaxations it needs (docs/OPERATIONS.md, "Guest fixing"), and
+/// the rest of the hardening is not loosened with them.
+#[test]
+fn the_units_let_libguestfs_run_and_keep_the_rest_of_the_sandbox() {
+    for name in ["hyper2kvm@.service", "hyper2kvm.service"] {
+        let entries = unit(name);
+        let service = |key| value(name, &entries, "Service", key);
+        assert_eq!(service("MemoryDenyWriteExecute"), "no", "{name}: TCG writes the code it runs");
+        assert_eq!(service("ProtectKernelModules"), "no", "{name}: supermin copies /usr/lib/modules");
+        assert_eq!(service("BindPaths"), "-/dev/kvm", "{name}: KVM into the private /dev, where present");
+        assert_eq!(service("DeviceAllow"), "/dev/kvm rw", "{name}: and through the device policy");
+        assert_eq!(service("CacheDirectory"), "hyper2kvm", "{name}: the appliance's cache survives restarts");
+        let environment = values(&entries, "Service", "Environment").join(" ");
+        for variable in ["LIBGUESTFS_CACHEDIR=%C/hyper2kvm", "TMPDIR=/var/tmp"] {
+            assert!(environment.split_whitespace().any(|v| v == variable), "{name}: {variable} in {environment}");
+        }
+        for (key, kept) in [
+            ("PrivateDevices", "yes"),
+            ("PrivateTmp", "yes"),
+            ("NoNewPrivileges", "yes"),
+            ("CapabilityBoundingSet", ""),
+            ("ProtectSystem", "strict"),
+            ("ProtectKernelTunables", "yes"),
+            ("RestrictNamespaces", "yes"),
+            ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6"),
+            ("LockPersonality", "yes"),
+        ] {
+            assert_eq!(service(key), kept, "{name}: {key}= is not needed off for guest fixing");
+        }
+        assert_eq!(values(&entries, "Service", "SystemCallFilter"), ["@system-service", "~@privileged"], "{name}");
+    }
+}
+
 /// The target only starts what is enabled into it; it must itself be wanted at boot.
 #[test]
 fn the_target_is_started_at_boot() {

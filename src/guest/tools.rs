@@ -35,6 +35,7 @@ pub struct Tools {
 fn package_of(tool: &str) -> &'static str {
     match tool {
         "virt-v2v-in-place" | "virt-v2v-inspector" => "virt-v2v and nbdkit",
+        "nbdkit" => "nbdkit",
         "qemu-system-x86_64" => "qemu-system-x86",
         "lsinitramfs" => "initramfs-tools-core",
         _ => "libguestfs-tools",
