@@ -87,7 +87,7 @@ pub fn fix(
         if !matches!(booted.outcome, BootOutcome::Booted(_)) {
             let what = match &booted.outcome {
                 BootOutcome::Failed(sign) => format!("its console showed {sign:?}"),
-                _ => format!("no login prompt within {} s", budget.as_secs()),
+                _ => format!("no login prompt and no network packet within {} s", budget.as_secs()),
             };
             outcome = Err(OneShotError::BootFailed(what, booted.console_log.clone()));
         }
