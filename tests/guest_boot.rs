@@ -6,8 +6,10 @@
 //! writes (`libvirt::domain_xml`, for real) without its `<serial>`/`<console>`, so the machine
 //! has no serial port and the host reads nothing from the guest (qemu `-serial none`), whatever
 //! the guest's kernel command line asks for. The fixed guest must then be decided booted by
-//! its DHCP request; the unfixed guest, which stops in its initramfs, must not be decided
-//! booted. Needs root, debootstrap, loop devices and the Debian mirror, or SKIPS saying why.
+//! its first frame (systemd-networkd brings its link up); the unfixed guest, which stops in
+//! its initramfs, must not be decided booted. A guest that panics without a console is caught
+//! by qemu's pvpanic device. Needs root, debootstrap, loop devices and the Debian mirror, or
+//! SKIPS saying why.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -162,4 +164,21 @@ fn guest_boot_without_console_unfixed_is_not_booted() {
     assert_eq!(report.outcome, BootOutcome::Undecided, "{report:#?}");
     assert_eq!(report.decided_by, Evidence::None);
     assert!(report.first_packets.is_empty(), "{:?}", report.first_packets);
+}
+
+/// A guest that panics with no console: a boot sector that does what a panicking kernel's
+/// pvpanic driver does (writes "panicked" to port 0x505), booted with the same domain.
+#[test]
+fn guest_boot_sees_a_panic_without_a_console() {
+    let Some(m) = machine() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("panics.img");
+    let mut disk = vec![0u8; 1024 * 1024];
+    // mov dx, 0x505; mov al, 1; out dx, al; hlt; jmp back to the hlt
+    disk[..9].copy_from_slice(&[0xba, 0x05, 0x05, 0xb0, 0x01, 0xee, 0xf4, 0xeb, 0xfd]);
+    disk[510..512].copy_from_slice(&[0x55, 0xaa]);
+    std::fs::write(&image, disk).unwrap();
+    let report = boot(&m, &image, dir.path(), Duration::from_secs(120));
+    assert_eq!(report.outcome, BootOutcome::Failed("pvpanic: the guest reported a panic".into()), "{report:#?}");
+    assert_eq!(report.decided_by, Evidence::Panic);
 }

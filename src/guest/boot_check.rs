@@ -24,6 +24,7 @@ use serde::Serialize;
 use super::domain::{self, Devices, DiskBus, ScsiModel};
 use super::files::format_of;
 use super::pcap;
+use super::qmp::PanicWatch;
 use super::tools::{absolute, kill_group, Cancel, Tools};
 use super::GuestError;
 
@@ -127,6 +128,8 @@ pub enum Evidence {
     Console,
     /// The guest's first network packet (no console sign came).
     Network,
+    /// The guest reported a panic to qemu's `pvpanic` device.
+    Panic,
     /// Nothing: the time ran out, or qemu ended.
     None,
 }
@@ -169,11 +172,18 @@ pub fn boot_check(tools: &Tools, spec: &BootSpec<'_>) -> Result<BootReport, Gues
     for n in 0..spec.devices.nics.len() {
         let _ = std::fs::remove_file(packets_file(&packets_log, n));
     }
+    let panic_watch = PanicWatch::new();
     let mut cmd = tools.command("qemu-system-x86_64");
-    cmd.args(qemu_args(spec, kvm, &packets_log)).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(qemu_err);
+    cmd.args(qemu_args(spec, kvm, &packets_log, panic_watch.as_ref().map(PanicWatch::socket).as_deref()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(qemu_err);
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let started = Instant::now();
     let mut child = tools.spawn("qemu-system-x86_64", &mut cmd)?;
+    if let Some(watch) = &panic_watch {
+        watch.start();
+    }
     let seen = Arc::new(Mutex::new(String::new()));
     let reader = child.stdout.take().map(|out| copy_console(out, console, Arc::clone(&seen)));
     let macs: Vec<_> = spec.devices.nics.iter().map(|n| n.mac).collect();
@@ -183,6 +193,9 @@ pub fn boot_check(tools: &Tools, spec: &BootSpec<'_>) -> Result<BootReport, Gues
         let text = seen.lock().map(|s| s.clone()).unwrap_or_default();
         if let Some(outcome) = decide(&text) {
             break (outcome, Evidence::Console);
+        }
+        if panic_watch.as_ref().is_some_and(PanicWatch::panicked) {
+            break (BootOutcome::Failed("pvpanic: the guest reported a panic".into()), Evidence::Panic);
         }
         if let Some((sign, at)) = watch.poll(started) {
             // A guest whose console talks gets a little longer to say more than a packet does.
@@ -308,7 +321,7 @@ fn packets_file(packets_log: &Path, nic: usize) -> PathBuf {
 /// The qemu command line: the domain's machine and devices, every write to a temporary
 /// snapshot, the console on stdout, each NIC on isolated user networking with its traffic
 /// dumped to `packets`.
-fn qemu_args(spec: &BootSpec<'_>, kvm: bool, packets: &Path) -> Vec<String> {
+fn qemu_args(spec: &BootSpec<'_>, kvm: bool, packets: &Path, qmp: Option<&Path>) -> Vec<String> {
     let mut args: Vec<String> = [
         "-machine",
         "q35",
@@ -335,6 +348,12 @@ fn qemu_args(spec: &BootSpec<'_>, kvm: bool, packets: &Path) -> Vec<String> {
     .map(String::from)
     .to_vec();
     args.extend(["-m".into(), spec.memory_mib.to_string()]);
+    if let Some(socket) = qmp {
+        // A panic stops the guest (rather than ending qemu) and is reported on QMP.
+        let socket = socket.display().to_string().replace(',', ",,");
+        args.extend(["-qmp".into(), format!("unix:{socket},server=on,wait=off")]);
+        args.extend(["-device".into(), "pvpanic".into(), "-action".into(), "panic=pause".into()]);
+    }
     if spec.firmware == Firmware::Uefi {
         args.extend(["-drive".into(), format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}")]);
         args.extend(["-drive".into(), format!("if=pflash,format=raw,unit=1,file={OVMF_VARS}")]);
@@ -547,7 +566,7 @@ mod tests {
     }
 
     fn args_of(spec: &BootSpec<'_>) -> String {
-        qemu_args(spec, false, Path::new("/staging/console.pcap")).join(" ")
+        qemu_args(spec, false, Path::new("/staging/console.pcap"), Some(Path::new("/tmp/q/qmp.sock"))).join(" ")
     }
 
     #[test]
@@ -560,7 +579,7 @@ mod tests {
         for part in [
             "-machine q35 -accel tcg -cpu max",
             "-serial stdio -snapshot -no-reboot -boot strict=on",
-            "-m 1536",
+            "-m 1536 -qmp unix:/tmp/q/qmp.sock,server=on,wait=off -device pvpanic -action panic=pause",
             "-device pcie-root-port,id=port0,bus=pcie.0,chassis=1,port=0x10,addr=0x2.0x0,multifunction=on",
             "-netdev user,id=net0,restrict=on -device virtio-net-pci,netdev=net0,mac=00:50:56:aa:bb:01,bus=port0,romfile=",
             "-object filter-dump,id=dump0,netdev=net0,file=/staging/console.pcap",

@@ -15,6 +15,7 @@ pub mod fix;
 pub mod inspect;
 pub mod oneshot;
 pub mod pcap;
+mod qmp;
 pub mod tools;
 pub mod verify;
 
