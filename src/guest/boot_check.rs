@@ -47,6 +47,10 @@ const FAILED: &[&str] = &[
 /// How long a guest whose console talks has, after its first packet, to show a console sign
 /// before the packet decides: a login prompt follows DHCP within seconds even under TCG.
 const NETWORK_GRACE: Duration = Duration::from_secs(60);
+/// The console log file keeps this much of the guest's console.
+const MAX_CONSOLE_LOG: usize = 16 * 1024 * 1024;
+/// The console text kept to look for signs in (checked every 250 ms).
+const MAX_CONSOLE_SEEN: usize = 1024 * 1024;
 /// How many of the guest's first packets the report lists.
 const REPORTED_PACKETS: usize = 8;
 
@@ -247,7 +251,9 @@ pub fn boot_check(tools: &Tools, spec: &BootSpec<'_>) -> Result<BootReport, Gues
     })
 }
 
-/// Copies the console into its log and into `seen`, on a thread of its own.
+/// Copies the console into its log and into `seen`, on a thread of its own. The console is
+/// the guest's (hostile) output: the log keeps its first [`MAX_CONSOLE_LOG`] bytes, and `seen`
+/// its last [`MAX_CONSOLE_SEEN`] or so, which is what the signs are looked for in.
 fn copy_console(
     mut out: impl Read + Send + 'static,
     mut log: File,
@@ -255,13 +261,24 @@ fn copy_console(
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
+        let mut logged = 0usize;
         while let Ok(n) = out.read(&mut buf) {
             if n == 0 {
                 break;
             }
-            let _ = log.write_all(&buf[..n]);
+            let keep = n.min(MAX_CONSOLE_LOG.saturating_sub(logged));
+            if keep > 0 && log.write_all(&buf[..keep]).is_ok() {
+                logged += keep;
+            }
             if let Ok(mut s) = seen.lock() {
                 s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if s.len() > MAX_CONSOLE_SEEN {
+                    let mut cut = s.len() - MAX_CONSOLE_SEEN / 2;
+                    while !s.is_char_boundary(cut) {
+                        cut += 1;
+                    }
+                    s.drain(..cut);
+                }
             }
         }
     })
@@ -508,6 +525,20 @@ mod tests {
         assert_eq!(v["console_tail"][0], "  OK  ] Reached target");
         let undecided = BootReport { outcome: BootOutcome::Undecided, ..report };
         assert_eq!(serde_json::to_value(&undecided).unwrap()["outcome"], "undecided");
+    }
+
+    #[test]
+    fn a_console_that_never_stops_is_capped_in_memory_and_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let seen = Arc::new(Mutex::new(String::new()));
+        let flood = std::io::repeat(b'x').take(MAX_CONSOLE_LOG as u64 + 5 * MAX_CONSOLE_SEEN as u64);
+        let tail = std::io::Cursor::new(b"\nALERT! /dev/sda1 does not exist".to_vec());
+        copy_console(flood.chain(tail), File::create(&log).unwrap(), Arc::clone(&seen)).join().unwrap();
+        let text = seen.lock().unwrap().clone();
+        assert!(text.len() <= MAX_CONSOLE_SEEN, "{}", text.len());
+        assert_eq!(decide(&text), Some(BootOutcome::Failed("ALERT!".into())));
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), MAX_CONSOLE_LOG as u64);
     }
 
     #[test]
