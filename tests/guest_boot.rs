@@ -78,8 +78,8 @@ fn converted(m: &Machine, dir: &Path) -> PathBuf {
 }
 
 /// V.xml for the fixture as the daemon writes it (a Debian guest: virtio disk and NIC, its
-/// VMware MAC), less the serial port and console: a machine without a serial port.
-fn domain_without_serial() -> String {
+/// VMware MAC), serial port and console included.
+fn domain() -> String {
     let disk = DiskSpec {
         id: "disk-0".into(),
         source_format: SourceFormat::Ova,
@@ -103,7 +103,12 @@ fn domain_without_serial() -> String {
     };
     let disks =
         [DomainDisk { path: "/var/lib/hyper2kvm/output/debian12-vmware.qcow2".into(), target_bus: DiskBus::Virtio }];
-    let xml = domain_xml(&spec, &disks, &NetworkAttachment::Network("default".into()));
+    domain_xml(&spec, &disks, &NetworkAttachment::Network("default".into()))
+}
+
+/// [`domain`] less the serial port and console: a machine without a serial port.
+fn domain_without_serial() -> String {
+    let xml = domain();
     let start = xml.find("    <serial").expect("the domain has a serial port");
     let end = xml.find("</console>\n").expect("the domain has a console") + "</console>\n".len();
     let without = format!("{}{}", &xml[..start], &xml[end..]);
@@ -112,11 +117,14 @@ fn domain_without_serial() -> String {
 }
 
 fn boot(m: &Machine, image: &Path, dir: &Path, budget: Duration) -> BootReport {
+    boot_with(m, &domain_without_serial(), image, dir, budget)
+}
+
+fn boot_with(m: &Machine, xml: &str, image: &Path, dir: &Path, budget: Duration) -> BootReport {
     let tools = Tools::new(m.wrapper.split_whitespace().map(str::to_owned).collect());
-    let xml = domain_without_serial();
-    let spec = BootSpec::from_domain_xml(&xml, vec![image.to_path_buf()], dir.join("console.log"), budget, &|| false)
+    let spec = BootSpec::from_domain_xml(xml, vec![image.to_path_buf()], dir.join("console.log"), budget, &|| false)
         .expect("the boot check reproduces hyper2kvm's own domain");
-    assert!(!spec.devices.serial);
+    assert_eq!(spec.devices.serial, xml.contains("<serial"));
     let report = boot_check(&tools, &spec).expect("boot check ran");
     eprintln!(
         "boot check: {:?} by {:?} after {:.1} s ({}); first packet at {:?} s: {:?}",
@@ -152,6 +160,12 @@ fn guest_boot_without_console_fixed_is_booted_by_network() {
     assert!(report.console_tail.is_empty(), "a machine without a serial port shows no console");
     assert!(report.first_packets.iter().all(|p| p.starts_with(MAC)), "{:?}", report.first_packets);
     assert!(std::fs::metadata(&report.packets_log).map(|m| m.len() > 24).unwrap_or(false), "the capture is kept");
+
+    // The whole V.xml, serial port included: the console's login prompt decides, as it
+    // does for `hyper2kvm fix --boot-check`.
+    let with_console = boot_with(&m, &domain(), &image, dir.path(), Duration::from_secs(600));
+    assert_eq!(with_console.outcome, BootOutcome::Booted("login:".into()), "{with_console:#?}");
+    assert_eq!(with_console.decided_by, Evidence::Console);
 }
 
 #[test]
