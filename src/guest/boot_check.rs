@@ -646,6 +646,17 @@ mod tests {
     }
 
     #[test]
+    fn a_loader_means_uefi_as_firmware_efi_does() {
+        let xml = v_xml(Hardware::default(), &[XmlBus::Virtio], &[]);
+        assert_eq!(spec_of(&xml, 1).unwrap().firmware, Firmware::Bios);
+        let loader = "<os>\n    <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>";
+        assert!(xml.contains("<os>\n"), "{xml}");
+        let spec = spec_of(&xml.replacen("<os>", loader, 1), 1).unwrap();
+        assert_eq!(spec.firmware, Firmware::Uefi);
+        assert!(args_of(&spec).contains(OVMF_CODE));
+    }
+
+    #[test]
     fn what_the_check_cannot_reproduce_is_refused_with_a_reason() {
         let secure =
             Hardware { firmware: Some(crate::manifest::Firmware::Uefi), secureboot: true, ..Hardware::default() };

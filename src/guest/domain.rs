@@ -173,6 +173,7 @@ impl State {
             ([], "domain") => self.seen_domain = true,
             ([], other) => return Err(format!("the XML is a <{other}>, not a libvirt <domain>")),
             (["domain"], "memory") => self.memory_unit = attr(e, "unit"),
+            (["domain"], "os") => self.efi |= attr(e, "firmware").as_deref() == Some("efi"),
             (["domain", "os"], "type") => self.machine = attr(e, "machine"),
             (["domain", "os"], "loader") => {
                 self.efi = true;
@@ -198,9 +199,6 @@ impl State {
             }
             (["domain", "devices"], "serial" | "console") => self.serial = true,
             _ => {}
-        }
-        if parent.as_slice() == ["domain"] && name == "os" {
-            self.efi |= attr(e, "firmware").as_deref() == Some("efi");
         }
         Ok(())
     }
