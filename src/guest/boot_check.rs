@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::domain::{self, Devices, DiskBus, ScsiModel};
+use super::domain::{self, BootDevices, DiskBus, ScsiModel};
 use super::files::format_of;
 use super::pcap;
 use super::qmp::PanicWatch;
@@ -74,9 +74,9 @@ pub struct BootSpec<'a> {
     /// BOOT_CHECK_SECONDS: how long the guest has to show that it booted.
     pub budget: Duration,
     pub cancel: Cancel<'a>,
-    /// The guest-visible devices; `Devices::default()` is virtio disks, one virtio NIC and a
+    /// The guest-visible devices; `BootDevices::default()` is virtio disks, one virtio NIC and a
     /// serial port.
-    pub devices: Devices,
+    pub devices: BootDevices,
 }
 
 impl<'a> BootSpec<'a> {
@@ -715,7 +715,7 @@ mod tests {
             console_log: PathBuf::from("/staging/console.log"),
             budget: Duration::from_secs(1),
             cancel: &super::super::tools::never,
-            devices: Devices::default(),
+            devices: BootDevices::default(),
         };
         let args = args_of(&spec);
         assert!(args.contains("-serial stdio"), "{args}");

@@ -28,7 +28,7 @@ pub enum DiskBus {
     Virtio,
     /// q35's built-in AHCI controller (`ide-hd` on `ide.N`).
     Sata,
-    /// A SCSI controller of [`Devices::scsi_model`] (`scsi-hd`).
+    /// A SCSI controller of [`BootDevices::scsi_model`] (`scsi-hd`).
     Scsi,
 }
 
@@ -75,7 +75,7 @@ pub struct Nic {
 
 /// The guest-visible devices the boot check gives the images.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Devices {
+pub struct BootDevices {
     /// One bus per image, in order; images past the end of the list are virtio disks.
     pub disks: Vec<DiskBus>,
     pub scsi_model: ScsiModel,
@@ -84,11 +84,11 @@ pub struct Devices {
     pub serial: bool,
 }
 
-impl Default for Devices {
+impl Default for BootDevices {
     /// What the check used before it read domains: virtio disks, one virtio NIC (with the MAC
     /// qemu would give it), a serial port.
     fn default() -> Self {
-        Devices { disks: Vec::new(), scsi_model: ScsiModel::default(), nics: vec![default_nic(0)], serial: true }
+        BootDevices { disks: Vec::new(), scsi_model: ScsiModel::default(), nics: vec![default_nic(0)], serial: true }
     }
 }
 
@@ -103,7 +103,7 @@ fn default_nic(n: usize) -> Nic {
 pub struct Domain {
     pub firmware: Firmware,
     pub memory_mib: u64,
-    pub devices: Devices,
+    pub devices: BootDevices,
 }
 
 /// Reads the devices of `xml`; `Err` says what the boot check cannot reproduce.
@@ -291,7 +291,7 @@ impl State {
         Ok(Domain {
             firmware: if self.efi { Firmware::Uefi } else { Firmware::Bios },
             memory_mib,
-            devices: Devices {
+            devices: BootDevices {
                 disks: self.disks,
                 scsi_model: self.scsi_model.unwrap_or_default(),
                 nics: self.nics,

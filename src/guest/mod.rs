@@ -25,7 +25,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use boot_check::{boot_check, BootOutcome, BootReport, BootSpec, Evidence, Firmware};
-pub use domain::Devices;
+pub use domain::BootDevices;
 pub use fix::{fix, FixOptions, FixReport};
 pub use inspect::{inspect, GuestInfo};
 pub use tools::{Cancel, Tools};

@@ -81,7 +81,7 @@ pub fn fix(
             console_log: work.join("boot-check.console.log"),
             budget,
             cancel: &never,
-            devices: super::Devices::default(),
+            devices: super::BootDevices::default(),
         };
         let booted = boot_check(&tools, &spec)?;
         if !matches!(booted.outcome, BootOutcome::Booted(_)) {
