@@ -7,7 +7,8 @@
 # The guest: a 2 GiB disk with an msdos label and one ext4 root partition; Debian 12 (minbase +
 # linux-image-amd64, grub-pc, systemd-sysv, open-vm-tools, initramfs-tools, zstd (Debian's initramfs
 # compression), ifupdown; no
-# recommends); an initramfs built with MODULES=list holding only the drivers a VMware VM boots
+# recommends); systemd-networkd asking DHCP on en* NICs (and ifupdown's ens192 stanza, as
+# Debian's installer writes it on VMware); an initramfs built with MODULES=list holding only the drivers a VMware VM boots
 # from (ahci, ata_piix, sd_mod, mptspi, vmw_pvscsi, ext4) and NO virtio; fstab and the GRUB
 # kernel command line naming /dev/sda1; a serial console on ttyS0 (its `login:` prompt is the
 # boot check's signal). So on SATA it boots, and on the virtio disk hyper2kvm's domain gives it,
@@ -35,6 +36,14 @@ if [ -e "$dir/.complete" ]; then
 fi
 
 log() { echo "guest-fixture: $*" >&2; }
+# The build mounts in a mount namespace of its own: a namespace another process creates
+# meanwhile (scripts/guest-tools-run.sh runs every guest tool in one) would otherwise copy the
+# guest's mounted root and keep it mounted after our umount, its journal not checkpointed,
+# and the exported disk could miss files GRUB needs ("/dev/loopNp1 is in use" from e2fsck).
+if [ -z "${GUEST_FIXTURE_IN_NS:-}" ]; then
+    export GUEST_FIXTURE_IN_NS=1
+    exec unshare --mount --propagation private "$0" "$@"
+fi
 mkdir -p "$CACHE"
 work=$dir.tmp
 rm -rf "$work"
@@ -84,7 +93,15 @@ cat >"$r/etc/fstab" <<'FSTAB'
 /dev/sda1  /  ext4  errors=remount-ro  0  1
 FSTAB
 echo "$NAME" >"$r/etc/hostname"
-printf 'auto lo\niface lo inet loopback\n' >"$r/etc/network/interfaces"
+# The network as a VMware template may have it: Debian's installer writes an ifupdown stanza
+# for the VMware NIC name (ens192), which never matches on KVM (enp1s0: docs/GUEST.md, "not
+# fixed"), and the template also has systemd-networkd asking DHCP on any en* NIC, which does.
+# The boot check's network signal (the guest's first DHCP request) needs the network up.
+printf 'auto lo\niface lo inet loopback\n\nallow-hotplug ens192\niface ens192 inet dhcp\n' \
+    >"$r/etc/network/interfaces"
+mkdir -p "$r/etc/systemd/network"
+printf '[Match]\nName=en*\n\n[Network]\nDHCP=yes\n' >"$r/etc/systemd/network/50-dhcp.network"
+chroot "$r" systemctl enable systemd-networkd >&2
 sed -i 's/^MODULES=.*/MODULES=list/' "$r/etc/initramfs-tools/initramfs.conf"
 printf '%s\n' ahci ata_piix sd_mod mptspi vmw_pvscsi ext4 >>"$r/etc/initramfs-tools/modules"
 cat >"$r/etc/default/grub" <<'GRUB'
@@ -120,6 +137,8 @@ sync
 umount "$r"
 # A cleanly unmounted file system has an empty journal: check it, as GRUB will read it.
 e2fsck -fn "$part" >&2 || { log "the root file system is not clean after unmounting"; exit 1; }
+# Still mounted elsewhere means not cleanly unmounted, whatever e2fsck -n says.
+if grep -q "^$part " /proc/mounts; then log "$part is still mounted"; exit 1; fi
 cleanup
 loop=
 trap - EXIT

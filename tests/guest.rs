@@ -99,6 +99,7 @@ fn boot(m: &Machine, image: &Path, dir: &Path) -> hyper2kvm::guest::BootReport {
         console_log: dir.join("console.log"),
         budget: Duration::from_secs(900),
         cancel: &|| false,
+        devices: hyper2kvm::guest::BootDevices::default(),
     };
     let report = boot_check(&tools, &spec).expect("boot check ran");
     eprintln!("boot check: {:?} after {:.1} s ({})", report.outcome, report.seconds, report.accel);

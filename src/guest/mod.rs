@@ -9,10 +9,13 @@
 //! daemon's job stage is meant to call the same functions.
 
 pub mod boot_check;
+pub mod domain;
 pub mod files;
 pub mod fix;
 pub mod inspect;
 pub mod oneshot;
+pub mod pcap;
+mod qmp;
 pub mod tools;
 pub mod verify;
 
@@ -21,7 +24,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use boot_check::{boot_check, BootOutcome, BootReport, BootSpec, Firmware};
+pub use boot_check::{boot_check, BootOutcome, BootReport, BootSpec, Evidence, Firmware};
+pub use domain::BootDevices;
 pub use fix::{fix, FixOptions, FixReport};
 pub use inspect::{inspect, GuestInfo};
 pub use tools::{Cancel, Tools};
@@ -59,6 +63,9 @@ pub enum GuestError {
     /// The tool's output could not be understood.
     #[error("could not understand {tool}'s output: {reason}")]
     Output { tool: String, reason: String },
+    /// The boot check cannot give the guest the devices of its domain.
+    #[error("the boot check cannot reproduce the domain: {reason}")]
+    Unreproducible { reason: String },
     /// Reading or writing a local file failed.
     #[error("{what} {}: {source}", .path.display())]
     Io {

@@ -81,12 +81,13 @@ pub fn fix(
             console_log: work.join("boot-check.console.log"),
             budget,
             cancel: &never,
+            devices: super::BootDevices::default(),
         };
         let booted = boot_check(&tools, &spec)?;
         if !matches!(booted.outcome, BootOutcome::Booted(_)) {
             let what = match &booted.outcome {
                 BootOutcome::Failed(sign) => format!("its console showed {sign:?}"),
-                _ => format!("no login prompt within {} s", budget.as_secs()),
+                _ => format!("no login prompt and no network packet within {} s", budget.as_secs()),
             };
             outcome = Err(OneShotError::BootFailed(what, booted.console_log.clone()));
         }
