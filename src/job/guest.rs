@@ -329,8 +329,7 @@ impl GuestRun<'_, '_> {
 fn skipped_options(pipeline: &Pipeline) -> Vec<Skipped> {
     let mut skipped = Vec::new();
     let mut off = |step: &str, options: &[(&str, bool)]| {
-        for (option, on) in options.iter().filter(|(_, on)| *on) {
-            let _ = on;
+        for (option, _) in options.iter().filter(|(_, on)| *on) {
             skipped.push(Skipped {
                 step: format!("{step}.{option}"),
                 reason: format!("pipeline.{step}.enabled is not true"),

@@ -63,6 +63,21 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// Every stage, in the order a job meets them.
+    pub const ALL: [Stage; 11] = [
+        Stage::Manifest,
+        Stage::Source,
+        Stage::Checksum,
+        Stage::Inspect,
+        Stage::Convert,
+        Stage::Guest,
+        Stage::Validate,
+        Stage::Domain,
+        Stage::Libvirt,
+        Stage::Publish,
+        Stage::Internal,
+    ];
+
     /// The name used in logs (`STAGE=`), records and `.error` files.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -494,6 +509,12 @@ mod tests {
         assert_eq!(failure.stage, Stage::Internal);
         assert!(failure.summary.starts_with("hyper2kvm hit an internal error"), "{}", failure.summary);
         assert_eq!(failure.causes, ["panic: boom at cluster 7"]);
+    }
+
+    #[test]
+    fn every_stage_has_its_own_failure_counter() {
+        let names: Vec<&str> = Stage::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names, crate::metrics::FAILURE_STAGES, "a failure at a stage not counted is counted as internal");
     }
 
     #[test]
