@@ -195,7 +195,7 @@ fn guest_not_recognised_when_fixing_a_disk_without_an_os() {
     let text = wait_result(&s, "blank-vm", Duration::from_secs(900)).expect_err("a blank disk cannot be fixed");
     eprintln!("not recognised: {:.0} s", started.elapsed().as_secs_f64());
     let first = check_error_file(&s.daemon, "blank-vm", &text);
-    assert!(first.starts_with("no operating system was recognised on "), "{first}");
+    assert!(first.starts_with("no operating system was recognised on the converted disks disk-0: "), "{first}");
     assert!(first.ends_with("check the disk list"), "{first}");
     s.expected.push("blank-vm.error".into());
     s.finish();

@@ -193,8 +193,19 @@ impl GuestRun<'_, '_> {
                 );
                 Ok(None)
             }
+            // The staged paths are gone once the job ends: name the manifest's disks.
+            Err(GuestError::NotRecognised { .. }) => {
+                Err(self.failed(Stage::Guest, GuestError::NotRecognised { images: self.disk_names() }))
+            }
             Err(e) => Err(self.failed(Stage::Guest, e)),
         }
+    }
+
+    /// `the converted disks a, b`: the staged files are named after the manifest's disk ids.
+    fn disk_names(&self) -> String {
+        let ids: Vec<String> =
+            self.images.iter().filter_map(|p| p.file_stem()).map(|s| s.to_string_lossy().into_owned()).collect();
+        format!("the converted disks {}", guest::capped(&ids, 4))
     }
 
     /// `fix.backup`, then virt-v2v-in-place and the verification of its work.

@@ -4,8 +4,8 @@
 //! share (the daemon's [`JobContext`], the [`Claim`], the [`JobControl`], the event log, the
 //! manifest as read once and the names derived from it), and its methods are the stages, in
 //! order: `Job::prepare` → `Job::execute` (`stages.rs`: manifest → source → checksum →
-//! inspect → convert → guest → validate → domain → libvirt → publish) → `Job::conclude` (here: record the job
-//! done or failed, publish its `.error`, or give it back). Every failure becomes a [`Failure`]
+//! inspect → convert → guest → validate (`guest.rs`) → domain → libvirt → publish) →
+//! `Job::conclude` (here: record the job done or failed, publish its `.error`, or give it back). Every failure becomes a [`Failure`]
 //! whose summary is the `.error` file's first line, worded in `failures.rs`.
 //!
 //! What it must not do: claim, heartbeat or schedule (the daemon's), parse manifests itself

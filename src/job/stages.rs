@@ -1,8 +1,8 @@
 //! The stages of a job, as methods of [`Job`], in the order [`Job::execute`] runs them:
 //! `prepare` (earlier results aside, the staging directory), then the manifest's parse,
 //! `expand_ova_disks`, `move_aside_stale`, `prepare_sources` (confine, `verify_checksum`,
-//! inspect), `convert_disk` for each disk, the guest stage (`guest.rs`), `register_domain` (LIBVIRT_INTEGRATION),
-//! `new_report` and `publish_results`.
+//! inspect), `convert_disk` for each disk, the guest stage (`guest.rs`), `register_domain`
+//! (LIBVIRT_INTEGRATION), `new_report` and `publish_results`.
 //!
 //! What it must not do: end the job. A stage returns its result or a [`Stop`]; recording,
 //! publishing an `.error`, releasing or abandoning the claim are `mod.rs`'s, and every
