@@ -184,8 +184,13 @@ impl ManifestFile {
     /// Parses and validates the bytes read ([`parse_with_warnings`]); a failed read is the
     /// error.
     pub fn parse(&self) -> Result<(JobSpec, Vec<String>), ManifestError> {
+        self.parse_job().map(|(spec, _, warnings)| (spec, warnings))
+    }
+
+    /// [`ManifestFile::parse`], with the guest steps asked for ([`parse_job`]).
+    pub fn parse_job(&self) -> Result<(JobSpec, Pipeline, Vec<String>), ManifestError> {
         match &self.read {
-            Ok(bytes) => parse_with_warnings(bytes, &self.name),
+            Ok(bytes) => parse_job(bytes, &self.name),
             Err(e) => Err(e.clone().into()),
         }
     }
@@ -321,6 +326,65 @@ pub struct JobSpec {
     pub compress_level: Option<u32>,
 }
 
+/// The guest steps a manifest asks for (`pipeline.inspect`, `.fix`, `.validate`), each off
+/// unless its block says `enabled: true`. Serialized as the manifest spells them, for `V.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Pipeline {
+    pub inspect: InspectStep,
+    pub fix: FixStep,
+    pub validate: ValidateStep,
+}
+
+/// `pipeline.inspect`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct InspectStep {
+    pub enabled: bool,
+    pub collect_guest_info: bool,
+}
+
+/// `pipeline.fix`. The four repair switches are `None` when the manifest leaves them out:
+/// virt-v2v-in-place does each of them always, so only an explicit `false` matters (it cannot
+/// be honoured, and the job says so).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct FixStep {
+    pub enabled: bool,
+    pub backup: bool,
+    pub update_grub: Option<bool>,
+    pub regen_initramfs: Option<bool>,
+    pub fstab_mode: Option<FstabMode>,
+    pub remove_vmware_tools: Option<bool>,
+}
+
+/// `pipeline.fix.fstab_mode`, the original project's three modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FstabMode {
+    /// Rewrite mounts to stable names (the original: UUID/PARTUUID/LABEL).
+    StabilizeAll,
+    /// Rewrite only `/dev/disk/by-path/…` entries.
+    BypathOnly,
+    /// Leave fstab alone.
+    Noop,
+}
+
+impl FstabMode {
+    fn parse(v: &Value) -> Option<FstabMode> {
+        Some(match v.as_str()?.trim().to_ascii_lowercase().as_str() {
+            "stabilize-all" => FstabMode::StabilizeAll,
+            "bypath-only" => FstabMode::BypathOnly,
+            "noop" => FstabMode::Noop,
+            _ => return None,
+        })
+    }
+}
+
+/// `pipeline.validate`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct ValidateStep {
+    pub enabled: bool,
+    pub check_image_integrity: bool,
+}
+
 impl JobSpec {
     /// The boot disk, whose result `V.qcow2` is published last.
     pub fn boot_disk(&self) -> &DiskSpec {
@@ -385,6 +449,31 @@ struct RawNic {
 #[derive(Deserialize, Default)]
 struct RawPipeline {
     convert: Option<RawConvert>,
+    inspect: Option<RawInspect>,
+    fix: Option<RawFix>,
+    validate: Option<RawValidate>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawInspect {
+    enabled: Option<Value>,
+    collect_guest_info: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawFix {
+    enabled: Option<Value>,
+    backup: Option<Value>,
+    update_grub: Option<Value>,
+    regen_initramfs: Option<Value>,
+    fstab_mode: Option<Value>,
+    remove_vmware_tools: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawValidate {
+    enabled: Option<Value>,
+    check_image_integrity: Option<Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -407,6 +496,13 @@ pub fn parse(bytes: &[u8], file_name: &str) -> Result<JobSpec, ManifestError> {
 
 /// [`parse`], with the warnings a job records about a valid manifest (unknown keys).
 pub fn parse_with_warnings(bytes: &[u8], file_name: &str) -> Result<(JobSpec, Vec<String>), ManifestError> {
+    parse_job(bytes, file_name).map(|(spec, _, warnings)| (spec, warnings))
+}
+
+/// [`parse_with_warnings`], with the guest steps the manifest asks for. The [`Pipeline`] is
+/// kept beside the [`JobSpec`] rather than in it: the domain builder and its tests build
+/// `JobSpec`s of their own and have no use for it.
+pub fn parse_job(bytes: &[u8], file_name: &str) -> Result<(JobSpec, Pipeline, Vec<String>), ManifestError> {
     if bytes.len() as u64 > MAX_MANIFEST_BYTES {
         return Err(ManifestError::TooLarge(bytes.len() as u64));
     }
@@ -420,7 +516,10 @@ pub fn parse_with_warnings(bytes: &[u8], file_name: &str) -> Result<(JobSpec, Ve
         let path = e.path().to_string();
         ManifestError::Schema(format!("{path}: {}", e.into_inner()))
     })?;
-    Ok((validate(raw, file_name)?, warnings))
+    // The rest of the manifest is judged first: its errors say more than a pipeline option's.
+    let pipeline = validate_pipeline(&raw.pipeline);
+    let spec = validate(raw, file_name)?;
+    Ok((spec, pipeline?, warnings))
 }
 
 /// Keys of the Artifact Manifest v1.0 schema, as JSON paths (`[]` for any array index): the
@@ -595,6 +694,45 @@ fn validate(raw: RawManifest, file_name: &str) -> Result<JobSpec, ManifestError>
         compress: read_bool(convert.compress.as_ref(), "pipeline.convert.compress")?,
         compress_level,
     })
+}
+
+/// `pipeline.inspect`, `.fix` and `.validate`: every value read leniently as the other
+/// booleans are, a value that cannot be read refused naming its path.
+fn validate_pipeline(raw: &RawPipeline) -> Result<Pipeline, ManifestError> {
+    let flag = |value: &Option<Value>, field: &str| -> Result<bool, ManifestError> {
+        Ok(read_bool(value.as_ref(), field)?.unwrap_or(false))
+    };
+    let inspect = match &raw.inspect {
+        None => InspectStep::default(),
+        Some(i) => InspectStep {
+            enabled: flag(&i.enabled, "pipeline.inspect.enabled")?,
+            collect_guest_info: flag(&i.collect_guest_info, "pipeline.inspect.collect_guest_info")?,
+        },
+    };
+    let fix = match &raw.fix {
+        None => FixStep::default(),
+        Some(f) => FixStep {
+            enabled: flag(&f.enabled, "pipeline.fix.enabled")?,
+            backup: flag(&f.backup, "pipeline.fix.backup")?,
+            update_grub: read_bool(f.update_grub.as_ref(), "pipeline.fix.update_grub")?,
+            regen_initramfs: read_bool(f.regen_initramfs.as_ref(), "pipeline.fix.regen_initramfs")?,
+            fstab_mode: read_with(
+                f.fstab_mode.as_ref(),
+                "pipeline.fix.fstab_mode",
+                FstabMode::parse,
+                "stabilize-all, bypath-only or noop",
+            )?,
+            remove_vmware_tools: read_bool(f.remove_vmware_tools.as_ref(), "pipeline.fix.remove_vmware_tools")?,
+        },
+    };
+    let validate = match &raw.validate {
+        None => ValidateStep::default(),
+        Some(v) => ValidateStep {
+            enabled: flag(&v.enabled, "pipeline.validate.enabled")?,
+            check_image_integrity: flag(&v.check_image_integrity, "pipeline.validate.check_image_integrity")?,
+        },
+    };
+    Ok(Pipeline { inspect, fix, validate })
 }
 
 /// NICs as listed, each MAC read in any spelling [`MacAddress`] knows and written as libvirt

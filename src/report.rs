@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::manifest::SourceFormat;
+use crate::config::BootCheck;
+use crate::guest::{BootReport, FixReport, GuestInfo, Verification};
+use crate::manifest::{Pipeline, SourceFormat};
 
 /// One converted disk.
 #[derive(Debug, Clone, Serialize)]
@@ -70,5 +72,94 @@ pub struct Report {
     pub domain_xml: String,
     /// The domain's firmware, disk bus, NIC model, machine type and OS id, each with its reason.
     pub devices: crate::libvirt::domain_xml::Devices,
+    /// What the guest stage was asked, did and skipped.
+    pub guest: GuestReport,
     pub warnings: Vec<String>,
+}
+
+/// `V.json`'s `guest`: the manifest's `pipeline.inspect`/`fix`/`validate` and BOOT_CHECK, what
+/// each step found, and what was not done and why (docs/GUEST.md).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GuestReport {
+    pub asked: GuestAsked,
+    /// The guest as inspection saw it (its kernels' virtio facts as verified after a fix).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inspect: Option<GuestInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<FixRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validate: Option<ValidateRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_check: Option<BootReport>,
+    /// Each step run, with its time and how its qemu ran.
+    pub steps: Vec<StepRecord>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// What the job was asked for: the manifest's guest steps and the configuration's BOOT_CHECK.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GuestAsked {
+    #[serde(flatten)]
+    pub pipeline: Pipeline,
+    pub boot_check: BootCheck,
+}
+
+/// The fix: virt-v2v-in-place's run, what hyper2kvm mended after it, and the verification.
+#[derive(Debug, Clone, Serialize)]
+pub struct FixRecord {
+    pub done: bool,
+    /// `log`, `seconds`, `accel`.
+    #[serde(flatten)]
+    pub tool: FixReport,
+    pub mended: Vec<String>,
+    pub verification: Verification,
+    /// The manifest's repair options against what the tool does.
+    pub options: Vec<FixOption>,
+    /// Copies of the staged disks taken before the fix (`fix.backup`), kept until the job ends.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub backup: Vec<PathBuf>,
+}
+
+/// One `pipeline.fix` option: asked (the manifest's value; `null` when left out) and done.
+#[derive(Debug, Clone, Serialize)]
+pub struct FixOption {
+    pub option: &'static str,
+    pub asked: serde_json::Value,
+    /// `always`: virt-v2v-in-place has no switch for it and always does it.
+    pub done: &'static str,
+    pub note: String,
+}
+
+/// `pipeline.validate`: `qemu-img check` of every staged output.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ValidateRecord {
+    pub image_integrity: Vec<IntegrityCheck>,
+}
+
+/// One output's `qemu-img check`.
+#[derive(Debug, Clone, Serialize)]
+pub struct IntegrityCheck {
+    /// File name in OUTPUT_DIR.
+    pub output: String,
+    pub ok: bool,
+    /// qemu-img's JSON (corruptions, leaks, check-errors, …).
+    pub result: serde_json::Value,
+    pub seconds: f64,
+}
+
+/// One guest step's time.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    pub step: &'static str,
+    pub seconds: f64,
+    /// `kvm` or `tcg`; absent for steps without a VM (qemu-img check).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+}
+
+/// A step or option not done, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub step: String,
+    pub reason: String,
 }

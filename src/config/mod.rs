@@ -58,7 +58,33 @@ pub const KNOWN_KEYS: &[&str] = &[
     "MIN_FREE_SPACE_MB",
     "GUEST_TOOLS_WRAPPER",
     "VIRTIO_WIN",
+    "BOOT_CHECK",
+    "BOOT_CHECK_SECONDS",
 ];
+
+/// BOOT_CHECK: whether a job boots its result once before publishing it (docs/GUEST.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootCheck {
+    /// No boot check.
+    #[default]
+    Off,
+    /// A guest that does not reach a login prompt is a warning in `V.json`.
+    Warn,
+    /// A guest that does not reach a login prompt fails the job.
+    Require,
+}
+
+impl BootCheck {
+    fn parse(text: &str) -> Option<BootCheck> {
+        Some(match text.to_ascii_lowercase().as_str() {
+            "off" | "false" | "no" | "0" => BootCheck::Off,
+            "warn" => BootCheck::Warn,
+            "require" => BootCheck::Require,
+            _ => return None,
+        })
+    }
+}
 
 /// Where a configuration value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,6 +221,10 @@ pub struct Config {
     /// drivers from; checked at start-up (exists, readable). Without it a Windows guest keeps
     /// SATA and e1000e.
     pub virtio_win: Option<PathBuf>,
+    /// BOOT_CHECK: boot each job's result once before publishing it.
+    pub boot_check: BootCheck,
+    /// BOOT_CHECK_SECONDS: how long that boot has to reach a login prompt.
+    pub boot_check_seconds: Duration,
     /// Start-up warnings (unknown keys, ignored options), to be logged once.
     pub warnings: Vec<String>,
 }
@@ -488,6 +518,8 @@ impl Resolver {
                 .map(|s| s.split_whitespace().map(str::to_owned).collect())
                 .unwrap_or_default(),
             virtio_win: self.virtio_win()?,
+            boot_check: self.parse("BOOT_CHECK", BootCheck::Off, "off, warn or require", BootCheck::parse)?,
+            boot_check_seconds: self.seconds("BOOT_CHECK_SECONDS", 600.0, 10.0, 86_400.0)?,
             source_roots,
             lease,
             metrics_addr,

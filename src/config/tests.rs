@@ -100,7 +100,26 @@ fn defaults_without_files_or_environment() {
     assert_eq!(config.retention_days, 7);
     assert_eq!(config.failed_retention_days, 3);
     assert_eq!(config.metrics_addr, None);
+    assert_eq!(config.boot_check, BootCheck::Off);
+    assert_eq!(config.boot_check_seconds, Duration::from_secs(600));
     assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+}
+
+#[test]
+fn boot_check_is_off_warn_or_require() {
+    for (value, expected) in
+        [("off", BootCheck::Off), ("warn", BootCheck::Warn), ("Require", BootCheck::Require), ("no", BootCheck::Off)]
+    {
+        assert_eq!(with_env("BOOT_CHECK", value).unwrap().boot_check, expected, "{value}");
+    }
+    let err = with_env("BOOT_CHECK", "always").unwrap_err();
+    assert!(matches!(err, ConfigError::Invalid { key: "BOOT_CHECK", .. }), "{err:?}");
+    assert_mentions(&err, &["BOOT_CHECK", "always", "off, warn or require"]);
+    assert_eq!(with_env("BOOT_CHECK_SECONDS", "90").unwrap().boot_check_seconds, Duration::from_secs(90));
+    for bad in ["5", "100000", "soon"] {
+        let err = with_env("BOOT_CHECK_SECONDS", bad).unwrap_err();
+        assert_mentions(&err, &["BOOT_CHECK_SECONDS", bad, "10 to 86400"]);
+    }
 }
 
 #[test]

@@ -174,6 +174,7 @@ pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, work: 
         roots: SourceRoots::for_daemon(&config),
         converter: Arc::new(Auto::default()),
         identity,
+        guest_tools: Arc::new(crate::guest::Tools::new(config.guest_tools_wrapper.clone())),
         config: config.clone(),
     });
     let queue = Queue::new(layout.clone());

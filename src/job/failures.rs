@@ -14,6 +14,7 @@ use std::path::Path;
 use super::{Failure, Stage, Stop};
 use crate::checksum;
 use crate::convert::ConvertError;
+use crate::guest::{BootOutcome, BootReport, GuestError};
 use crate::host::Identity;
 use crate::image::ImageError;
 use crate::libvirt::LibvirtError;
@@ -282,6 +283,99 @@ pub(super) fn unregistered(error: &LibvirtError, kept: &std::io::Result<()>, nam
     let mut failure = Failure::new(Stage::Libvirt, summary);
     failure.causes = error.causes();
     failure
+}
+
+/// A guest tool's error (`GuestError`, whose first line is already the sentence): the first
+/// line is the summary, the lines after it (a log's last lines) the causes. The logs under
+/// `work` (the staging directory's `guest/`) are kept with the job's record.
+pub(super) fn guest_failure(stage: Stage, error: &GuestError, work: &Path) -> Stop {
+    let text = error.to_string();
+    let mut lines = text.lines();
+    let mut failure = Failure::new(stage, lines.next().unwrap_or_default().trim_end_matches(':'));
+    failure.causes = lines.map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()).collect();
+    failure.logs = Some(work.to_owned());
+    failure.into()
+}
+
+/// CONVERSION_TIMEOUT ran out before a guest step could start.
+pub(super) fn guest_time_out() -> Stop {
+    Failure::new(
+        Stage::Guest,
+        "The job took longer than CONVERSION_TIMEOUT before its guest stage could finish; raise CONVERSION_TIMEOUT (fixing a guest takes minutes without KVM).",
+    )
+    .into()
+}
+
+/// `fix.backup`: a copy of a staged disk could not be made.
+pub(super) fn backup_failed(path: &Path, error: std::io::Error) -> Stop {
+    Failure::new(
+        Stage::Guest,
+        format!(
+            "Could not back up the staged disks before fixing the guest ({}); check the space in TEMP_DIR, or leave pipeline.fix.backup off.",
+            path.display()
+        ),
+    )
+    .because(error)
+    .into()
+}
+
+/// The fix ran, and the guest's own files still do not agree with virtio disks.
+pub(super) fn not_repaired(problems: &[String], log: &Path, work: &Path) -> Stop {
+    let mut failure = Failure::new(
+        Stage::Guest,
+        format!(
+            "The fixed guest would still not boot on virtio ({}); read the fix log {} and docs/GUEST.md.",
+            crate::guest::capped(problems, 3),
+            log.display()
+        ),
+    );
+    failure.causes = problems.iter().take(10).cloned().collect();
+    failure.logs = Some(work.to_owned());
+    failure.into()
+}
+
+/// BOOT_CHECK=require and the guest did not reach a login prompt.
+pub(super) fn boot_failed(booted: &BootReport, work: &Path) -> Stop {
+    let what = match &booted.outcome {
+        BootOutcome::Failed(sign) => format!("its console showed {sign:?}"),
+        _ => format!("no login prompt within {:.0} s", booted.seconds),
+    };
+    let mut failure = Failure::new(
+        Stage::Validate,
+        format!(
+            "The guest did not boot in the boot check ({what}); its console is {}, fix the guest (pipeline.fix) or set BOOT_CHECK=warn.",
+            booted.console_log.display()
+        ),
+    );
+    failure.causes = booted.console_tail.iter().rev().take(8).rev().map(|l| format!("console: {l}")).collect();
+    failure.logs = Some(work.to_owned());
+    failure.into()
+}
+
+/// `pipeline.validate.check_image_integrity`: qemu-img check could not judge an output.
+pub(super) fn integrity_unchecked(output: &str, error: &GuestError, work: &Path) -> Stop {
+    let mut failure = Failure::new(
+        Stage::Validate,
+        format!("qemu-img check could not be run on the converted disk {output}; install qemu-utils on this host."),
+    )
+    .because(error);
+    failure.logs = Some(work.to_owned());
+    failure.into()
+}
+
+/// `pipeline.validate.check_image_integrity`: qemu-img check found the output damaged.
+pub(super) fn integrity_failed(output: &str, result: &serde_json::Value) -> Stop {
+    let count = |key: &str| result.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    Failure::new(
+        Stage::Validate,
+        format!(
+            "The converted disk {output} failed qemu-img check ({} corruptions, {} check errors); the output is damaged, submit the manifest again and report it if it happens again.",
+            count("corruptions"),
+            count("check-errors")
+        ),
+    )
+    .because(result.to_string().chars().take(500).collect::<String>())
+    .into()
 }
 
 /// An error's text as a sentence that another may follow.

@@ -4,8 +4,8 @@
 //! share (the daemon's [`JobContext`], the [`Claim`], the [`JobControl`], the event log, the
 //! manifest as read once and the names derived from it), and its methods are the stages, in
 //! order: `Job::prepare` → `Job::execute` (`stages.rs`: manifest → source → checksum →
-//! inspect → convert → domain → libvirt → publish) → `Job::conclude` (here: record the job
-//! done or failed, publish its `.error`, or give it back). Every failure becomes a [`Failure`]
+//! inspect → convert → guest → validate (`guest.rs`) → domain → libvirt → publish) →
+//! `Job::conclude` (here: record the job done or failed, publish its `.error`, or give it back). Every failure becomes a [`Failure`]
 //! whose summary is the `.error` file's first line, worded in `failures.rs`.
 //!
 //! What it must not do: claim, heartbeat or schedule (the daemon's), parse manifests itself
@@ -30,6 +30,7 @@ use crate::report::Report;
 use crate::source::SourceRoots;
 
 mod failures;
+mod guest;
 mod stages;
 
 /// What every job of a daemon shares.
@@ -38,6 +39,8 @@ pub struct JobContext {
     pub identity: Identity,
     pub converter: Arc<dyn Converter>,
     pub roots: SourceRoots,
+    /// The guest tools behind GUEST_TOOLS_WRAPPER, shared so that KVM is probed once.
+    pub guest_tools: Arc<crate::guest::Tools>,
 }
 
 /// Where in its life a job is.
@@ -48,6 +51,10 @@ pub enum Stage {
     Checksum,
     Inspect,
     Convert,
+    /// Inspecting and fixing the guest on the staged disks.
+    Guest,
+    /// Checking the staged outputs: `qemu-img check`, the boot check.
+    Validate,
     Domain,
     Libvirt,
     Publish,
@@ -56,6 +63,21 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// Every stage, in the order a job meets them.
+    pub const ALL: [Stage; 11] = [
+        Stage::Manifest,
+        Stage::Source,
+        Stage::Checksum,
+        Stage::Inspect,
+        Stage::Convert,
+        Stage::Guest,
+        Stage::Validate,
+        Stage::Domain,
+        Stage::Libvirt,
+        Stage::Publish,
+        Stage::Internal,
+    ];
+
     /// The name used in logs (`STAGE=`), records and `.error` files.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -64,6 +86,8 @@ impl Stage {
             Stage::Checksum => "checksum",
             Stage::Inspect => "inspect",
             Stage::Convert => "convert",
+            Stage::Guest => "guest",
+            Stage::Validate => "validate",
             Stage::Domain => "domain",
             Stage::Libvirt => "libvirt",
             Stage::Publish => "publish",
@@ -78,11 +102,14 @@ pub struct Failure {
     pub stage: Stage,
     pub summary: String,
     pub causes: Vec<String>,
+    /// A directory of logs in the staging directory (the guest tools') to keep with the
+    /// job's record; the summary and causes name it until it is moved.
+    pub logs: Option<PathBuf>,
 }
 
 impl Failure {
     fn new(stage: Stage, summary: impl Into<String>) -> Failure {
-        Failure { stage, summary: summary.into(), causes: Vec::new() }
+        Failure { stage, summary: summary.into(), causes: Vec::new(), logs: None }
     }
 
     fn because(mut self, cause: impl ToString) -> Failure {
@@ -245,13 +272,16 @@ impl Job<'_> {
         finish(self.claim, record, JobEnd::Done)
     }
 
-    fn fail(self, staging: Option<&Staging>, failure: Failure) -> JobEnd {
+    fn fail(self, staging: Option<&Staging>, mut failure: Failure) -> JobEnd {
+        let finished_at = Utc::now();
+        self.keep_logs(&mut failure, finished_at);
         warn!(stage = failure.stage.as_str(), causes = ?failure.causes, "failed: {}", failure.summary);
         self.events.append(failure.stage.as_str(), &failure.summary, None);
         // The terminal event, as `done` is for a success: a follower need not know the stages.
         self.events.append("failed", &format!("failed at stage {}", failure.stage.as_str()), None);
         let stage = failure.stage.as_str();
         let mut record = new_record(self.ctx, &self.claim, &self.vm_name, self.started_at, JobState::Failed, stage);
+        record.finished_at = Some(finished_at);
         record.error = Some(failure.summary.clone());
         record.causes = failure.causes.clone();
         if self.safe_name {
@@ -271,6 +301,32 @@ impl Job<'_> {
             warn!("vm_name is not a safe file name: the error is recorded under .hyper2kvm/failed only");
         }
         finish(self.claim, record, JobEnd::Failed)
+    }
+
+    /// Copies the failure's logs (the guest tools') out of the staging directory, which is
+    /// cleared before the `.error` is published, to `<record>.logs/` beside the job's record
+    /// in `failed/<date>/`, and points the summary and causes at the copies.
+    fn keep_logs(&self, failure: &mut Failure, finished_at: DateTime<Utc>) {
+        let Some(logs) = failure.logs.take() else { return };
+        if !logs.is_dir() || !self.claim.still_owned() {
+            return;
+        }
+        let layout = Layout::new(&self.ctx.config.watch_dir);
+        let record = layout.record_file(Outcome::Failed, finished_at, self.claim.job_id());
+        let kept = record.with_extension("logs");
+        match copy_logs(&logs, &kept) {
+            Ok(()) => {
+                let (from, to) = (logs.display().to_string(), kept.display().to_string());
+                failure.summary = failure.summary.replace(&from, &to);
+                for cause in &mut failure.causes {
+                    *cause = cause.replace(&from, &to);
+                }
+                failure.causes.push(format!("logs: {to}"));
+            }
+            Err(e) => {
+                warn!(error = %e, from = %logs.display(), "could not keep the guest tools' logs with the job's record")
+            }
+        }
     }
 
     /// Gives a job whose answer could not be published back to the queue
@@ -407,6 +463,32 @@ fn finish(claim: Claim, record: JobRecord, wrap: fn(JobRecord) -> JobEnd) -> Job
     wrap(record)
 }
 
+/// Largest log file kept with a failed job's record: a tool's log is a few hundred KiB.
+const MAX_KEPT_LOG: u64 = 16 << 20;
+
+/// Copies the text files of `from` (logs, the tools' input XML, console captures), not the
+/// guest's files copied out for inspection (`boot/`) nor disk backups, to `to`, keeping the
+/// tree.
+fn copy_logs(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let kind = entry.file_type()?;
+        if kind.is_dir() && name != "boot" && name != "backup" {
+            copy_logs(&entry.path(), &to.join(&name))?;
+        } else if kind.is_file() {
+            let text = std::path::Path::new(&name)
+                .extension()
+                .is_some_and(|e| ["log", "xml", "json", "txt", "out"].iter().any(|t| e == *t));
+            if text && entry.metadata()?.len() <= MAX_KEPT_LOG {
+                std::fs::copy(entry.path(), to.join(&name))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// CLEANUP_SOURCE: after a verified success, delete the source disk files.
 fn cleanup_sources(report: &Report) {
     for disk in &report.disks {
@@ -427,6 +509,12 @@ mod tests {
         assert_eq!(failure.stage, Stage::Internal);
         assert!(failure.summary.starts_with("hyper2kvm hit an internal error"), "{}", failure.summary);
         assert_eq!(failure.causes, ["panic: boom at cluster 7"]);
+    }
+
+    #[test]
+    fn every_stage_has_its_own_failure_counter() {
+        let names: Vec<&str> = Stage::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names, crate::metrics::FAILURE_STAGES, "a failure at a stage not counted is counted as internal");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The stages of a job, as methods of [`Job`], in the order [`Job::execute`] runs them:
 //! `prepare` (earlier results aside, the staging directory), then the manifest's parse,
 //! `expand_ova_disks`, `move_aside_stale`, `prepare_sources` (confine, `verify_checksum`,
-//! inspect), `convert_disk` for each disk, `register_domain` (LIBVIRT_INTEGRATION),
-//! `new_report` and `publish_results`.
+//! inspect), `convert_disk` for each disk, the guest stage (`guest.rs`), `register_domain`
+//! (LIBVIRT_INTEGRATION), `new_report` and `publish_results`.
 //!
 //! What it must not do: end the job. A stage returns its result or a [`Stop`]; recording,
 //! publishing an `.error`, releasing or abandoning the claim are `mod.rs`'s, and every
@@ -32,7 +32,7 @@ use crate::names;
 use crate::output_layout::{self, OutputLayout};
 use crate::publish::{self, Staging};
 use crate::queue::{Claim, Layout};
-use crate::report::{DiskReport, Report};
+use crate::report::{DiskReport, GuestReport, Report};
 
 impl Job<'_> {
     /// Moves an earlier job's results for this VM aside, so that they cannot answer this job's
@@ -51,7 +51,8 @@ impl Job<'_> {
         let Job { ctx, manifest, control, events, .. } = self;
         let started_at = Utc::now();
         let clock = Instant::now();
-        let (spec, mut warnings) = manifest.parse().map_err(|e| Failure::new(Stage::Manifest, e.to_string()))?;
+        let (spec, pipeline, mut warnings) =
+            manifest.parse_job().map_err(|e| Failure::new(Stage::Manifest, e.to_string()))?;
         for warning in &warnings {
             warn!(stage = Stage::Manifest.as_str(), "{warning}");
             events.append(Stage::Manifest.as_str(), warning, None);
@@ -76,13 +77,21 @@ impl Job<'_> {
             disks.push(crate::events::with_progress_events(events, control, &source.disk.id, convert)?);
         }
 
+        let images: Vec<PathBuf> = staged_disks(&spec, staging).into_iter().map(|d| d.staged).collect();
+        let guest = self.guest_stage(&spec, &pipeline, &images, staging, &mut warnings)?;
+        if guest.report.fix.is_some() {
+            // The fix changed the staged disks in place: V.json names what is published.
+            self.refresh_outputs(&spec, &mut disks, &images)?;
+        }
+        let info = guest.info.as_ref();
         let registration =
-            if ctx.config.libvirt_integration { Some(self.register_domain(&spec, staging)?) } else { None };
+            if ctx.config.libvirt_integration { Some(self.register_domain(&spec, staging, info)?) } else { None };
         let xml = match &registration {
             Some(registration) => registration.xml.clone(),
-            None => build_domain_xml(&ctx.config, &spec, &output_paths(&ctx.config, &spec), Acceleration::Kvm, None),
+            None => build_domain_xml(&ctx.config, &spec, &output_paths(&ctx.config, &spec), Acceleration::Kvm, info),
         };
-        let mut report = self.new_report(&spec, disks, warnings, registration.as_ref());
+        let mut report = self.new_report(&spec, disks, warnings, registration.as_ref(), info);
+        report.guest = guest.report;
         report.started_at = started_at;
         report.seconds = clock.elapsed().as_secs_f64();
         events.append(Stage::Publish.as_str(), "publishing", Some(100.0));
@@ -379,7 +388,12 @@ impl Job<'_> {
     /// The `libvirt` stage: places the disks in LIBVIRT_POOL and defines the domain. On failure
     /// the converted disks are kept in OUTPUT_DIR/.hyper2kvm-unregistered/<job>/ and the failure
     /// says so.
-    fn register_domain(&self, spec: &JobSpec, staging: &Staging) -> Result<Registration, Stop> {
+    fn register_domain(
+        &self,
+        spec: &JobSpec,
+        staging: &Staging,
+        guest: Option<&GuestInfo>,
+    ) -> Result<Registration, Stop> {
         let Job { ctx, claim, events, .. } = self;
         let config = &ctx.config;
         let (domain_name, uuid) = (names::domain_name(&spec.vm_name), domain_xml::domain_uuid(spec));
@@ -399,9 +413,9 @@ impl Job<'_> {
             disks: &disks,
         };
         let registered = Connection::open(&config.libvirt_uri).and_then(|conn| {
-            register::register(&conn, &request, |paths, accel| build_domain_xml(config, spec, paths, accel, None))
+            register::register(&conn, &request, |paths, accel| build_domain_xml(config, spec, paths, accel, guest))
         });
-        let registration = registered.map_err(|e| self.keep_unregistered(spec, staging, &disks, &e))?;
+        let registration = registered.map_err(|e| self.keep_unregistered(spec, staging, &disks, &e, guest))?;
         info!(
             stage = Stage::Libvirt.as_str(),
             domain = %registration.name,
@@ -421,13 +435,20 @@ impl Job<'_> {
 
     /// A registration failed: the converted disks (and a `V.xml` for them in OUTPUT_DIR) are
     /// moved where no poller looks, and the failure names that place.
-    fn keep_unregistered(&self, spec: &JobSpec, staging: &Staging, disks: &[DiskFile], error: &LibvirtError) -> Stop {
+    fn keep_unregistered(
+        &self,
+        spec: &JobSpec,
+        staging: &Staging,
+        disks: &[DiskFile],
+        error: &LibvirtError,
+        guest: Option<&GuestInfo>,
+    ) -> Stop {
         let Job { ctx, claim, .. } = self;
         if !claim.still_owned() {
             return Stop::LostLock;
         }
         let dir = ctx.config.output_layout().unregistered(claim.job_id());
-        let xml = build_domain_xml(&ctx.config, spec, &output_paths(&ctx.config, spec), Acceleration::Kvm, None);
+        let xml = build_domain_xml(&ctx.config, spec, &output_paths(&ctx.config, spec), Acceleration::Kvm, guest);
         let kept = publish::keep(&dir, disks.iter().map(|d| (d.staged.as_path(), d.name.as_str())))
             .and_then(|()| staging.write_new("unregistered.xml", xml.as_bytes()))
             .and_then(|_| staging.publish("unregistered.xml", &dir, &output_layout::domain_xml_file(&spec.vm_name)));
@@ -442,6 +463,7 @@ impl Job<'_> {
         disks: Vec<DiskReport>,
         mut warnings: Vec<String>,
         registration: Option<&Registration>,
+        guest: Option<&GuestInfo>,
     ) -> Report {
         let Job { ctx, claim, .. } = self;
         if let Some(registration) = registration {
@@ -465,7 +487,8 @@ impl Job<'_> {
             libvirt_pool: registration.map(|r| r.pool.clone()),
             libvirt_pool_created: registration.is_some_and(|r| r.pool_created),
             domain_xml: output_layout::domain_xml_file(&spec.vm_name),
-            devices: domain_devices(&ctx.config, spec, None),
+            devices: domain_devices(&ctx.config, spec, guest),
+            guest: GuestReport::default(),
             warnings,
         }
     }
@@ -498,6 +521,19 @@ impl Job<'_> {
         self.fence()?;
         staging.publish(&staged_disk(spec.boot_disk()), out, &output_name(spec, 0)).map_err(failure)?;
         publish::fsync_dir(out).map_err(failure)?;
+        Ok(())
+    }
+
+    /// The digests and sizes of staged disks the guest stage changed in place, made durable
+    /// first as the conversion made them.
+    fn refresh_outputs(&self, spec: &JobSpec, disks: &mut [DiskReport], images: &[PathBuf]) -> Result<(), Stop> {
+        let control = self.control;
+        for ((disk, report), staged) in spec.disks.iter().zip(disks.iter_mut()).zip(images) {
+            let failure = |e| convert_failure(Stage::Guest, disk, staged, e);
+            publish::fsync_file(staged).map_err(|e| failure(ConvertError::Io(e)))?;
+            report.sha256 = checksum::format_sha256(&checksum::sha256_file(staged, control).map_err(failure)?);
+            report.output_bytes = std::fs::metadata(staged).map_err(|e| failure(ConvertError::Io(e)))?.len();
+        }
         Ok(())
     }
 
@@ -592,7 +628,7 @@ fn compression_for(
 }
 
 /// `V.qcow2` for the boot disk (index 0), `V-<id>.qcow2` for the others.
-fn output_name(spec: &JobSpec, index: usize) -> String {
+pub(super) fn output_name(spec: &JobSpec, index: usize) -> String {
     if index == 0 {
         output_layout::boot_disk_file(&spec.vm_name)
     } else {
@@ -606,14 +642,15 @@ fn staged_disk(disk: &DiskSpec) -> String {
 }
 
 /// The published disks in OUTPUT_DIR, boot disk first.
-fn output_paths(config: &Config, spec: &JobSpec) -> Vec<PathBuf> {
+pub(super) fn output_paths(config: &Config, spec: &JobSpec) -> Vec<PathBuf> {
     let layout = config.output_layout();
     (0..spec.disks.len()).map(|i| layout.result(&output_name(spec, i))).collect()
 }
 
 /// The domain XML for a VM whose disks are at `paths` (boot disk first), with the devices
-/// [`domain_devices`] chooses.
-fn build_domain_xml(
+/// [`domain_devices`] chooses from the manifest and `guest`, the guest stage's inspection
+/// (after the fix) when it ran.
+pub(super) fn build_domain_xml(
     config: &Config,
     spec: &JobSpec,
     paths: &[PathBuf],

@@ -787,3 +787,88 @@ fn values_present_but_unreadable_are_refused_naming_the_field() {
     let text = parse_value(&example_with("/vm/secureboot", json!(long))).unwrap_err().to_string();
     assert!(text.len() < 300, "a quoted value is capped: {} bytes", text.len());
 }
+
+// ---- pipeline.inspect / fix / validate ----
+
+fn pipeline_of(value: &Value) -> Result<Pipeline, ManifestError> {
+    parse_job(&serde_json::to_vec(value).unwrap(), FILE_NAME).map(|(_, pipeline, _)| pipeline)
+}
+
+#[test]
+fn the_shared_examples_pipeline_is_read() {
+    let pipeline = pipeline_of(&example()).unwrap();
+    assert_eq!(pipeline.inspect, InspectStep { enabled: true, collect_guest_info: true });
+    assert_eq!(
+        pipeline.fix,
+        FixStep {
+            enabled: true,
+            backup: true,
+            update_grub: Some(true),
+            regen_initramfs: Some(true),
+            fstab_mode: Some(FstabMode::StabilizeAll),
+            remove_vmware_tools: Some(true),
+        }
+    );
+    assert_eq!(pipeline.validate, ValidateStep { enabled: true, check_image_integrity: true });
+}
+
+#[test]
+fn absent_guest_steps_are_off() {
+    assert_eq!(pipeline_of(&example_without("/pipeline")).unwrap(), Pipeline::default());
+    let only_convert = example_with("/pipeline", json!({ "convert": { "enabled": true } }));
+    assert_eq!(pipeline_of(&only_convert).unwrap(), Pipeline::default());
+    // A block without `enabled` asks for nothing; its options are still read.
+    let value = example_with("/pipeline/fix", json!({ "backup": "yes", "fstab_mode": "noop" }));
+    let fix = pipeline_of(&value).unwrap().fix;
+    assert!(!fix.enabled);
+    assert!(fix.backup);
+    assert_eq!(fix.fstab_mode, Some(FstabMode::Noop));
+    assert_eq!(fix.update_grub, None);
+}
+
+#[test]
+fn pipeline_values_are_read_leniently() {
+    let value = example_with("/pipeline/validate", json!({ "enabled": "true", "check_image_integrity": 1 }));
+    assert_eq!(pipeline_of(&value).unwrap().validate, ValidateStep { enabled: true, check_image_integrity: true });
+    let value = example_with("/pipeline/fix/fstab_mode", json!(" ByPath-Only "));
+    assert_eq!(pipeline_of(&value).unwrap().fix.fstab_mode, Some(FstabMode::BypathOnly));
+    let value = example_with("/pipeline/fix/update_grub", json!(false));
+    assert_eq!(pipeline_of(&value).unwrap().fix.update_grub, Some(false));
+}
+
+#[test]
+fn bad_pipeline_values_are_refused_naming_their_path() {
+    let cases = [
+        ("/pipeline/inspect/enabled", json!("maybe"), "pipeline.inspect.enabled"),
+        ("/pipeline/inspect/collect_guest_info", json!([]), "pipeline.inspect.collect_guest_info"),
+        ("/pipeline/fix/enabled", json!({}), "pipeline.fix.enabled"),
+        ("/pipeline/fix/backup", json!("sometimes"), "pipeline.fix.backup"),
+        ("/pipeline/fix/update_grub", json!("x"), "pipeline.fix.update_grub"),
+        ("/pipeline/fix/regen_initramfs", json!(2.5), "pipeline.fix.regen_initramfs"),
+        ("/pipeline/fix/remove_vmware_tools", json!("n/a"), "pipeline.fix.remove_vmware_tools"),
+        ("/pipeline/fix/fstab_mode", json!("uuid"), "pipeline.fix.fstab_mode"),
+        ("/pipeline/fix/fstab_mode", json!(true), "pipeline.fix.fstab_mode"),
+        ("/pipeline/validate/enabled", json!("on?"), "pipeline.validate.enabled"),
+        ("/pipeline/validate/check_image_integrity", json!("x"), "pipeline.validate.check_image_integrity"),
+    ];
+    for (pointer, bad, field) in cases {
+        let err = parse_value(&example_with(pointer, bad.clone())).unwrap_err();
+        assert!(matches!(&err, ManifestError::BadValue { field: f, .. } if f == field), "{pointer}={bad}: {err:?}");
+        assert_user_message(&err, &[field]);
+    }
+    let err = parse_value(&example_with("/pipeline/fix/fstab_mode", json!("uuid"))).unwrap_err();
+    assert_user_message(&err, &["stabilize-all, bypath-only or noop"]);
+    // A step that is not an object at all: the schema error names it.
+    let err = parse_value(&example_with("/pipeline/fix", json!("yes"))).unwrap_err();
+    assert!(matches!(err, ManifestError::Schema(_)), "{err:?}");
+    assert_user_message(&err, &["pipeline.fix"]);
+}
+
+#[test]
+fn unknown_keys_in_guest_steps_are_still_warned() {
+    let value = example_with("/pipeline/fix/rewrite_network", json!(true));
+    let (_, pipeline, warnings) = parse_job(&serde_json::to_vec(&value).unwrap(), FILE_NAME).unwrap();
+    assert!(pipeline.fix.enabled);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("pipeline.fix.rewrite_network"), "{warnings:?}");
+}

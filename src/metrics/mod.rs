@@ -52,8 +52,10 @@ const MIB: f64 = 1048576.0;
 
 /// The `stage` label values of `hyper2kvm_migration_failures_total`: the job's stages
 /// ([`crate::job::Stage`]), created at zero.
-const FAILURE_STAGES: [&str; 9] =
-    ["manifest", "source", "checksum", "inspect", "convert", "domain", "libvirt", "publish", "internal"];
+pub(crate) const FAILURE_STAGES: [&str; 11] = [
+    "manifest", "source", "checksum", "inspect", "convert", "guest", "validate", "domain", "libvirt", "publish",
+    "internal",
+];
 
 /// One label, from a fixed set of values: no series per VM or per job.
 type Label = [(&'static str, &'static str); 1];

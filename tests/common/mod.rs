@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fixtures;
+pub mod guest;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
@@ -344,9 +345,11 @@ pub fn manifest(vm_name: &str, disks: Vec<Value>) -> Value {
         "nics": [ { "id": "nic-0", "mac": "00:50:56:aa:bb:cc", "network": "VM Network" } ],
         "notes": ["Exported from vSphere by hypersdk v0.1.0"],
         "metadata": { "hypersdk_version": "0.1.0", "job_id": "vm-1234", "created_at": "2026-01-24T10:15:02.12345+05:30" },
+        // HyperSDK asks for inspect and fix too; these tests convert disks that hold no guest,
+        // so the guest steps are off (tests/guest_daemon.rs turns them on).
         "pipeline": {
-            "inspect": { "enabled": true },
-            "fix": { "enabled": true },
+            "inspect": { "enabled": false },
+            "fix": { "enabled": false },
             "convert": { "enabled": true },
             "validate": { "enabled": true }
         },
