@@ -338,7 +338,7 @@ pub(super) fn not_repaired(problems: &[String], log: &Path, work: &Path) -> Stop
 pub(super) fn boot_failed(booted: &BootReport, work: &Path) -> Stop {
     let what = match &booted.outcome {
         BootOutcome::Failed(sign) => format!("its console showed {sign:?}"),
-        _ => format!("no login prompt within {:.0} s", booted.seconds),
+        _ => format!("no login prompt and no network packet within {:.0} s", booted.seconds),
     };
     let mut failure = Failure::new(
         Stage::Validate,
