@@ -522,10 +522,11 @@ mod tests {
         let overrides = crate::config::Overrides { config_dir: Some(dir.path().to_owned()), flags: Default::default() };
         let env = std::collections::BTreeMap::<String, String>::new();
         let config = crate::config::Config::load(&overrides, &env).unwrap();
-        let xml = |spec: &JobSpec| {
-            build_domain_xml(&config, spec, &output_paths(&config, spec), Acceleration::Kvm, None)
+        let xml =
+            |spec: &JobSpec| build_domain_xml(&config, spec, &output_paths(&config, spec), Acceleration::Kvm, None);
+        let spec_of = |xml: &str| {
+            boot_spec(xml, vec!["/s/d.qcow2".into()], "/s/c.log".into(), Duration::from_secs(60), &|| false)
         };
-        let spec_of = |xml: &str| boot_spec(xml, vec!["/s/d.qcow2".into()], "/s/c.log".into(), Duration::from_secs(60), &|| false);
         let boot = spec_of(&xml(&spec)).unwrap();
         assert_eq!(boot.memory_mib, 1024);
         assert_eq!(boot.firmware, guest::Firmware::Uefi);
