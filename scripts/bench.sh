@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Benchmark: `hyper2kvm convert` against `qemu-img convert`, same inputs, same run.
+# Benchmark: `hyper2kvm convert` against durable `qemu-img convert`, same inputs, same run; and
+# the daemon end to end and with a fleet (scripts/bench-daemon.sh).
 #
 #   make bench                                        build, then run every case (1 GiB of files
-#                                                     in a 4 GiB disk): 5-7 min on 2 cores, most
-#                                                     of it qemu-img -c; 3 more the first time
-#   BENCH_QUICK=1 make bench                          smoke run: 0.2 GiB in a 1 GiB disk, 1 run (~30 s)
+#                                                     in a 4 GiB disk): about 10 min on 2 quiet
+#                                                     cores, most of it qemu-img -c; 4 more the
+#                                                     first time (inputs)
+#   BENCH_QUICK=1 make bench                          smoke run: 0.2 GiB in a 1 GiB disk, 1 run (~2 min)
 #   BENCH_DATA_GIB=3.8 BENCH_DISK_GIB=8 make bench    the size of the figures in FORMATS.md (~25 min)
 #   BENCH_CASES="stream sparse" scripts/bench.sh      a subset (uses the binary as built)
 #   BENCH_CASES="e2e fleet" scripts/bench.sh          only the daemon cases (scripts/bench-daemon.sh)
