@@ -570,6 +570,46 @@ pub(crate) mod tests {
         }
     }
 
+    /// A disk whose reads take a while, counting how many run at once.
+    #[derive(Default)]
+    struct CountingSource {
+        now: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+    }
+
+    impl DiskSource for CountingSource {
+        fn size(&self) -> u64 {
+            32 << 20
+        }
+
+        fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>, ImageError> {
+            Ok(vec![range])
+        }
+
+        fn read_at(&self, _offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            buf.fill(7);
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// Issue 13: with three other CPU-bound conversions running in the process, a pipeline of
+    /// 4 workers on (at most) 4 cores works on one chunk at a time, not four.
+    #[test]
+    fn concurrent_conversions_split_the_workers() {
+        let others: Vec<Ticket> = (0..3).map(|_| Ticket::register(4)).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let control = JobControl::new(std::time::Duration::from_secs(60));
+        let source = CountingSource::default();
+        let options = PipelineOptions { threads: 4, ..PipelineOptions::default() };
+        run(&source, &dir.path().join("out.qcow2"), options, &control).unwrap();
+        assert_eq!(source.most.load(Ordering::SeqCst), 1, "reads at once beside 3 other conversions");
+        drop(others);
+    }
+
     #[test]
     fn a_panicking_reader_fails_the_conversion_at_once() {
         let dir = tempfile::tempdir().unwrap();
