@@ -383,6 +383,10 @@ target_lines() {
         fi
     done
     # Peak RSS of hyper2kvm over every timed run of every case, not only the median ones.
+    if [ ${#CASES[@]} -eq 0 ]; then
+        printf 'hyper2kvm peak RSS <= %d MiB: not run (BENCH_CASES)\n' "$RSS_TARGET_MIB"
+        return
+    fi
     awk -F'\t' -v limit="$RSS_TARGET_MIB" '
         $2 == "hyper2kvm" && $3 == "run" && $8 > max { max = $8; where = $1 }
         END { mib = max / 1024
