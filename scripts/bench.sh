@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Benchmark: `hyper2kvm convert` against `qemu-img convert`, same inputs, same run.
+# Benchmark: `hyper2kvm convert` against durable `qemu-img convert`, same inputs, same run; and
+# the daemon end to end and with a fleet (scripts/bench-daemon.sh).
 #
 #   make bench                                        build, then run every case (1 GiB of files
-#                                                     in a 4 GiB disk): 5-7 min on 2 cores, most
-#                                                     of it qemu-img -c; 3 more the first time
-#   BENCH_QUICK=1 make bench                          smoke run: 0.2 GiB in a 1 GiB disk, 1 run (~30 s)
+#                                                     in a 4 GiB disk): about 10 min on 2 quiet
+#                                                     cores, most of it qemu-img -c; 4 more the
+#                                                     first time (inputs)
+#   BENCH_QUICK=1 make bench                          smoke run: 0.2 GiB in a 1 GiB disk, 1 run (~2 min)
 #   BENCH_DATA_GIB=3.8 BENCH_DISK_GIB=8 make bench    the size of the figures in FORMATS.md (~25 min)
 #   BENCH_CASES="stream sparse" scripts/bench.sh      a subset (uses the binary as built)
+#   BENCH_CASES="e2e fleet" scripts/bench.sh          only the daemon cases (scripts/bench-daemon.sh)
 #
 # Environment:
 #   BENCH_DIR       inputs, scratch outputs and results (default /var/tmp/hyper2kvm-bench)
@@ -16,6 +19,12 @@
 #   BENCH_WARMUP    untimed runs of each command before those (default 1)
 #   BENCH_CASES     space-separated subset of the cases below (default: all)
 #   BENCH_QUICK=1   changes the defaults as noted; explicit settings still win
+#   BENCH_QEMU_DURABLE  how qemu-img's output is made durable, as hyper2kvm's is (it fsyncs
+#                   every output before it returns): `sync` (default: `qemu-img convert`, then
+#                   `sync FILE`, timed as one command), `none` (`qemu-img convert -t none`:
+#                   O_DIRECT and a flush at the end, what the Python daemon ran), or `unsafe`
+#                   (qemu-img's own default, cache=unsafe: never flushed, so its time is that of
+#                   the page cache; only to compare with figures taken before 2026-12-05)
 #
 # Cases (qemu-img always gets `-f vmdk`, as hyper2kvm's qemu-img backend passes it):
 #   stream       streamOptimized -> qcow2       qemu-img convert -O qcow2                target >= 4x
@@ -24,7 +33,17 @@
 #                                               (reported, no target of its own)
 #   sparse       monolithicSparse -> qcow2      target: at least as fast, less user+sys CPU
 #   flat         monolithicFlat -> qcow2        target: at least as fast, less user+sys CPU
+#   e2e          a daemon job beside `hyper2kvm convert` (scripts/bench-daemon.sh e2e)
+#                                               targets: job <= 1.15x convert, reads <= 1.05x source
+#   fleet        8 VMs through one daemon at MAX_CONCURRENT 1, 2, 4 against qemu-img one by one
+#                (scripts/bench-daemon.sh fleet; reported, no target)
 #   and over all cases run: hyper2kvm peak RSS <= 256 MiB.
+#
+# Limits: before the cases the script measures this disk's O_DIRECT write rate (`dd
+# oflag=direct` of 512 MiB in 8 MiB blocks, then fsync; median of 3). Each row then shows the
+# machine's limit for that conversion: for uncompressed output, the output's size at that rate;
+# for compressed output, hyper2kvm's CPU time (user+sys) spread over every core (the codec's
+# per-core rate times the cores). "h/limit" is how far hyper2kvm's wall time is from it.
 #
 # Method: the inputs are built once by scripts/bench-image.sh and cached under
 # $BENCH_DIR/inputs/. Caches cannot be dropped reliably here, so the commands instead run
@@ -63,7 +82,9 @@ TARGET_DIR=${CARGO_TARGET_DIR:-target}
 case $TARGET_DIR in /*) ;; *) TARGET_DIR=$ROOT/$TARGET_DIR ;; esac
 BIN=$TARGET_DIR/release/hyper2kvm
 
-ALL_CASES="stream stream-zlib stream-zstd sparse flat"
+ALL_CASES="stream stream-zlib stream-zstd sparse flat e2e fleet"
+# The cases bench-daemon.sh runs; the others are timed here.
+DAEMON_CASES="e2e fleet"
 RSS_TARGET_MIB=256
 
 BENCH_DIR=${BENCH_DIR:-/var/tmp/hyper2kvm-bench}
@@ -76,7 +97,12 @@ fi
 # Kept in quick runs too: without it the first conversion of a case, always qemu-img's, ran
 # 2-3x slower than the second, even with its source in the page cache.
 WARMUP=${BENCH_WARMUP:-1}
-read -r -a CASES <<<"${BENCH_CASES:-$ALL_CASES}"
+QEMU_DURABLE=${BENCH_QEMU_DURABLE:-sync}
+read -r -a REQUESTED <<<"${BENCH_CASES:-$ALL_CASES}"
+CASES=() RUN_DAEMON_CASES=()
+for c in "${REQUESTED[@]}"; do
+    if [[ " $DAEMON_CASES " == *" $c "* ]]; then RUN_DAEMON_CASES+=("$c"); else CASES+=("$c"); fi
+done
 
 START_SECONDS=$SECONDS
 die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
@@ -95,8 +121,9 @@ fail() {
 
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive integer, not '$RUNS'"
 [[ $WARMUP =~ ^[0-9]+$ ]] || die "BENCH_WARMUP must be a non-negative integer, not '$WARMUP'"
-[ ${#CASES[@]} -gt 0 ] || die "BENCH_CASES is empty; choose from: $ALL_CASES"
-for c in "${CASES[@]}"; do
+[ ${#REQUESTED[@]} -gt 0 ] || die "BENCH_CASES is empty; choose from: $ALL_CASES"
+case $QEMU_DURABLE in sync | none | unsafe) ;; *) die "BENCH_QEMU_DURABLE must be sync, none or unsafe, not '$QEMU_DURABLE'" ;; esac
+for c in "${REQUESTED[@]}"; do
     [[ " $ALL_CASES " == *" $c "* ]] || die "unknown case '$c' in BENCH_CASES; choose from: $ALL_CASES"
 done
 for tool in qemu-img jq flock awk; do
@@ -153,6 +180,20 @@ for f in disk.raw stream.vmdk sparse.vmdk flat.vmdk flat-flat.vmdk; do
 done
 EXT4_USED=$(ext4_used_mib)
 
+# This disk's O_DIRECT write rate (MiB/s): the limit of every uncompressed conversion here.
+disk_rate() {
+    local f=$OUT_DIR/dd.out i rates=()
+    for i in 1 2 3; do
+        rates+=("$(dd if=/dev/zero of="$f" bs=8M count=64 oflag=direct conv=fsync 2>&1 |
+            awk '/copied/ { for (i = 1; i < NF; i++) if ($i == "copied,") print 512 / $(i + 1) }')")
+        rm -f "$f"
+    done
+    printf '%s\n' "${rates[@]}" | sort -g | sed -n 2p
+}
+DISK_MIBS=$(disk_rate)
+[ -n "$DISK_MIBS" ] || die "could not measure the disk's write rate with dd"
+printf 'O_DIRECT write rate of %s: %.0f MiB/s (dd, 512 MiB, median of 3)\n' "$BENCH_DIR" "$DISK_MIBS"
+
 printf '\nInputs in %s (%s GiB of files, ext4 reports %s MiB used, in a %s GiB disk):\n' \
     "$INPUTS" "$DATA_GIB" "$EXT4_USED" "$DISK_GIB"
 printf '  %-16s %10s %14s\n' file "size MiB" "allocated MiB"
@@ -195,14 +236,19 @@ run_once() {
     OUT=$OUT_DIR/$CASE-$tool.qcow2
     local -a cmd
     if [ "$tool" = qemu-img ]; then
-        cmd=(qemu-img "${Q_ARGS[@]}" "$INPUTS/$SRC" "$OUT")
+        case $QEMU_DURABLE in
+            # One timed command: the conversion and the flush of its output.
+            sync) cmd=(sh -c 'qemu-img "$@" && exec sync "$OUT_FILE"' qemu-img "${Q_ARGS[@]}" "$INPUTS/$SRC" "$OUT") ;;
+            none) cmd=(qemu-img "${Q_ARGS[@]}" -t none "$INPUTS/$SRC" "$OUT") ;;
+            unsafe) cmd=(qemu-img "${Q_ARGS[@]}" "$INPUTS/$SRC" "$OUT") ;;
+        esac
     else
         cmd=("$BIN" convert --config-dir "$ETC_DIR" "${H_ARGS[@]}" "$INPUTS/$SRC" -o "$OUT")
     fi
     clean_out
     printf '%s\n' "${cmd[*]}" >"$log"
     start=$EPOCHREALTIME
-    /usr/bin/time -f '%e %U %S %M' -o "$TIME_FILE" "${cmd[@]}" >>"$log" 2>&1 ||
+    OUT_FILE=$OUT /usr/bin/time -f '%e %U %S %M' -o "$TIME_FILE" "${cmd[@]}" >>"$log" 2>&1 ||
         fail "$CASE: $tool exited with status $? ($kind $n)" "$log"
     end=$EPOCHREALTIME
     R_WALL=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f", b - a }')
@@ -269,8 +315,8 @@ for CASE in "${CASES[@]}"; do
         q="$R_WALL $R_USER $R_SYS $R_RSS $R_SIZE" q_wall=$R_WALL
         if [ "$q_checked" = 0 ]; then verify qemu-img; q_checked=1; fi
         clean_out
-        # qemu-img fdatasyncs its output; sync anyway so that no writeback of one run (from a
-        # tool that does not) is paid for by the next.
+        # Both outputs are durable when their command returns (unless BENCH_QEMU_DURABLE=unsafe);
+        # sync anyway so that no writeback of one run is paid for by the next.
         sync
         run_once hyper2kvm "$kind" "$n"
         h="$R_WALL $R_USER $R_SYS $R_RSS $R_SIZE"
@@ -292,7 +338,8 @@ done
 row() {
     local case=$1
     describe_case "$case"
-    awk -v label="$LABEL" -v target="$TARGET" -v q="${RESULT[$case,q]}" -v h="${RESULT[$case,h]}" 'BEGIN {
+    awk -v label="$LABEL" -v target="$TARGET" -v q="${RESULT[$case,q]}" -v h="${RESULT[$case,h]}" \
+        -v disk="$DISK_MIBS" -v cores="$(nproc)" -v comp="$COMPRESSION" 'BEGIN {
         split(q, Q, " "); split(h, H, " ")
         speed = H[1] > 0 ? Q[1] / H[1] : 0
         cq = Q[2] + Q[3]; ch = H[2] + H[3]
@@ -302,13 +349,15 @@ row() {
         } else if (target == "cpu") {
             text = ">=1x,<cpu"; status = (speed >= 1 && ch < cq) ? "OK" : "MISSED"
         } else { text = "-"; status = "-" }
-        printf "%s\t%.2f s\t%.2f s\t%.2fx\t%s\t%.2f/%.2f s\t%.0f/%.0f\t%.0f/%.0f\t%s\n",
+        # The machine limit: the output at the disk rate, or the CPU work spread over every core.
+        limit = comp == "none" ? H[5] / 1048576 / disk : ch / cores
+        printf "%s\t%.2f s\t%.2f s\t%.2fx\t%s\t%.2f/%.2f s\t%.0f/%.0f\t%.0f/%.0f\t%.2f s (%s)\t%.2fx\t%s\n",
             label, Q[1], H[1], speed, text, cq, ch, Q[4] / 1024, H[4] / 1024,
-            Q[5] / 1048576, H[5] / 1048576, status
+            Q[5] / 1048576, H[5] / 1048576, limit, comp == "none" ? "disk" : "cpu", H[1] / limit, status
     }'
 }
 
-HEADER=(case qemu-img hyper2kvm speed-up target "cpu(q/h)" "rss(q/h) MiB" "out(q/h) MiB")
+HEADER=(case qemu-img hyper2kvm speed-up target "cpu(q/h)" "rss(q/h) MiB" "out(q/h) MiB" limit h/limit)
 ROWS=()
 for c in "${CASES[@]}"; do ROWS+=("$(row "$c")"); done
 
@@ -323,7 +372,7 @@ target_lines() {
         if [ -n "${RESULT[$c,h]:-}" ]; then
             line=$(row "$c")
             IFS=$'\t' read -r -a fields <<<"$line"
-            status=${fields[8]} speed=${fields[3]}
+            status=${fields[10]} speed=${fields[3]}
             if [ "$c" = sparse ] || [ "$c" = flat ]; then
                 printf '%s: %s (%s, cpu %s)\n' "$text" "$status" "$speed" "${fields[5]}"
             else
@@ -334,6 +383,10 @@ target_lines() {
         fi
     done
     # Peak RSS of hyper2kvm over every timed run of every case, not only the median ones.
+    if [ ${#CASES[@]} -eq 0 ]; then
+        printf 'hyper2kvm peak RSS <= %d MiB: not run (BENCH_CASES)\n' "$RSS_TARGET_MIB"
+        return
+    fi
     awk -F'\t' -v limit="$RSS_TARGET_MIB" '
         $2 == "hyper2kvm" && $3 == "run" && $8 > max { max = $8; where = $1 }
         END { mib = max / 1024
@@ -342,24 +395,24 @@ target_lines() {
 }
 
 print_table() {
-    local fmt='%-27s %9s %11s %9s %10s %14s %13s %13s\n'
+    local fmt='%-27s %9s %11s %9s %10s %14s %13s %13s %15s %8s\n'
     # shellcheck disable=SC2059 # the format is ours
     printf "$fmt" "${HEADER[@]}"
     local r f
     for r in "${ROWS[@]}"; do
         IFS=$'\t' read -r -a f <<<"$r"
         # shellcheck disable=SC2059
-        printf "$fmt" "${f[@]:0:8}"
+        printf "$fmt" "${f[@]:0:10}"
     done
 }
 
 markdown_table() {
     local r f
-    printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "${HEADER[@]}"
-    printf '|---|---:|---:|---:|---|---:|---:|---:|\n'
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "${HEADER[@]}"
+    printf '|---|---:|---:|---:|---|---:|---:|---:|---:|---:|\n'
     for r in "${ROWS[@]}"; do
         IFS=$'\t' read -r -a f <<<"$r"
-        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "${f[@]:0:8}"
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "${f[@]:0:10}"
     done
 }
 
@@ -367,6 +420,14 @@ TARGETS=$(target_lines)
 printf '\n'
 print_table
 printf '\n%s\n' "$TARGETS"
+
+# The daemon cases: their own script, their own tables (appended to results.md below).
+for c in "${RUN_DAEMON_CASES[@]}"; do
+    printf '\n==> daemon case %s (scripts/bench-daemon.sh %s)\n' "$c" "$c"
+    rm -f "$BENCH_DIR/results-$c.md"
+    BENCH_DIR=$BENCH_DIR BENCH_DATA_GIB=$DATA_GIB BENCH_DISK_GIB=$DISK_GIB BENCH_RUNS=$RUNS \
+        BENCH_WARMUP=$WARMUP "$ROOT/scripts/bench-daemon.sh" "$c" || fail "the daemon case $c failed"
+done
 
 mem_gib=$(awk '/^MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo)
 cpu_model=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1)
@@ -406,6 +467,12 @@ commit=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
     markdown_table
     printf '\n'
     while IFS= read -r line; do printf -- '- %s\n' "$line"; done <<<"$TARGETS"
+    printf '\nqemu-img made durable by: %s. O_DIRECT write rate of the bench directory: %.0f MiB/s.\n' \
+        "$QEMU_DURABLE" "$DISK_MIBS"
+    for c in "${RUN_DAEMON_CASES[@]}"; do
+        printf '\n'
+        cat "$BENCH_DIR/results-$c.md"
+    done
 } >"$RESULTS"
 printf '\nwritten: %s (Markdown) and %s (every run)\n' "$RESULTS" "$RUNS_TSV"
 elapsed=$((SECONDS - START_SECONDS))

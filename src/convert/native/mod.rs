@@ -7,6 +7,7 @@
 
 pub mod pipeline;
 pub mod sequential;
+pub mod share;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! The bounded conversion pipeline.
 //!
-//! Workers (one per core) take chunks of the virtual disk in order, read their allocated
+//! Workers (one per core, as many working at once as this conversion's share of the cores
+//! among those running in the process: [`super::share`]) take chunks of the virtual disk in order, read their allocated
 //! parts (decompressing grains as they go), drop all-zero clusters, and compress clusters when
 //! asked. The calling thread writes finished chunks to the qcow2 in guest order. At most
 //! `in_flight` chunks exist at once, which bounds memory whatever the disk size, and gives
@@ -25,10 +26,15 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
+use super::share::{thread_cpu_time, Ticket};
 use crate::convert::{Compression, ConvertError, JobControl};
 use crate::image::qcow2::{compress, CopyOffload, Qcow2Writer, WriteStats, WriterOptions};
 use crate::image::{DiskSource, ImageError};
+
+/// How often a worker held back by its share (share.rs) looks whether the share grew.
+const SHARE_RECHECK: Duration = Duration::from_millis(20);
 
 /// Output cluster size: qcow2's default and VMware's usual grain, 64 KiB.
 pub const CLUSTER_BITS: u32 = 16;
@@ -106,6 +112,8 @@ struct Shared<'a> {
     done: BTreeMap<u64, Done<'a>>,
     /// Spare chunk buffers, so large allocations are not repeated per chunk.
     spare: Vec<Buffers>,
+    /// Workers working on a chunk now: at most the pipeline's [`Ticket::allowed`].
+    active: usize,
     stop: bool,
 }
 
@@ -141,8 +149,15 @@ fn run_with(
     // the read path is faster (see the module documentation).
     let offload = Some(writer.copy_offload()).filter(|o| options.compression.is_none() && o.possible());
 
-    let shared =
-        Mutex::new(Shared { next_to_take: 0, next_to_write: 0, done: BTreeMap::new(), spare: Vec::new(), stop: false });
+    let shared = Mutex::new(Shared {
+        next_to_take: 0,
+        next_to_write: 0,
+        done: BTreeMap::new(),
+        spare: Vec::new(),
+        active: 0,
+        stop: false,
+    });
+
     let ready = Condvar::new();
     let work = Work {
         source,
@@ -155,6 +170,9 @@ fn run_with(
         offload_stopped: AtomicBool::new(false),
         shared: &shared,
         ready: &ready,
+        // Up to `workers` threads start; how many work at once is this pipeline's share of
+        // the cores among the conversions running in this process (share.rs).
+        ticket: Ticket::register(workers),
     };
     let result = std::thread::scope(|scope| {
         for _ in 0..workers {
@@ -184,6 +202,8 @@ struct Work<'a> {
     offload_stopped: AtomicBool,
     shared: &'a Mutex<Shared<'a>>,
     ready: &'a Condvar,
+    /// This conversion's place in the split of the cores.
+    ticket: Ticket,
 }
 
 impl<'a> Work<'a> {
@@ -199,16 +219,29 @@ impl<'a> Work<'a> {
 
     fn worker(&self) {
         loop {
+            // This worker's demand: CPU time over the wall time from here to the end of its
+            // chunk, less the time it was held back by the share (waits for the writer count:
+            // a job limited by its output needs no more cores).
+            let (started, cpu_before) = (Instant::now(), thread_cpu_time());
+            let mut held_back = Duration::ZERO;
             let (index, buffers) = {
                 let mut state = self.lock();
                 loop {
                     if state.stop || state.next_to_take >= self.chunks {
                         return;
                     }
-                    if state.next_to_take < state.next_to_write + self.in_flight {
-                        break;
+                    if state.next_to_take >= state.next_to_write + self.in_flight {
+                        state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
+                        continue;
                     }
-                    state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
+                    if state.active >= self.ticket.allowed() {
+                        // Other jobs' demand changes without a notification here: look again.
+                        let parked = Instant::now();
+                        state = self.ready.wait_timeout(state, SHARE_RECHECK).unwrap_or_else(|p| p.into_inner()).0;
+                        held_back += parked.elapsed();
+                        continue;
+                    }
+                    break;
                 }
                 let index = state.next_to_take;
                 let skip_to = self.first_chunk_with_data(index);
@@ -220,12 +253,18 @@ impl<'a> Work<'a> {
                     continue;
                 }
                 state.next_to_take += 1;
+                state.active += 1;
                 (index, state.spare.pop().unwrap_or_default())
             };
             // A panic here would leave the writer waiting for this chunk until the timeout.
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.process(index, buffers)))
                 .unwrap_or_else(|panic| Err(ImageError::Internal(panic_message(panic.as_ref()))));
-            self.lock().done.insert(index, Done::Chunk(out));
+            self.ticket
+                .record(thread_cpu_time().saturating_sub(cpu_before), started.elapsed().saturating_sub(held_back));
+            let mut state = self.lock();
+            state.active -= 1;
+            state.done.insert(index, Done::Chunk(out));
+            drop(state);
             self.ready.notify_all();
         }
     }
@@ -531,6 +570,46 @@ pub(crate) mod tests {
         }
     }
 
+    /// A disk whose reads take a while, counting how many run at once.
+    #[derive(Default)]
+    struct CountingSource {
+        now: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+    }
+
+    impl DiskSource for CountingSource {
+        fn size(&self) -> u64 {
+            32 << 20
+        }
+
+        fn allocated(&self, range: Range<u64>) -> Result<Vec<Range<u64>>, ImageError> {
+            Ok(vec![range])
+        }
+
+        fn read_at(&self, _offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            buf.fill(7);
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// Issue 13: with three other CPU-bound conversions running in the process, a pipeline of
+    /// 4 workers on (at most) 4 cores works on one chunk at a time, not four.
+    #[test]
+    fn concurrent_conversions_split_the_workers() {
+        let others: Vec<Ticket> = (0..3).map(|_| Ticket::register(4)).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let control = JobControl::new(std::time::Duration::from_secs(60));
+        let source = CountingSource::default();
+        let options = PipelineOptions { threads: 4, ..PipelineOptions::default() };
+        run(&source, &dir.path().join("out.qcow2"), options, &control).unwrap();
+        assert_eq!(source.most.load(Ordering::SeqCst), 1, "reads at once beside 3 other conversions");
+        drop(others);
+    }
+
     #[test]
     fn a_panicking_reader_fails_the_conversion_at_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -739,7 +818,14 @@ pub(crate) mod tests {
     }
 
     fn new_shared<'a>() -> Mutex<Shared<'a>> {
-        Mutex::new(Shared { next_to_take: 0, next_to_write: 0, done: BTreeMap::new(), spare: Vec::new(), stop: false })
+        Mutex::new(Shared {
+            next_to_take: 0,
+            next_to_write: 0,
+            done: BTreeMap::new(),
+            spare: Vec::new(),
+            active: 0,
+            stop: false,
+        })
     }
 
     /// The state of a conversion of `source` in 4 MiB chunks, for tests that play the
@@ -762,6 +848,7 @@ pub(crate) mod tests {
             offload_stopped: AtomicBool::new(false),
             shared,
             ready,
+            ticket: Ticket::register(1),
         }
     }
 
