@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::config::Config;
 use crate::convert::JobControl;
 use crate::queue::layout::{Layout, Outcome};
 
@@ -132,6 +133,9 @@ pub enum EventsError {
     Read { job_id: String, path: String, source: std::io::Error },
     #[error("cannot write the events: {0}")]
     Write(std::io::Error),
+    /// `--poll` is not a number of seconds (NaN).
+    #[error(transparent)]
+    Poll(#[from] std::time::TryFromFloatSecsError),
 }
 
 /// Where a job's events are, and how to tell that it has ended.
@@ -293,6 +297,28 @@ fn show_from(
 
 /// At most this much of a log is read at once: a follower never holds a huge log in memory.
 const MAX_READ: u64 = 4 << 20;
+
+/// `hyper2kvm events`: the job's events so far on stdout ([`print`]), or with `follow` until it
+/// ends ([`follow`], polling every `poll_seconds`, kept within 0.05–60); a job given back to
+/// the queue meanwhile is said on stderr.
+pub fn command(
+    config: &Config,
+    job_id: &str,
+    filter: &Filter,
+    follow: bool,
+    poll_seconds: f64,
+) -> Result<(), EventsError> {
+    let located = locate(job_id, &config.watch_dir, &config.output_dir)?;
+    let mut out = std::io::stdout().lock();
+    if !follow {
+        return print(&located, filter, &mut out);
+    }
+    let poll = Duration::try_from_secs_f64(poll_seconds.clamp(0.05, 60.0))?;
+    if self::follow(&located, filter, poll, &mut out)? == FollowEnd::Released {
+        eprintln!("hyper2kvm: job {job_id} was given back to the queue; its manifest runs again under a new job id");
+    }
+    Ok(())
+}
 
 /// Prints the job's events so far.
 pub fn print(located: &Located, filter: &Filter, out: &mut impl Write) -> Result<(), EventsError> {

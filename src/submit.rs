@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use crate::config::Config;
 use crate::host;
 use crate::manifest::{self, ManifestError};
 use crate::publish;
@@ -27,6 +28,13 @@ pub enum SubmitError {
     Busy { name: String, dir: PathBuf },
     #[error("cannot write into {dir}: {source}")]
     Write { dir: PathBuf, source: std::io::Error },
+}
+
+/// `hyper2kvm submit`: [`submit`] into the configured WATCH_DIR, then the submitted path.
+pub fn command(manifest_path: &Path, config: &Config, name: Option<&str>, force: bool) -> Result<(), SubmitError> {
+    let target = submit(manifest_path, &config.watch_dir, name, force)?;
+    println!("{}", target.display());
+    Ok(())
 }
 
 /// Drops `manifest` into `watch_dir` as `name` (default: the manifest's own file name).
