@@ -58,11 +58,6 @@ impl EventLog {
         EventLog { path, job_id: job_id.to_owned() }
     }
 
-    /// Where the events go.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Appends one event. One `write` of a whole line to a file opened for appending, so that
     /// a reader never sees two events interleaved.
     pub fn append(&self, phase: &str, message: &str, percent: Option<f64>) {
@@ -478,7 +473,7 @@ mod tests {
                 std::thread::sleep(PROGRESS_POLL * 3);
             }
         });
-        let text = std::fs::read_to_string(log.path()).unwrap();
+        let text = std::fs::read_to_string(&log.path).unwrap();
         let percents: Vec<f64> =
             text.lines().map(|l| serde_json::from_str::<Event>(l).unwrap().progress_percent.unwrap()).collect();
         assert_eq!(percents, [25.0, 55.0, 35.0], "{text}");

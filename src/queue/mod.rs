@@ -9,8 +9,8 @@ pub mod lock;
 pub mod records;
 pub mod scan;
 
-pub use claim::{Beat, Claim, Heartbeat, Queue, Stale};
+pub use claim::{Beat, Claim, Queue};
 pub use layout::{Layout, Outcome};
 pub use lock::LockRecord;
 pub use records::{EventLog, JobRecord, JobState};
-pub use scan::{Candidate, Scanner};
+pub use scan::Scanner;

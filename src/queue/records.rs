@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::layout::{Layout, Outcome};
 
-pub use crate::events::{Event, EventLog};
+pub use crate::events::EventLog;
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
