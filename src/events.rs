@@ -6,6 +6,9 @@
 //! `<artifacts.output_path>/<job>.events.jsonl`. `hyper2kvm events` finds either ([`locate`]),
 //! prints them and follows them by polling ([`follow`]): the queue is usually on NFS, where
 //! another host's appends raise no inotify event.
+//!
+//! It records and shows; it decides nothing about a job, and a failed append never fails one
+//! (it is logged at debug level).
 
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -293,7 +296,7 @@ fn show_from(
 /// At most this much of a log is read at once: a follower never holds a huge log in memory.
 const MAX_READ: u64 = 4 << 20;
 
-/// `hyper2kvm events`: the job's events so far on stdout ([`print`]), or with `follow` until it
+/// `hyper2kvm events`: the job's events so far on stdout ([`fn@print`]), or with `follow` until it
 /// ends ([`follow`], polling every `poll_seconds`, kept within 0.05–60); a job given back to
 /// the queue meanwhile is said on stderr.
 pub fn command(

@@ -6,6 +6,9 @@
 //! `journalctl -u hyper2kvm@vsphere JOB_ID=…` finds one job's lines. Every line of an
 //! instance carries `INSTANCE` and the syslog identifier `hyper2kvm@INSTANCE`, daemon-wide
 //! lines included.
+//!
+//! Set up once per process, by the command that runs ([`crate::daemon::serve`],
+//! [`crate::worker::run::command`]); it must not be set up by library code below them.
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;

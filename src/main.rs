@@ -1,6 +1,9 @@
 //! The `hyper2kvm` command: parses the command line and hands over to the library.
 //! Exit codes: 0 success, 1 failure (message on stderr), 2 usage error; `run` adds its own
 //! (docs/WORKER.md).
+//!
+//! It holds no behaviour: each command is one call into the module that owns it
+//! (docs/ARCHITECTURE.md, "Modules").
 
 use std::path::PathBuf;
 use std::process::ExitCode;

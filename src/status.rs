@@ -1,6 +1,8 @@
 //! `hyper2kvm status`: the queue, the claims and their owners, the progress of running jobs,
 //! and recent finished jobs — all read from the on-disk state, so it works from any host that
 //! mounts the queue, whether or not a daemon runs there.
+//!
+//! It only reads: it must never change the queue, so it is safe on any host at any time.
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;

@@ -1,6 +1,8 @@
 //! `hyper2kvm submit`: an atomic drop into WATCH_DIR for producers and tests. The manifest is
 //! written under a hidden temporary name, fsynced, and linked to its final name, which fails
 //! rather than overwrite a manifest still waiting there.
+//!
+//! It only drops the file: it never claims (the daemon does) and never replaces a manifest.
 
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};

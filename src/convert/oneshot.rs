@@ -1,4 +1,8 @@
 //! `hyper2kvm convert` and `hyper2kvm inspect`: the engine used by hand, outside the queue.
+//!
+//! Also the one-shot commands' signal handling ([`Interrupt`]). It serves paths a person named
+//! (no SOURCE_ROOTS: `SourceRoots::anywhere`), so the daemon's jobs must not use it: they go
+//! through [`super::auto::Auto`] with their confinement. `hyper2kvm run` reuses it.
 
 use std::fs::File;
 use std::io::{ErrorKind, IsTerminal, Read};

@@ -1,6 +1,8 @@
 //! The on-disk queue: finding manifests, claiming them exactly once, and recording outcomes.
 //!
 //! See [`layout`] for the directory layout and docs/ARCHITECTURE.md for the protocol.
+//!
+//! Only [`claim`] decides who owns a job; nothing here converts, publishes or words an `.error`.
 
 pub mod claim;
 pub mod fs;

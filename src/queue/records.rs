@@ -1,5 +1,7 @@
 //! Job records (`done/` and `failed/`): what `status` reads, and what shows from outside that
 //! each manifest was done once. The per-job event logs are in [`crate::events`].
+//!
+//! It writes a record once a job has ended and reads them back; it decides no outcome.
 
 use std::fs::OpenOptions;
 use std::io::Write;

@@ -3,6 +3,9 @@
 //! history with its time and reason. The file is replaced atomically (temporary name, fsync,
 //! rename) at each transition, so a reader — `hyper2kvm events --follow`, a controller polling
 //! the volume — sees one whole state or the previous one.
+//!
+//! It records transitions and refuses the ones the machine does not allow; [`super::run`]
+//! decides them.
 
 use std::path::{Path, PathBuf};
 

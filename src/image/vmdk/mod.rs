@@ -1,6 +1,6 @@
 //! VMDK read natively: descriptors, sparse extents (monolithicSparse, twoGbMaxExtentSparse,
 //! delta disks), stream-optimized extents in qemu-img's and VMware's shapes, FLAT/VMFS and
-//! ZERO extents, and delta chains — behind [`DiskSource`](super::DiskSource).
+//! ZERO extents, and delta chains — behind [`super::DiskSource`].
 //!
 //! - [`open`]: a VMDK by path (a descriptor file or a monolithic sparse/stream file), with its
 //!   extents and parents.
