@@ -3,7 +3,7 @@
 //! (docs/WORKER.md).
 //!
 //! It holds no behaviour: each command is one call into the module that owns it
-//! (docs/ARCHITECTURE.md, "Modules").
+//! (docs/ARCHITECTURE.md, "The binary: one call per command").
 
 use std::path::PathBuf;
 use std::process::ExitCode;
