@@ -334,6 +334,40 @@ pub fn publish_metric(config: Arc<Config>, metrics: Arc<crate::metrics::Metrics>
     }
 }
 
+/// Why `hyper2kvm capabilities` exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum CapabilitiesError {
+    /// The first of the [`Capabilities::problems`], and how many more there are.
+    #[error("this worker is not ready: {first}{}", more(*.count))]
+    NotReady { first: String, count: usize },
+    #[error("cannot print the capabilities: {0}")]
+    Print(#[from] serde_json::Error),
+}
+
+/// ` (and N more)` after the first of `count` problems.
+fn more(count: usize) -> String {
+    if count > 1 {
+        format!(" (and {} more)", count - 1)
+    } else {
+        String::new()
+    }
+}
+
+/// `hyper2kvm capabilities`: [`probe_with`] `min_free_mib`, printed as JSON or as [`render`]'s
+/// lines; an error (exit status 1, the readiness probe's answer) when the worker is not ready.
+pub fn command(config: &Config, min_free_mib: u64, json: bool) -> Result<(), CapabilitiesError> {
+    let caps = probe_with(config, min_free_mib.saturating_mul(1 << 20));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&caps)?);
+    } else {
+        print!("{}", render(&caps));
+    }
+    match caps.problems.first() {
+        None => Ok(()),
+        Some(first) => Err(CapabilitiesError::NotReady { first: first.clone(), count: caps.problems.len() }),
+    }
+}
+
 /// A readable listing.
 pub fn render(c: &Capabilities) -> String {
     let yes_no = |b: bool| if b { "yes" } else { "no" };

@@ -1,4 +1,7 @@
 //! SHA-256 of files: verifying the manifest's `checksum` and reporting outputs' digests.
+//!
+//! It only hashes (under the job's control, so a long read can be stopped); what a mismatch
+//! means, and its sentence, are the job's.
 
 use std::fs::File;
 use std::io::Read;

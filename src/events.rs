@@ -6,6 +6,9 @@
 //! `<artifacts.output_path>/<job>.events.jsonl`. `hyper2kvm events` finds either ([`locate`]),
 //! prints them and follows them by polling ([`follow`]): the queue is usually on NFS, where
 //! another host's appends raise no inotify event.
+//!
+//! It records and shows; it decides nothing about a job, and a failed append never fails one
+//! (it is logged at debug level).
 
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -17,6 +20,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::config::Config;
 use crate::convert::JobControl;
 use crate::queue::layout::{Layout, Outcome};
 
@@ -55,11 +59,6 @@ impl EventLog {
     /// The log of job `job_id` at `path` (created at the first append).
     pub fn new(path: PathBuf, job_id: &str) -> EventLog {
         EventLog { path, job_id: job_id.to_owned() }
-    }
-
-    /// Where the events go.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Appends one event. One `write` of a whole line to a file opened for appending, so that
@@ -132,6 +131,9 @@ pub enum EventsError {
     Read { job_id: String, path: String, source: std::io::Error },
     #[error("cannot write the events: {0}")]
     Write(std::io::Error),
+    /// `--poll` is not a number of seconds (NaN).
+    #[error(transparent)]
+    Poll(#[from] std::time::TryFromFloatSecsError),
 }
 
 /// Where a job's events are, and how to tell that it has ended.
@@ -294,6 +296,28 @@ fn show_from(
 /// At most this much of a log is read at once: a follower never holds a huge log in memory.
 const MAX_READ: u64 = 4 << 20;
 
+/// `hyper2kvm events`: the job's events so far on stdout ([`fn@print`]), or with `follow` until it
+/// ends ([`follow`], polling every `poll_seconds`, kept within 0.05–60); a job given back to
+/// the queue meanwhile is said on stderr.
+pub fn command(
+    config: &Config,
+    job_id: &str,
+    filter: &Filter,
+    follow: bool,
+    poll_seconds: f64,
+) -> Result<(), EventsError> {
+    let located = locate(job_id, &config.watch_dir, &config.output_dir)?;
+    let mut out = std::io::stdout().lock();
+    if !follow {
+        return print(&located, filter, &mut out);
+    }
+    let poll = Duration::try_from_secs_f64(poll_seconds.clamp(0.05, 60.0))?;
+    if self::follow(&located, filter, poll, &mut out)? == FollowEnd::Released {
+        eprintln!("hyper2kvm: job {job_id} was given back to the queue; its manifest runs again under a new job id");
+    }
+    Ok(())
+}
+
 /// Prints the job's events so far.
 pub fn print(located: &Located, filter: &Filter, out: &mut impl Write) -> Result<(), EventsError> {
     let Some(path) = located.log_path() else { return Ok(()) };
@@ -452,7 +476,7 @@ mod tests {
                 std::thread::sleep(PROGRESS_POLL * 3);
             }
         });
-        let text = std::fs::read_to_string(log.path()).unwrap();
+        let text = std::fs::read_to_string(&log.path).unwrap();
         let percents: Vec<f64> =
             text.lines().map(|l| serde_json::from_str::<Event>(l).unwrap().progress_percent.unwrap()).collect();
         assert_eq!(percents, [25.0, 55.0, 35.0], "{text}");

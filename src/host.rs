@@ -1,5 +1,8 @@
 //! Who this daemon is: host name, boot id and pid, recorded in lock files and job records so
 //! that a claim can be traced to one process on one boot of one host.
+//!
+//! It only says who this process is; what an identity from another boot or pid means for a
+//! claim is [`crate::queue`]'s.
 
 use serde::{Deserialize, Serialize};
 

@@ -4,6 +4,9 @@
 //! exactly once, converts its disks to qcow2, writes a libvirt domain, and publishes
 //! `<vm>.qcow2` (last, atomically) or `<vm>.error`. See docs/ARCHITECTURE.md for the life of a
 //! job and the on-disk layout.
+//!
+//! Each module's header says what it owns and what it must not do; docs/ARCHITECTURE.md maps
+//! them and who calls whom.
 
 pub mod capabilities;
 pub mod checksum;

@@ -1,17 +1,21 @@
 //! The `hyper2kvm` command: parses the command line and hands over to the library.
 //! Exit codes: 0 success, 1 failure (message on stderr), 2 usage error; `run` adds its own
 //! (docs/WORKER.md).
+//!
+//! It holds no behaviour: each command is one call into the module that owns it
+//! (docs/ARCHITECTURE.md, "The binary: one call per command").
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use hyper2kvm::config::{self, CompressionType, Config, Overrides};
-use hyper2kvm::convert::{fields, oneshot, Compression};
-use hyper2kvm::logging::{self, LogFormat};
+use hyper2kvm::convert::{oneshot, Compression};
+use hyper2kvm::logging::LogFormat;
 use hyper2kvm::manifest::SourceFormat;
-use hyper2kvm::{capabilities, daemon, events, status, submit, worker};
+use hyper2kvm::{capabilities, daemon, events, guest, status, submit, worker};
 
 #[derive(Parser)]
 #[command(
@@ -215,7 +219,15 @@ impl From<Format> for SourceFormat {
     }
 }
 
-use hyper2kvm::guest::oneshot as guest_cmd;
+impl Codec {
+    fn with_level(self, level: u32) -> Compression {
+        let kind = match self {
+            Codec::Zlib => CompressionType::Zlib,
+            Codec::Zstd => CompressionType::Zstd,
+        };
+        Compression { kind, level }
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -227,160 +239,52 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    if let Command::Run { spec } = &cli.command {
-        return run_job(spec, cli.log_level.as_deref(), cli.log_format);
-    }
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // Library errors already name their cause; the chain would repeat it.
             eprintln!("hyper2kvm: {e}");
-            if let Some(signal) = oneshot::interrupted() {
-                // Now that the partial files are gone, end as the signal would have, so
-                // that a shell or script sees an interruption and not a failure.
-                let _ = signal_hook::low_level::raise(signal);
-            }
+            oneshot::raise_if_interrupted();
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let log_level = cli.log_level.clone();
+/// Hands each command to the function of the module that owns it.
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let load = |args: &ConfigArgs| load_config(&cli.config_dir, cli.log_level.clone(), args);
     match cli.command {
-        Command::Daemon(DaemonArgs { config: args, format: _ }) => {
-            let config = load_config(&cli.config_dir, log_level, &args)?;
-            logging::init(config.log_level, cli.log_format, config.instance.as_deref());
-            for warning in &config.warnings {
-                tracing::warn!("{warning}");
-            }
-            let runtime = tokio::runtime::Runtime::new()?;
-            let served = runtime.block_on(async { daemon::run(config, daemon::signals()?).await });
-            // Bounded: a job that ignored cancellation still holds a blocking thread, and its
-            // claim is already released.
-            runtime.shutdown_timeout(daemon::RUNTIME_GRACE);
-            Ok(served?)
-        }
+        Command::Daemon(DaemonArgs { config, format: _ }) => daemon::serve(load(&config)?, cli.log_format)?,
         Command::Convert { source, output, compress, level, format } => {
-            let format = format.map(SourceFormat::from);
-            let compression = compress.map(|c| Compression {
-                kind: match c {
-                    Codec::Zlib => CompressionType::Zlib,
-                    Codec::Zstd => CompressionType::Zstd,
-                },
-                level,
-            });
-            let written = oneshot::convert_any(&source, format, &output, compression)?;
-            // Only names the user did not choose are worth printing.
-            if written.len() > 1 {
-                for path in written {
-                    println!("{}", path.display());
-                }
-            }
-            Ok(())
+            let compression = compress.map(|codec| codec.with_level(level));
+            oneshot::convert_command(&source, format.map(SourceFormat::from), &output, compression)?
         }
         Command::Inspect { source, json, guest: true, .. } => {
-            let config = load_config(&cli.config_dir, log_level, &ConfigArgs::default())?;
-            let info = guest_cmd::inspect(&config, &source)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
-            } else {
-                print!("{}", fields::render(&serde_json::to_value(&info)?));
-            }
-            Ok(())
-        }
-        Command::Fix { images, boot_check, boot_check_seconds, work_dir, json } => {
-            let config = load_config(&cli.config_dir, log_level, &ConfigArgs::default())?;
-            let boot = boot_check.then(|| std::time::Duration::from_secs(boot_check_seconds));
-            Ok(guest_cmd::fix(&config, &images, work_dir, boot, json)?)
+            guest::oneshot::inspect_command(&load(&ConfigArgs::default())?, &source, json)?
         }
         Command::Inspect { source, json, format, .. } => {
-            let format = format.map(SourceFormat::from).unwrap_or_else(|| oneshot::guess_format(&source));
-            let info = oneshot::inspect(&source, format)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
-            } else {
-                print!("{}", fields::render(&info));
-            }
-            Ok(())
+            oneshot::inspect_command(&source, format.map(SourceFormat::from), json)?
+        }
+        Command::Fix { images, boot_check, boot_check_seconds, work_dir, json } => {
+            let boot = boot_check.then(|| Duration::from_secs(boot_check_seconds));
+            guest::oneshot::fix(&load(&ConfigArgs::default())?, &images, work_dir, boot, json)?
         }
         Command::Submit { manifest, name, force, config } => {
-            let config = load_config(&cli.config_dir, log_level, &config)?;
-            let target = submit::submit(&manifest, &config.watch_dir, name.as_deref(), force)?;
-            println!("{}", target.display());
-            Ok(())
+            submit::command(&manifest, &load(&config)?, name.as_deref(), force)?
         }
-        Command::Status { json, config } => {
-            let config = load_config(&cli.config_dir, log_level, &config)?;
-            let overrides = Overrides { config_dir: cli.config_dir.clone(), flags: Vec::new() };
-            let status =
-                status::with_instances(status::collect(&config), &config::config_dir(&overrides, &config::ProcessEnv));
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", status::render(&status));
-            }
-            Ok(())
-        }
+        Command::Status { json, config } => status::command(&load(&config)?, cli.config_dir.clone(), json)?,
         Command::Capabilities { json_output, min_free_mib, config } => {
-            let config = load_config(&cli.config_dir, log_level, &config)?;
-            let caps = capabilities::probe_with(&config, min_free_mib.saturating_mul(1 << 20));
-            if json_output {
-                println!("{}", serde_json::to_string_pretty(&caps)?);
-            } else {
-                print!("{}", capabilities::render(&caps));
-            }
-            match caps.problems.first() {
-                None => Ok(()),
-                Some(first) => {
-                    anyhow::bail!("this worker is not ready: {first}{}", more(caps.problems.len()))
-                }
-            }
+            capabilities::command(&load(&config)?, min_free_mib, json_output)?
         }
-        Command::Run { .. } => unreachable!("handled in main"),
+        Command::Run { spec } => return Ok(worker::run::command(&spec, cli.log_level.as_deref(), cli.log_format)),
         Command::Events { job_id, follow, phase, json, poll, config } => {
-            let config = load_config(&cli.config_dir, log_level, &config)?;
-            let located = events::locate(&job_id, &config.watch_dir, &config.output_dir)?;
-            let filter = events::Filter { phase, json };
-            let mut out = std::io::stdout().lock();
-            if !follow {
-                return Ok(events::print(&located, &filter, &mut out)?);
-            }
-            let poll = std::time::Duration::try_from_secs_f64(poll.clamp(0.05, 60.0))?;
-            if events::follow(&located, &filter, poll, &mut out)? == events::FollowEnd::Released {
-                eprintln!(
-                    "hyper2kvm: job {job_id} was given back to the queue; its manifest runs again under a new job id"
-                );
-            }
-            Ok(())
+            events::command(&load(&config)?, &job_id, &events::Filter { phase, json }, follow, poll)?
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
-/// ` (and N more)` after the first of N+1 problems.
-fn more(count: usize) -> String {
-    if count > 1 {
-        format!(" (and {} more)", count - 1)
-    } else {
-        String::new()
-    }
-}
-
-/// `hyper2kvm run`: logs on stderr, the result as one JSON line on stdout, and the job's own
-/// exit status.
-fn run_job(spec: &std::path::Path, log_level: Option<&str>, log_format: LogFormat) -> ExitCode {
-    let level = log_level.and_then(config::LogLevel::parse).unwrap_or(config::LogLevel::Info);
-    logging::init(level, log_format, None);
-    let end = worker::run::run(spec);
-    if let Some(result) = &end.result {
-        println!("{result}");
-    }
-    if let Some(message) = &end.message {
-        eprintln!("hyper2kvm: {message}");
-    }
-    ExitCode::from(end.exit_code)
-}
-
+/// The configuration with the command line's flags on top.
 fn load_config(config_dir: &Option<PathBuf>, log_level: Option<String>, args: &ConfigArgs) -> anyhow::Result<Config> {
     let mut flags = Vec::new();
     let named = [

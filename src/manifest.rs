@@ -7,6 +7,9 @@
 //! `boot_order_hint` is normal because Go omits zero values. Every error names its field.
 //!
 //! Also the one reader of manifest files ([`read_file`]), bounded by [`MAX_MANIFEST_BYTES`].
+//!
+//! It opens nothing a manifest names: confining `local_path` is [`crate::source`]'s, result
+//! names are [`crate::names`]' and [`crate::output_layout`]'s.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

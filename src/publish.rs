@@ -3,6 +3,9 @@
 //!
 //! Each job stages in a directory of its own, created fresh (so no symlink can have been
 //! planted in it), and every file we create there is opened with `O_CREAT|O_EXCL|O_NOFOLLOW`.
+//!
+//! It decides neither what a job publishes nor whether the job still owns its claim (the job
+//! fences before each step); result names are [`crate::output_layout`]'s.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};

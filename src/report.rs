@@ -1,5 +1,7 @@
 //! The job report `V.json`: what was converted, from what, into what, how long it took, and
 //! the digests of the outputs.
+//!
+//! It only builds the report; writing and publishing it is [`crate::publish`]'s.
 
 use std::path::PathBuf;
 

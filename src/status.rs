@@ -1,14 +1,16 @@
 //! `hyper2kvm status`: the queue, the claims and their owners, the progress of running jobs,
 //! and recent finished jobs — all read from the on-disk state, so it works from any host that
 //! mounts the queue, whether or not a daemon runs there.
+//!
+//! It only reads: it must never change the queue, so it is safe on any host at any time.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{self, Config, Overrides, ProcessEnv};
 use crate::manifest;
 use crate::queue::claim::LockRecord;
 use crate::queue::layout::is_manifest_name;
@@ -71,6 +73,20 @@ pub struct Status {
     /// The daemons systemd knows on this host (`hyper2kvm@*.service`, and `hyper2kvm.service`
     /// when installed); empty where systemctl cannot be asked. Filled by [`with_instances`].
     pub instances: Vec<InstanceView>,
+}
+
+/// `hyper2kvm status`: [`collect`] and [`with_instances`] (the conf files found in
+/// `--config-dir`, else where the configuration was read from), printed as JSON or as
+/// [`render`]'s lines.
+pub fn command(config: &Config, config_dir: Option<PathBuf>, json: bool) -> Result<(), serde_json::Error> {
+    let overrides = Overrides { config_dir, flags: Vec::new() };
+    let status = with_instances(collect(config), &config::config_dir(&overrides, &ProcessEnv));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", render(&status));
+    }
+    Ok(())
 }
 
 /// Reads the state of the queue described by `config`.

@@ -1,12 +1,15 @@
 //! `hyper2kvm submit`: an atomic drop into WATCH_DIR for producers and tests. The manifest is
 //! written under a hidden temporary name, fsynced, and linked to its final name, which fails
 //! rather than overwrite a manifest still waiting there.
+//!
+//! It only drops the file: it never claims (the daemon does) and never replaces a manifest.
 
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use crate::config::Config;
 use crate::host;
 use crate::manifest::{self, ManifestError};
 use crate::publish;
@@ -27,6 +30,13 @@ pub enum SubmitError {
     Busy { name: String, dir: PathBuf },
     #[error("cannot write into {dir}: {source}")]
     Write { dir: PathBuf, source: std::io::Error },
+}
+
+/// `hyper2kvm submit`: [`submit`] into the configured WATCH_DIR, then the submitted path.
+pub fn command(manifest_path: &Path, config: &Config, name: Option<&str>, force: bool) -> Result<(), SubmitError> {
+    let target = submit(manifest_path, &config.watch_dir, name, force)?;
+    println!("{}", target.display());
+    Ok(())
 }
 
 /// Drops `manifest` into `watch_dir` as `name` (default: the manifest's own file name).

@@ -1,6 +1,9 @@
 //! Untrusted names and lists put into messages, bounded: an `.error` line or a log line must
 //! stay readable whatever an archive or a manifest holds (an OVA with 2000 `.ovf` members once
 //! made an 8 MB `.error` line).
+//!
+//! It only bounds and formats; any message that carries an untrusted name or list goes through
+//! it.
 
 use std::borrow::Cow;
 use std::fmt::Display;

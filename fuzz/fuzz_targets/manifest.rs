@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use hyper2kvm::libvirt::domain_xml::{self, DomainDisk, NetworkAttachment};
+use hyper2kvm::libvirt::domain_xml::{self, Acceleration, DomainDisk, NetworkAttachment};
 use hyper2kvm::{manifest, names, output_layout};
 use libfuzzer_sys::fuzz_target;
 use quick_xml::events::Event;
@@ -35,7 +35,8 @@ fuzz_target!(|data: &[u8]| {
             target_bus: domain_xml::disk_bus_for(&spec.hardware),
         })
         .collect();
-    let xml = domain_xml::domain_xml(&spec, &disks, &NetworkAttachment::Network("default".into()));
+    let attach = NetworkAttachment::Network("default".into());
+    let xml = domain_xml::domain_xml_with(&spec, &disks, &attach, Acceleration::Kvm);
     check_well_formed(&xml);
 });
 

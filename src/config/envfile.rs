@@ -3,6 +3,9 @@
 //! Supported: `KEY=value`, blank lines, `#` and `;` comments, optional double or single quotes
 //! around the value (with `\"`, `\\` and `\n` escapes inside double quotes), white space around
 //! the key and the value, and a trailing `\` that continues a line.
+//!
+//! It only parses text: it reads no file and no environment, and knows no key; layering and
+//! validation are [`super`]'s.
 
 use thiserror::Error;
 

@@ -1,5 +1,6 @@
 //! The human form of `inspect` (of an image, and of a guest): a JSON description printed as
-//! indented `key: value` lines. It only formats; it reads nothing.
+//! indented `key: value` lines, or as pretty JSON with `--json`. It formats and prints to
+//! stdout; it reads nothing and knows nothing of what it describes.
 
 use std::fmt::Write;
 
@@ -35,6 +36,16 @@ const FIRST_KEYS: &[&str] = &[
     "chain",
     "referenced_files",
 ];
+
+/// Prints what `inspect` found: pretty JSON with `--json`, else [`render`]'s lines.
+pub fn print(value: &impl serde::Serialize, json: bool) -> Result<(), serde_json::Error> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", render(&serde_json::to_value(value)?));
+    }
+    Ok(())
+}
 
 /// A JSON description as indented `key: value` lines: the main facts first, sizes also in
 /// binary units, empty lists as `none`.

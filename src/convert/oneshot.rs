@@ -1,4 +1,8 @@
 //! `hyper2kvm convert` and `hyper2kvm inspect`: the engine used by hand, outside the queue.
+//!
+//! Also the one-shot commands' signal handling ([`Interrupt`]). It serves paths a person named
+//! (no SOURCE_ROOTS: `SourceRoots::anywhere`), so the daemon's jobs must not use it: they go
+//! through [`super::auto::Auto`] with their confinement. `hyper2kvm run` reuses it.
 
 use std::fs::File;
 use std::io::{ErrorKind, IsTerminal, Read};
@@ -257,6 +261,31 @@ pub fn convert_any(
     }
     let format = format.unwrap_or_else(|| guess_format(source));
     convert(source, format, destination, compression)
+}
+
+/// `hyper2kvm convert`: [`convert_any`], then the paths of the other disks of an OVA, which
+/// the user did not name (the first disk is the one named).
+pub fn convert_command(
+    source: &Path,
+    format: Option<SourceFormat>,
+    destination: &Path,
+    compression: Option<Compression>,
+) -> Result<(), ConvertError> {
+    let written = convert_any(source, format, destination, compression)?;
+    if written.len() > 1 {
+        for path in written {
+            println!("{}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// `hyper2kvm inspect`: [`inspect`] with `format` or the one [`guess_format`] finds, printed
+/// as JSON or as `key: value` lines.
+pub fn inspect_command(source: &Path, format: Option<SourceFormat>, json: bool) -> Result<(), ConvertError> {
+    let format = format.unwrap_or_else(|| guess_format(source));
+    let info = inspect(source, format)?;
+    super::fields::print(&info, json).map_err(|e| ConvertError::Failed(e.to_string()))
 }
 
 /// [`convert`] for a source that cannot seek (see [`is_stream`]): a stream-optimized VMDK
@@ -654,6 +683,15 @@ pub fn interrupted() -> Option<i32> {
     match SIGNAL.load(Ordering::SeqCst) {
         0 => None,
         signal => Some(signal),
+    }
+}
+
+/// For a command that failed and said why: when a signal interrupted [`convert`] (its partial
+/// files are gone by now), raises it again, so that the process ends as the signal would have
+/// ended it and a shell or script sees an interruption, not a failure.
+pub fn raise_if_interrupted() {
+    if let Some(signal) = interrupted() {
+        let _ = signal_hook::low_level::raise(signal);
     }
 }
 

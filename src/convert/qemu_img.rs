@@ -3,6 +3,9 @@
 //! It runs as a child process with a deadline: on timeout or cancellation the child is killed.
 //! `qemu-img convert -p` prints `(12.34/100%)\r` progress to stdout even into a pipe, which
 //! feeds the job's progress counters.
+//!
+//! It is handed opened descriptors (`/dev/fd/N` in a `json:` description), never a name for
+//! qemu-img to resolve, and does not choose which formats come to it ([`super::auto`] does).
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};

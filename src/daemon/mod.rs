@@ -37,6 +37,7 @@ use crate::convert::JobControl;
 use crate::host::Identity;
 use crate::job::{self, JobContext, JobEnd};
 use crate::libvirt;
+use crate::logging::{self, LogFormat};
 use crate::manifest::ManifestFile;
 use crate::metrics::{self, Health, Metrics, MetricsError, QueueOperation};
 use crate::publish;
@@ -71,6 +72,8 @@ pub enum DaemonError {
     TempIsSymlink(String),
     #[error("cannot install the signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
     #[error("cannot scan WATCH_DIR {path}: {source}")]
     Scan { path: String, source: std::io::Error },
     /// METRICS_ADDR cannot be served.
@@ -137,6 +140,21 @@ struct Daemon {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     room: Room,
+}
+
+/// `hyper2kvm daemon`: logging as configured, then [`run`] on a runtime of its own until
+/// SIGTERM, SIGINT or SIGHUP ([`signals`]), and the runtime ended within [`RUNTIME_GRACE`].
+pub fn serve(config: Config, log_format: LogFormat) -> Result<(), DaemonError> {
+    logging::init(config.log_level, log_format, config.instance.as_deref());
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
+    let runtime = tokio::runtime::Runtime::new().map_err(DaemonError::Runtime)?;
+    let served = runtime.block_on(async { run(config, signals()?).await });
+    // Bounded: a job that ignored cancellation still holds a blocking thread, and its claim
+    // is already released.
+    runtime.shutdown_timeout(RUNTIME_GRACE);
+    served
 }
 
 /// Runs the daemon until `shutdown` completes (under `hyper2kvm daemon`: [`signals`]) or an

@@ -50,6 +50,13 @@ pub fn inspect(config: &Config, image: &Path) -> Result<GuestInfo, GuestError> {
     super::inspect::inspect(&tools(config), &[image.to_path_buf()], &scratch.0, config.conversion_timeout, &never)
 }
 
+/// `hyper2kvm inspect --guest IMAGE [--json]`: [`inspect`], printed as JSON or as
+/// `key: value` lines.
+pub fn inspect_command(config: &Config, image: &Path, json: bool) -> Result<(), OneShotError> {
+    let info = inspect(config, image)?;
+    Ok(crate::convert::fields::print(&info, json)?)
+}
+
 /// `hyper2kvm fix IMAGE... [--boot-check]`: fix, verify, optionally boot; prints the evidence
 /// and fails when the guest does not agree with virtio or does not boot.
 pub fn fix(

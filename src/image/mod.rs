@@ -7,6 +7,9 @@
 //!
 //! Parsers treat every byte as hostile: offsets are checked before use, allocations are
 //! bounded by explicit limits, and problems are [`ImageError`]s, never panics.
+//!
+//! Readers never write a source, and open a file a disk references only through the caller's
+//! confinement (the `*_confined` openers and [`crate::source::SourceRoots`]).
 
 pub mod ova;
 pub mod qcow2;

@@ -1,4 +1,6 @@
 //! One connection to libvirt: opened per job, closed when dropped.
+//!
+//! It is opened by the job and never shared between jobs.
 
 use std::sync::Once;
 

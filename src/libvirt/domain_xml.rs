@@ -120,11 +120,12 @@ impl Acceleration {
     }
 }
 
-/// The domain XML text, for a KVM host.
+/// The domain XML text, for a KVM host: [`domain_xml_with`] as the tests call it.
 ///
 /// `disks` are attached in the order given, with boot order 1, 2, …; every entry of `spec.nics`
 /// becomes one NIC on `attach` (one NIC without a fixed MAC when the manifest lists none).
-pub fn domain_xml(spec: &JobSpec, disks: &[DomainDisk], attach: &NetworkAttachment) -> String {
+#[cfg(test)]
+pub(crate) fn domain_xml(spec: &JobSpec, disks: &[DomainDisk], attach: &NetworkAttachment) -> String {
     domain_xml_with(spec, disks, attach, Acceleration::Kvm)
 }
 

@@ -106,11 +106,6 @@ impl Server {
         Ok(Server { listener, stop, thread: Some(thread) })
     }
 
-    /// The address served (with the port chosen by the system when METRICS_ADDR gave port 0).
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
     /// Stops accepting and waits for the accept loop to end. Connections being answered finish
     /// on their own threads, within their deadlines.
     pub fn stop(mut self) {
@@ -715,7 +710,7 @@ mod tests {
     fn the_server_answers_over_tcp_and_stops() {
         let health = Arc::new(Health::new(Duration::from_secs(60)));
         let server = Server::start("127.0.0.1:0".parse().unwrap(), Arc::new(Metrics::new()), health.clone()).unwrap();
-        let addr = server.local_addr().unwrap();
+        let addr = server.listener.local_addr().unwrap();
         // A silent client holds one connection; the others are still answered.
         let _silent = TcpStream::connect(addr).unwrap();
         assert!(exchange(addr, b"GET /healthz HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 503 "));
@@ -748,7 +743,7 @@ mod tests {
         let health = Arc::new(Health::new(Duration::from_secs(60)));
         health.alive();
         let server = Server::start("127.0.0.1:0".parse().unwrap(), Arc::new(Metrics::new()), health).unwrap();
-        let addr = server.local_addr().unwrap();
+        let addr = server.listener.local_addr().unwrap();
         let mut idle = Vec::new();
         for held in [8, 64] {
             while idle.len() < held {
@@ -772,7 +767,7 @@ mod tests {
         let health = Arc::new(Health::new(Duration::from_secs(60)));
         health.alive();
         let server = Server::start("127.0.0.1:0".parse().unwrap(), Arc::new(Metrics::new()), health).unwrap();
-        let addr = server.local_addr().unwrap();
+        let addr = server.listener.local_addr().unwrap();
         let hog = TcpStream::connect(addr).unwrap();
         hog.set_nonblocking(true).unwrap();
         let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);

@@ -1,6 +1,9 @@
 //! The file operations the queue protocol is built from, behind a trait so that unit tests can
 //! inject the faults NFS produces: renames that report failure after succeeding (and the
 //! reverse), ESTALE and EIO on stat, and file servers whose clock differs from ours.
+//!
+//! It knows nothing of the protocol: operations, retries of transient errors and the server's
+//! clock only; every decision is `claim.rs`'s.
 
 use std::fs::OpenOptions;
 use std::io::{ErrorKind, Write};

@@ -1,5 +1,7 @@
 //! Job records (`done/` and `failed/`): what `status` reads, and what shows from outside that
 //! each manifest was done once. The per-job event logs are in [`crate::events`].
+//!
+//! It writes a record once a job has ended and reads them back; it decides no outcome.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -10,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::layout::{Layout, Outcome};
 
-pub use crate::events::{Event, EventLog};
+pub use crate::events::EventLog;
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

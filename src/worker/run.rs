@@ -10,6 +10,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -18,8 +19,10 @@ use tracing::{info, warn};
 
 use super::spec::{self, Invalid, JobSpec, Operation};
 use super::state::{self, Machine, State};
+use crate::config::LogLevel;
 use crate::convert::{oneshot, ConvertError, JobControl};
 use crate::events::{self, EventLog};
+use crate::logging::{self, LogFormat};
 use crate::queue::records::write_atomically;
 
 /// Exit status: the job completed.
@@ -100,6 +103,21 @@ pub struct OutputFile {
     pub path: PathBuf,
     /// Its size.
     pub bytes: u64,
+}
+
+/// `hyper2kvm run JOB.json`: logs on stderr at `log_level` (default info), [`run`], the result
+/// as one JSON line on stdout, the reason on stderr, and the job's own exit status.
+pub fn command(spec_path: &Path, log_level: Option<&str>, log_format: LogFormat) -> ExitCode {
+    let level = log_level.and_then(LogLevel::parse).unwrap_or(LogLevel::Info);
+    logging::init(level, log_format, None);
+    let end = run(spec_path);
+    if let Some(result) = &end.result {
+        println!("{result}");
+    }
+    if let Some(message) = &end.message {
+        eprintln!("hyper2kvm: {message}");
+    }
+    ExitCode::from(end.exit_code)
 }
 
 /// Runs the job described by the file at `spec_path`.

@@ -3,6 +3,9 @@
 //! history with its time and reason. The file is replaced atomically (temporary name, fsync,
 //! rename) at each transition, so a reader — `hyper2kvm events --follow`, a controller polling
 //! the volume — sees one whole state or the previous one.
+//!
+//! It records transitions and refuses the ones the machine does not allow; [`super::run`]
+//! decides them.
 
 use std::path::{Path, PathBuf};
 
@@ -145,16 +148,6 @@ impl Machine {
         Ok(machine)
     }
 
-    /// The state now.
-    pub fn state(&self) -> State {
-        self.file.state
-    }
-
-    /// What the file holds.
-    pub fn file(&self) -> &JobStateFile {
-        &self.file
-    }
-
     /// Goes to `next` for `reason` and writes the file. A transition the machine does not
     /// allow is a bug, refused.
     pub fn transition(&mut self, next: State, reason: &str) -> std::io::Result<()> {
@@ -225,7 +218,7 @@ mod tests {
         let mut m = Machine::create(dir.path(), "j", None).unwrap();
         m.transition(State::Failed, "invalid").unwrap();
         let m = Machine::create(dir.path(), "j", Some("inspect")).unwrap();
-        assert_eq!(m.file().history.len(), 3);
-        assert_eq!(m.file().history[2].reason, "run again; the previous run ended failed");
+        assert_eq!(m.file.history.len(), 3);
+        assert_eq!(m.file.history[2].reason, "run again; the previous run ended failed");
     }
 }

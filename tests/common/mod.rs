@@ -716,15 +716,6 @@ pub fn assert_no_temp_files(daemon: &Daemon, env: &Env) {
     }
 }
 
-/// The names of the result files of a successful job.
-pub fn results_of(vm: &str, data_disk_ids: &[&str]) -> Vec<String> {
-    let mut v = vec![format!("{vm}.qcow2"), format!("{vm}.json"), format!("{vm}.xml")];
-    for id in data_disk_ids {
-        v.push(format!("{vm}-{id}.qcow2"));
-    }
-    v
-}
-
 /// Asserts the lines after the first of an `.error` name the job and the stage; returns the
 /// first line.
 #[track_caller]

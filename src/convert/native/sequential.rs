@@ -1,8 +1,9 @@
 //! Conversion in one forward pass, for sources that cannot seek (a pipe, standard input).
 //!
 //! Only a stream-optimized VMDK can be read that way: its grains come compressed behind
-//! markers, in increasing order, so [`read_stream_sequential`] inflates each as it arrives and
-//! the grains are cut into (or gathered into) qcow2 clusters and written at once. The virtual
+//! markers, in increasing order, so
+//! [`read_stream_sequential`](crate::image::vmdk::read_stream_sequential) inflates each as it
+//! arrives and the grains are cut into (or gathered into) qcow2 clusters and written at once. The virtual
 //! size, which the qcow2 writer needs first, is in the header at the very start. All-zero
 //! clusters stay unallocated, as in the [`pipeline`](super::pipeline); compression, when
 //! asked, is spread over the cores a batch of clusters at a time.

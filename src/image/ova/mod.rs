@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use mf::{DigestAlgorithm, ManifestCheck, ManifestEntry};
-pub use ovf::{check_href, parse_byte_units, parse_ovf, sanitize_disk_id, Ovf, OvfDisk, OvfFile, OvfHardware, OvfNic};
+pub use ovf::{check_href, parse_ovf, sanitize_disk_id, OvfFile, OvfHardware};
 use tar::{Member, MemberKind};
 
 use super::{FileSource, ImageError, ReadAt, Slice};

@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use super::ovf::{parse_byte_units, OvfNic};
 use super::*;
 use crate::manifest::Firmware;
 use crate::test_support::qemu_img_output as qemu_img;

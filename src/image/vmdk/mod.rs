@@ -1,6 +1,6 @@
 //! VMDK read natively: descriptors, sparse extents (monolithicSparse, twoGbMaxExtentSparse,
 //! delta disks), stream-optimized extents in qemu-img's and VMware's shapes, FLAT/VMFS and
-//! ZERO extents, and delta chains — behind [`DiskSource`](super::DiskSource).
+//! ZERO extents, and delta chains — behind [`super::DiskSource`].
 //!
 //! - [`open`]: a VMDK by path (a descriptor file or a monolithic sparse/stream file), with its
 //!   extents and parents.
@@ -34,10 +34,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use chain::{open, open_confined};
-pub use check::{check_sparse, check_sparse_file, is_sparse_extent, SparseSummary};
-pub use descriptor::{Access, Descriptor, ExtentLine, ExtentType};
+pub use check::{check_sparse, check_sparse_file, is_sparse_extent};
+pub use descriptor::{Access, Descriptor, ExtentType};
 pub use header::{SparseHeader, VmdkError, COWD_MAGIC, SPARSE_MAGIC};
-pub use stream::{read_stream_sequential, scan_stream_markers, StreamMap};
+pub use stream::{read_stream_sequential, scan_stream_markers};
 
 #[cfg(test)]
 use header::FLAG_COMPRESSED;

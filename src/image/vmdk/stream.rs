@@ -36,17 +36,6 @@ pub struct StreamMap {
 }
 
 impl StreamMap {
-    /// Byte offset of the marker of grain `grain` (grain index, not sector), if the stream
-    /// holds it.
-    pub fn grain_offset(&self, grain: u64) -> Option<u64> {
-        let gtes = u64::from(self.header.gtes_per_gt);
-        let table = self.tables.get(usize::try_from(grain / gtes).ok()?)?.as_ref()?;
-        match table[(grain % gtes) as usize] {
-            0 => None,
-            sector => Some(u64::from(sector) * SECTOR),
-        }
-    }
-
     /// Every grain found, in LBA order: (grain index, byte offset of its marker).
     pub fn grain_offsets(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         let gtes = u64::from(self.header.gtes_per_gt);
