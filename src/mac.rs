@@ -17,6 +17,16 @@ pub struct MacAddress([u8; 6]);
 pub struct ParseMacError;
 
 impl MacAddress {
+    /// The address from its octets.
+    pub fn new(octets: [u8; 6]) -> MacAddress {
+        MacAddress(octets)
+    }
+
+    /// The six octets.
+    pub fn octets(self) -> [u8; 6] {
+        self.0
+    }
+
     /// Whether libvirt accepts it for a guest NIC: it refuses multicast addresses and reserves
     /// a leading 0xFE for the host side of tap devices; all zeros is no address at all.
     pub fn is_usable_for_nic(self) -> bool {

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hyper2kvm::guest::{boot_check, BootOutcome, BootReport, BootSpec, Evidence, Tools};
-use hyper2kvm::libvirt::domain_xml::{domain_xml, DiskBus, DomainDisk, NetworkAttachment};
+use hyper2kvm::libvirt::domain_xml::{domain_xml_with, Acceleration, DiskBus, DomainDisk, NetworkAttachment};
 use hyper2kvm::manifest::{DiskSpec, DiskType, Hardware, JobSpec, NicSpec, SourceFormat};
 
 /// The fixture's VMware MAC, kept by the domain.
@@ -66,7 +66,7 @@ fn domain() -> String {
     };
     let disks =
         [DomainDisk { path: "/var/lib/hyper2kvm/output/debian12-vmware.qcow2".into(), target_bus: DiskBus::Virtio }];
-    domain_xml(&spec, &disks, &NetworkAttachment::Network("default".into()))
+    domain_xml_with(&spec, &disks, &NetworkAttachment::Network("default".into()), Acceleration::Kvm)
 }
 
 /// [`domain`] less the serial port and console: a machine without a serial port.
