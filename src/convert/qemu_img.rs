@@ -95,6 +95,13 @@ impl Converter for QemuImg {
     /// file, backing, and `"backing": null` at the bottom), so qemu-img resolves no name
     /// itself and cannot open anything that was not confined.
     fn convert(&self, request: &ConversionRequest<'_>, control: &JobControl) -> Result<(), ConvertError> {
+        if request.tap.is_some() {
+            // qemu-img reads the file itself: a digest asked of this pass would never be taken.
+            return Err(ConvertError::Unsupported(format!(
+                "{} cannot be hashed while qemu-img converts it; its checksum is verified in a pass of its own",
+                request.source.display()
+            )));
+        }
         let chain = self.walk(request.source, request.format, request.roots, control)?;
         request.check_unchanged(&chain.info().referenced_files)?;
         let mut options = String::from("compat=1.1");
@@ -607,6 +614,7 @@ mod tests {
             ova_disk: None,
             inspected_files: Some(&info.referenced_files),
             roots: &roots,
+            tap: None,
         };
         QemuImg::default().convert(&request, &control).unwrap();
         qemu(&["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", "top.qcow2", "out.qcow2"]);

@@ -30,6 +30,7 @@ use crate::report::Report;
 use crate::source::SourceRoots;
 
 mod failures;
+mod pass;
 mod stages;
 
 /// What every job of a daemon shares.

@@ -10,16 +10,19 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
 use tracing::{info, warn};
 
 use super::failures::{self, convert_failure, reference_failure, source_failure};
+use super::pass::SourcePasses;
 use super::{Failure, Job, Stage, Stop};
 use crate::checksum;
 use crate::config::{Config, DEFAULT_COMPRESS_LEVEL};
 use crate::convert::{Compression, ConversionRequest, ConvertError, Converter};
+use crate::image::tap::Tap;
 use crate::image::vmdk;
 use crate::image::{ova, ImageError, SourceInfo};
 use crate::libvirt::domain_xml::{self, Acceleration, DomainDisk, NetworkAttachment};
@@ -55,11 +58,12 @@ impl Job<'_> {
             warn!(stage = Stage::Manifest.as_str(), "{warning}");
             events.append(Stage::Manifest.as_str(), warning, None);
         }
-        let spec = self.expand_ova_disks(spec)?;
+        let mut passes = SourcePasses::default();
+        let spec = self.expand_ova_disks(spec, &mut passes)?;
         let disk_ids: Vec<&str> = spec.disks.iter().map(|d| d.id.as_str()).collect();
         self.move_aside_stale(&spec.vm_name, &disk_ids)?;
 
-        let sources = self.prepare_sources(&spec, &mut warnings)?;
+        let sources = self.prepare_sources(&spec, &mut warnings, &mut passes)?;
 
         let compression = compression_for(&ctx.config, &spec, &mut warnings, ctx.converter.as_ref());
         let mut disks = Vec::with_capacity(sources.len());
@@ -71,9 +75,11 @@ impl Job<'_> {
             );
             // Per disk, so that the daemon's byte counters add up the whole job.
             control.progress.start_disk(source.info.virtual_size);
-            let convert = || self.convert_disk(&spec, index, source, staging, compression);
+            let tap = passes.tap_for(&source.path).filter(|_| ctx.converter.reads_natively(source.disk.source_format));
+            let convert = || self.convert_disk(&spec, index, source, staging, compression, tap.clone());
             disks.push(crate::events::with_progress_events(events, control, &source.disk.id, convert)?);
         }
+        self.finish_passes(passes, &mut disks)?;
 
         let registration =
             if ctx.config.libvirt_integration { Some(self.register_domain(&spec, staging)?) } else { None };
@@ -97,7 +103,7 @@ impl Job<'_> {
     /// confining the OVA, verifying its checksum and its `.mf`. OVF hardware fills whatever the
     /// manifest's `vm` block and `nics` leave out. A `local_path` that is an OVF descriptor (an
     /// unpacked export) is replaced by its disk files instead ([`Job::open_verified_ovf`]).
-    fn expand_ova_disks(&self, mut spec: JobSpec) -> Result<JobSpec, Stop> {
+    fn expand_ova_disks(&self, mut spec: JobSpec, passes: &mut SourcePasses) -> Result<JobSpec, Stop> {
         let Job { ctx, events, .. } = self;
         if !spec.disks.iter().any(|d| d.source_format == SourceFormat::Ova) {
             return Ok(spec);
@@ -109,7 +115,8 @@ impl Job<'_> {
                 continue;
             }
             let path = ctx.roots.confine(&disk.local_path).map_err(|e| source_failure(&disk, &e))?;
-            if let Some(expected) = disk.sha256 {
+            let in_pass = ctx.converter.reads_natively(SourceFormat::Ova) && !ova::unpacked::is_ovf_descriptor(&path);
+            if let (Some(expected), false) = (disk.sha256, in_pass) {
                 events.append(Stage::Checksum.as_str(), &format!("verifying {}", disk.id), None);
                 self.verify_checksum(&disk, &path, &expected)?;
             }
@@ -129,7 +136,13 @@ impl Job<'_> {
                 }));
                 continue;
             }
-            let package = open_verified_ova(&disk, &path)?;
+            let package = if in_pass {
+                let package = open_ova(&disk, &path)?;
+                self.ova_in_pass(passes, &disk, &path, &package)?;
+                package
+            } else {
+                open_verified_ova(&disk, &path)?
+            };
             fill_hardware(&mut spec, &package.hardware);
             for (index, member) in package.disks.iter().enumerate() {
                 disks.push(DiskSpec {
@@ -272,6 +285,7 @@ impl Job<'_> {
         &self,
         spec: &'s JobSpec,
         warnings: &mut Vec<String>,
+        passes: &mut SourcePasses,
     ) -> Result<Vec<PreparedSource<'s>>, Stop> {
         let Job { ctx, control, events, .. } = self;
         let mut prepared = Vec::with_capacity(spec.disks.len());
@@ -287,6 +301,11 @@ impl Job<'_> {
                 }
             }
             let verified = match disk.sha256 {
+                // Taken in the conversion's own pass, checked before anything is published.
+                Some(expected) if ctx.converter.reads_natively(disk.source_format) => {
+                    self.checksum_in_pass(passes, disk, &path, expected)?;
+                    false
+                }
                 Some(expected) => {
                     events.append(Stage::Checksum.as_str(), &format!("verifying {}", disk.id), None);
                     self.verify_checksum(disk, &path, &expected)?;
@@ -329,6 +348,7 @@ impl Job<'_> {
         source: &PreparedSource<'_>,
         staging: &Staging,
         compression: Option<Compression>,
+        tap: Option<Arc<Tap>>,
     ) -> Result<DiskReport, Stop> {
         let Job { ctx, control, .. } = self;
         let disk = source.disk;
@@ -342,6 +362,7 @@ impl Job<'_> {
             ova_disk: disk.ova_disk,
             inspected_files: Some(&source.info.referenced_files),
             roots: &ctx.roots,
+            tap,
         };
         info!(stage = "convert", disk = %disk.id, source = %source.path.display(), "converting");
         ctx.converter.convert(&request, control).map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
@@ -350,8 +371,6 @@ impl Job<'_> {
         // umask must not decide that.
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(DISK_MODE)).map_err(io_failure)?;
         publish::fsync_file(&staged).map_err(io_failure)?;
-        let digest = checksum::sha256_file(&staged, control)
-            .map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
         let output_bytes = std::fs::metadata(&staged).map_err(io_failure)?.len();
         control.progress.add_output_bytes(output_bytes);
         Ok(DiskReport {
@@ -369,7 +388,6 @@ impl Job<'_> {
             output: output_name(spec, index),
             output_format: "qcow2",
             output_bytes,
-            sha256: checksum::format_sha256(&digest),
             source_checksum_verified: source.verified,
             seconds: clock.elapsed().as_secs_f64(),
         })
@@ -516,13 +534,21 @@ fn staged_disks(spec: &JobSpec, staging: &Staging) -> Vec<DiskFile> {
         .collect()
 }
 
-fn open_verified_ova(disk: &DiskSpec, path: &Path) -> Result<ova::OvaPackage, Stop> {
+/// The OVA at `path`, indexed, its `.mf` not checked yet (the conversion's pass will).
+fn open_ova(disk: &DiskSpec, path: &Path) -> Result<ova::OvaPackage, Stop> {
     let package = ova::open(path, &ova::Limits::default()).map_err(|e| failures::ova_unreadable(disk, path, &e))?;
-    if package.manifest.is_some() {
-        ova::verify_manifest(&package).map_err(|e| failures::ova_manifest_mismatch(path, &e))?;
-    }
     if package.disks.is_empty() {
         return Err(failures::ova_without_disks(path).into());
+    }
+    Ok(package)
+}
+
+/// [`open_ova`] with its `.mf` checked in a read of its own: for a converter that does not
+/// read OVAs through a tap.
+fn open_verified_ova(disk: &DiskSpec, path: &Path) -> Result<ova::OvaPackage, Stop> {
+    let package = open_ova(disk, path)?;
+    if package.manifest.is_some() {
+        ova::verify_manifest(&package).map_err(|e| failures::ova_manifest_mismatch(path, &e))?;
     }
     Ok(package)
 }
