@@ -39,6 +39,9 @@ pub struct DiskReport {
     /// output: it would cost a second read of the whole qcow2 (docs/DECISIONS.md, "One pass
     /// over the source").
     pub source_checksum_verified: bool,
+    /// What checked the output instead: `qemu-img check: no errors` (its metadata read and
+    /// cross-checked; a failed check fails the job), or why no check was made.
+    pub output_check: &'static str,
     pub seconds: f64,
 }
 

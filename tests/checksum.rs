@@ -91,6 +91,7 @@ fn a_right_checksum_is_verified_in_the_pass_for_every_shape() {
         // An OVA's disks are its members: the checksum is the archive's, not theirs.
         assert_eq!(boot["source_checksum_verified"], *format != "ova", "{shape}: {boot}");
         assert!(boot.get("sha256").is_none(), "{shape}: no digest of the output, which needs a read-back");
+        assert_eq!(boot["output_check"], "qemu-img check: no errors", "{shape}: {boot}");
         if *format != "ova" {
             let raw = s.env.exports.join("src/disk.raw");
             let want = if *shape == "chain" { None } else { Some(raw) };

@@ -21,6 +21,7 @@ use super::pass::SourcePasses;
 use super::{Failure, Job, Stage, Stop};
 use crate::checksum;
 use crate::config::{Config, DEFAULT_COMPRESS_LEVEL};
+use crate::convert::qemu_img::{OutputCheck, QemuImg};
 use crate::convert::{Compression, ConversionRequest, ConvertError, Converter};
 use crate::image::tap::Tap;
 use crate::image::vmdk;
@@ -371,6 +372,12 @@ impl Job<'_> {
         // umask must not decide that.
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(DISK_MODE)).map_err(io_failure)?;
         publish::fsync_file(&staged).map_err(io_failure)?;
+        // Instead of a digest of the output, which would read it all back: its metadata checked.
+        let output_check = match QemuImg::default().check(&staged, control) {
+            Ok(OutputCheck::Clean) => "qemu-img check: no errors",
+            Ok(OutputCheck::NoQemuImg) => "not made: qemu-img was not found",
+            Err(e) => return Err(convert_failure(Stage::Convert, disk, &source.path, e)),
+        };
         let output_bytes = std::fs::metadata(&staged).map_err(io_failure)?.len();
         control.progress.add_output_bytes(output_bytes);
         Ok(DiskReport {
@@ -389,6 +396,7 @@ impl Job<'_> {
             output_format: "qcow2",
             output_bytes,
             source_checksum_verified: source.verified,
+            output_check,
             seconds: clock.elapsed().as_secs_f64(),
         })
     }
