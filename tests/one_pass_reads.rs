@@ -84,18 +84,21 @@ fn a_checksummed_source_is_read_once() {
             assert_eq!(digest, want);
             convert(&path, format, ova_disk, &out, None);
         });
-        let mut found = None;
+        let (mut found, mut peak) = (None, 0);
         let after = bytes_read(|| {
             let tap = Arc::new(Tap::new(File::open(&path).unwrap(), &path, tap_window()).unwrap());
             convert(&path, format, ova_disk, &out, Some(tap.clone()));
-            found = Some(tap.finish().unwrap().sha256);
+            let done = tap.finish().unwrap();
+            peak = done.peak_pending;
+            found = Some(done.sha256);
         });
         assert_eq!(found, Some(want), "{name}: the digest taken in the pass is the file's");
         let ratio = |n: u64| n as f64 / size as f64;
         table.push_str(&format!(
-            "{name}: {size} bytes; hash pass + convert read {before} ({:.3}x); one pass read {after} ({:.3}x)\n",
+            "{name}: {size} bytes; hash pass + convert read {before} ({:.3}x); one pass read {after} ({:.3}x), at most {:.1} MiB held ahead\n",
             ratio(before),
-            ratio(after)
+            ratio(after),
+            peak as f64 / MIB as f64
         ));
         // Headers and grain tables are read again by the reader after the tap hashed them:
         // a few KiB, plus an OVA's index, OVF and .mf read apart from the tap.

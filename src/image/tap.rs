@@ -29,6 +29,12 @@ use super::{FileSource, ImageError, ReadAt};
 /// Largest read the tap makes itself, to fill a gap or the tail.
 const GAP_READ_BYTES: u64 = 1 << 20;
 
+/// A gap this small (a stream's marker sector, a redundant grain table) is filled as soon as
+/// an eighth of the window waits behind it, rather than when all of it does: such gaps recur
+/// through a file, and each would otherwise hold a whole window in memory. At worst it is a
+/// part of a chunk a slow worker has yet to read, read twice.
+const SMALL_GAP_BYTES: u64 = 64 << 10;
+
 /// A source file read through its digests; see the module documentation.
 pub struct Tap {
     file: FileSource,
@@ -73,6 +79,8 @@ struct State {
     watches: Vec<Watch>,
     /// Bytes the tap read itself (gaps and tail).
     own_reads: u64,
+    /// Most bytes kept at once.
+    peak_pending: u64,
 }
 
 /// What [`Tap::finish`] found.
@@ -85,6 +93,8 @@ pub struct TapDigests {
     pub ranges: Vec<(Range<u64>, Vec<DigestAlgorithm>, Vec<String>)>,
     /// Bytes of the file the tap read itself, besides what the conversion read.
     pub own_reads: u64,
+    /// Most bytes read ahead of the frontier that were held at once (memory).
+    pub peak_pending: u64,
 }
 
 impl TapDigests {
@@ -119,6 +129,7 @@ impl Tap {
             sha256: Sha256::new(),
             watches: Vec::new(),
             own_reads: 0,
+            peak_pending: 0,
         };
         Ok(Tap { file, window: window.max(GAP_READ_BYTES), stamp, state: Mutex::new(state) })
     }
@@ -166,7 +177,7 @@ impl Tap {
             .into_iter()
             .map(|w| (w.range, w.algorithms, w.hashers.into_iter().map(Hasher::hex).collect()))
             .collect();
-        Ok(TapDigests { sha256, ranges, own_reads: state.own_reads })
+        Ok(TapDigests { sha256, ranges, own_reads: state.own_reads, peak_pending: state.peak_pending })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -189,6 +200,14 @@ impl Tap {
             return Ok(());
         }
         state.keep(offset, data);
+        state.peak_pending = state.peak_pending.max(state.pending_bytes);
+        while state.pending_bytes > self.window / 8 {
+            let Some(next) = state.pending.keys().next().copied() else { break };
+            if next - state.frontier > SMALL_GAP_BYTES {
+                break;
+            }
+            self.read_gap(&mut state, next).map_err(std::io::Error::other)?;
+        }
         if state.pending_bytes > self.window {
             // Nothing before the first kept bytes was read within a whole window: what lies
             // there is not wanted by the conversion (or will be read again, at worst).

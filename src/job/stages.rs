@@ -1,8 +1,9 @@
 //! The stages of a job, as methods of [`Job`], in the order [`Job::execute`] runs them:
 //! `prepare` (earlier results aside, the staging directory), then the manifest's parse,
-//! `expand_ova_disks`, `move_aside_stale`, `prepare_sources` (confine, `verify_checksum`,
-//! inspect), `convert_disk` for each disk, `register_domain` (LIBVIRT_INTEGRATION),
-//! `new_report` and `publish_results`.
+//! `expand_ova_disks`, `move_aside_stale`, `prepare_sources` (confine, the checksum — in the
+//! conversion's pass (`pass.rs`) or `verify_checksum` — and inspect), `convert_disk` for each
+//! disk and `finish_passes`, `register_domain` (LIBVIRT_INTEGRATION), `new_report` and
+//! `publish_results`.
 //!
 //! What it must not do: end the job. A stage returns its result or a [`Stop`]; recording,
 //! publishing an `.error`, releasing or abandoning the claim are `mod.rs`'s, and every
@@ -281,7 +282,9 @@ impl Job<'_> {
     }
 
     /// Confines, verifies and inspects every disk before any conversion starts, so that a bad
-    /// disk fails the job in seconds rather than after the others were converted.
+    /// disk fails the job in seconds rather than after the others were converted. A checksum of
+    /// a natively read disk is the exception: it is taken in the conversion's own pass and
+    /// checked after it ([`Job::finish_passes`]), so that the source is read once.
     fn prepare_sources<'s>(
         &self,
         spec: &'s JobSpec,
@@ -330,8 +333,9 @@ impl Job<'_> {
         Ok(prepared)
     }
 
-    /// Hashes the source through its confinement: a name swapped since it was confined cannot have
-    /// an outside file's digest shown in the `.error`.
+    /// Hashes the source through its confinement, in a read of its own (a source qemu-img
+    /// converts; the others are hashed in the conversion's pass): a name swapped since it was
+    /// confined cannot have an outside file's digest shown in the `.error`.
     fn verify_checksum(&self, disk: &DiskSpec, path: &Path, expected: &[u8; 32]) -> Result<(), Stop> {
         let Job { ctx, control, .. } = self;
         let file = ctx.roots.open(path).map_err(|e| source_failure(disk, &e))?.file;
