@@ -203,7 +203,7 @@ impl Tap {
         state.peak_pending = state.peak_pending.max(state.pending_bytes);
         while state.pending_bytes > self.window / 8 {
             let Some(next) = state.pending.keys().next().copied() else { break };
-            if next - state.frontier > SMALL_GAP_BYTES {
+            if next - state.frontier > SMALL_GAP_BYTES && !self.is_hole(state.frontier, next) {
                 break;
             }
             self.read_gap(&mut state, next).map_err(std::io::Error::other)?;
@@ -220,16 +220,39 @@ impl Tap {
     }
 
     /// Reads and hashes the bytes from the frontier to `to` (the next kept bytes or the end).
+    /// A hole (`SEEK_DATA`) is hashed as the zeros it reads as, unread: a raw disk's holes, which
+    /// the conversion skips, cost neither reads nor a window of memory.
     fn read_gap(&self, state: &mut State, to: u64) -> Result<(), ImageError> {
         let mut buf = vec![0u8; GAP_READ_BYTES.min(to.saturating_sub(state.frontier)) as usize];
         while state.frontier < to {
             let n = (to - state.frontier).min(GAP_READ_BYTES) as usize;
-            self.file.read_exact_at(&mut buf[..n], state.frontier).map_err(|e| ImageError::io(self.file.path(), e))?;
-            state.own_reads += n as u64;
+            if self.is_hole(state.frontier, state.frontier + n as u64) {
+                buf[..n].fill(0);
+            } else {
+                let at = state.frontier;
+                self.file.read_exact_at(&mut buf[..n], at).map_err(|e| ImageError::io(self.file.path(), e))?;
+                state.own_reads += n as u64;
+            }
             state.consume(&buf[..n]);
         }
         state.drain();
         Ok(())
+    }
+
+    /// Whether `from..to` is a hole of the file: no data at or after `from` before `to`. False
+    /// where the filesystem cannot tell (then it is read). A write into it meanwhile is caught
+    /// by [`Tap::finish`]'s check of the file's times.
+    fn is_hole(&self, from: u64, to: u64) -> bool {
+        use std::os::fd::AsRawFd;
+        let Ok(at) = libc::off_t::try_from(from) else { return false };
+        // SAFETY: lseek on a descriptor we own; only the file position moves, which no reader
+        // of this file uses (every read is positioned).
+        let data = unsafe { libc::lseek(self.file.file().as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data after `from` at all.
+            return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        }
+        u64::try_from(data).is_ok_and(|d| d >= to)
     }
 }
 
@@ -359,6 +382,30 @@ mod tests {
                     assert!(done.own_reads >= gaps, "order {i}");
                 }
             }
+        }
+    }
+
+    /// A raw disk's holes, which the conversion skips, are hashed as zeros without a read and
+    /// without holding the data behind them.
+    #[test]
+    fn holes_are_hashed_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.raw");
+        let file = File::create(&path).unwrap();
+        file.set_len(64 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[7u8; 1 << 20], 0).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &[9u8; 8 << 20], 40 << 20).unwrap();
+        drop(file);
+        let want: [u8; 32] = Sha256::digest(std::fs::read(&path).unwrap()).into();
+        let tap = tap(&path, 64 << 20);
+        read(&tap, 0..1 << 20);
+        read(&tap, (40 << 20)..(48 << 20));
+        let done = tap.finish().unwrap();
+        assert_eq!(done.sha256, want);
+        // Where the filesystem tells holes (ext4, xfs, tmpfs): nothing read, nothing held.
+        if tap.is_hole(2 << 20, 3 << 20) {
+            assert_eq!(done.own_reads, 0, "only holes were left unread");
+            assert!(done.peak_pending <= (8 << 20), "held {}", done.peak_pending);
         }
     }
 
