@@ -1,11 +1,10 @@
-//! SHA-256 of files: verifying the manifest's `checksum` and reporting outputs' digests.
-//!
-//! It only hashes (under the job's control, so a long read can be stopped); what a mismatch
-//! means, and its sentence, are the job's.
+//! SHA-256 of a source in a read of its own: the manifest's `checksum` of a disk qemu-img
+//! converts (it reads the file itself). Natively read sources are hashed in the conversion's
+//! own pass instead ([`crate::image::tap`]); outputs are not hashed at all (docs/DECISIONS.md,
+//! "One pass over the source").
 
 use std::fs::File;
 use std::io::Read;
-use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
@@ -14,12 +13,8 @@ use crate::convert::{ConvertError, JobControl};
 /// Read size: large enough for sequential throughput, small enough to cancel promptly.
 const CHUNK: usize = 1 << 20;
 
-/// Hashes a file, checking `control` between chunks so a timeout or stop interrupts it.
-pub fn sha256_file(path: &Path, control: &JobControl) -> Result<[u8; 32], ConvertError> {
-    sha256_of(File::open(path)?, control)
-}
-
-/// [`sha256_file`] of a file already open (a source opened through its confinement).
+/// Hashes a file already open (a source opened through its confinement), checking `control`
+/// between chunks so a timeout or stop interrupts it.
 pub fn sha256_of(mut file: File, control: &JobControl) -> Result<[u8; 32], ConvertError> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; CHUNK];

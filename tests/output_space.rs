@@ -216,10 +216,14 @@ fn a_vanished_output_dir_leaves_jobs_queued_until_it_is_back() {
 fn an_error_that_cannot_be_published_sends_the_job_back_to_the_queue() {
     let env = Env::new();
     let addr = free_local_address();
-    let source = common::fixtures::slow_disk(&env.exports);
+    let slow = common::fixtures::slow_disk(&env.exports);
+    let source = common::fixtures::raw_to_qcow2(&slow, &env.exports.join("slow/disk-0.qcow2"));
+    fs::remove_file(&slow).unwrap();
     let (daemon, output) = daemon_on_tmpfs(&env, &addr, &[]);
-    // A wrong checksum: the job reads all 512 MiB, then fails at stage checksum.
-    let mut bad = disk("disk-0", "raw", &source);
+    // A wrong checksum of a disk qemu-img converts: the job hashes all 512 MiB in a pass of its
+    // own before converting anything (a disk read natively is hashed in the conversion's pass,
+    // which the full OUTPUT_DIR would stop first), then fails at stage checksum.
+    let mut bad = disk("disk-0", "qcow2", &source);
     bad["checksum"] = format!("sha256:{}", "0".repeat(64)).into();
     drop_manifest(&env, "late-full", vec![bad]);
     wait_for(&daemon, Duration::from_secs(30), "the job to be claimed", || lock_count(&env) == 1);

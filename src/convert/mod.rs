@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::config::CompressionType;
+use crate::image::tap::Tap;
 use crate::image::{ImageError, SourceInfo};
 use crate::manifest::SourceFormat;
 use crate::source::SourceRoots;
@@ -48,6 +49,10 @@ pub struct ConversionRequest<'a> {
     /// The only way the converter may open the source and the files it names
     /// ([`SourceRoots::anywhere`] for the commands run by hand).
     pub roots: &'a SourceRoots,
+    /// When the source's digest is taken in the conversion's own pass: the source file
+    /// (`source`, opened and confined by the caller) read through its digests. A converter
+    /// that cannot read through it (qemu-img) refuses the request rather than leave it unread.
+    pub tap: Option<Arc<Tap>>,
 }
 
 impl ConversionRequest<'_> {

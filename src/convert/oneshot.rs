@@ -202,6 +202,7 @@ pub fn convert_with(
             ova_disk: output.ova_disk,
             inspected_files: None,
             roots: &roots,
+            tap: None,
         };
         result = convert_one(&converter, &request, label, control);
         if result.is_err() {

@@ -15,6 +15,7 @@ pub mod ova;
 pub mod qcow2;
 pub mod raw;
 pub mod sniff;
+pub mod tap;
 pub mod vmdk;
 
 use std::fs::File;

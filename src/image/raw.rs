@@ -8,13 +8,18 @@
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::Arc;
 
+use super::tap::Tap;
 use super::{sniff, DiskSource, FileSource, ImageError, PlainRun, ReadAt, SourceInfo};
 
 /// A raw image file.
 #[derive(Debug)]
 pub struct RawImage {
     file: FileSource,
+    /// When the file's digest is taken while it is converted: every read goes through it,
+    /// and no run is copied file to file unread.
+    tap: Option<Arc<Tap>>,
 }
 
 impl RawImage {
@@ -28,7 +33,15 @@ impl RawImage {
     /// refuses one.
     pub fn from_file(file: FileSource) -> Result<RawImage, ImageError> {
         check_is_raw_disk(&file)?;
-        Ok(RawImage { file })
+        Ok(RawImage { file, tap: None })
+    }
+
+    /// A raw image read through `tap` (which opened and confined the file).
+    pub fn tapped(tap: Arc<Tap>) -> Result<RawImage, ImageError> {
+        let path = tap.path().to_owned();
+        let file = tap.file().try_clone().map_err(|e| ImageError::io(&path, e))?;
+        let image = RawImage::from_file(FileSource::from_file(file, &path)?)?;
+        Ok(RawImage { tap: Some(tap), ..image })
     }
 
     /// What `inspect` shows, but the allocated bytes ([`DiskSource::allocated_bytes`]: the
@@ -93,11 +106,19 @@ impl DiskSource for RawImage {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ImageError> {
-        self.file.read_exact_at(buf, offset).map_err(|e| ImageError::io(self.file.path(), e))
+        let read = match &self.tap {
+            Some(tap) => tap.read_exact_at(buf, offset),
+            None => self.file.read_exact_at(buf, offset),
+        };
+        read.map_err(|e| ImageError::io(self.file.path(), e))
     }
 
-    /// The file is the disk: every data range of the file is a run, at its own offset.
+    /// The file is the disk: every data range of the file is a run, at its own offset (none
+    /// when the file is tapped: its bytes must be read to be hashed).
     fn plain_runs(&self, range: Range<u64>) -> Result<Vec<PlainRun<'_>>, ImageError> {
+        if self.tap.is_some() {
+            return Ok(Vec::new());
+        }
         let file = self.file.file();
         Ok(self.allocated(range)?.into_iter().map(|r| PlainRun { file_offset: r.start, range: r, file }).collect())
     }

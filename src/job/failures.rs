@@ -213,6 +213,19 @@ pub(super) fn checksum_mismatch(disk: &DiskSpec, expected: &[u8; 32], actual: &[
     )
 }
 
+/// The file at `path` that disk `disk_id` is read from was written to while the job read it
+/// (its size, mtime or ctime moved between the start of the conversion and the end of the
+/// pass that hashed it): what was converted may not be what was hashed.
+pub(super) fn source_changed(disk_id: &str, path: &Path) -> Failure {
+    Failure::new(
+        Stage::Checksum,
+        format!(
+            "Disk {disk_id} source file {} changed while it was being converted; submit the manifest again once the export is complete and left alone.",
+            path.display()
+        ),
+    )
+}
+
 /// The OVA at `path` cannot be read as one.
 pub(super) fn ova_unreadable(disk: &DiskSpec, path: &Path, error: &ImageError) -> Failure {
     Failure::new(

@@ -31,6 +31,7 @@ use crate::source::SourceRoots;
 
 mod failures;
 mod guest;
+mod pass;
 mod stages;
 
 /// What every job of a daemon shares.

@@ -1,7 +1,8 @@
 //! The stages of a job, as methods of [`Job`], in the order [`Job::execute`] runs them:
 //! `prepare` (earlier results aside, the staging directory), then the manifest's parse,
-//! `expand_ova_disks`, `move_aside_stale`, `prepare_sources` (confine, `verify_checksum`,
-//! inspect), `convert_disk` for each disk, the guest stage (`guest.rs`), `register_domain`
+//! `expand_ova_disks`, `move_aside_stale`, `prepare_sources` (confine, the checksum — in the
+//! conversion's pass (`pass.rs`) or `verify_checksum` — and inspect), `convert_disk` for each
+//! disk and `finish_passes`, the guest stage (`guest.rs`), `register_domain`
 //! (LIBVIRT_INTEGRATION), `new_report` and `publish_results`.
 //!
 //! What it must not do: end the job. A stage returns its result or a [`Stop`]; recording,
@@ -10,17 +11,21 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
 use tracing::{info, warn};
 
 use super::failures::{self, convert_failure, reference_failure, source_failure};
+use super::pass::SourcePasses;
 use super::{Failure, Job, Stage, Stop};
 use crate::checksum;
 use crate::config::{Config, DEFAULT_COMPRESS_LEVEL};
+use crate::convert::qemu_img::{OutputCheck, QemuImg};
 use crate::convert::{Compression, ConversionRequest, ConvertError, Converter};
 use crate::guest::GuestInfo;
+use crate::image::tap::Tap;
 use crate::image::vmdk;
 use crate::image::{ova, ImageError, SourceInfo};
 use crate::libvirt::domain_xml::{self, Acceleration, Devices, DomainDisk, NetworkAttachment};
@@ -57,11 +62,12 @@ impl Job<'_> {
             warn!(stage = Stage::Manifest.as_str(), "{warning}");
             events.append(Stage::Manifest.as_str(), warning, None);
         }
-        let spec = self.expand_ova_disks(spec)?;
+        let mut passes = SourcePasses::default();
+        let spec = self.expand_ova_disks(spec, &mut passes)?;
         let disk_ids: Vec<&str> = spec.disks.iter().map(|d| d.id.as_str()).collect();
         self.move_aside_stale(&spec.vm_name, &disk_ids)?;
 
-        let sources = self.prepare_sources(&spec, &mut warnings)?;
+        let sources = self.prepare_sources(&spec, &mut warnings, &mut passes)?;
 
         let compression = compression_for(&ctx.config, &spec, &mut warnings, ctx.converter.as_ref());
         let mut disks = Vec::with_capacity(sources.len());
@@ -73,9 +79,11 @@ impl Job<'_> {
             );
             // Per disk, so that the daemon's byte counters add up the whole job.
             control.progress.start_disk(source.info.virtual_size);
-            let convert = || self.convert_disk(&spec, index, source, staging, compression);
+            let tap = passes.tap_for(&source.path).filter(|_| ctx.converter.reads_natively(source.disk.source_format));
+            let convert = || self.convert_disk(&spec, index, source, staging, compression, tap.clone());
             disks.push(crate::events::with_progress_events(events, control, &source.disk.id, convert)?);
         }
+        self.finish_passes(passes, &mut disks)?;
 
         let images: Vec<PathBuf> = staged_disks(&spec, staging).into_iter().map(|d| d.staged).collect();
         let guest = self.guest_stage(&spec, &pipeline, &images, staging, &mut warnings)?;
@@ -107,7 +115,7 @@ impl Job<'_> {
     /// confining the OVA, verifying its checksum and its `.mf`. OVF hardware fills whatever the
     /// manifest's `vm` block and `nics` leave out. A `local_path` that is an OVF descriptor (an
     /// unpacked export) is replaced by its disk files instead ([`Job::open_verified_ovf`]).
-    fn expand_ova_disks(&self, mut spec: JobSpec) -> Result<JobSpec, Stop> {
+    fn expand_ova_disks(&self, mut spec: JobSpec, passes: &mut SourcePasses) -> Result<JobSpec, Stop> {
         let Job { ctx, events, .. } = self;
         if !spec.disks.iter().any(|d| d.source_format == SourceFormat::Ova) {
             return Ok(spec);
@@ -119,7 +127,8 @@ impl Job<'_> {
                 continue;
             }
             let path = ctx.roots.confine(&disk.local_path).map_err(|e| source_failure(&disk, &e))?;
-            if let Some(expected) = disk.sha256 {
+            let in_pass = ctx.converter.reads_natively(SourceFormat::Ova) && !ova::unpacked::is_ovf_descriptor(&path);
+            if let (Some(expected), false) = (disk.sha256, in_pass) {
                 events.append(Stage::Checksum.as_str(), &format!("verifying {}", disk.id), None);
                 self.verify_checksum(&disk, &path, &expected)?;
             }
@@ -139,7 +148,13 @@ impl Job<'_> {
                 }));
                 continue;
             }
-            let package = open_verified_ova(&disk, &path)?;
+            let package = if in_pass {
+                let package = open_ova(&disk, &path)?;
+                self.ova_in_pass(passes, &disk, &path, &package)?;
+                package
+            } else {
+                open_verified_ova(&disk, &path)?
+            };
             fill_hardware(&mut spec, &package.hardware);
             for (index, member) in package.disks.iter().enumerate() {
                 disks.push(DiskSpec {
@@ -277,11 +292,14 @@ impl Job<'_> {
     }
 
     /// Confines, verifies and inspects every disk before any conversion starts, so that a bad
-    /// disk fails the job in seconds rather than after the others were converted.
+    /// disk fails the job in seconds rather than after the others were converted. A checksum of
+    /// a natively read disk is the exception: it is taken in the conversion's own pass and
+    /// checked after it ([`Job::finish_passes`]), so that the source is read once.
     fn prepare_sources<'s>(
         &self,
         spec: &'s JobSpec,
         warnings: &mut Vec<String>,
+        passes: &mut SourcePasses,
     ) -> Result<Vec<PreparedSource<'s>>, Stop> {
         let Job { ctx, control, events, .. } = self;
         let mut prepared = Vec::with_capacity(spec.disks.len());
@@ -297,6 +315,11 @@ impl Job<'_> {
                 }
             }
             let verified = match disk.sha256 {
+                // Taken in the conversion's own pass, checked before anything is published.
+                Some(expected) if ctx.converter.reads_natively(disk.source_format) => {
+                    self.checksum_in_pass(passes, disk, &path, expected)?;
+                    false
+                }
                 Some(expected) => {
                     events.append(Stage::Checksum.as_str(), &format!("verifying {}", disk.id), None);
                     self.verify_checksum(disk, &path, &expected)?;
@@ -320,8 +343,9 @@ impl Job<'_> {
         Ok(prepared)
     }
 
-    /// Hashes the source through its confinement: a name swapped since it was confined cannot have
-    /// an outside file's digest shown in the `.error`.
+    /// Hashes the source through its confinement, in a read of its own (a source qemu-img
+    /// converts; the others are hashed in the conversion's pass): a name swapped since it was
+    /// confined cannot have an outside file's digest shown in the `.error`.
     fn verify_checksum(&self, disk: &DiskSpec, path: &Path, expected: &[u8; 32]) -> Result<(), Stop> {
         let Job { ctx, control, .. } = self;
         let file = ctx.roots.open(path).map_err(|e| source_failure(disk, &e))?.file;
@@ -339,6 +363,7 @@ impl Job<'_> {
         source: &PreparedSource<'_>,
         staging: &Staging,
         compression: Option<Compression>,
+        tap: Option<Arc<Tap>>,
     ) -> Result<DiskReport, Stop> {
         let Job { ctx, control, .. } = self;
         let disk = source.disk;
@@ -352,6 +377,7 @@ impl Job<'_> {
             ova_disk: disk.ova_disk,
             inspected_files: Some(&source.info.referenced_files),
             roots: &ctx.roots,
+            tap,
         };
         info!(stage = "convert", disk = %disk.id, source = %source.path.display(), "converting");
         ctx.converter.convert(&request, control).map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
@@ -360,8 +386,8 @@ impl Job<'_> {
         // umask must not decide that.
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(DISK_MODE)).map_err(io_failure)?;
         publish::fsync_file(&staged).map_err(io_failure)?;
-        let digest = checksum::sha256_file(&staged, control)
-            .map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
+        let output_check =
+            output_check(&staged, control).map_err(|e| convert_failure(Stage::Convert, disk, &source.path, e))?;
         let output_bytes = std::fs::metadata(&staged).map_err(io_failure)?.len();
         control.progress.add_output_bytes(output_bytes);
         Ok(DiskReport {
@@ -379,8 +405,8 @@ impl Job<'_> {
             output: output_name(spec, index),
             output_format: "qcow2",
             output_bytes,
-            sha256: checksum::format_sha256(&digest),
             source_checksum_verified: source.verified,
+            output_check,
             seconds: clock.elapsed().as_secs_f64(),
         })
     }
@@ -524,14 +550,14 @@ impl Job<'_> {
         Ok(())
     }
 
-    /// The digests and sizes of staged disks the guest stage changed in place, made durable
+    /// The checks and sizes of staged disks the guest stage changed in place, made durable
     /// first as the conversion made them.
     fn refresh_outputs(&self, spec: &JobSpec, disks: &mut [DiskReport], images: &[PathBuf]) -> Result<(), Stop> {
         let control = self.control;
         for ((disk, report), staged) in spec.disks.iter().zip(disks.iter_mut()).zip(images) {
             let failure = |e| convert_failure(Stage::Guest, disk, staged, e);
             publish::fsync_file(staged).map_err(|e| failure(ConvertError::Io(e)))?;
-            report.sha256 = checksum::format_sha256(&checksum::sha256_file(staged, control).map_err(failure)?);
+            report.output_check = output_check(staged, control).map_err(failure)?;
             report.output_bytes = std::fs::metadata(staged).map_err(|e| failure(ConvertError::Io(e)))?.len();
         }
         Ok(())
@@ -547,6 +573,14 @@ impl Job<'_> {
     }
 }
 
+/// Instead of a digest of the output, which would read it all back: its metadata checked.
+fn output_check(staged: &Path, control: &crate::convert::JobControl) -> Result<&'static str, ConvertError> {
+    match QemuImg::default().check(staged, control)? {
+        OutputCheck::Clean => Ok("qemu-img check: no errors"),
+        OutputCheck::NoQemuImg => Ok("not made: qemu-img was not found"),
+    }
+}
+
 /// The staged disks with their final names, boot disk first.
 fn staged_disks(spec: &JobSpec, staging: &Staging) -> Vec<DiskFile> {
     (0..spec.disks.len())
@@ -554,13 +588,21 @@ fn staged_disks(spec: &JobSpec, staging: &Staging) -> Vec<DiskFile> {
         .collect()
 }
 
-fn open_verified_ova(disk: &DiskSpec, path: &Path) -> Result<ova::OvaPackage, Stop> {
+/// The OVA at `path`, indexed, its `.mf` not checked yet (the conversion's pass will).
+fn open_ova(disk: &DiskSpec, path: &Path) -> Result<ova::OvaPackage, Stop> {
     let package = ova::open(path, &ova::Limits::default()).map_err(|e| failures::ova_unreadable(disk, path, &e))?;
-    if package.manifest.is_some() {
-        ova::verify_manifest(&package).map_err(|e| failures::ova_manifest_mismatch(path, &e))?;
-    }
     if package.disks.is_empty() {
         return Err(failures::ova_without_disks(path).into());
+    }
+    Ok(package)
+}
+
+/// [`open_ova`] with its `.mf` checked in a read of its own: for a converter that does not
+/// read OVAs through a tap.
+fn open_verified_ova(disk: &DiskSpec, path: &Path) -> Result<ova::OvaPackage, Stop> {
+    let package = open_ova(disk, path)?;
+    if package.manifest.is_some() {
+        ova::verify_manifest(&package).map_err(|e| failures::ova_manifest_mismatch(path, &e))?;
     }
     Ok(package)
 }

@@ -615,14 +615,14 @@ pub fn assert_report(daemon: &Daemon, env: &Env, vm: &str, disks: &[(&str, Strin
                 d["output"]
             ));
         }
-        let want = sha256_file(&env.output.join(output));
-        let got = d["sha256"].as_str().unwrap_or_default();
-        let got = got.strip_prefix("sha256:").unwrap_or(got);
-        if !got.eq_ignore_ascii_case(&want) {
+        // No digest of the output: it would cost a second read of the whole qcow2 (issue 13).
+        let size = fs::metadata(env.output.join(output)).map(|m| m.len()).unwrap_or(0);
+        if d.get("sha256").is_some() || d["output_bytes"] != size {
             daemon.fail(&format!(
-                "{}: disk {id} sha256 is {:?} but {output} hashes to {want}",
+                "{}: disk {id} has a sha256 {:?} or output_bytes {} while {output} has {size} bytes",
                 report_path.display(),
-                d["sha256"]
+                d.get("sha256"),
+                d["output_bytes"]
             ));
         }
     }

@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use crate::convert::{ConversionRequest, ConvertError, Converter, JobControl};
 use crate::image::raw::RawImage;
-use crate::image::{ova, vmdk, DiskSource, FileSource, ImageError, SourceInfo};
+use crate::image::tap::Tap;
+use crate::image::{ova, vmdk, DiskSource, FileSource, ImageError, ReadAt, Slice, SourceInfo};
 use crate::manifest::SourceFormat;
 use crate::source::SourceRoots;
 
@@ -47,6 +48,67 @@ pub fn open_confined(
         SourceFormat::Ova => open_ova_disk(path, 0),
         other => Err(ImageError::Unsupported(format!("{} is not read natively", other.as_str()))),
     }
+}
+
+/// [`open_confined`], reading `path` itself through `tap` (which opened it, confined), so that
+/// its digest is taken in the conversion's pass; the files it names are read as usual.
+pub fn open_tapped(
+    path: &Path,
+    format: SourceFormat,
+    roots: &SourceRoots,
+    tap: Arc<Tap>,
+) -> Result<(Box<dyn DiskSource>, SourceInfo), ImageError> {
+    match format {
+        SourceFormat::Raw => {
+            let raw = RawImage::tapped(tap)?;
+            let info = raw.info();
+            Ok((Box::new(raw), info))
+        }
+        SourceFormat::Vmdk => {
+            let image = vmdk::open_tapped(path, &vmdk::Limits::default(), roots, tap)?;
+            let info = image.info();
+            Ok((Box::new(image), info))
+        }
+        SourceFormat::Ova => open_ova_disk_tapped(path, 0, tap),
+        other => Err(ImageError::Unsupported(format!("{} is not read natively", other.as_str()))),
+    }
+}
+
+/// [`open_ova_disk`] of an OVA archive whose disk member is read through `tap` (over the
+/// whole OVA file). The index, OVF and `.mf` are read apart: small, and read again by the
+/// tap when its frontier passes them.
+pub fn open_ova_disk_tapped(
+    path: &Path,
+    index: usize,
+    tap: Arc<Tap>,
+) -> Result<(Box<dyn DiskSource>, SourceInfo), ImageError> {
+    let package = ova::open(path, &ova::Limits::default())?;
+    let disk = package.disks.get(index).ok_or_else(|| {
+        ImageError::Corrupt(format!("the OVA has {} disk(s); disk {} was asked for", package.disks.len(), index + 1))
+    })?;
+    if tap.len() != package.file_len {
+        return Err(ImageError::Corrupt(format!(
+            "{} changed while being read (it was {} bytes, it is now {}); submit it again once it is complete",
+            path.display(),
+            tap.len(),
+            package.file_len
+        )));
+    }
+    let whole: Arc<dyn ReadAt> = tap;
+    let member = Slice::new(whole, disk.member.start, disk.member.end - disk.member.start)?;
+    let image = vmdk::open_stream(Arc::new(member), &disk.member_name, &vmdk::Limits::default())?;
+    let mut info = image.info();
+    info.format = "ova".into();
+    Ok((Box::new(image), info))
+}
+
+/// How many bytes a [`Tap`] over a source converted by the default pipeline may hold ahead
+/// of its frontier: twice what the pipeline's workers may have in flight (their reads come
+/// back out of order by at most that much), at least 32 MiB and at most 256 MiB.
+pub fn tap_window() -> u64 {
+    let options = PipelineOptions::default();
+    let in_flight = options.workers() as u64 * options.in_flight_per_worker as u64 * options.chunk_bytes;
+    (2 * in_flight).clamp(32 << 20, 256 << 20)
 }
 
 /// Opens disk `index` (boot order) of an OVA, read in place: no extraction, no extra space.
@@ -131,9 +193,11 @@ impl Converter for Native {
     }
 
     fn convert(&self, request: &ConversionRequest<'_>, control: &JobControl) -> Result<(), ConvertError> {
-        let opened = match (request.format, request.ova_disk) {
-            (SourceFormat::Ova, Some(index)) => open_ova_disk(request.source, index),
-            (format, _) => open_confined(request.source, format, request.roots),
+        let opened = match (request.format, request.ova_disk, request.tap.clone()) {
+            (SourceFormat::Ova, index, Some(tap)) => open_ova_disk_tapped(request.source, index.unwrap_or(0), tap),
+            (SourceFormat::Ova, Some(index), None) => open_ova_disk(request.source, index),
+            (format, _, Some(tap)) => open_tapped(request.source, format, request.roots, tap),
+            (format, _, None) => open_confined(request.source, format, request.roots),
         };
         let (source, info) = opened?;
         request.check_unchanged(&info.referenced_files)?;
@@ -175,6 +239,7 @@ mod tests {
             ova_disk: None,
             inspected_files: Some(&inspected),
             roots: &roots,
+            tap: None,
         };
         let same = dir.path().join("same.qcow2");
         native.convert(&request(&same), &control).expect("an unchanged source converts");
@@ -217,6 +282,7 @@ mod tests {
             ova_disk: None,
             inspected_files: None,
             roots: &roots,
+            tap: None,
         };
         Native::default().convert(&request, &control).unwrap();
         let took = started.elapsed();

@@ -121,14 +121,15 @@ pub fn parse_mf(text: &[u8], mf_name: &str, max_entries: usize) -> Result<Vec<Ma
     Ok(entries)
 }
 
-enum Hasher {
+/// One digest of an `.mf` line being computed.
+pub(crate) enum Hasher {
     Sha1(Sha1),
     Sha256(Sha256),
     Sha512(Sha512),
 }
 
 impl Hasher {
-    fn new(algorithm: DigestAlgorithm) -> Hasher {
+    pub(crate) fn new(algorithm: DigestAlgorithm) -> Hasher {
         match algorithm {
             DigestAlgorithm::Sha1 => Hasher::Sha1(Sha1::new()),
             DigestAlgorithm::Sha256 => Hasher::Sha256(Sha256::new()),
@@ -136,7 +137,7 @@ impl Hasher {
         }
     }
 
-    fn update(&mut self, data: &[u8]) {
+    pub(crate) fn update(&mut self, data: &[u8]) {
         match self {
             Hasher::Sha1(h) => h.update(data),
             Hasher::Sha256(h) => h.update(data),
@@ -144,7 +145,7 @@ impl Hasher {
         }
     }
 
-    fn hex(self) -> String {
+    pub(crate) fn hex(self) -> String {
         match self {
             Hasher::Sha1(h) => hex::encode(h.finalize()),
             Hasher::Sha256(h) => hex::encode(h.finalize()),

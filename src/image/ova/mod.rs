@@ -427,13 +427,40 @@ fn prefix_error(e: ImageError, prefix: &str) -> ImageError {
 /// SHA512 lines are checked as well. Uses the `.mf` as parsed by [`open`], not the public
 /// `manifest` field.
 pub fn verify_manifest(pkg: &OvaPackage) -> Result<ManifestCheck, ImageError> {
+    let src = pkg.reopen()?;
+    verify_manifest_by(pkg, &mut |range, algorithms| {
+        mf::digest_range(&*src, range.start, range.end - range.start, algorithms)
+            .map_err(|e| ImageError::io(&pkg.path, e))
+    })
+}
+
+/// A byte range of the OVA and the `.mf` algorithms its digests are checked with.
+pub type DigestedRange = (Range<u64>, Vec<DigestAlgorithm>);
+
+/// Gives the lower-case hex digests of a byte range of the OVA, one per algorithm, in order.
+pub type RangeDigests<'a> = dyn FnMut(&Range<u64>, &[DigestAlgorithm]) -> Result<Vec<String>, ImageError> + 'a;
+
+/// The byte ranges [`verify_manifest`] hashes, each with the algorithms it checks: for a
+/// caller that takes the digests in a pass of its own ([`crate::image::tap::Tap::watch`]).
+/// Refused as [`verify_manifest`] refuses it: no `.mf`, or a listed member the OVA lacks.
+pub fn manifest_ranges(pkg: &OvaPackage) -> Result<Vec<DigestedRange>, ImageError> {
+    let mut ranges = Vec::new();
+    verify_manifest_by(pkg, &mut |range, algorithms| {
+        ranges.push((range.clone(), algorithms.to_vec()));
+        Ok(Vec::new())
+    })?;
+    Ok(ranges)
+}
+
+/// [`verify_manifest`] with the digests of each member's range given by `digest` (one
+/// lower-case hex digest per algorithm, in order) instead of read here.
+pub fn verify_manifest_by(pkg: &OvaPackage, digest: &mut RangeDigests<'_>) -> Result<ManifestCheck, ImageError> {
     let Some(listed) = &pkg.manifest else {
         return Err(ImageError::Unsupported(format!(
             "{} has no .mf manifest, so there are no digests to check",
             pkg.path.display()
         )));
     };
-    let src = pkg.reopen()?;
     let shown = pkg.path.display();
     let mut entries = pkg.mf_entries.clone();
     // Each member once, in the order the .mf first lists it, with all the digests it is listed with.
@@ -453,8 +480,14 @@ pub fn verify_manifest(pkg: &OvaPackage) -> Result<ManifestCheck, ImageError> {
         };
         let same: Vec<usize> = (first..entries.len()).filter(|&i| entries[i].file == file).collect();
         let algorithms: Vec<DigestAlgorithm> = same.iter().map(|&i| entries[i].algorithm).collect();
-        let actual = mf::digest_range(&*src, range.start, range.end - range.start, &algorithms)
-            .map_err(|e| ImageError::io(&pkg.path, e))?;
+        let actual = digest(range, &algorithms)?;
+        if actual.len() != algorithms.len() {
+            // Only `manifest_ranges` gives none: it lists the ranges, it checks nothing.
+            for &i in &same {
+                done[i] = true;
+            }
+            continue;
+        }
         for (&i, actual) in same.iter().zip(actual) {
             let entry = &mut entries[i];
             if actual != entry.expected {

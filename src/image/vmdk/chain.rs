@@ -12,6 +12,7 @@ use super::flat::FlatExtent;
 use super::header::{SparseHeader, COWD_MAGIC, SECTOR, SPARSE_MAGIC};
 use super::sparse::SparseExtent;
 use super::{whole_file_extent, Extent, Limits, Placed, VmdkImage, MAX_VIRTUAL_BYTES};
+use crate::image::tap::Tap;
 use crate::image::{ExtentInfo, FileSource, ImageError, ReadAt};
 use crate::source::{SourceError, SourceRoots};
 
@@ -27,7 +28,23 @@ pub fn open(path: &Path, limits: &Limits) -> Result<VmdkImage, ImageError> {
 /// before it is opened and checked again through its descriptor ([`SourceRoots::open`]): a
 /// name outside them is refused unread, so none of its bytes or its size can reach a message.
 pub fn open_confined(path: &Path, limits: &Limits, roots: &SourceRoots) -> Result<VmdkImage, ImageError> {
-    let mut ctx = Ctx { limits, roots, budget: Budget::new(limits), chain: Vec::new(), files: HashMap::new() };
+    open_with(path, limits, roots, None)
+}
+
+/// [`open_confined`], reading the top file (`path`: a descriptor, or a sparse or stream
+/// file) through `tap`, which opened the same file: its digest is taken as it is converted.
+/// Extents and parents are read as usual.
+pub fn open_tapped(path: &Path, limits: &Limits, roots: &SourceRoots, tap: Arc<Tap>) -> Result<VmdkImage, ImageError> {
+    open_with(path, limits, roots, Some(tap))
+}
+
+fn open_with(
+    path: &Path,
+    limits: &Limits,
+    roots: &SourceRoots,
+    tap: Option<Arc<Tap>>,
+) -> Result<VmdkImage, ImageError> {
+    let mut ctx = Ctx { limits, roots, budget: Budget::new(limits), chain: Vec::new(), files: HashMap::new(), tap };
     open_layer(path, &mut ctx)
 }
 
@@ -40,6 +57,8 @@ struct Ctx<'a> {
     chain: Vec<(PathBuf, PathBuf)>,
     /// Files opened, shared by extents that name the same file.
     files: HashMap<PathBuf, (Arc<FileSource>, PathBuf)>,
+    /// Reads the top file instead of its [`FileSource`], taken by the first layer opened.
+    tap: Option<Arc<Tap>>,
 }
 
 /// The file name of `path`, for messages.
@@ -114,12 +133,15 @@ fn open_layer(path: &Path, ctx: &mut Ctx) -> Result<VmdkImage, ImageError> {
     let name = short(path);
     let (file, canonical) = open_file(path, ctx)?;
     ctx.chain.push((canonical, path.to_owned()));
+    let file: Arc<dyn ReadAt> = match ctx.tap.take() {
+        Some(tap) => tap,
+        None => file,
+    };
     let mut probe = vec![0u8; file.len().min(1024) as usize];
     file.read_exact_at(&mut probe, 0).map_err(|e| ImageError::io(path, e))?;
     let magic = probe.get(..4).map(|m| u32::from_le_bytes([m[0], m[1], m[2], m[3]]));
     let (layout, descriptor) = if magic == Some(SPARSE_MAGIC) {
-        let source: Arc<dyn ReadAt> = file;
-        let (extent, embedded) = SparseExtent::open(source, path.to_owned(), &name, ctx.limits, &mut ctx.budget)?;
+        let (extent, embedded) = SparseExtent::open(file, path.to_owned(), &name, ctx.limits, &mut ctx.budget)?;
         let descriptor = match embedded {
             Some(bytes) => descriptor::parse(&bytes, &name, ctx.limits, false)?,
             None => Descriptor::default(),

@@ -33,7 +33,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use chain::{open, open_confined};
+pub use chain::{open, open_confined, open_tapped};
 pub use check::{check_sparse, check_sparse_file, is_sparse_extent};
 pub use descriptor::{Access, Descriptor, ExtentType};
 pub use header::{SparseHeader, VmdkError, COWD_MAGIC, SPARSE_MAGIC};
