@@ -120,8 +120,8 @@ impl Tools {
     /// Whether `program` can be started (behind the wrapper): `--version`/`--help` answered.
     pub fn check(&self, program: &str) -> Result<(), GuestError> {
         let mut cmd = self.command(program);
-        cmd.arg("--help").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        match cmd.status() {
+        cmd.arg("--help").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0);
+        match cmd.spawn().and_then(|child| wait_bounded(child, CHECK_LIMIT, program)) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(self.missing(program)),
             Err(e) => Err(GuestError::Spawn { tool: program.into(), source: e }),
             // A wrapper's chroot says 127 for a program the root lacks.
@@ -238,6 +238,29 @@ pub(crate) fn wait_limited(
 
 /// SIGKILL to the child's whole process group (it was started as the group's leader), then
 /// reaps the child.
+/// How long `TOOL --help` may take: the readiness probe (`hyper2kvm capabilities`) runs it
+/// for every tool and has its own timeout of 20 s in the shipped manifests.
+const CHECK_LIMIT: Duration = Duration::from_secs(5);
+
+/// Waits for `child` at most `limit`; a tool that hangs (a wrapper stuck on a mount) is killed
+/// with its group and reported as an error rather than hanging the caller.
+fn wait_bounded(mut child: Child, limit: Duration, program: &str) -> std::io::Result<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            kill_group(&mut child);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("`{program} --help` did not answer within {} s", limit.as_secs()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub(crate) fn kill_group(child: &mut Child) {
     if let Ok(pid) = i32::try_from(child.id()) {
         // SAFETY: kill(2) with a negative pid signals the group; no memory is involved.
@@ -289,6 +312,14 @@ mod tests {
     /// Tools whose "wrapper" is a shell script standing in for the real tool.
     fn fake(script: &str) -> Tools {
         Tools::new(vec!["sh".into(), "-c".into(), script.into()]).with_kvm(false)
+    }
+
+    #[test]
+    fn a_tool_that_hangs_on_help_is_stopped_and_reported() {
+        let started = Instant::now();
+        let error = fake("sleep 60").check("virt-inspector").unwrap_err();
+        assert!(started.elapsed() < CHECK_LIMIT + Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(error.to_string().contains("did not answer within"), "{error}");
     }
 
     #[test]
