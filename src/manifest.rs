@@ -22,27 +22,27 @@ use crate::mac::MacAddress;
 use crate::names::{self, UnsafeName};
 
 /// The only manifest version this daemon reads.
-pub const SUPPORTED_VERSION: &str = "1.0";
+pub(crate) const SUPPORTED_VERSION: &str = "1.0";
 
 /// Largest manifest accepted, in bytes. Real ones are a few KiB; every read of a manifest
 /// file ([`read_file`]) stops one byte past this, so a multi-GB file dropped under a `*.json`
 /// name costs the daemon 1 MiB of memory, not its size.
-pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 /// Most vCPUs a manifest may ask for: KVM's own ceiling on x86-64 (`KVM_MAX_VCPUS`, 4096 since
 /// Linux 6.x; vSphere 8 stops at 768). More is a typo, not a VM.
-pub const MAX_VCPUS: i64 = 4096;
+pub(crate) const MAX_VCPUS: i64 = 4096;
 
 /// Most memory a manifest may ask for, in GiB: 16 TiB, the domain builder's ceiling (vSphere 8
 /// allows 24 TB, but no host this daemon feeds has that much).
-pub const MAX_MEM_GB: f64 = 16384.0;
+pub(crate) const MAX_MEM_GB: f64 = 16384.0;
 
 /// Least memory a manifest may ask for, in GiB: about 1 MiB, the unit the domain is written in.
-pub const MIN_MEM_GB: f64 = 0.001;
+pub(crate) const MIN_MEM_GB: f64 = 0.001;
 
 /// Most NICs a manifest may list: the OVF reader's limit (`ovf::MAX_NICS`), far above what
 /// vSphere (10) or VirtualBox (36) allow.
-pub const MAX_NICS: usize = crate::image::ova::ovf::MAX_NICS;
+pub(crate) const MAX_NICS: usize = crate::image::ova::ovf::MAX_NICS;
 
 /// Why a manifest cannot be run. Each variant's message is the first line of the `.error`
 /// file, so it says what is wrong and what to do.
@@ -131,7 +131,7 @@ impl From<ReadError> for ManifestError {
 /// `status`. Never reads more than [`MAX_MANIFEST_BYTES`] + 1 bytes, whatever the file's size.
 /// A symlink is not followed (anyone who can write the queue could point one at any file) and
 /// a FIFO does not block the open.
-pub fn read_file(path: &Path) -> Result<Vec<u8>, ReadError> {
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, ReadError> {
     use std::os::unix::fs::OpenOptionsExt;
     let unreadable = |e: std::io::Error| ReadError::Unreadable(e.to_string());
     let file = std::fs::OpenOptions::new()
@@ -498,14 +498,14 @@ pub fn parse(bytes: &[u8], file_name: &str) -> Result<JobSpec, ManifestError> {
 }
 
 /// [`parse`], with the warnings a job records about a valid manifest (unknown keys).
-pub fn parse_with_warnings(bytes: &[u8], file_name: &str) -> Result<(JobSpec, Vec<String>), ManifestError> {
+pub(crate) fn parse_with_warnings(bytes: &[u8], file_name: &str) -> Result<(JobSpec, Vec<String>), ManifestError> {
     parse_job(bytes, file_name).map(|(spec, _, warnings)| (spec, warnings))
 }
 
 /// [`parse_with_warnings`], with the guest steps the manifest asks for. The [`Pipeline`] is
 /// kept beside the [`JobSpec`] rather than in it: the domain builder and its tests build
 /// `JobSpec`s of their own and have no use for it.
-pub fn parse_job(bytes: &[u8], file_name: &str) -> Result<(JobSpec, Pipeline, Vec<String>), ManifestError> {
+pub(crate) fn parse_job(bytes: &[u8], file_name: &str) -> Result<(JobSpec, Pipeline, Vec<String>), ManifestError> {
     if bytes.len() as u64 > MAX_MANIFEST_BYTES {
         return Err(ManifestError::TooLarge(bytes.len() as u64));
     }
@@ -799,7 +799,7 @@ fn check_output(raw: &RawManifest) -> Result<(), ManifestError> {
 }
 
 /// Any disk may become a data disk (`V-<id>.qcow2`), the longest of the result names.
-pub fn check_result_name(vm_name: &str, disk_id: &str) -> Result<(), ManifestError> {
+pub(crate) fn check_result_name(vm_name: &str, disk_id: &str) -> Result<(), ManifestError> {
     let bytes = crate::output_layout::data_disk_file(vm_name, disk_id).len();
     if bytes > names::MAX_FILE_NAME_BYTES {
         return Err(ManifestError::ResultNameTooLong {

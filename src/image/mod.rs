@@ -12,8 +12,8 @@
 //! confinement (the `*_confined` openers and [`crate::source::SourceRoots`]).
 
 pub mod ova;
-pub mod qcow2;
-pub mod raw;
+pub(crate) mod qcow2;
+pub(crate) mod raw;
 pub mod sniff;
 pub mod tap;
 pub mod vmdk;

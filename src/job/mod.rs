@@ -46,7 +46,7 @@ pub struct JobContext {
 
 /// Where in its life a job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
+pub(crate) enum Stage {
     Manifest,
     Source,
     Checksum,
@@ -65,7 +65,7 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage, in the order a job meets them.
-    pub const ALL: [Stage; 11] = [
+    pub(crate) const ALL: [Stage; 11] = [
         Stage::Manifest,
         Stage::Source,
         Stage::Checksum,
@@ -80,7 +80,7 @@ impl Stage {
     ];
 
     /// The name used in logs (`STAGE=`), records and `.error` files.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Stage::Manifest => "manifest",
             Stage::Source => "source",
@@ -99,7 +99,7 @@ impl Stage {
 
 /// A job that cannot complete: a sentence for a person, then the causes.
 #[derive(Debug, Clone)]
-pub struct Failure {
+pub(crate) struct Failure {
     pub stage: Stage,
     pub summary: String,
     pub causes: Vec<String>,
@@ -151,7 +151,7 @@ pub enum JobEnd {
 /// Runs a claimed job to its end. Never panics on bad input; every error is an outcome.
 /// `manifest` is the claimed manifest as read once ([`ManifestFile::read`]): the job parses,
 /// names and archives those bytes, whatever happens to the file meanwhile.
-pub fn run(ctx: &JobContext, claim: Claim, manifest: &ManifestFile, control: &JobControl) -> JobEnd {
+pub(crate) fn run(ctx: &JobContext, claim: Claim, manifest: &ManifestFile, control: &JobControl) -> JobEnd {
     let vm_name = manifest.vm_name().to_owned();
     // Only a taken-over job can have been published under its id; a fresh claim's id is new.
     if claim.record().generation > 1 && published_as(ctx, &claim, &vm_name) {
@@ -374,7 +374,7 @@ impl Job<'_> {
 /// Records as done a job whose earlier owner published every result but died before it could
 /// record them (between the boot disk's rename and `finish`; see [`published_by_this_job`]),
 /// rather than converting it a second time.
-pub fn record_published(ctx: &JobContext, claim: Claim, vm_name: &str) -> JobEnd {
+pub(crate) fn record_published(ctx: &JobContext, claim: Claim, vm_name: &str) -> JobEnd {
     if !claim.still_owned() {
         return JobEnd::Abandoned;
     }
@@ -394,7 +394,7 @@ pub fn record_published(ctx: &JobContext, claim: Claim, vm_name: &str) -> JobEnd
 
 /// The VM name, when `V.json` in OUTPUT_DIR names this job and `V.qcow2` (published after
 /// it, last of all) is there.
-pub fn published_by_this_job(ctx: &JobContext, claim: &Claim) -> Option<String> {
+pub(crate) fn published_by_this_job(ctx: &JobContext, claim: &Claim) -> Option<String> {
     let manifest = ManifestFile::read(&claim.manifest_path(), &claim.record().manifest_name);
     published_as(ctx, claim, manifest.vm_name()).then(|| manifest.vm_name().to_owned())
 }

@@ -26,8 +26,8 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::convert::Progress;
 use crate::job::JobEnd;
 
-pub use health::Health;
-pub use http::{MetricsError, Server};
+pub(crate) use health::Health;
+pub(crate) use http::{MetricsError, Server};
 
 /// `hyper2kvm_job_duration_seconds` buckets: jobs take seconds (a small disk) to hours (a
 /// large VM; CONVERSION_TIMEOUT defaults to one hour).
@@ -380,7 +380,7 @@ fn duration_histogram() -> Histogram {
 /// Feeds one job's [`Progress`] into `hyper2kvm_conversion_bytes_total` while it runs:
 /// each sample adds what the job converted since the previous one.
 #[derive(Debug, Default)]
-pub struct ByteSampler {
+pub(crate) struct ByteSampler {
     counted: u64,
 }
 
@@ -388,7 +388,7 @@ impl ByteSampler {
     /// Adds the job's progress since the last sample. [`Progress::job_bytes`] may dip for a
     /// moment between two disks; only growth past what was counted is added, so nothing is
     /// counted twice.
-    pub fn sample(&mut self, progress: &Progress, metrics: &Metrics) {
+    pub(crate) fn sample(&mut self, progress: &Progress, metrics: &Metrics) {
         let now = progress.job_bytes();
         if now > self.counted {
             metrics.conversion_bytes.inc_by(now - self.counted);

@@ -143,7 +143,7 @@ impl Descriptor {
 }
 
 /// Whether `bytes` (the start of a file) look like a text descriptor.
-pub fn looks_like_descriptor(bytes: &[u8]) -> bool {
+pub(super) fn looks_like_descriptor(bytes: &[u8]) -> bool {
     let text = match bytes.iter().position(|&b| b == 0) {
         Some(nul) => &bytes[..nul],
         None => bytes,
@@ -173,7 +173,7 @@ fn looks_like_descriptor_text(text: &str) -> bool {
 /// Parses descriptor text. `name` names the file in messages. `strict` (a descriptor file)
 /// refuses bad extent lines and text that is not UTF-8; an embedded descriptor, whose extent
 /// lines are not used, is read leniently.
-pub fn parse(bytes: &[u8], name: &str, limits: &Limits, strict: bool) -> Result<Descriptor, ImageError> {
+pub(super) fn parse(bytes: &[u8], name: &str, limits: &Limits, strict: bool) -> Result<Descriptor, ImageError> {
     if bytes.len() as u64 > limits.max_descriptor_bytes {
         return Err(ImageError::Limit(format!(
             "the descriptor of {name} is {} bytes, over the limit of {} bytes",
