@@ -16,7 +16,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hyper2kvm::guest::{boot_check, BootOutcome, BootReport, BootSpec, Evidence, Tools};
-use hyper2kvm::internals::libvirt::domain_xml::{domain_xml_with, Acceleration, DiskBus, DomainDisk, NetworkAttachment};
+use hyper2kvm::internals::libvirt::domain_xml::{
+    domain_xml_with, Acceleration, DiskBus, DomainDisk, NetworkAttachment,
+};
 use hyper2kvm::internals::manifest::{DiskSpec, DiskType, Hardware, JobSpec, NicSpec, SourceFormat};
 
 /// The fixture's VMware MAC, kept by the domain.

@@ -7,6 +7,7 @@
 
 use std::ops::Range;
 use std::os::fd::AsRawFd;
+#[cfg(test)]
 use std::path::Path;
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ pub(crate) struct RawImage {
 impl RawImage {
     /// Opens a raw image; [`ImageError::Unsupported`] for a file that is plainly not a raw
     /// disk, saying what it looks like and what to do.
+    #[cfg(test)]
     pub(crate) fn open(path: &Path) -> Result<RawImage, ImageError> {
         RawImage::from_file(FileSource::open(path)?)
     }

@@ -52,10 +52,8 @@ const MIB: f64 = 1048576.0;
 
 /// The `stage` label values of `hyper2kvm_migration_failures_total`: the job's stages
 /// ([`crate::job::Stage`]), created at zero.
-pub(crate) const FAILURE_STAGES: [&str; 11] = [
-    "manifest", "source", "checksum", "inspect", "convert", "guest", "validate", "domain", "libvirt", "publish",
-    "internal",
-];
+pub(crate) const FAILURE_STAGES: [&str; 10] =
+    ["manifest", "source", "checksum", "inspect", "convert", "guest", "validate", "libvirt", "publish", "internal"];
 
 /// One label, from a fixed set of values: no series per VM or per job.
 type Label = [(&'static str, &'static str); 1];

@@ -88,6 +88,7 @@ impl Queue {
     }
 
     /// The queue with another filesystem (fault injection in tests).
+    #[cfg(test)]
     pub(crate) fn with_fs(layout: Layout, fs: Arc<dyn QueueFs>) -> Queue {
         Queue { layout, fs }
     }

@@ -106,6 +106,7 @@ impl Refcounts {
     }
 
     /// Bytes of memory held.
+    #[cfg(test)]
     pub(super) fn memory_bytes(&self) -> usize {
         self.counts.capacity() * 2 + self.table.capacity() * 8
     }

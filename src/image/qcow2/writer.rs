@@ -201,6 +201,7 @@ impl Qcow2Writer {
     }
 
     /// Bytes per cluster.
+    #[cfg(test)]
     pub(crate) fn cluster_size(&self) -> usize {
         self.cluster_size as usize
     }
@@ -208,6 +209,7 @@ impl Qcow2Writer {
     /// Bytes of memory the writer holds (write buffer, L1, the current L2 table, refcounts):
     /// about 8 MiB plus the L1 table (8 bytes per L2 table, 32 KiB for 2 TiB at 64 KiB
     /// clusters) whatever the disk size.
+    #[cfg(test)]
     pub(crate) fn memory_bytes(&self) -> usize {
         self.buf.capacity() + self.l1.capacity() * 8 + self.l2.capacity() * 8 + self.refs.memory_bytes()
     }
