@@ -98,10 +98,12 @@ impl FileSource {
         Ok(FileSource { file, len, path: path.to_owned() })
     }
 
+    /// The path the file was opened by, for messages.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The open file itself.
     pub fn file(&self) -> &File {
         &self.file
     }

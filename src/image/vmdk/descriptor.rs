@@ -23,8 +23,11 @@ use crate::image::ImageError;
 /// Who may access an extent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
+    /// `RW`: readable and writable.
     ReadWrite,
+    /// `RDONLY`: readable only.
     ReadOnly,
+    /// `NOACCESS`: not to be read; the extent's data is missing.
     NoAccess,
 }
 
@@ -42,14 +45,23 @@ impl Access {
 /// The `TYPE` column of an extent line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtentType {
+    /// `FLAT`: raw sectors in a file, from its offset on.
     Flat,
+    /// `SPARSE`: a hosted sparse extent with a `KDMV` header.
     Sparse,
+    /// `ZERO`: no file; every sector reads as zero.
     Zero,
+    /// `VMFS`: a preallocated raw file on a VMFS datastore, read like FLAT.
     Vmfs,
+    /// `VMFSSPARSE`: an ESX snapshot delta (`COWD`).
     VmfsSparse,
+    /// `SESPARSE`: an ESX space-efficient sparse extent (4 KiB grains).
     SeSparse,
+    /// `VMFSRDM`: a raw device mapping, virtual compatibility mode.
     VmfsRdm,
+    /// `VMFSRDMP` (or `VMFSPASSTHROUGHRAWDEVICEMAP`): a raw device mapping in pass-through mode.
     VmfsRdmp,
+    /// `VMFSRAW`: a raw ESX device.
     VmfsRaw,
 }
 
@@ -74,6 +86,7 @@ impl ExtentType {
         matches!(self, ExtentType::Flat | ExtentType::Vmfs)
     }
 
+    /// The word as descriptors write it (`FLAT`, `SPARSE`, …).
     pub fn name(self) -> &'static str {
         match self {
             ExtentType::Flat => "FLAT",
@@ -107,10 +120,15 @@ pub struct ExtentLine {
 /// A parsed descriptor.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Descriptor {
+    /// `CID`: this disk's content id (hex), as written.
     pub cid: Option<String>,
+    /// `parentCID`: the parent's content id; `ffffffff` or `None` means no parent.
     pub parent_cid: Option<String>,
+    /// `createType`: the subformat (`monolithicSparse`, `twoGbMaxExtentFlat`, …), as written.
     pub create_type: Option<String>,
+    /// `parentFileNameHint`: the parent descriptor's path, for a snapshot delta.
     pub parent_hint: Option<String>,
+    /// The extent lines, in order: together they make the virtual disk.
     pub extents: Vec<ExtentLine>,
     /// `ddb.*` keys, values unquoted.
     pub ddb: BTreeMap<String, String>,
