@@ -36,9 +36,13 @@ mod stages;
 
 /// What every job of a daemon shares.
 pub struct JobContext {
+    /// The daemon's configuration, as loaded at start-up.
     pub config: Arc<Config>,
+    /// Who this daemon is (host, boot id, pid, instance): the owner written into each claim's lock.
     pub identity: Identity,
+    /// What converts each source disk to qcow2 (the daemon's: native where possible, qemu-img otherwise).
     pub converter: Arc<dyn Converter>,
+    /// The resolved SOURCE_ROOTS: where a manifest's disks may be read from.
     pub roots: SourceRoots,
     /// The guest tools behind GUEST_TOOLS_WRAPPER, shared so that KVM is probed once.
     pub guest_tools: Arc<crate::guest::Tools>,
@@ -135,7 +139,9 @@ impl From<Failure> for Stop {
 /// How a job ended, for the daemon's counters and logs.
 #[derive(Debug)]
 pub enum JobEnd {
+    /// Converted and published; its record (in `done/`).
     Done(JobRecord),
+    /// Failed; its record (filed in `failed/`), with the failing stage and the error.
     Failed(JobRecord),
     /// Given back to the queue untouched (shutdown).
     Released,

@@ -539,10 +539,12 @@ impl Claim {
         Claim { queue, record, ending: Arc::default() }
     }
 
+    /// The claimed job's id, taken from its lock file's name.
     pub fn job_id(&self) -> &str {
         &self.record.job_id
     }
 
+    /// The owner record in the claim's lock: owner, generation, claim time, manifest name.
     pub fn record(&self) -> &LockRecord {
         &self.record
     }
