@@ -27,6 +27,7 @@ pub const DEFAULT_MIN_FREE_MIB: u64 = 1024;
 /// What was found on this host.
 #[derive(Debug, Clone, Serialize)]
 pub struct Capabilities {
+    /// This build's version (`CARGO_PKG_VERSION`).
     pub version: &'static str,
     /// Whether this worker can do its job: `problems` is empty.
     pub ready: bool,
@@ -41,8 +42,11 @@ pub struct Capabilities {
     pub container: Option<String>,
     /// `qemu-img --version`'s first line, when it runs.
     pub qemu_img: Option<String>,
+    /// Source disk formats jobs accept here: vhd, vhdx, vdi and qcow2 only when qemu-img runs.
     pub input_formats: Vec<&'static str>,
+    /// Formats the converted disks are written in.
     pub output_formats: Vec<&'static str>,
+    /// Compressions of qcow2 clusters this build can write.
     pub compression: Vec<&'static str>,
     /// This build can register domains with libvirt (LIBVIRT_INTEGRATION).
     pub libvirt_registration: bool,
@@ -58,6 +62,7 @@ pub struct Capabilities {
     pub libvirt_error: Option<String>,
     /// UEFI firmware descriptors for libvirt's auto-selection were found.
     pub uefi_firmware: bool,
+    /// `/dev/kvm`, as this process can use it.
     pub kvm: Kvm,
     /// The nbd kernel module is loaded (`/sys/module/nbd`) or an `/dev/nbd*` device exists.
     pub nbd: bool,
@@ -67,6 +72,7 @@ pub struct Capabilities {
     pub mount: bool,
     /// WATCH_DIR, OUTPUT_DIR and TEMP_DIR as found.
     pub directories: Vec<Directory>,
+    /// The host's memory (`/proc/meminfo`) and the container's limit.
     pub memory: Memory,
     /// Whether guests can be inspected, fixed and boot-checked here, and on what.
     pub guest: guest::GuestSupport,
@@ -90,7 +96,9 @@ pub struct Kvm {
 pub struct Directory {
     /// The configuration key.
     pub key: &'static str,
+    /// The configured path.
     pub path: PathBuf,
+    /// It exists and is a directory.
     pub exists: bool,
     /// A file could be created in it (in its nearest existing parent when it does not exist
     /// yet and the daemon would create it).
@@ -104,8 +112,11 @@ pub struct Directory {
 /// Memory of the host, and the container's limit (cgroup v2 `memory.max`) when there is one.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Memory {
+    /// `MemTotal` of `/proc/meminfo`, in bytes.
     pub total_bytes: Option<u64>,
+    /// `MemAvailable` of `/proc/meminfo`, in bytes.
     pub available_bytes: Option<u64>,
+    /// cgroup v2 `memory.max` in bytes; `None` outside a cgroup limit (`max`) or without cgroup v2.
     pub limit_bytes: Option<u64>,
 }
 
@@ -339,7 +350,13 @@ pub fn publish_metric(config: Arc<Config>, metrics: Arc<crate::metrics::Metrics>
 pub enum CapabilitiesError {
     /// The first of the [`Capabilities::problems`], and how many more there are.
     #[error("this worker is not ready: {first}{}", more(*.count))]
-    NotReady { first: String, count: usize },
+    NotReady {
+        /// The first problem, a sentence saying what to fix.
+        first: String,
+        /// How many problems there are in all.
+        count: usize,
+    },
+    /// The capabilities could not be serialised as JSON for `--json-output`.
     #[error("cannot print the capabilities: {0}")]
     Print(#[from] serde_json::Error),
 }

@@ -30,6 +30,6 @@ pub fn sha256_of(mut file: File, control: &JobControl) -> Result<[u8; 32], Conve
 }
 
 /// `sha256:<hex>`, the manifest's spelling of a digest.
-pub fn format_sha256(digest: &[u8; 32]) -> String {
+pub(crate) fn format_sha256(digest: &[u8; 32]) -> String {
     format!("sha256:{}", hex::encode(digest))
 }

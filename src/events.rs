@@ -123,12 +123,30 @@ pub fn with_progress_events<T>(log: &EventLog, control: &JobControl, label: &str
 /// Why `hyper2kvm events` cannot show a job.
 #[derive(Debug, Error)]
 pub enum EventsError {
+    /// The job id given is empty, hidden, has a `/` or a control character, or is too long.
     #[error("{0:?} is not a job id (a job id is a file name: no '/', not starting with '.')")]
     BadJobId(String),
+    /// Neither the queue nor the output directory has a log, record, lock or state of the job.
     #[error("no job {job_id} was found: not in the queue's state directory {queue} nor as a run job in {output}; check the id (hyper2kvm status lists the daemon's jobs) and --watch-dir/--output-dir")]
-    Unknown { job_id: String, queue: String, output: String },
+    Unknown {
+        /// The job id looked for.
+        job_id: String,
+        /// The queue's state directory looked in (`WATCH_DIR/.hyper2kvm`).
+        queue: String,
+        /// The output directory looked in for a `run` job.
+        output: String,
+    },
+    /// The job's event log exists but could not be opened or read.
     #[error("cannot read the events of job {job_id} from {path}: {source}")]
-    Read { job_id: String, path: String, source: std::io::Error },
+    Read {
+        /// The job whose events were read.
+        job_id: String,
+        /// The event log's path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Printing the events to standard output failed (a closed pipe, say).
     #[error("cannot write the events: {0}")]
     Write(std::io::Error),
     /// `--poll` is not a number of seconds (NaN).
@@ -140,9 +158,19 @@ pub enum EventsError {
 #[derive(Debug, Clone)]
 pub enum Located {
     /// A daemon job, under WATCH_DIR/.hyper2kvm.
-    Queue { layout: Layout, job_id: String },
+    Queue {
+        /// The queue's layout under WATCH_DIR.
+        layout: Layout,
+        /// The daemon job's id.
+        job_id: String,
+    },
     /// A `hyper2kvm run` job, in its output path.
-    Run { dir: PathBuf, job_id: String },
+    Run {
+        /// The run's output directory (`artifacts.output_path`), where its events file is.
+        dir: PathBuf,
+        /// The run job's id.
+        job_id: String,
+    },
 }
 
 /// The events file of a `run` job `job_id` writing to `dir`.

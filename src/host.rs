@@ -24,7 +24,7 @@ impl Identity {
 }
 
 /// The host name (UTS namespace aware), or `unknown-host` when it cannot be read.
-pub fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -33,12 +33,12 @@ pub fn host_name() -> String {
 }
 
 /// The kernel's boot id, or an empty string where there is none.
-pub fn boot_id() -> String {
+pub(crate) fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned()).unwrap_or_default()
 }
 
 /// 64 random bits as hex, for job ids that are unique across hosts without coordination.
-pub fn random_hex() -> String {
+pub(crate) fn random_hex() -> String {
     let mut bytes = [0u8; 8];
     if getrandom::getrandom(&mut bytes).is_err() {
         // Without the kernel's randomness, fall back to time and pid: still unique per host.

@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use hyper2kvm::config::{self, CompressionType, Config, Overrides};
 use hyper2kvm::convert::{oneshot, Compression};
 use hyper2kvm::logging::LogFormat;
-use hyper2kvm::manifest::SourceFormat;
+use hyper2kvm::SourceFormat;
 use hyper2kvm::{capabilities, daemon, events, guest, status, submit, worker};
 
 #[derive(Parser)]

@@ -22,27 +22,27 @@ use crate::mac::MacAddress;
 use crate::names::{self, UnsafeName};
 
 /// The only manifest version this daemon reads.
-pub const SUPPORTED_VERSION: &str = "1.0";
+pub(crate) const SUPPORTED_VERSION: &str = "1.0";
 
 /// Largest manifest accepted, in bytes. Real ones are a few KiB; every read of a manifest
 /// file ([`read_file`]) stops one byte past this, so a multi-GB file dropped under a `*.json`
 /// name costs the daemon 1 MiB of memory, not its size.
-pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 /// Most vCPUs a manifest may ask for: KVM's own ceiling on x86-64 (`KVM_MAX_VCPUS`, 4096 since
 /// Linux 6.x; vSphere 8 stops at 768). More is a typo, not a VM.
-pub const MAX_VCPUS: i64 = 4096;
+pub(crate) const MAX_VCPUS: i64 = 4096;
 
 /// Most memory a manifest may ask for, in GiB: 16 TiB, the domain builder's ceiling (vSphere 8
 /// allows 24 TB, but no host this daemon feeds has that much).
-pub const MAX_MEM_GB: f64 = 16384.0;
+pub(crate) const MAX_MEM_GB: f64 = 16384.0;
 
 /// Least memory a manifest may ask for, in GiB: about 1 MiB, the unit the domain is written in.
-pub const MIN_MEM_GB: f64 = 0.001;
+pub(crate) const MIN_MEM_GB: f64 = 0.001;
 
 /// Most NICs a manifest may list: the OVF reader's limit (`ovf::MAX_NICS`), far above what
 /// vSphere (10) or VirtualBox (36) allow.
-pub const MAX_NICS: usize = crate::image::ova::ovf::MAX_NICS;
+pub(crate) const MAX_NICS: usize = crate::image::ova::ovf::MAX_NICS;
 
 /// Why a manifest cannot be run. Each variant's message is the first line of the `.error`
 /// file, so it says what is wrong and what to do.
@@ -131,7 +131,7 @@ impl From<ReadError> for ManifestError {
 /// `status`. Never reads more than [`MAX_MANIFEST_BYTES`] + 1 bytes, whatever the file's size.
 /// A symlink is not followed (anyone who can write the queue could point one at any file) and
 /// a FIFO does not block the open.
-pub fn read_file(path: &Path) -> Result<Vec<u8>, ReadError> {
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, ReadError> {
     use std::os::unix::fs::OpenOptionsExt;
     let unreadable = |e: std::io::Error| ReadError::Unreadable(e.to_string());
     let file = std::fs::OpenOptions::new()
@@ -203,14 +203,20 @@ impl ManifestFile {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceFormat {
+    /// `vmdk`: a VMware disk (descriptor, monolithic sparse or stream-optimized).
     Vmdk,
     /// The disk is a whole OVF package: an OVA archive, or the `.ovf` of an unpacked export
     /// (manifest values `ova` and `ovf`).
     Ova,
+    /// `raw` (or `img`): a flat image, byte for byte the guest's disk.
     Raw,
+    /// `qcow2`: a QEMU image, converted again so the result is self-contained.
     Qcow2,
+    /// `vhd` (or `vpc`): a Hyper-V / Virtual PC image, fixed or dynamic.
     Vhd,
+    /// `vhdx`: a Hyper-V VHDX image.
     Vhdx,
+    /// `vdi`: a VirtualBox image.
     Vdi,
 }
 
@@ -248,8 +254,11 @@ impl SourceFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskType {
+    /// `boot`: the disk the guest boots from; sorted first.
     Boot,
+    /// `data`: not the boot disk.
     Data,
+    /// `unknown`, or `disk_type` left out: ordered by `boot_order_hint`.
     #[default]
     Unknown,
 }
@@ -258,24 +267,32 @@ pub enum DiskType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Firmware {
+    /// `bios`: legacy BIOS boot (SeaBIOS); the default.
     #[default]
     Bios,
+    /// `uefi` or `efi`: UEFI boot (OVMF).
     Uefi,
 }
 
 /// One disk to convert, validated.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DiskSpec {
+    /// `disks[].id`: unique within the manifest, 1–64 of `[A-Za-z0-9_-]`; names the result file.
     pub id: String,
+    /// `disks[].source_format`: how to read `local_path`.
     pub source_format: SourceFormat,
+    /// `disks[].local_path`: absolute path of the exported disk, not yet confined to SOURCE_ROOTS.
     pub local_path: PathBuf,
     /// Size the producer reported; informative only (a mismatch is a warning).
     pub bytes: Option<u64>,
     /// Expected SHA-256 of `local_path`, verified before publishing.
     #[serde(serialize_with = "serialize_checksum")]
     pub sha256: Option<[u8; 32]>,
+    /// `disks[].boot_order_hint`: lower boots first; `None` (Go omits 0) counts as 0.
     pub boot_order_hint: Option<i64>,
+    /// `disks[].label`: the producer's name for the disk, informative only.
     pub label: Option<String>,
+    /// `disks[].disk_type`: whether this is the boot disk.
     pub disk_type: DiskType,
     /// For a disk expanded from an OVA: its index among the OVA's disks. Never from the
     /// manifest itself, where `source_format: "ova"` names the whole archive.
@@ -293,10 +310,13 @@ fn serialize_checksum<S: serde::Serializer>(v: &Option<[u8; 32]>, s: S) -> Resul
 /// A network interface to recreate.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct NicSpec {
+    /// `nics[].id`: the producer's name for the NIC, used in messages; `None` when absent.
     pub id: Option<String>,
     /// From a manifest, always one a NIC can use ([`MacAddress::is_usable_for_nic`]); from an
     /// OVF, any the descriptor held.
     pub mac: Option<MacAddress>,
+    /// `nics[].network`: the network it was on at the source (e.g. `VM Network`), informative;
+    /// the NIC attaches to LIBVIRT_NETWORK or LIBVIRT_BRIDGE.
     pub network: Option<String>,
 }
 
@@ -304,11 +324,17 @@ pub struct NicSpec {
 /// (or the defaults of the domain builder) can fill them.
 #[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
 pub struct Hardware {
+    /// `vm.cpu`: vCPUs, 1 to [`MAX_VCPUS`].
     pub cpu: Option<u32>,
+    /// `vm.mem_gb`: memory in GiB, fractions allowed.
     pub mem_gb: Option<f64>,
+    /// `vm.firmware`: BIOS or UEFI.
     pub firmware: Option<Firmware>,
+    /// `vm.secureboot`: boot with Secure Boot enabled (UEFI only); false when absent.
     pub secureboot: bool,
+    /// `vm.os_hint`: free-text guest OS description; one containing "win" marks Windows.
     pub os_hint: Option<String>,
+    /// `vm.os_version`: the source's guest type id, e.g. vSphere's `windows2019srv_64Guest`.
     pub os_version: Option<String>,
 }
 
@@ -317,11 +343,15 @@ pub struct Hardware {
 pub struct JobSpec {
     /// Names every result file, verbatim.
     pub vm_name: String,
+    /// `source.vm_id`: the VM's id at the source (e.g. a vSphere managed object id), informative.
     pub vm_id: Option<String>,
+    /// `source.provider`: the platform exported from (e.g. `vsphere`), informative.
     pub provider: Option<String>,
+    /// The `vm` block: virtual hardware to recreate.
     pub hardware: Hardware,
     /// Disks in boot order: the boot disk is `disks[0]`.
     pub disks: Vec<DiskSpec>,
+    /// `nics[]`, in manifest order: the guest's network interfaces.
     pub nics: Vec<NicSpec>,
     /// `pipeline.convert.compress`, overriding the configuration when present.
     pub compress: Option<bool>,
@@ -333,15 +363,20 @@ pub struct JobSpec {
 /// unless its block says `enabled: true`. Serialized as the manifest spells them, for `V.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Pipeline {
+    /// `pipeline.inspect`: look at the guest OS before fixing it.
     pub inspect: InspectStep,
+    /// `pipeline.fix`: make the guest boot on KVM (virt-v2v-in-place).
     pub fix: FixStep,
+    /// `pipeline.validate`: check the outputs before publishing them.
     pub validate: ValidateStep,
 }
 
 /// `pipeline.inspect`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct InspectStep {
+    /// `pipeline.inspect.enabled`: run the step at all.
     pub enabled: bool,
+    /// `pipeline.inspect.collect_guest_info`: ask for the guest's details; honoured only with `enabled`.
     pub collect_guest_info: bool,
 }
 
@@ -350,11 +385,17 @@ pub struct InspectStep {
 /// be honoured, and the job says so).
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct FixStep {
+    /// `pipeline.fix.enabled`: run the step at all.
     pub enabled: bool,
+    /// `pipeline.fix.backup`: copy the staged disks (in TEMP_DIR) before changing them.
     pub backup: bool,
+    /// `pipeline.fix.update_grub`: regenerate the boot loader's configuration.
     pub update_grub: Option<bool>,
+    /// `pipeline.fix.regen_initramfs`: rebuild the initramfs with virtio drivers.
     pub regen_initramfs: Option<bool>,
+    /// `pipeline.fix.fstab_mode`: how `/etc/fstab` entries are rewritten.
     pub fstab_mode: Option<FstabMode>,
+    /// `pipeline.fix.remove_vmware_tools`: uninstall VMware Tools from the guest.
     pub remove_vmware_tools: Option<bool>,
 }
 
@@ -384,7 +425,9 @@ impl FstabMode {
 /// `pipeline.validate`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct ValidateStep {
+    /// `pipeline.validate.enabled`: run the step at all.
     pub enabled: bool,
+    /// `pipeline.validate.check_image_integrity`: `qemu-img check` every staged output.
     pub check_image_integrity: bool,
 }
 
@@ -498,14 +541,14 @@ pub fn parse(bytes: &[u8], file_name: &str) -> Result<JobSpec, ManifestError> {
 }
 
 /// [`parse`], with the warnings a job records about a valid manifest (unknown keys).
-pub fn parse_with_warnings(bytes: &[u8], file_name: &str) -> Result<(JobSpec, Vec<String>), ManifestError> {
+pub(crate) fn parse_with_warnings(bytes: &[u8], file_name: &str) -> Result<(JobSpec, Vec<String>), ManifestError> {
     parse_job(bytes, file_name).map(|(spec, _, warnings)| (spec, warnings))
 }
 
 /// [`parse_with_warnings`], with the guest steps the manifest asks for. The [`Pipeline`] is
 /// kept beside the [`JobSpec`] rather than in it: the domain builder and its tests build
 /// `JobSpec`s of their own and have no use for it.
-pub fn parse_job(bytes: &[u8], file_name: &str) -> Result<(JobSpec, Pipeline, Vec<String>), ManifestError> {
+pub(crate) fn parse_job(bytes: &[u8], file_name: &str) -> Result<(JobSpec, Pipeline, Vec<String>), ManifestError> {
     if bytes.len() as u64 > MAX_MANIFEST_BYTES {
         return Err(ManifestError::TooLarge(bytes.len() as u64));
     }
@@ -799,7 +842,7 @@ fn check_output(raw: &RawManifest) -> Result<(), ManifestError> {
 }
 
 /// Any disk may become a data disk (`V-<id>.qcow2`), the longest of the result names.
-pub fn check_result_name(vm_name: &str, disk_id: &str) -> Result<(), ManifestError> {
+pub(crate) fn check_result_name(vm_name: &str, disk_id: &str) -> Result<(), ManifestError> {
     let bytes = crate::output_layout::data_disk_file(vm_name, disk_id).len();
     if bytes > names::MAX_FILE_NAME_BYTES {
         return Err(ManifestError::ResultNameTooLong {

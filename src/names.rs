@@ -11,10 +11,10 @@ use thiserror::Error;
 
 /// Longest `vm_name` accepted, in bytes. Leaves room for `-<disk id>.qcow2` and temp suffixes
 /// within the usual 255-byte file name limit.
-pub const MAX_VM_NAME_BYTES: usize = 200;
+pub(crate) const MAX_VM_NAME_BYTES: usize = 200;
 
 /// The longest file name Linux filesystems (and NFS) accept, in bytes.
-pub const MAX_FILE_NAME_BYTES: usize = 255;
+pub(crate) const MAX_FILE_NAME_BYTES: usize = 255;
 
 /// Why a `vm_name` cannot name result files.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -66,7 +66,7 @@ pub fn check_vm_name(name: &str) -> Result<(), UnsafeName> {
 /// stem that ends before a `-`. Results of different VMs can share a name this way (VM `web`'s
 /// disk `disk-1` and VM `web-disk-1`'s boot disk are both `web-disk-1.qcow2`). Empty for any
 /// other file: `.json`, `.xml` and `.error` names belong to one VM only.
-pub fn possible_owners(file_name: &str) -> Vec<&str> {
+pub(crate) fn possible_owners(file_name: &str) -> Vec<&str> {
     let Some(stem) = file_name.strip_suffix(".qcow2") else { return Vec::new() };
     let mut owners: Vec<&str> = stem.match_indices('-').map(|(i, _)| &stem[..i]).filter(|p| !p.is_empty()).collect();
     owners.push(stem);
@@ -76,7 +76,7 @@ pub fn possible_owners(file_name: &str) -> Vec<&str> {
 /// The VM other than `vm_name` whose published report (`V.json` in OUTPUT_DIR) lists
 /// `file_name` among its disks, if any: that file is that VM's result, not an earlier result of
 /// `vm_name`'s. Reports that cannot be read or parsed are passed over.
-pub fn other_vms_result(output: &OutputLayout, file_name: &str, vm_name: &str) -> Option<String> {
+pub(crate) fn other_vms_result(output: &OutputLayout, file_name: &str, vm_name: &str) -> Option<String> {
     possible_owners(file_name).into_iter().filter(|owner| *owner != vm_name).find_map(|owner| {
         let bytes = crate::publish::read_small(&output.report(owner)).ok()?;
         let report: serde_json::Value = serde_json::from_slice(&bytes).ok()?;

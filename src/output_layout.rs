@@ -20,14 +20,14 @@
 use std::path::{Path, PathBuf};
 
 /// TEMP_DIR's default directory under OUTPUT_DIR.
-pub const DEFAULT_TEMP_DIR: &str = ".hyper2kvm-tmp";
+pub(crate) const DEFAULT_TEMP_DIR: &str = ".hyper2kvm-tmp";
 
 /// Directory under OUTPUT_DIR where results replaced by a newer job are kept.
-pub const SUPERSEDED_DIR: &str = ".hyper2kvm-superseded";
+pub(crate) const SUPERSEDED_DIR: &str = ".hyper2kvm-superseded";
 
 /// Directory under OUTPUT_DIR where the converted disks of a job whose libvirt registration
 /// failed are kept (`<dir>/<job>/V.qcow2` …), out of the poller's sight.
-pub const UNREGISTERED_DIR: &str = ".hyper2kvm-unregistered";
+pub(crate) const UNREGISTERED_DIR: &str = ".hyper2kvm-unregistered";
 
 /// Paths of OUTPUT_DIR's results and of TEMP_DIR's staging directories.
 #[derive(Debug, Clone)]
@@ -105,18 +105,18 @@ impl OutputLayout {
 
 /// Name of a claim generation's staging directory: `<job>.g<generation>`. Each generation
 /// stages apart, so a daemon that took a job over never writes into its predecessor's files.
-pub fn staging_name(job_id: &str, generation: u64) -> String {
+pub(crate) fn staging_name(job_id: &str, generation: u64) -> String {
     format!("{job_id}.g{generation}")
 }
 
 /// Whether `name`, in TEMP_DIR, is the staging directory of some generation of job `job_id`.
-pub fn is_staging_of(name: &str, job_id: &str) -> bool {
+pub(crate) fn is_staging_of(name: &str, job_id: &str) -> bool {
     name.strip_prefix(job_id).is_some_and(|rest| rest.starts_with(".g"))
 }
 
 /// Name of the directory in OUTPUT_DIR where a job stages its `.error` when it could not
 /// create its staging directory in TEMP_DIR, so the poller still gets an answer.
-pub fn error_staging_name(job_id: &str) -> String {
+pub(crate) fn error_staging_name(job_id: &str) -> String {
     format!(".hyper2kvm-error-{job_id}")
 }
 
@@ -131,17 +131,17 @@ pub fn data_disk_file(vm_name: &str, disk_id: &str) -> String {
 }
 
 /// File name of the failure result: `V.error`.
-pub fn error_file(vm_name: &str) -> String {
+pub(crate) fn error_file(vm_name: &str) -> String {
     format!("{vm_name}.error")
 }
 
 /// File name of the job report: `V.json`.
-pub fn report_file(vm_name: &str) -> String {
+pub(crate) fn report_file(vm_name: &str) -> String {
     format!("{vm_name}.json")
 }
 
 /// File name of the domain XML: `V.xml`.
-pub fn domain_xml_file(vm_name: &str) -> String {
+pub(crate) fn domain_xml_file(vm_name: &str) -> String {
     format!("{vm_name}.xml")
 }
 

@@ -18,7 +18,7 @@ use crate::output_layout::OutputLayout;
 
 /// A job's private staging directory in TEMP_DIR.
 #[derive(Debug)]
-pub struct Staging {
+pub(crate) struct Staging {
     dir: PathBuf,
 }
 
@@ -26,26 +26,26 @@ impl Staging {
     /// Creates `temp_root/<job_id>`, which must not exist yet. `temp_root` (TEMP_DIR) is a
     /// directory of the daemon's own: a symlink planted in its place is replaced
     /// ([`own_dir`]), never followed.
-    pub fn create(temp_root: &Path, job_id: &str) -> std::io::Result<Staging> {
+    pub(crate) fn create(temp_root: &Path, job_id: &str) -> std::io::Result<Staging> {
         own_dir(temp_root)?;
         Staging::create_in(temp_root, job_id)
     }
 
     /// Creates `parent/<name>`, which must not exist yet, in a directory the caller trusts
     /// as it is (OUTPUT_DIR itself, which may be a symlink the administrator made).
-    pub fn create_in(parent: &Path, name: &str) -> std::io::Result<Staging> {
+    pub(crate) fn create_in(parent: &Path, name: &str) -> std::io::Result<Staging> {
         let dir = parent.join(name);
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         Ok(Staging { dir })
     }
 
     /// The staged path of `name`.
-    pub fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
     /// Creates a new staged file with `contents`, fsynced.
-    pub fn write_new(&self, name: &str, contents: &[u8]) -> std::io::Result<PathBuf> {
+    pub(crate) fn write_new(&self, name: &str, contents: &[u8]) -> std::io::Result<PathBuf> {
         let path = self.path(name);
         let mut file = open_new(&path)?;
         file.write_all(contents)?;
@@ -55,7 +55,7 @@ impl Staging {
 
     /// Moves a staged file to its final name in `output_dir`. The rename replaces a symlink
     /// at the destination rather than following it.
-    pub fn publish(&self, name: &str, output_dir: &Path, final_name: &str) -> std::io::Result<PathBuf> {
+    pub(crate) fn publish(&self, name: &str, output_dir: &Path, final_name: &str) -> std::io::Result<PathBuf> {
         let target = output_dir.join(final_name);
         std::fs::rename(self.path(name), &target)?;
         Ok(target)
@@ -64,7 +64,7 @@ impl Staging {
     /// Removes everything staged so far, keeping the directory: a failed job clears its
     /// partial outputs before it publishes its `.error`, so that a poller which sees the
     /// `.error` never finds the job's temporary files still there.
-    pub fn clear(&self) -> std::io::Result<()> {
+    pub(crate) fn clear(&self) -> std::io::Result<()> {
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
             if entry.file_type()?.is_dir() {
@@ -77,7 +77,7 @@ impl Staging {
     }
 
     /// Removes the staging directory and whatever is left in it.
-    pub fn remove(self) {
+    pub(crate) fn remove(self) {
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if e.kind() != ErrorKind::NotFound {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove the staging directory");
@@ -87,22 +87,22 @@ impl Staging {
 }
 
 /// Opens a new file for writing without following symlinks or reusing an existing file.
-pub fn open_new(path: &Path) -> std::io::Result<File> {
+pub(crate) fn open_new(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).mode(0o644).open(path)
 }
 
 /// Flushes a file written by another process (qemu-img) to stable storage.
-pub fn fsync_file(path: &Path) -> std::io::Result<()> {
+pub(crate) fn fsync_file(path: &Path) -> std::io::Result<()> {
     OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?.sync_all()
 }
 
 /// Flushes a directory, making renames into it durable.
-pub fn fsync_dir(path: &Path) -> std::io::Result<()> {
+pub(crate) fn fsync_dir(path: &Path) -> std::io::Result<()> {
     File::open(path)?.sync_all()
 }
 
 /// Reads a published result of at most 4 MiB (a report) without following a symlink.
-pub fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let file = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
     let mut contents = Vec::new();
@@ -113,7 +113,7 @@ pub fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
 /// Moves the earlier result `name` out of OUTPUT_DIR into
 /// `OUTPUT_DIR/.hyper2kvm-superseded/<job_id>/`, so it cannot answer a new job's poller. It is
 /// kept, never destroyed. Returns where it went; `None` when there was no such file.
-pub fn move_aside(output: &OutputLayout, name: &str, job_id: &str) -> std::io::Result<Option<PathBuf>> {
+pub(crate) fn move_aside(output: &OutputLayout, name: &str, job_id: &str) -> std::io::Result<Option<PathBuf>> {
     let aside_dir = output.superseded(job_id);
     own_dir(&output.superseded_root())?;
     own_dir(&aside_dir)?;
@@ -128,7 +128,7 @@ pub fn move_aside(output: &OutputLayout, name: &str, job_id: &str) -> std::io::R
 /// Moves each `(file, name)` into `dir` (created if missing) as `dir/name`. TEMP_DIR is on
 /// the output filesystem, so these are renames. `dir` and its parent are the daemon's own
 /// (`OUTPUT_DIR/.hyper2kvm-unregistered/<job>`): symlinks there are replaced, not followed.
-pub fn keep<'a>(dir: &Path, files: impl IntoIterator<Item = (&'a Path, &'a str)>) -> std::io::Result<()> {
+pub(crate) fn keep<'a>(dir: &Path, files: impl IntoIterator<Item = (&'a Path, &'a str)>) -> std::io::Result<()> {
     if let Some(parent) = dir.parent() {
         own_dir(parent)?;
     }
@@ -140,7 +140,7 @@ pub fn keep<'a>(dir: &Path, files: impl IntoIterator<Item = (&'a Path, &'a str)>
 }
 
 /// Checks that TEMP_DIR and OUTPUT_DIR are on one filesystem, so publishing is a rename.
-pub fn check_same_filesystem(temp_dir: &Path, output_dir: &Path) -> std::io::Result<bool> {
+pub(crate) fn check_same_filesystem(temp_dir: &Path, output_dir: &Path) -> std::io::Result<bool> {
     Ok(std::fs::metadata(temp_dir)?.dev() == std::fs::metadata(output_dir)?.dev())
 }
 
@@ -151,7 +151,7 @@ pub fn check_same_filesystem(temp_dir: &Path, output_dir: &Path) -> std::io::Res
 /// aside would then land wherever it points. A symlink is removed (unlink does not follow it)
 /// and the directory created afresh; anything else that is not a directory is refused. The
 /// parent must exist: a vanished OUTPUT_DIR (an unmounted share) is not recreated underneath.
-pub fn own_dir(path: &Path) -> std::io::Result<()> {
+pub(crate) fn own_dir(path: &Path) -> std::io::Result<()> {
     // A few rounds: someone may be swapping the name while we look.
     for _ in 0..3 {
         match std::fs::symlink_metadata(path) {
@@ -186,7 +186,7 @@ pub fn own_dir(path: &Path) -> std::io::Result<()> {
 /// Why OUTPUT_DIR or TEMP_DIR cannot take a result now. While one of these holds the daemon
 /// claims nothing: a job it claimed could not even publish its `.error`.
 #[derive(Debug, Error)]
-pub enum Unavailable {
+pub(crate) enum Unavailable {
     #[error("{what} {path} does not exist")]
     Missing { what: &'static str, path: String },
     #[error("{what} {path} is read-only")]
@@ -214,7 +214,7 @@ impl Unavailable {
 /// `min_free` bytes free, and TEMP_DIR (recreated if it vanished, with OUTPUT_DIR back) is on
 /// its filesystem; a small file written and fsynced in TEMP_DIR is renamed into OUTPUT_DIR and
 /// removed, exactly the steps of a publication. `tag` keeps daemons sharing OUTPUT_DIR apart.
-pub fn check_room(output_dir: &Path, temp_dir: &Path, min_free: u64, tag: &str) -> Result<(), Unavailable> {
+pub(crate) fn check_room(output_dir: &Path, temp_dir: &Path, min_free: u64, tag: &str) -> Result<(), Unavailable> {
     let output = |e| Unavailable::from_io("OUTPUT_DIR", output_dir, e);
     let meta = std::fs::metadata(output_dir).map_err(output)?;
     if !meta.is_dir() {

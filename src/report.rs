@@ -14,7 +14,7 @@ use crate::manifest::{Pipeline, SourceFormat};
 
 /// One converted disk.
 #[derive(Debug, Clone, Serialize)]
-pub struct DiskReport {
+pub(crate) struct DiskReport {
     pub id: String,
     pub boot: bool,
     pub source_path: PathBuf,
@@ -51,7 +51,7 @@ pub struct DiskReport {
 
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub job_id: String,
     pub vm_name: String,
     pub instance: Option<String>,
@@ -87,7 +87,7 @@ pub struct Report {
 /// `V.json`'s `guest`: the manifest's `pipeline.inspect`/`fix`/`validate` and BOOT_CHECK, what
 /// each step found, and what was not done and why (docs/GUEST.md).
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct GuestReport {
+pub(crate) struct GuestReport {
     pub asked: GuestAsked,
     /// The guest as inspection saw it (its kernels' virtio facts as verified after a fix).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -105,7 +105,7 @@ pub struct GuestReport {
 
 /// What the job was asked for: the manifest's guest steps and the configuration's BOOT_CHECK.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct GuestAsked {
+pub(crate) struct GuestAsked {
     #[serde(flatten)]
     pub pipeline: Pipeline,
     pub boot_check: BootCheck,
@@ -113,7 +113,7 @@ pub struct GuestAsked {
 
 /// The fix: virt-v2v-in-place's run, what hyper2kvm mended after it, and the verification.
 #[derive(Debug, Clone, Serialize)]
-pub struct FixRecord {
+pub(crate) struct FixRecord {
     pub done: bool,
     /// `log`, `seconds`, `accel`.
     #[serde(flatten)]
@@ -129,7 +129,7 @@ pub struct FixRecord {
 
 /// One `pipeline.fix` option: asked (the manifest's value; `null` when left out) and done.
 #[derive(Debug, Clone, Serialize)]
-pub struct FixOption {
+pub(crate) struct FixOption {
     pub option: &'static str,
     pub asked: serde_json::Value,
     /// `always`: virt-v2v-in-place has no switch for it and always does it.
@@ -139,13 +139,13 @@ pub struct FixOption {
 
 /// `pipeline.validate`: `qemu-img check` of every staged output.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct ValidateRecord {
+pub(crate) struct ValidateRecord {
     pub image_integrity: Vec<IntegrityCheck>,
 }
 
 /// One output's `qemu-img check`.
 #[derive(Debug, Clone, Serialize)]
-pub struct IntegrityCheck {
+pub(crate) struct IntegrityCheck {
     /// File name in OUTPUT_DIR.
     pub output: String,
     pub ok: bool,
@@ -156,7 +156,7 @@ pub struct IntegrityCheck {
 
 /// One guest step's time.
 #[derive(Debug, Clone, Serialize)]
-pub struct StepRecord {
+pub(crate) struct StepRecord {
     pub step: &'static str,
     pub seconds: f64,
     /// `kvm` or `tcg`; absent for steps without a VM (qemu-img check).
@@ -166,7 +166,7 @@ pub struct StepRecord {
 
 /// A step or option not done, and why.
 #[derive(Debug, Clone, Serialize)]
-pub struct Skipped {
+pub(crate) struct Skipped {
     pub step: String,
     pub reason: String,
 }

@@ -19,7 +19,7 @@ use thiserror::Error;
 
 /// Hidden directories the daemon keeps its queue state and results in, wherever they are: a
 /// source under one of them is another job's input or output, never an export.
-pub const RESULT_DIR_NAMES: [&str; 4] = [
+pub(crate) const RESULT_DIR_NAMES: [&str; 4] = [
     ".hyper2kvm",
     crate::output_layout::DEFAULT_TEMP_DIR,
     crate::output_layout::SUPERSEDED_DIR,

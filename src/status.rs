@@ -22,17 +22,28 @@ use crate::systemd_units::{human_duration, InstanceView};
 /// One job, running or finished.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobView {
+    /// The job id (`<UTC time>-<16 hex digits>`), as in its lock file and records.
     pub job_id: String,
+    /// The VM's name from the manifest: what results are published under.
     pub vm_name: String,
+    /// The host name of the daemon that ran (or runs) the job.
     pub host: String,
+    /// The daemon's instance name (`hyper2kvm@NAME`); `None` for the unnamed `hyper2kvm.service`.
     pub instance: Option<String>,
+    /// The lock generation: above 1 means the job was taken over from a stale daemon.
     pub generation: u64,
+    /// Running (from a claim) or done/failed (from the job's record).
     pub state: JobState,
+    /// When the job was claimed (UTC).
     pub started_at: DateTime<Utc>,
+    /// When the job ended (UTC); `None` while it runs.
     pub finished_at: Option<DateTime<Utc>>,
+    /// The last stage reached: the failing one for a failed job, `claim` before the first event.
     pub stage: String,
+    /// The first line of the error, for a failed job.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Progress of the current stage in percent (0–100), from the last event of a running job.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub percent: Option<f64>,
 }
@@ -42,7 +53,9 @@ pub struct JobView {
 pub struct QueueEntry {
     /// The file name; one that is not UTF-8 as `{:?}` spells it (`"caf\xE9.json"`).
     pub name: String,
+    /// The manifest's size in bytes.
     pub bytes: u64,
+    /// Seconds since the manifest was last modified, by the file server's clock.
     pub age_seconds: f64,
     /// The name is not UTF-8: the daemon never takes it until it is renamed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -52,23 +65,31 @@ pub struct QueueEntry {
 /// A claimed job and its lock.
 #[derive(Debug, Clone, Serialize)]
 pub struct ClaimView {
+    /// The claim's lock record (job id, owner, generation, claim time), flattened into the JSON.
     #[serde(flatten)]
     pub lock: LockRecord,
     /// From the claimed manifest (its file stem when it names none).
     pub vm_name: String,
     /// Seconds since the last heartbeat, judged against the file server's clock.
     pub heartbeat_age_seconds: Option<f64>,
+    /// The phase of the job's last event; `None` before its first.
     pub stage: Option<String>,
+    /// The progress in percent of the job's last event, when it reported one.
     pub percent: Option<f64>,
 }
 
 /// Everything `status` shows.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
+    /// The queue directory (`WATCH_DIR`) that was read.
     pub watch_dir: String,
+    /// Where results are published (`OUTPUT_DIR`).
     pub output_dir: String,
+    /// Finished jobs (oldest first) followed by the running ones.
     pub jobs: Vec<JobView>,
+    /// Manifests waiting to be claimed, oldest first.
     pub queue: Vec<QueueEntry>,
+    /// The current claims, by job id.
     pub claims: Vec<ClaimView>,
     /// The daemons systemd knows on this host (`hyper2kvm@*.service`, and `hyper2kvm.service`
     /// when installed); empty where systemctl cannot be asked. Filled by [`with_instances`].

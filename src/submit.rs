@@ -18,18 +18,44 @@ use crate::queue::layout::is_manifest_name;
 /// Why a manifest was not submitted.
 #[derive(Debug, Error)]
 pub enum SubmitError {
+    /// The manifest file could not be opened or read, or is over the size limit.
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: manifest::ReadError },
+    Read {
+        /// The manifest path as given on the command line.
+        path: PathBuf,
+        /// Why reading failed.
+        source: manifest::ReadError,
+    },
+    /// The manifest does not validate, and `--force` was not given.
     #[error("{path} is not a valid manifest: {source} (use --force to submit it anyway)")]
-    Invalid { path: PathBuf, source: ManifestError },
+    Invalid {
+        /// The manifest path as given on the command line.
+        path: PathBuf,
+        /// What validation found wrong.
+        source: ManifestError,
+    },
+    /// The configured WATCH_DIR is missing (or not a directory).
     #[error("WATCH_DIR {0} does not exist; start the daemon once (it creates it) or create it")]
     NoWatchDir(PathBuf),
+    /// The target name (`--name`, else the file's own name) is one the daemon would ignore.
     #[error("{0:?} cannot be a manifest name: it must end in .json and must not start with '.'")]
     BadName(String),
+    /// A manifest of the same name is still waiting in WATCH_DIR; it was not replaced.
     #[error("a manifest named {name} is already waiting in {dir}; wait until the daemon takes it, or pass --name")]
-    Busy { name: String, dir: PathBuf },
+    Busy {
+        /// The target file name.
+        name: String,
+        /// The WATCH_DIR it is waiting in.
+        dir: PathBuf,
+    },
+    /// Creating, writing, syncing or linking the file in WATCH_DIR failed.
     #[error("cannot write into {dir}: {source}")]
-    Write { dir: PathBuf, source: std::io::Error },
+    Write {
+        /// The WATCH_DIR written into.
+        dir: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 /// `hyper2kvm submit`: [`submit`] into the configured WATCH_DIR, then the submitted path.

@@ -21,7 +21,7 @@ const UNIT_PREFIX: &str = "hyper2kvm@";
 const UNIT_SUFFIX: &str = ".service";
 
 /// The single daemon without an instance name (systemd/hyper2kvm.service).
-pub const PLAIN_UNIT: &str = "hyper2kvm.service";
+pub(crate) const PLAIN_UNIT: &str = "hyper2kvm.service";
 
 /// How long one systemctl call may take: `status` is interactive, and a wedged D-Bus or PID 1
 /// must not hang it.
@@ -80,7 +80,7 @@ pub struct InstanceView {
 
 /// A row of `systemctl list-units --all --plain --no-legend`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnitRow {
+pub(crate) struct UnitRow {
     /// `hyper2kvm@NAME.service`.
     pub unit: String,
     /// The LOAD column: `loaded`, `not-found`, …
@@ -98,7 +98,7 @@ pub struct UnitRow {
 /// (running, failed, or merely referenced), instance units with a unit file of their own,
 /// instances enabled into `hyper2kvm.target`, and every `hyper2kvm-NAME.conf` in `config_dir`
 /// (configured, perhaps never started); one `systemctl show` then gives each its state.
-pub fn instances(config_dir: &Path) -> Vec<InstanceView> {
+pub(crate) fn instances(config_dir: &Path) -> Vec<InstanceView> {
     let Some(listed) = systemctl(&["list-units", "--all", "--plain", "--no-legend", "hyper2kvm@*"]) else {
         return Vec::new();
     };
@@ -183,7 +183,7 @@ fn monotonic_now_us() -> Option<u64> {
 }
 
 /// `3d 4h`, `4h 12m`, `12m 5s`, `5s`: the two largest units, as people read an uptime.
-pub fn human_duration(seconds: u64) -> String {
+pub(crate) fn human_duration(seconds: u64) -> String {
     let parts = [(seconds / 86_400, "d"), (seconds / 3600 % 24, "h"), (seconds / 60 % 60, "m"), (seconds % 60, "s")];
     let first = parts.iter().position(|(n, _)| *n != 0).unwrap_or(3);
     parts[first..].iter().take(2).map(|(n, unit)| format!("{n}{unit}")).collect::<Vec<_>>().join(" ")
@@ -234,7 +234,7 @@ fn unit_name(instance: &str) -> String {
 
 /// The instance of `hyper2kvm@NAME.service`, unescaped as `%i` is (`\x2d` → `-`); `None` for
 /// the template itself and for other units.
-pub fn instance_name(unit: &str) -> Option<String> {
+pub(crate) fn instance_name(unit: &str) -> Option<String> {
     let escaped = unit.strip_prefix(UNIT_PREFIX)?.strip_suffix(UNIT_SUFFIX)?;
     let name = unescape(escaped);
     valid_instance(&name).then_some(name)
@@ -264,7 +264,7 @@ fn unescape(text: &str) -> String {
 /// Parses `systemctl list-units --all --plain --no-legend`: `UNIT LOAD ACTIVE SUB DESCRIPTION…`
 /// per line. A leading status mark (`●`, `*`), which some versions print for failed or
 /// not-found units even with `--plain`, is skipped; rows that are not our instances are dropped.
-pub fn parse_list_units(text: &str) -> Vec<UnitRow> {
+pub(crate) fn parse_list_units(text: &str) -> Vec<UnitRow> {
     text.lines()
         .filter_map(|line| {
             let mut words = line.split_whitespace().skip_while(|w| matches!(*w, "●" | "*" | "○" | "×"));
@@ -282,7 +282,7 @@ pub fn parse_list_units(text: &str) -> Vec<UnitRow> {
 
 /// Parses `systemctl list-unit-files --plain --no-legend`: `UNIT STATE [PRESET]` per line.
 /// Returns the instance units (the template `hyper2kvm@.service` is not an instance).
-pub fn parse_list_unit_files(text: &str) -> Vec<String> {
+pub(crate) fn parse_list_unit_files(text: &str) -> Vec<String> {
     text.lines()
         .filter_map(|line| line.split_whitespace().next())
         .filter(|unit| instance_name(unit).is_some())
@@ -292,7 +292,7 @@ pub fn parse_list_unit_files(text: &str) -> Vec<String> {
 
 /// Parses `systemctl show` of several units: blocks of `KEY=VALUE` lines separated by blank
 /// lines, one block per unit.
-pub fn parse_show(text: &str) -> Vec<BTreeMap<String, String>> {
+pub(crate) fn parse_show(text: &str) -> Vec<BTreeMap<String, String>> {
     let mut blocks = Vec::new();
     let mut current = BTreeMap::new();
     for line in text.lines() {

@@ -9,14 +9,14 @@ use std::borrow::Cow;
 use std::fmt::Display;
 
 /// Items a message lists before "and N more".
-pub const MAX_LISTED: usize = 5;
+pub(crate) const MAX_LISTED: usize = 5;
 
 /// Characters of one name shown in a message; longer ones are cut with `…`.
-pub const MAX_NAME_CHARS: usize = 120;
+pub(crate) const MAX_NAME_CHARS: usize = 120;
 
 /// `a, b, c, d, e and 1995 more`: the first `max` items (each cut by [`shorten`]), then how
 /// many were left out; `none` for no items.
-pub fn capped_list<I>(items: I, max: usize) -> String
+pub(crate) fn capped_list<I>(items: I, max: usize) -> String
 where
     I: IntoIterator,
     I::Item: Display,
@@ -39,7 +39,7 @@ where
 }
 
 /// `name` cut to [`MAX_NAME_CHARS`] characters, with `…` where it was cut.
-pub fn shorten(name: &str) -> Cow<'_, str> {
+pub(crate) fn shorten(name: &str) -> Cow<'_, str> {
     match name.char_indices().nth(MAX_NAME_CHARS) {
         None => Cow::Borrowed(name),
         Some((at, _)) => Cow::Owned(format!("{}…", &name[..at])),

@@ -16,8 +16,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hyper2kvm::guest::{boot_check, BootOutcome, BootReport, BootSpec, Evidence, Tools};
-use hyper2kvm::libvirt::domain_xml::{domain_xml_with, Acceleration, DiskBus, DomainDisk, NetworkAttachment};
-use hyper2kvm::manifest::{DiskSpec, DiskType, Hardware, JobSpec, NicSpec, SourceFormat};
+use hyper2kvm::internals::libvirt::domain_xml::{
+    domain_xml_with, Acceleration, DiskBus, DomainDisk, NetworkAttachment,
+};
+use hyper2kvm::internals::manifest::{DiskSpec, DiskType, Hardware, JobSpec, NicSpec, SourceFormat};
 
 /// The fixture's VMware MAC, kept by the domain.
 const MAC: &str = "00:50:56:8a:12:34";

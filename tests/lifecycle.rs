@@ -287,9 +287,9 @@ fn a_job_that_ignores_cancellation_does_not_hold_the_drain() {
     use hyper2kvm::config::{Config, Overrides};
     use hyper2kvm::convert::JobControl;
     use hyper2kvm::daemon;
-    use hyper2kvm::job::{JobContext, JobEnd};
-    use hyper2kvm::manifest::ManifestFile;
-    use hyper2kvm::queue::Claim;
+    use hyper2kvm::internals::job::{JobContext, JobEnd};
+    use hyper2kvm::internals::manifest::ManifestFile;
+    use hyper2kvm::internals::queue::Claim;
     use std::sync::{mpsc, Arc, Mutex};
 
     let env = Env::new();

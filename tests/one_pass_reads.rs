@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fixtures::{self, raw_to_vmdk};
-use hyper2kvm::checksum;
 use hyper2kvm::convert::native::{tap_window, Native};
 use hyper2kvm::convert::{ConversionRequest, Converter, JobControl};
-use hyper2kvm::image::tap::Tap;
-use hyper2kvm::manifest::SourceFormat;
-use hyper2kvm::source::SourceRoots;
+use hyper2kvm::internals::checksum;
+use hyper2kvm::internals::image::tap::Tap;
+use hyper2kvm::internals::manifest::SourceFormat;
+use hyper2kvm::internals::source::SourceRoots;
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;

@@ -87,7 +87,7 @@ fn assert_resource_limits(name: &str, entries: &[(String, String, String)]) {
     assert!(tasks >= 512, "{name}: TasksMax={tasks}");
     // Every extent of a VMDK stays open while it converts: two jobs of the largest the reader takes.
     let files: usize = value(name, entries, "Service", "LimitNOFILE").parse().unwrap();
-    let extents = hyper2kvm::image::vmdk::Limits::default().max_extents;
+    let extents = hyper2kvm::internals::image::vmdk::Limits::default().max_extents;
     assert!(files >= 2 * extents + 1024, "{name}: LimitNOFILE={files} is below two jobs of {extents} extents");
 }
 

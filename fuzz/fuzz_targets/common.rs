@@ -6,7 +6,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use hyper2kvm::image::DiskSource;
+use hyper2kvm::internals::image::DiskSource;
 
 /// Chunk of the walk (the engine uses 4 MiB; smaller keeps a hostile 32 MiB grain cheaper).
 pub const CHUNK: u64 = 1 << 20;

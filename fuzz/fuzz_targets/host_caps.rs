@@ -2,7 +2,7 @@
 
 #![no_main]
 
-use hyper2kvm::libvirt::host_caps::HostCapabilities;
+use hyper2kvm::internals::libvirt::host_caps::HostCapabilities;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,7 +5,7 @@
 
 #![no_main]
 
-use hyper2kvm::queue::lock::{self, LockRecord};
+use hyper2kvm::internals::queue::lock::{self, LockRecord};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,8 +7,8 @@
 
 use std::path::PathBuf;
 
-use hyper2kvm::libvirt::domain_xml::{self, Acceleration, DomainDisk, NetworkAttachment};
-use hyper2kvm::{manifest, names, output_layout};
+use hyper2kvm::internals::libvirt::domain_xml::{self, Acceleration, DomainDisk, NetworkAttachment};
+use hyper2kvm::internals::{manifest, names, output_layout};
 use libfuzzer_sys::fuzz_target;
 use quick_xml::events::Event;
 

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use hyper2kvm::image::{ova, vmdk};
+use hyper2kvm::internals::image::{ova, vmdk};
 use libfuzzer_sys::fuzz_target;
 
 const CAPS: common::Caps = common::Caps { walk_bytes: 16 << 20, read_bytes: 4 << 20, full_chunks: 1 };

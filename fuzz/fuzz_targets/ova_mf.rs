@@ -2,7 +2,7 @@
 
 #![no_main]
 
-use hyper2kvm::image::ova;
+use hyper2kvm::internals::image::ova;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,11 +5,11 @@
 
 #![no_main]
 
-use hyper2kvm::image::ova;
+use hyper2kvm::internals::image::ova;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let kind = hyper2kvm::image::sniff::sniff(data);
+    let kind = hyper2kvm::internals::image::sniff::sniff(data);
     let _ = (kind.describe(), kind.advice_as_raw(), kind.source_format());
     let Ok(ovf) = ova::parse_ovf(data, &ova::Limits::default()) else { return };
     let _ = ovf.hardware.to_manifest_hardware();

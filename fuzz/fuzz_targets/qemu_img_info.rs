@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use hyper2kvm::convert::qemu_img::parse_layer;
-use hyper2kvm::source::SourceRoots;
+use hyper2kvm::internals::source::SourceRoots;
 use libfuzzer_sys::fuzz_target;
 
 const FORMATS: [&str; 5] = ["qcow2", "raw", "vpc", "vhdx", "vdi"];

@@ -18,8 +18,8 @@ mod common;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use hyper2kvm::image::vmdk::{self, Limits};
-use hyper2kvm::image::ReadAt;
+use hyper2kvm::internals::image::vmdk::{self, Limits};
+use hyper2kvm::internals::image::ReadAt;
 use libfuzzer_sys::fuzz_target;
 
 const SPARSE_EXTENT: &[u8] = include_bytes!("../seeds/vmdk_sparse/compact-monolithicSparse-1M.vmdk");

@@ -10,8 +10,8 @@ mod common;
 
 use std::sync::Arc;
 
-use hyper2kvm::image::vmdk::{self, Limits};
-use hyper2kvm::image::{DiskSource, FileSource, ReadAt};
+use hyper2kvm::internals::image::vmdk::{self, Limits};
+use hyper2kvm::internals::image::{DiskSource, FileSource, ReadAt};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

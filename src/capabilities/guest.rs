@@ -47,6 +47,7 @@ pub struct GuestSupport {
 /// One guest tool.
 #[derive(Debug, Clone, Serialize)]
 pub struct GuestTool {
+    /// The program's name (`virt-inspector`, `guestfish`, `virt-v2v-in-place`, `qemu-system-x86_64`, …).
     pub tool: &'static str,
     /// It started (behind the wrapper when one is set).
     pub found: bool,

@@ -12,8 +12,11 @@ use thiserror::Error;
 /// One assignment and the line it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assignment {
+    /// The name left of `=`, white space trimmed.
     pub key: String,
+    /// The value right of `=`, unquoted and unescaped; may be empty.
     pub value: String,
+    /// 1-based line number where the assignment starts.
     pub line: usize,
 }
 
@@ -21,7 +24,9 @@ pub struct Assignment {
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("line {line}: {problem}")]
 pub struct SyntaxError {
+    /// 1-based line number where the bad assignment starts.
     pub line: usize,
+    /// What is wrong, for the message (`expected KEY=value`, `unterminated quote`, …).
     pub problem: String,
 }
 

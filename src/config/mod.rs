@@ -89,14 +89,20 @@ impl BootCheck {
 /// Where a configuration value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
+    /// No layer set it: the built-in default.
     Default,
+    /// A configuration file.
     File {
+        /// The file that set it.
         path: PathBuf,
+        /// The 1-based line of the assignment (the first line of a continued one).
         line: usize,
     },
+    /// The plain `KEY` variable in the environment.
     Environment,
     /// `HYPER2KVM_<KEY>` in the environment (the variable's name).
     PrefixedEnvironment(String),
+    /// A command-line flag (`--watch-dir`, `--set KEY=VALUE`, …).
     Flag,
 }
 
@@ -115,21 +121,48 @@ impl fmt::Display for Origin {
 /// Why the configuration cannot be used. Fatal at start-up.
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    /// A value does not parse or is out of range.
     #[error("invalid {key}={value:?} in {origin}: expected {expected}")]
-    Invalid { key: &'static str, value: String, origin: Origin, expected: String },
+    Invalid {
+        /// The key, as in [`KNOWN_KEYS`].
+        key: &'static str,
+        /// The raw value as it was given.
+        value: String,
+        /// The layer that set it.
+        origin: Origin,
+        /// What would have been accepted, for the message.
+        expected: String,
+    },
+    /// A configuration file exists but cannot be read (a missing one is skipped).
     #[error("cannot read configuration file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// A configuration file has a line that is not `KEY=value`.
     #[error("syntax error in configuration file {path} {source}")]
-    Syntax { path: PathBuf, source: envfile::SyntaxError },
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The offending line and what is wrong with it.
+        source: envfile::SyntaxError,
+    },
 }
 
 /// Log verbosity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogLevel {
+    /// `trace`: everything.
     Trace,
+    /// `debug`: diagnostics for developers and bug reports.
     Debug,
+    /// `info`: job progress and results (the default).
     Info,
+    /// `warn` (or `warning`): only problems that did not stop a job.
     Warn,
+    /// `error`: only failures.
     Error,
 }
 
@@ -162,7 +195,9 @@ impl LogLevel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CompressionType {
+    /// `zlib` (deflate): qcow2's original codec, readable by every qemu.
     Zlib,
+    /// `zstd`: faster, needs qemu 5.1 or later to read.
     Zstd,
 }
 
@@ -180,10 +215,15 @@ pub struct ConvertOptions {
 /// The resolved configuration of one daemon instance (or one command run by hand).
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// INSTANCE_NAME: the instance this daemon is; `None` for the unnamed default instance.
     pub instance: Option<String>,
+    /// WATCH_DIR: where manifests are picked up (default `STATE_ROOT/queue`).
     pub watch_dir: PathBuf,
+    /// OUTPUT_DIR: where converted disks and domain files are published (default `STATE_ROOT/output`).
     pub output_dir: PathBuf,
+    /// LOG_LEVEL: the least severe level logged (default `info`).
     pub log_level: LogLevel,
+    /// POLL_INTERVAL: time between scans of WATCH_DIR (seconds in the file, default 5).
     pub poll_interval: Duration,
     /// How long a manifest's size and mtime must hold still before it is taken.
     pub settle: Duration,
@@ -191,22 +231,39 @@ pub struct Config {
     pub invalid_manifest_grace: Duration,
     /// Jobs converted at once; 0 in the file means the number of CPUs.
     pub max_concurrent: usize,
+    /// QEMU_CONVERT_OPTIONS: the honoured `qemu-img convert` options (default `-O qcow2`).
     pub convert_options: ConvertOptions,
+    /// COMPRESS_LEVEL: codec level 0–9 for compressed clusters (default 6).
     pub compress_level: u32,
+    /// CLEANUP_SOURCE: delete the source disks after a verified success.
     pub cleanup_source: bool,
+    /// CONVERSION_TIMEOUT: how long one job may run (minutes in the file, default 60).
     pub conversion_timeout: Duration,
+    /// LIBVIRT_INTEGRATION: define each converted VM in libvirt (`V.xml` is written either way).
     pub libvirt_integration: bool,
+    /// LIBVIRT_URI: the libvirt connection to register with (default `qemu:///system`).
     pub libvirt_uri: String,
+    /// LIBVIRT_BRIDGE: host bridge the NICs attach to (default `virbr0`).
     pub libvirt_bridge: String,
+    /// LIBVIRT_NETWORK: a libvirt network the NICs attach to instead; `None` uses LIBVIRT_BRIDGE.
     pub libvirt_network: Option<String>,
+    /// LIBVIRT_POOL: storage pool the disks are placed into (default `default`).
     pub libvirt_pool: String,
+    /// LIBVIRT_AUTOSTART: mark registered domains to start with the host.
     pub libvirt_autostart: bool,
+    /// VERBOSE_PROGRESS: log `converting: N%` every 5 %.
     pub verbose_progress: bool,
+    /// RETENTION_DAYS: days finished job records are kept under `done/` (default 7).
     pub retention_days: u32,
+    /// FAILED_RETENTION_DAYS: days failed job records are kept under `failed/` (default 3).
     pub failed_retention_days: u32,
+    /// TEMP_DIR: scratch space for images being written, on OUTPUT_DIR's filesystem.
     pub temp_dir: PathBuf,
+    /// SOURCE_ROOTS: the only directories source disks (and files they name) may resolve into.
     pub source_roots: Vec<PathBuf>,
+    /// LEASE_SECONDS: a claim whose heartbeat is older than this is taken over (default 90 s).
     pub lease: Duration,
+    /// METRICS_ADDR: where `/metrics` and `/healthz` are served; `None` serves nothing.
     pub metrics_addr: Option<SocketAddr>,
     /// How long SIGTERM waits for running jobs before releasing them.
     pub drain_timeout: Duration,
@@ -240,6 +297,7 @@ pub struct Overrides {
 
 /// A source of environment variables; the process environment in production, a map in tests.
 pub trait Environment {
+    /// The variable's value, or `None` when it is unset (or not valid Unicode).
     fn var(&self, key: &str) -> Option<String>;
 }
 

@@ -15,7 +15,9 @@ use crate::source::SourceRoots;
 /// Native where possible, qemu-img otherwise.
 #[derive(Debug, Default, Clone)]
 pub struct Auto {
+    /// Converts the formats read natively (raw, VMDK, OVA).
     pub native: Native,
+    /// Converts every other format (vhd, vhdx, vdi, qcow2).
     pub qemu_img: QemuImg,
 }
 

@@ -27,18 +27,23 @@ use crate::source::SourceRoots;
 /// Compressed output: codec and level (0–9; mapped for zstd).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Compression {
+    /// The codec: `compression_type` of QEMU_CONVERT_OPTIONS.
     pub kind: CompressionType,
+    /// COMPRESS_LEVEL (or the manifest's `compress_level`), 0–9.
     pub level: u32,
 }
 
 /// One disk to convert.
 #[derive(Debug, Clone)]
 pub struct ConversionRequest<'a> {
+    /// The source disk (an OVA, or a VMDK descriptor, for formats made of several files).
     pub source: &'a Path,
+    /// The disk's `source_format` from the manifest.
     pub format: SourceFormat,
     /// Where the qcow2 is written. Its directory was created by the job for this job alone,
     /// so nothing else can have put a symlink there.
     pub destination: &'a Path,
+    /// Write compressed clusters with this codec and level; `None` writes them uncompressed.
     pub compression: Option<Compression>,
     /// With `format == Ova`: which of the archive's disks (in boot order).
     pub ova_disk: Option<usize>,
@@ -129,6 +134,7 @@ pub struct JobControl {
     deadline: Instant,
     cancelled: Arc<AtomicBool>,
     lost: Arc<AtomicBool>,
+    /// Bytes done so far, written by the converter and read for logs and metrics.
     pub progress: Arc<Progress>,
 }
 
@@ -176,25 +182,39 @@ impl JobControl {
 /// Why a conversion failed. Messages are written for the `.error` file's cause chain.
 #[derive(Debug, Error)]
 pub enum ConvertError {
+    /// The source is damaged or not what its format says (the reader's detail).
     #[error("the image is unreadable or corrupt: {0}")]
     Corrupt(String),
+    /// The source is valid but uses a format or feature no converter here handles.
     #[error("the image format is not supported: {0}")]
     Unsupported(String),
+    /// The job's deadline ([`JobControl::new`]) passed before the conversion finished.
     #[error("the conversion ran past CONVERSION_TIMEOUT")]
     TimedOut,
+    /// [`JobControl::cancel`] was called, e.g. at shutdown.
     #[error("the conversion was cancelled")]
     Cancelled,
+    /// [`JobControl::abandon`] was called: the claim was taken over, nothing may be published.
     #[error("another daemon took the job over")]
     LockLost,
+    /// Writing the output failed with ENOSPC; the detail names the file.
     #[error("no space left on the output filesystem: {0}")]
     NoSpace(String),
+    /// An external tool (qemu-img) could not be started.
     #[error("{tool} could not be run: {source}")]
-    Spawn { tool: &'static str, source: std::io::Error },
+    Spawn {
+        /// The program's name.
+        tool: &'static str,
+        /// Why starting it failed (not found, not executable, …).
+        source: std::io::Error,
+    },
+    /// qemu-img failed or said something unexpected; the text says what.
     #[error("{0}")]
     Failed(String),
     /// A file the source names was refused by SOURCE_ROOTS confinement before being opened.
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
+    /// Any other read or write failure.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -470,7 +470,9 @@ pub struct LayerInfo {
     pub format: String,
     /// VMDK create type, when there is one.
     pub subformat: Option<String>,
+    /// `virtual-size`: the guest-visible disk size, in bytes.
     pub virtual_size: u64,
+    /// `backing-filename`: the backing file; `None` when the image stands alone.
     pub backing: Option<BackingRef>,
     /// A qcow2 external data file, made absolute against the image's directory.
     pub data_file: Option<PathBuf>,

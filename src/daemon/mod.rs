@@ -64,18 +64,41 @@ const REQUEUE_HOLD: Duration = Duration::from_secs(10);
 /// Why the daemon cannot start.
 #[derive(Debug, Error)]
 pub enum DaemonError {
+    /// A directory the daemon needs could not be created, or TEMP_DIR could not be compared with OUTPUT_DIR.
     #[error("cannot create {what} {path}: {source}; {}", directory_hint(.source))]
-    Directory { what: &'static str, path: String, source: std::io::Error },
+    Directory {
+        /// Which one: `WATCH_DIR`, `OUTPUT_DIR`, `TEMP_DIR` or the queue state directory.
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// Why `create_dir_all` (or the filesystem comparison) failed.
+        source: std::io::Error,
+    },
+    /// TEMP_DIR and OUTPUT_DIR are on different filesystems, so results cannot be renamed into place.
     #[error("TEMP_DIR {temp} is not on the same filesystem as OUTPUT_DIR {output}; results could not be published atomically, so set TEMP_DIR to a directory on the output filesystem")]
-    TempOnOtherFilesystem { temp: String, output: String },
+    TempOnOtherFilesystem {
+        /// TEMP_DIR as configured.
+        temp: String,
+        /// OUTPUT_DIR as configured.
+        output: String,
+    },
+    /// TEMP_DIR is a symbolic link at start-up.
     #[error("TEMP_DIR {0} is a symbolic link; set TEMP_DIR to the directory it points to (hyper2kvm replaces a symlink planted there while it runs, so it refuses one at start)")]
     TempIsSymlink(String),
+    /// The SIGTERM, SIGINT or SIGHUP handler could not be installed.
     #[error("cannot install the signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The tokio runtime could not be created.
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    /// Listing WATCH_DIR failed with an error that is not transient; the daemon stops.
     #[error("cannot scan WATCH_DIR {path}: {source}")]
-    Scan { path: String, source: std::io::Error },
+    Scan {
+        /// WATCH_DIR as configured.
+        path: String,
+        /// The error, one that is not transient.
+        source: std::io::Error,
+    },
     /// METRICS_ADDR cannot be served.
     #[error(transparent)]
     Metrics(#[from] MetricsError),

@@ -58,7 +58,9 @@ const REPORTED_PACKETS: usize = 8;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Firmware {
+    /// Legacy BIOS (qemu's SeaBIOS).
     Bios,
+    /// UEFI: OVMF's code and variables from Debian 12's `ovmf` package, as pflash drives.
     Uefi,
 }
 
@@ -66,13 +68,16 @@ pub enum Firmware {
 pub struct BootSpec<'a> {
     /// The VM's disks, first disk first, on the buses of `devices.disks`.
     pub images: Vec<PathBuf>,
+    /// From the domain's `<os>`; for `hyper2kvm fix`, UEFI when the guest has `/boot/efi/EFI`.
     pub firmware: Firmware,
+    /// The guest's memory in MiB: the domain's, or 1024 for `hyper2kvm fix --boot-check`.
     pub memory_mib: u64,
     /// The console goes here; qemu's own messages to `CONSOLE.qemu.log` and the guest's
     /// packets to `CONSOLE.pcap`.
     pub console_log: PathBuf,
     /// BOOT_CHECK_SECONDS: how long the guest has to show that it booted.
     pub budget: Duration,
+    /// Stops the boot early (job cancelled, lease lost, daemon stopping).
     pub cancel: Cancel<'a>,
     /// The guest-visible devices; `BootDevices::default()` is virtio disks, one virtio NIC and a
     /// serial port.
@@ -147,9 +152,11 @@ pub struct BootReport {
     pub outcome: BootOutcome,
     /// Which of the guest's signals decided.
     pub decided_by: Evidence,
+    /// Seconds from starting qemu to the decision (or to the end of the budget).
     pub seconds: f64,
     /// `kvm` or `tcg`.
     pub accel: String,
+    /// The file the guest's serial console was written to.
     pub console_log: PathBuf,
     /// The console's last lines (at most 20).
     pub console_tail: Vec<String>,
@@ -157,6 +164,7 @@ pub struct BootReport {
     pub packets_log: PathBuf,
     /// The guest's first packets, `MAC: kind` (at most 8), and when the first was seen.
     pub first_packets: Vec<String>,
+    /// Seconds from starting qemu to the guest's first packet; `None` when it sent none.
     pub first_packet_seconds: Option<f64>,
 }
 

@@ -47,8 +47,11 @@ pub enum ScsiModel {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NicModel {
+    /// `virtio-net-pci`.
     Virtio,
+    /// Intel 82574 (`e1000e`).
     E1000e,
+    /// Intel 82540EM (`e1000`).
     E1000,
     /// libvirt's default on x86 when the XML names no model.
     Rtl8139,
@@ -69,7 +72,9 @@ impl NicModel {
 /// One NIC: its model and the MAC its first packets are recognised by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Nic {
+    /// From the interface's `<model type>`; rtl8139 when it names none.
     pub model: NicModel,
+    /// From the interface's `<mac address>`; the one qemu would give the n-th NIC when it names none.
     pub mac: MacAddress,
 }
 
@@ -78,7 +83,9 @@ pub struct Nic {
 pub struct BootDevices {
     /// One bus per image, in order; images past the end of the list are virtio disks.
     pub disks: Vec<DiskBus>,
+    /// The model of the SCSI controller that SCSI disks sit on; lsilogic when the XML names none.
     pub scsi_model: ScsiModel,
+    /// One per `<interface>`, in order.
     pub nics: Vec<Nic>,
     /// Whether the machine has a serial port (ttyS0) whose output is read.
     pub serial: bool,
@@ -101,8 +108,11 @@ fn default_nic(n: usize) -> Nic {
 /// What the boot check takes from a domain XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Domain {
+    /// UEFI when `<os firmware='efi'>` or an `<os><loader>` is given, else BIOS.
     pub firmware: Firmware,
+    /// `<memory>` converted to MiB (its unit defaults to KiB).
     pub memory_mib: u64,
+    /// The disks' buses, the SCSI model, the NICs and the serial port.
     pub devices: BootDevices,
 }
 

@@ -30,6 +30,7 @@ pub struct FixOptions<'a> {
 pub struct FixReport {
     /// The tool's whole log (stdout and stderr).
     pub log: PathBuf,
+    /// How long virt-v2v-in-place ran, in seconds of wall-clock time.
     pub seconds: f64,
     /// `kvm` or `tcg`: how libguestfs ran its appliance.
     pub accel: String,

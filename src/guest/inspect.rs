@@ -31,6 +31,7 @@ pub struct GuestInfo {
     pub osinfo: String,
     /// `x86_64`, `i386`, `aarch64`, ...
     pub arch: String,
+    /// The guest's host name as virt-inspector read it from its configuration (empty when it found none).
     pub hostname: String,
     /// The root file system's device as libguestfs named it.
     pub root: String,
@@ -53,6 +54,7 @@ pub struct GuestInfo {
 /// One installed kernel and its virtio support.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Kernel {
+    /// The kernel release, from its `vmlinuz-VERSION` file in `/boot` (e.g. `6.1.0-18-amd64`).
     pub version: String,
     /// `virtio_blk` is built in (`CONFIG_VIRTIO_BLK=y` in `/boot/config-VERSION`).
     pub virtio_builtin: bool,

@@ -40,37 +40,77 @@ pub const LOG_TAIL_LINES: usize = 12;
 pub enum GuestError {
     /// A tool the step needs is not installed (or not in the wrapper's root).
     #[error("{tool} is not installed: install {package} (Debian 12), or set GUEST_TOOLS_WRAPPER to run the guest tools from a root that has them")]
-    ToolMissing { tool: String, package: &'static str },
+    ToolMissing {
+        /// The program that is missing (or exited 127 behind the wrapper).
+        tool: String,
+        /// The Debian 12 package that provides it.
+        package: &'static str,
+    },
     /// The tool could not be started for another reason.
     #[error("could not start {tool}: {source}")]
     Spawn {
+        /// The program, as named on its command line (`virt-inspector`, `guestfish`, …).
         tool: String,
+        /// Why it could not be started.
         #[source]
         source: std::io::Error,
     },
     /// Inspection found no operating system on the disks.
     #[error("no operating system was recognised on {images}: the disks may be data disks, encrypted, or not all of the VM's disks; check the disk list")]
-    NotRecognised { images: String },
+    NotRecognised {
+        /// The disk images inspected, at most four named.
+        images: String,
+    },
     /// The tool ran and failed.
     #[error("{tool} failed ({status}); its log is {log}; last lines:\n{tail}")]
-    ToolFailed { tool: String, status: String, log: PathBuf, tail: String },
+    ToolFailed {
+        /// The program, as named on its command line (`virt-inspector`, `guestfish`, …).
+        tool: String,
+        /// How it ended: `exit status N`, `killed by signal N`, or what it failed to do.
+        status: String,
+        /// The file its stderr (and stdout where it is not parsed) went to.
+        log: PathBuf,
+        /// The last [`LOG_TAIL_LINES`] lines of that log.
+        tail: String,
+    },
     /// The tool did not finish in time and was killed with its whole process group.
     #[error("{tool} did not finish within {} s and was stopped; raise CONVERSION_TIMEOUT or check the log {log}", .limit.as_secs())]
-    Timeout { tool: String, limit: Duration, log: PathBuf },
+    Timeout {
+        /// The program, as named on its command line (`virt-inspector`, `guestfish`, …).
+        tool: String,
+        /// How long it was allowed to run.
+        limit: Duration,
+        /// The file its output went to.
+        log: PathBuf,
+    },
     /// Cancelled from outside (job cancelled, lease lost, daemon stopping).
     #[error("{tool} was cancelled and its process group stopped")]
-    Cancelled { tool: String },
+    Cancelled {
+        /// The program, as named on its command line (`virt-inspector`, `guestfish`, …).
+        tool: String,
+    },
     /// The tool's output could not be understood.
     #[error("could not understand {tool}'s output: {reason}")]
-    Output { tool: String, reason: String },
+    Output {
+        /// The program, as named on its command line (`virt-inspector`, `guestfish`, …).
+        tool: String,
+        /// What was wrong with the output.
+        reason: String,
+    },
     /// The boot check cannot give the guest the devices of its domain.
     #[error("the boot check cannot reproduce the domain: {reason}")]
-    Unreproducible { reason: String },
+    Unreproducible {
+        /// What of the domain cannot be given (the disks do not match, a bus is unknown, …).
+        reason: String,
+    },
     /// Reading or writing a local file failed.
     #[error("{what} {}: {source}", .path.display())]
     Io {
+        /// What was being done: `cannot create`, `cannot write`.
         what: &'static str,
+        /// The file or directory.
         path: PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
@@ -95,6 +135,7 @@ pub(crate) fn io_error(what: &'static str, path: &std::path::Path) -> impl FnOnc
 /// record them.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Repair {
+    /// What virt-v2v-in-place did, and its log.
     pub fix: FixReport,
     /// Guest files hyper2kvm rewrote after the tool because they still named SCSI/SATA disks.
     pub mended: Vec<String>,

@@ -11,6 +11,7 @@ use crate::config::Config;
 /// Errors of the one-shot commands.
 #[derive(Debug, thiserror::Error)]
 pub enum OneShotError {
+    /// Inspecting, fixing, verifying or boot-checking the guest failed.
     #[error(transparent)]
     Guest(#[from] GuestError),
     /// The fix ran but the guest's files do not agree with a virtio disk.
@@ -19,6 +20,7 @@ pub enum OneShotError {
     /// The boot check did not see a login prompt.
     #[error("the fixed guest did not boot ({0}); its console is {1}")]
     BootFailed(String, PathBuf),
+    /// The result could not be serialised to JSON, which both output forms are made from.
     #[error("cannot print the result: {0}")]
     Print(#[from] serde_json::Error),
 }

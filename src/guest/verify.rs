@@ -32,9 +32,13 @@ pub struct Verification {
 /// One kernel's initramfs, as `lsinitramfs` listed it.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct InitramfsEvidence {
+    /// The kernel release, from its `vmlinuz-VERSION` file in the guest's `/boot`.
     pub kernel: String,
+    /// The initramfs' file name in `/boot`; `None` when the kernel has none.
     pub initrd: Option<String>,
+    /// The virtio modules `lsinitramfs` listed in that initramfs.
     pub virtio: Vec<String>,
+    /// `virtio_blk` is built into the kernel (`CONFIG_VIRTIO_BLK=y` in `/boot/config-VERSION`).
     pub builtin: bool,
 }
 

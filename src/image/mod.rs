@@ -12,8 +12,8 @@
 //! confinement (the `*_confined` openers and [`crate::source::SourceRoots`]).
 
 pub mod ova;
-pub mod qcow2;
-pub mod raw;
+pub(crate) mod qcow2;
+pub(crate) mod raw;
 pub mod sniff;
 pub mod tap;
 pub mod vmdk;
@@ -98,10 +98,12 @@ impl FileSource {
         Ok(FileSource { file, len, path: path.to_owned() })
     }
 
+    /// The path the file was opened by, for messages.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// The open file itself.
     pub fn file(&self) -> &File {
         &self.file
     }

@@ -7,6 +7,7 @@
 
 use std::ops::Range;
 use std::os::fd::AsRawFd;
+#[cfg(test)]
 use std::path::Path;
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ use super::{sniff, DiskSource, FileSource, ImageError, PlainRun, ReadAt, SourceI
 
 /// A raw image file.
 #[derive(Debug)]
-pub struct RawImage {
+pub(crate) struct RawImage {
     file: FileSource,
     /// When the file's digest is taken while it is converted: every read goes through it,
     /// and no run is copied file to file unread.
@@ -25,19 +26,20 @@ pub struct RawImage {
 impl RawImage {
     /// Opens a raw image; [`ImageError::Unsupported`] for a file that is plainly not a raw
     /// disk, saying what it looks like and what to do.
-    pub fn open(path: &Path) -> Result<RawImage, ImageError> {
+    #[cfg(test)]
+    pub(crate) fn open(path: &Path) -> Result<RawImage, ImageError> {
         RawImage::from_file(FileSource::open(path)?)
     }
 
     /// A raw image of a file the caller opened (and confined), refused as [`RawImage::open`]
     /// refuses one.
-    pub fn from_file(file: FileSource) -> Result<RawImage, ImageError> {
+    pub(crate) fn from_file(file: FileSource) -> Result<RawImage, ImageError> {
         check_is_raw_disk(&file)?;
         Ok(RawImage { file, tap: None })
     }
 
     /// A raw image read through `tap` (which opened and confined the file).
-    pub fn tapped(tap: Arc<Tap>) -> Result<RawImage, ImageError> {
+    pub(crate) fn tapped(tap: Arc<Tap>) -> Result<RawImage, ImageError> {
         let path = tap.path().to_owned();
         let file = tap.file().try_clone().map_err(|e| ImageError::io(&path, e))?;
         let image = RawImage::from_file(FileSource::from_file(file, &path)?)?;
@@ -46,7 +48,7 @@ impl RawImage {
 
     /// What `inspect` shows, but the allocated bytes ([`DiskSource::allocated_bytes`]: the
     /// data ranges `SEEK_DATA`/`SEEK_HOLE` find, the whole file where the filesystem cannot tell).
-    pub fn info(&self) -> SourceInfo {
+    pub(crate) fn info(&self) -> SourceInfo {
         SourceInfo { format: "raw".into(), virtual_size: self.file.len(), ..SourceInfo::default() }
     }
 

@@ -111,7 +111,11 @@ pub enum TapError {
     #[error(
         "{path} changed while it was read (size, modification or change time differ from when the conversion began)"
     )]
-    Changed { path: PathBuf },
+    Changed {
+        /// The source file that changed.
+        path: PathBuf,
+    },
+    /// Reading the file failed.
     #[error(transparent)]
     Image(#[from] ImageError),
 }

@@ -36,9 +36,13 @@ mod stages;
 
 /// What every job of a daemon shares.
 pub struct JobContext {
+    /// The daemon's configuration, as loaded at start-up.
     pub config: Arc<Config>,
+    /// Who this daemon is (host, boot id, pid, instance): the owner written into each claim's lock.
     pub identity: Identity,
+    /// What converts each source disk to qcow2 (the daemon's: native where possible, qemu-img otherwise).
     pub converter: Arc<dyn Converter>,
+    /// The resolved SOURCE_ROOTS: where a manifest's disks may be read from.
     pub roots: SourceRoots,
     /// The guest tools behind GUEST_TOOLS_WRAPPER, shared so that KVM is probed once.
     pub guest_tools: Arc<crate::guest::Tools>,
@@ -46,7 +50,7 @@ pub struct JobContext {
 
 /// Where in its life a job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
+pub(crate) enum Stage {
     Manifest,
     Source,
     Checksum,
@@ -56,7 +60,6 @@ pub enum Stage {
     Guest,
     /// Checking the staged outputs: `qemu-img check`, the boot check.
     Validate,
-    Domain,
     Libvirt,
     Publish,
     /// A bug in hyper2kvm (a panic) rather than anything about the job's input.
@@ -65,7 +68,8 @@ pub enum Stage {
 
 impl Stage {
     /// Every stage, in the order a job meets them.
-    pub const ALL: [Stage; 11] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [Stage; 10] = [
         Stage::Manifest,
         Stage::Source,
         Stage::Checksum,
@@ -73,14 +77,13 @@ impl Stage {
         Stage::Convert,
         Stage::Guest,
         Stage::Validate,
-        Stage::Domain,
         Stage::Libvirt,
         Stage::Publish,
         Stage::Internal,
     ];
 
     /// The name used in logs (`STAGE=`), records and `.error` files.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Stage::Manifest => "manifest",
             Stage::Source => "source",
@@ -89,7 +92,6 @@ impl Stage {
             Stage::Convert => "convert",
             Stage::Guest => "guest",
             Stage::Validate => "validate",
-            Stage::Domain => "domain",
             Stage::Libvirt => "libvirt",
             Stage::Publish => "publish",
             Stage::Internal => "internal",
@@ -99,7 +101,7 @@ impl Stage {
 
 /// A job that cannot complete: a sentence for a person, then the causes.
 #[derive(Debug, Clone)]
-pub struct Failure {
+pub(crate) struct Failure {
     pub stage: Stage,
     pub summary: String,
     pub causes: Vec<String>,
@@ -137,7 +139,9 @@ impl From<Failure> for Stop {
 /// How a job ended, for the daemon's counters and logs.
 #[derive(Debug)]
 pub enum JobEnd {
+    /// Converted and published; its record (in `done/`).
     Done(JobRecord),
+    /// Failed; its record (filed in `failed/`), with the failing stage and the error.
     Failed(JobRecord),
     /// Given back to the queue untouched (shutdown).
     Released,
@@ -151,7 +155,7 @@ pub enum JobEnd {
 /// Runs a claimed job to its end. Never panics on bad input; every error is an outcome.
 /// `manifest` is the claimed manifest as read once ([`ManifestFile::read`]): the job parses,
 /// names and archives those bytes, whatever happens to the file meanwhile.
-pub fn run(ctx: &JobContext, claim: Claim, manifest: &ManifestFile, control: &JobControl) -> JobEnd {
+pub(crate) fn run(ctx: &JobContext, claim: Claim, manifest: &ManifestFile, control: &JobControl) -> JobEnd {
     let vm_name = manifest.vm_name().to_owned();
     // Only a taken-over job can have been published under its id; a fresh claim's id is new.
     if claim.record().generation > 1 && published_as(ctx, &claim, &vm_name) {
@@ -374,7 +378,7 @@ impl Job<'_> {
 /// Records as done a job whose earlier owner published every result but died before it could
 /// record them (between the boot disk's rename and `finish`; see [`published_by_this_job`]),
 /// rather than converting it a second time.
-pub fn record_published(ctx: &JobContext, claim: Claim, vm_name: &str) -> JobEnd {
+pub(crate) fn record_published(ctx: &JobContext, claim: Claim, vm_name: &str) -> JobEnd {
     if !claim.still_owned() {
         return JobEnd::Abandoned;
     }
@@ -394,7 +398,7 @@ pub fn record_published(ctx: &JobContext, claim: Claim, vm_name: &str) -> JobEnd
 
 /// The VM name, when `V.json` in OUTPUT_DIR names this job and `V.qcow2` (published after
 /// it, last of all) is there.
-pub fn published_by_this_job(ctx: &JobContext, claim: &Claim) -> Option<String> {
+pub(crate) fn published_by_this_job(ctx: &JobContext, claim: &Claim) -> Option<String> {
     let manifest = ManifestFile::read(&claim.manifest_path(), &claim.record().manifest_name);
     published_as(ctx, claim, manifest.vm_name()).then(|| manifest.vm_name().to_owned())
 }

@@ -451,6 +451,7 @@ impl Job<'_> {
             redefined = registration.redefined,
             pool = %registration.pool,
             pool_created = registration.pool_created,
+            placement = ?registration.placement,
             "registered domain"
         );
         for warning in &registration.warnings {

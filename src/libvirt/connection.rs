@@ -13,14 +13,14 @@ use super::LibvirtError;
 ///
 /// Every call blocks (a remote URI means network round trips), so connections are used only
 /// on the job's blocking thread, never on the async loop.
-pub struct Connection {
+pub(crate) struct Connection {
     conn: Connect,
     uri: String,
 }
 
 impl Connection {
     /// Connects to `uri` (`qemu:///system`, `test:///default`, `qemu+ssh://host/system` …).
-    pub fn open(uri: &str) -> Result<Connection, LibvirtError> {
+    pub(crate) fn open(uri: &str) -> Result<Connection, LibvirtError> {
         silence_default_error_printing();
         if uri.contains('\0') {
             return Err(LibvirtError::BadSetting { key: "LIBVIRT_URI" });
@@ -32,24 +32,24 @@ impl Connection {
     }
 
     /// The URI this connection was opened with, as configured.
-    pub fn uri(&self) -> &str {
+    pub(crate) fn uri(&self) -> &str {
         &self.uri
     }
 
     /// The underlying `virt` connection.
-    pub fn raw(&self) -> &Connect {
+    pub(crate) fn raw(&self) -> &Connect {
         &self.conn
     }
 
     /// libvirt's version as `major.minor.micro` (of the daemon side for a remote URI).
-    pub fn version(&self) -> Result<String, LibvirtError> {
+    pub(crate) fn version(&self) -> Result<String, LibvirtError> {
         let version = self.conn.get_lib_version().map_err(|source| self.call_error("reading its version", source))?;
         Ok(format!("{}.{}.{}", version / 1_000_000, version / 1000 % 1000, version % 1000))
     }
 
     /// Whether libvirt at this URI runs on another host, judged from the URI: a host in it
     /// other than the loopback one. Files this daemon writes are not visible there.
-    pub fn is_remote(&self) -> bool {
+    pub(crate) fn is_remote(&self) -> bool {
         uri_is_remote(&self.uri)
     }
 
@@ -68,7 +68,7 @@ impl Drop for Connection {
 }
 
 /// Opens a connection and closes it again: is libvirt at `uri` there, and which version?
-pub fn probe(uri: &str) -> Result<String, LibvirtError> {
+pub(crate) fn probe(uri: &str) -> Result<String, LibvirtError> {
     Connection::open(uri)?.version()
 }
 

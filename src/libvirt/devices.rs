@@ -68,13 +68,17 @@ pub struct Devices {
     pub firmware: BootFirmware,
     /// UEFI secure boot (only from the manifest: inspection cannot tell).
     pub secure_boot: bool,
+    /// virtio when every kernel (or Windows' viostor driver) can boot from it, else SATA.
     pub disk_bus: DiskBus,
+    /// virtio when the guest has a virtio-net driver, else e1000e.
     pub nic_model: NicModel,
+    /// Always `q35`.
     pub machine: &'static str,
     /// libosinfo's URI for the guest's OS, written into `<metadata>`.
     pub osinfo: Option<String>,
     /// Whether the guest is Windows (Hyper-V enlightenments, local-time clock, VGA).
     pub windows: bool,
+    /// Why each device was chosen, one sentence each (`reasons` in `V.json`).
     pub reasons: DeviceReasons,
 }
 

@@ -181,8 +181,13 @@ fn write_metadata(xml: &mut XmlWriter, osinfo: Option<&str>) {
 /// How the guest boots, reduced to what the XML needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BootFirmware {
+    /// Legacy BIOS (libvirt's default, SeaBIOS): a plain `<os>`.
     Bios,
-    Uefi { secure_boot: bool },
+    /// UEFI, libvirt choosing the OVMF build (`<os firmware='efi'>`).
+    Uefi {
+        /// Secure boot on, as the manifest's `vm.secureboot` asks.
+        secure_boot: bool,
+    },
 }
 
 impl BootFirmware {

@@ -9,7 +9,7 @@ use thiserror::Error;
 ///
 /// [`source`]: std::error::Error::source
 #[derive(Debug, Error)]
-pub enum LibvirtError {
+pub(crate) enum LibvirtError {
     /// No connection: no daemon, no socket, no route.
     #[error("libvirt at {uri} is not reachable: is libvirtd running?")]
     Unreachable {
@@ -132,7 +132,7 @@ pub enum LibvirtError {
 
 impl LibvirtError {
     /// The error with libvirt's own message, if any, in parentheses: one line for a person.
-    pub fn with_libvirt_message(&self) -> String {
+    pub(crate) fn with_libvirt_message(&self) -> String {
         match self.libvirt_error() {
             Some(e) => format!("{self} ({})", e.message()),
             None => self.to_string(),
@@ -152,7 +152,7 @@ impl LibvirtError {
     }
 
     /// The error's causes, outermost first, for the `cause:` lines of `V.error`.
-    pub fn causes(&self) -> Vec<String> {
+    pub(crate) fn causes(&self) -> Vec<String> {
         let mut causes = Vec::new();
         let mut next = std::error::Error::source(self);
         while let Some(cause) = next {

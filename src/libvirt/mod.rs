@@ -6,16 +6,16 @@
 //!
 //! It publishes nothing into OUTPUT_DIR's result names and decides no job's outcome: its
 //! failures are typed errors ([`error`]) that the job words and acts on.
-pub mod connection;
-pub mod devices;
+pub(crate) mod connection;
+pub(crate) mod devices;
 pub mod domain_xml;
-pub mod error;
+pub(crate) mod error;
 pub mod host_caps;
-pub mod pool;
-pub mod register;
+pub(crate) mod pool;
+pub(crate) mod register;
 
 #[cfg(test)]
 mod tests;
 
-pub use connection::{probe, Connection};
-pub use error::LibvirtError;
+pub(crate) use connection::{probe, Connection};
+pub(crate) use error::LibvirtError;

@@ -27,17 +27,17 @@ use crate::publish;
 
 /// Mode of every disk we publish or place: libvirt's qemu user must be able to read it (as
 /// qemu-img's own output is), whatever the daemon's umask.
-pub const DISK_MODE: u32 = 0o644;
+pub(crate) const DISK_MODE: u32 = 0o644;
 
 /// The pool LIBVIRT_POOL names by default, and the only one hyper2kvm creates when missing.
-pub const DEFAULT_POOL: &str = "default";
+pub(crate) const DEFAULT_POOL: &str = "default";
 
 /// The directory virt-install gives the `default` pool of `qemu:///system`.
-pub const DEFAULT_POOL_DIR: &str = "/var/lib/libvirt/images";
+pub(crate) const DEFAULT_POOL_DIR: &str = "/var/lib/libvirt/images";
 
 /// How a missing `default` pool is created (see [`Pool::open`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DefaultPool {
+pub(crate) struct DefaultPool {
     /// The pool's directory: [`DEFAULT_POOL_DIR`] outside tests.
     pub dir: PathBuf,
     /// How long a `default` pool found stopped is watched before the job gives up on it:
@@ -47,7 +47,7 @@ pub struct DefaultPool {
 
 impl DefaultPool {
     /// The pool virt-install creates: a directory pool at `/var/lib/libvirt/images`.
-    pub fn virt_install() -> DefaultPool {
+    pub(crate) fn virt_install() -> DefaultPool {
         // A pool's start scans its directory for volumes; seconds even for a full one.
         DefaultPool { dir: PathBuf::from(DEFAULT_POOL_DIR), grace: Duration::from_secs(10) }
     }
@@ -64,7 +64,7 @@ impl DefaultPool {
 }
 
 /// A pool found by [`Pool::open`].
-pub struct Opened {
+pub(crate) struct Opened {
     /// The active pool.
     pub pool: Pool,
     /// This job defined it (the `default` pool was missing).
@@ -74,7 +74,7 @@ pub struct Opened {
 }
 
 /// An active storage pool.
-pub struct Pool {
+pub(crate) struct Pool {
     pool: StoragePool,
     name: String,
     uri: String,
@@ -83,7 +83,7 @@ pub struct Pool {
 
 impl Pool {
     /// Looks the pool up by name; it must exist and be active.
-    pub fn lookup(conn: &Connection, name: &str) -> Result<Pool, LibvirtError> {
+    pub(crate) fn lookup(conn: &Connection, name: &str) -> Result<Pool, LibvirtError> {
         if name.contains('\0') {
             return Err(LibvirtError::BadSetting { key: "LIBVIRT_POOL" });
         }
@@ -104,7 +104,7 @@ impl Pool {
     /// is missing it is created as virt-install does (a directory pool at `default.dir`,
     /// built, started, autostarted), and when it is stopped it is given `default.grace` to
     /// start, since another job or host may be creating it at this moment.
-    pub fn open(conn: &Connection, name: &str, default: &DefaultPool) -> Result<Opened, LibvirtError> {
+    pub(crate) fn open(conn: &Connection, name: &str, default: &DefaultPool) -> Result<Opened, LibvirtError> {
         let found = Pool::lookup(conn, name);
         if name != DEFAULT_POOL {
             return found.map(|pool| Opened { pool, created: false, warnings: Vec::new() });
@@ -124,17 +124,17 @@ impl Pool {
     }
 
     /// The pool's name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// The pool's `<target><path>`, as libvirt reports it.
-    pub fn target(&self) -> Option<&Path> {
+    pub(crate) fn target(&self) -> Option<&Path> {
         self.target.as_deref()
     }
 
     /// Asks libvirt to rescan the pool, so that `virsh vol-list` shows new files.
-    pub fn refresh(&self) -> Result<(), LibvirtError> {
+    pub(crate) fn refresh(&self) -> Result<(), LibvirtError> {
         self.pool.refresh(0).map(|_| ()).map_err(|source| LibvirtError::Call {
             uri: self.uri.clone(),
             action: format!("refreshing storage pool '{}'", self.name),
@@ -143,13 +143,13 @@ impl Pool {
     }
 
     /// The names among `files` that the pool does not list as volumes.
-    pub fn unlisted<'a>(&self, files: &'a [String]) -> Vec<&'a str> {
+    pub(crate) fn unlisted<'a>(&self, files: &'a [String]) -> Vec<&'a str> {
         files.iter().filter(|f| StorageVol::lookup_by_name(&self.pool, f).is_err()).map(String::as_str).collect()
     }
 
     /// Refreshes the pool and says, as a report warning, what went wrong or is still not
     /// listed. Nothing to say is `None`.
-    pub fn refresh_and_check(&self, files: &[String]) -> Option<String> {
+    pub(crate) fn refresh_and_check(&self, files: &[String]) -> Option<String> {
         if let Err(e) = self.refresh() {
             return Some(format!("{e}: {}", e.causes().join(": ")));
         }
@@ -248,7 +248,7 @@ fn wait_active(conn: &Connection, grace: Duration) -> Result<Pool, LibvirtError>
 
 /// Where a job's disks go, given the pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Placement {
+pub(crate) enum Placement {
     /// The pool's directory is OUTPUT_DIR: the domain uses the published files.
     OutputDir,
     /// The disks are linked or copied into this directory, the pool's.
@@ -259,7 +259,7 @@ pub enum Placement {
 }
 
 /// Decides where the disks go: see the module's rules.
-pub fn placement(target: Option<&Path>, output_dir: &Path, remote: bool) -> Placement {
+pub(crate) fn placement(target: Option<&Path>, output_dir: &Path, remote: bool) -> Placement {
     if remote {
         return Placement::Elsewhere("belongs to a libvirt on another host".to_owned());
     }
@@ -279,7 +279,7 @@ pub fn placement(target: Option<&Path>, output_dir: &Path, remote: bool) -> Plac
 
 /// A converted disk: its staged file and its final name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskFile {
+pub(crate) struct DiskFile {
     /// The qcow2 in the job's staging directory.
     pub staged: PathBuf,
     /// `V.qcow2` or `V-<id>.qcow2`.
@@ -288,19 +288,19 @@ pub struct DiskFile {
 
 /// Files this job placed in a pool's directory.
 #[derive(Debug, Default)]
-pub struct Placed {
+pub(crate) struct Placed {
     paths: Vec<PathBuf>,
 }
 
 impl Placed {
     /// The placed files, in the order of the disks.
-    pub fn paths(&self) -> &[PathBuf] {
+    pub(crate) fn paths(&self) -> &[PathBuf] {
         &self.paths
     }
 
     /// Removes the placed files again (the registration failed; the staged disks are kept
     /// elsewhere).
-    pub fn remove(self) {
+    pub(crate) fn remove(self) {
         for path in self.paths {
             if let Err(e) = std::fs::remove_file(&path) {
                 tracing::warn!(path = %path.display(), error = %e, "could not remove a disk placed in the pool");
@@ -314,7 +314,7 @@ impl Placed {
 /// A file already there under a final name is replaced only when it is in `replaceable` (a
 /// disk of this VM's own domain, from an earlier import); anything else is refused before a
 /// single file is touched. `tag` makes the temporary names unique to this job.
-pub fn place_disks(
+pub(crate) fn place_disks(
     pool: &str,
     dir: &Path,
     disks: &[DiskFile],
@@ -388,7 +388,7 @@ fn fill(source: &mut File, target: &mut File) -> std::io::Result<()> {
 }
 
 /// The `<target><path>` of a storage pool's XML.
-pub fn target_path(xml: &str) -> Option<PathBuf> {
+pub(crate) fn target_path(xml: &str) -> Option<PathBuf> {
     let mut reader = Reader::from_str(xml);
     let mut stack: Vec<Vec<u8>> = Vec::new();
     loop {

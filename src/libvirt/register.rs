@@ -20,7 +20,7 @@ use crate::output_layout::OutputLayout;
 
 /// What to register.
 #[derive(Debug, Clone)]
-pub struct Request<'a> {
+pub(crate) struct Request<'a> {
     /// The domain's name ([`crate::names::domain_name`]).
     pub domain_name: &'a str,
     /// The domain's UUID ([`super::domain_xml::domain_uuid`]).
@@ -40,7 +40,7 @@ pub struct Request<'a> {
 }
 
 /// A registered domain.
-pub struct Registration {
+pub(crate) struct Registration {
     /// The domain's name.
     pub name: String,
     /// The domain's UUID.
@@ -70,7 +70,7 @@ pub struct Registration {
 impl Registration {
     /// For a pool whose directory is OUTPUT_DIR, the disks appear only when published; this
     /// refreshes the pool then. Returns a warning for the log, if any.
-    pub fn after_publish(&self) -> Option<String> {
+    pub(crate) fn after_publish(&self) -> Option<String> {
         let pool = self.output_pool.as_ref()?;
         let names: Vec<String> = self.disk_paths.iter().filter_map(|p| file_name(p)).collect();
         pool.refresh_and_check(&names)
@@ -79,7 +79,7 @@ impl Registration {
 
 /// Registers the VM with libvirt at `conn`. `build_xml` makes the domain XML for the disk
 /// paths the domain must use (which depend on the pool) and the host's acceleration.
-pub fn register(
+pub(crate) fn register(
     conn: &Connection,
     request: &Request<'_>,
     build_xml: impl FnOnce(&[PathBuf], Acceleration) -> String,
@@ -225,7 +225,7 @@ fn apply_autostart(domain: &Domain, request: &Request<'_>, warnings: &mut Vec<St
 }
 
 /// The `<source file=…>` of every `<disk>` in a domain's XML.
-pub fn disk_sources(xml: &str) -> Vec<PathBuf> {
+pub(crate) fn disk_sources(xml: &str) -> Vec<PathBuf> {
     let mut reader = Reader::from_str(xml);
     let mut stack: Vec<Vec<u8>> = Vec::new();
     let mut sources = Vec::new();

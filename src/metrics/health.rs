@@ -17,7 +17,7 @@ const STOPPING: u8 = 2;
 /// scan, while it stops, when the loop has not gone round for too long (stuck, e.g. on a
 /// hung NFS server), and while it claims nothing because OUTPUT_DIR cannot take a result.
 #[derive(Debug)]
-pub struct Health {
+pub(crate) struct Health {
     state: AtomicU8,
     epoch: Instant,
     /// Milliseconds after `epoch` when the loop last went round.
@@ -30,7 +30,7 @@ pub struct Health {
 impl Health {
     /// A daemon starting; it counts as stalled when its loop has not gone round for
     /// `stall_after`.
-    pub fn new(stall_after: Duration) -> Health {
+    pub(crate) fn new(stall_after: Duration) -> Health {
         Health {
             state: AtomicU8::new(STARTING),
             epoch: Instant::now(),
@@ -41,25 +41,25 @@ impl Health {
     }
 
     /// The daemon stopped claiming because of `why`, or (`None`) claims again.
-    pub fn paused(&self, why: Option<String>) {
+    pub(crate) fn paused(&self, why: Option<String>) {
         if let Ok(mut paused) = self.paused.lock() {
             *paused = why;
         }
     }
 
     /// The main loop went round (after a scan). Does not undo [`Health::stopping`].
-    pub fn alive(&self) {
+    pub(crate) fn alive(&self) {
         self.last_alive_ms.store(self.millis(), Ordering::SeqCst);
         let _ = self.state.compare_exchange(STARTING, RUNNING, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// The daemon stops claiming and drains.
-    pub fn stopping(&self) {
+    pub(crate) fn stopping(&self) {
         self.state.store(STOPPING, Ordering::SeqCst);
     }
 
     /// `Ok` when healthy, otherwise why not (one line, for the 503's body).
-    pub fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), String> {
         match self.state.load(Ordering::SeqCst) {
             STARTING => Err("starting".into()),
             STOPPING => Err("stopping".into()),

@@ -83,7 +83,7 @@ fn bind_hint(error: &io::Error) -> &'static str {
 
 /// The HTTP server of `/metrics` and `/healthz`. Stops when dropped.
 #[derive(Debug)]
-pub struct Server {
+pub(crate) struct Server {
     listener: Arc<TcpListener>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -92,7 +92,7 @@ pub struct Server {
 impl Server {
     /// Binds `addr` and serves from a thread of its own. A bind failure names the address and
     /// METRICS_ADDR.
-    pub fn start(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Server, MetricsError> {
+    pub(crate) fn start(addr: SocketAddr, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<Server, MetricsError> {
         let listener = Arc::new(TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?);
         let stop = Arc::new(AtomicBool::new(false));
         let site = Site { metrics, health };
@@ -108,7 +108,7 @@ impl Server {
 
     /// Stops accepting and waits for the accept loop to end. Connections being answered finish
     /// on their own threads, within their deadlines.
-    pub fn stop(mut self) {
+    pub(crate) fn stop(mut self) {
         self.shut_down();
     }
 

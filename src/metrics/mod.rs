@@ -26,8 +26,8 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::convert::Progress;
 use crate::job::JobEnd;
 
-pub use health::Health;
-pub use http::{MetricsError, Server};
+pub(crate) use health::Health;
+pub(crate) use http::{MetricsError, Server};
 
 /// `hyper2kvm_job_duration_seconds` buckets: jobs take seconds (a small disk) to hours (a
 /// large VM; CONVERSION_TIMEOUT defaults to one hour).
@@ -52,10 +52,8 @@ const MIB: f64 = 1048576.0;
 
 /// The `stage` label values of `hyper2kvm_migration_failures_total`: the job's stages
 /// ([`crate::job::Stage`]), created at zero.
-pub(crate) const FAILURE_STAGES: [&str; 11] = [
-    "manifest", "source", "checksum", "inspect", "convert", "guest", "validate", "domain", "libvirt", "publish",
-    "internal",
-];
+pub(crate) const FAILURE_STAGES: [&str; 10] =
+    ["manifest", "source", "checksum", "inspect", "convert", "guest", "validate", "libvirt", "publish", "internal"];
 
 /// One label, from a fixed set of values: no series per VM or per job.
 type Label = [(&'static str, &'static str); 1];
@@ -380,7 +378,7 @@ fn duration_histogram() -> Histogram {
 /// Feeds one job's [`Progress`] into `hyper2kvm_conversion_bytes_total` while it runs:
 /// each sample adds what the job converted since the previous one.
 #[derive(Debug, Default)]
-pub struct ByteSampler {
+pub(crate) struct ByteSampler {
     counted: u64,
 }
 
@@ -388,7 +386,7 @@ impl ByteSampler {
     /// Adds the job's progress since the last sample. [`Progress::job_bytes`] may dip for a
     /// moment between two disks; only growth past what was counted is added, so nothing is
     /// counted twice.
-    pub fn sample(&mut self, progress: &Progress, metrics: &Metrics) {
+    pub(crate) fn sample(&mut self, progress: &Progress, metrics: &Metrics) {
         let now = progress.job_bytes();
         if now > self.counted {
             metrics.conversion_bytes.inc_by(now - self.counted);

@@ -25,7 +25,7 @@ use chrono::Utc;
 
 use super::fs::{self, QueueFs, RealFs};
 use super::layout::{Layout, Outcome};
-pub use super::lock::LockRecord;
+pub(crate) use super::lock::LockRecord;
 use super::lock::{
     is_base_manifest_name, is_job_id, job_of_lock_file, new_job_id, LockRecordError, ASIDE_INFIX, LOCK_SUFFIX,
     MAX_LOCK_RECORD_BYTES,
@@ -45,7 +45,7 @@ const RESTORE_POLL: Duration = Duration::from_millis(150);
 
 /// The queue as one daemon sees it: its layout and the filesystem operations it uses.
 #[derive(Debug, Clone)]
-pub struct Queue {
+pub(crate) struct Queue {
     pub layout: Layout,
     fs: Arc<dyn QueueFs>,
 }
@@ -62,7 +62,7 @@ pub struct Claim {
 
 /// A lock whose heartbeat is older than the lease, or a claimed manifest left without a lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stale {
+pub(crate) struct Stale {
     pub job_id: String,
     /// Age by the file server's clock.
     pub age: Duration,
@@ -83,12 +83,13 @@ fn damage_of(e: &std::io::Error) -> Option<&LockRecordError> {
 
 impl Queue {
     /// The queue under `layout` on the real filesystem.
-    pub fn new(layout: Layout) -> Queue {
+    pub(crate) fn new(layout: Layout) -> Queue {
         Queue { layout, fs: Arc::new(RealFs) }
     }
 
     /// The queue with another filesystem (fault injection in tests).
-    pub fn with_fs(layout: Layout, fs: Arc<dyn QueueFs>) -> Queue {
+    #[cfg(test)]
+    pub(crate) fn with_fs(layout: Layout, fs: Arc<dyn QueueFs>) -> Queue {
         Queue { layout, fs }
     }
 
@@ -96,7 +97,7 @@ impl Queue {
     /// took it first, which is normal, or that the file under its name is no longer the one
     /// judged: another daemon claimed that one and the producer wrote the next manifest under
     /// the same name, perhaps half-way. Such a file goes back to the queue to settle.
-    pub fn claim(&self, candidate: &Candidate, owner: &Identity) -> std::io::Result<Option<Claim>> {
+    pub(crate) fn claim(&self, candidate: &Candidate, owner: &Identity) -> std::io::Result<Option<Claim>> {
         let Some(claim) = self.claim_name(&candidate.name, owner)? else { return Ok(None) };
         match fs::retry("checking a claim", || self.fs.fingerprint(&claim.manifest_path())) {
             Ok(now) if now != candidate.fingerprint => {
@@ -143,7 +144,7 @@ impl Queue {
 
     /// Reads a lock file's owner record, checked against the file's name: an error of kind
     /// `InvalidData` carrying a [`LockRecordError`] when the lock is damaged.
-    pub fn read_lock(&self, path: &Path) -> std::io::Result<LockRecord> {
+    pub(crate) fn read_lock(&self, path: &Path) -> std::io::Result<LockRecord> {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         let bytes = match self.fs.read(path, MAX_LOCK_RECORD_BYTES) {
             Ok(bytes) => bytes,
@@ -158,7 +159,7 @@ impl Queue {
     /// Every lock older than `lease`, and every claimed manifest without a lock for that long,
     /// judged against the file server's clock. Locks left without a claimed manifest are swept
     /// on the way (see [`Queue::sweep_orphans`]).
-    pub fn stale(&self, lease: Duration) -> std::io::Result<Vec<Stale>> {
+    pub(crate) fn stale(&self, lease: Duration) -> std::io::Result<Vec<Stale>> {
         let now = self.server_now()?;
         self.sweep_orphans(now, lease);
         let mut stale = Vec::new();
@@ -196,7 +197,7 @@ impl Queue {
     }
 
     /// Takes over a stale job. `Ok(None)` when another daemon won, or the owner proved alive.
-    pub fn take_over(&self, stale: &Stale, me: &Identity, lease: Duration) -> std::io::Result<Option<Claim>> {
+    pub(crate) fn take_over(&self, stale: &Stale, me: &Identity, lease: Duration) -> std::io::Result<Option<Claim>> {
         let job_id = &stale.job_id;
         let aside = self.aside_path(job_id);
         let previous = if stale.has_lock {
@@ -494,7 +495,7 @@ impl Queue {
     }
 
     /// Every lock record, for status and restart recovery.
-    pub fn locks(&self) -> Vec<(PathBuf, LockRecord)> {
+    pub(crate) fn locks(&self) -> Vec<(PathBuf, LockRecord)> {
         list_ids(&self.layout.locks_dir(), LOCK_SUFFIX)
             .unwrap_or_default()
             .into_iter()
@@ -515,7 +516,7 @@ impl Queue {
     }
 
     /// Rebuilds a claim from a lock record found on disk (restart recovery).
-    pub fn adopt(&self, record: LockRecord) -> Claim {
+    pub(crate) fn adopt(&self, record: LockRecord) -> Claim {
         Claim::new(self.clone(), record)
     }
 }
@@ -538,10 +539,12 @@ impl Claim {
         Claim { queue, record, ending: Arc::default() }
     }
 
+    /// The claimed job's id, taken from its lock file's name.
     pub fn job_id(&self) -> &str {
         &self.record.job_id
     }
 
+    /// The owner record in the claim's lock: owner, generation, claim time, manifest name.
     pub fn record(&self) -> &LockRecord {
         &self.record
     }

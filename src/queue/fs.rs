@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 /// What a file looked like when judged. Any difference means another file under the same name,
 /// or new contents: HyperSDK rewrites one fixed name, so a name alone identifies nothing.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Fingerprint {
+pub(crate) struct Fingerprint {
     pub size: u64,
     pub mtime_ns: i128,
     pub inode: u64,
@@ -22,7 +22,7 @@ pub struct Fingerprint {
 
 impl Fingerprint {
     /// The fingerprint of `meta` (from `symlink_metadata`, so a symlink is never followed).
-    pub fn of(meta: &std::fs::Metadata) -> Fingerprint {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Fingerprint {
         Fingerprint {
             size: meta.len(),
             mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
@@ -32,7 +32,7 @@ impl Fingerprint {
 }
 
 /// Operations on the shared queue directory.
-pub trait QueueFs: Send + Sync + std::fmt::Debug {
+pub(crate) trait QueueFs: Send + Sync + std::fmt::Debug {
     fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()>;
     fn hard_link(&self, from: &Path, to: &Path) -> std::io::Result<()>;
     /// Creates `path` with `contents`, failing if anything (even a symlink) is there.
@@ -56,7 +56,7 @@ pub trait QueueFs: Send + Sync + std::fmt::Debug {
 
 /// The real filesystem.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct RealFs;
+pub(crate) struct RealFs;
 
 impl QueueFs for RealFs {
     fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
@@ -130,7 +130,7 @@ impl QueueFs for RealFs {
 /// Creates `path` without overwriting where `O_EXCL` is not trusted: write a uniquely named
 /// file beside it, `link(2)` it to `path`, and judge by the unique file's link count (2 means
 /// the link exists, whatever link's reply said — replies to retransmitted requests can lie).
-pub fn create_by_link(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+pub(crate) fn create_by_link(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let unique = path.with_file_name(format!(".{name}.{}.link", crate::host::random_hex()));
@@ -152,7 +152,7 @@ pub fn create_by_link(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 }
 
 /// Errors that NFS produces transiently and that must be retried, not read as facts.
-pub fn is_transient(error: &std::io::Error) -> bool {
+pub(crate) fn is_transient(error: &std::io::Error) -> bool {
     matches!(
         error.raw_os_error(),
         Some(libc::ESTALE) | Some(libc::EIO) | Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ETIMEDOUT)
@@ -160,7 +160,7 @@ pub fn is_transient(error: &std::io::Error) -> bool {
 }
 
 /// Runs `op`, retrying transient errors with backoff (50, 200, 800 ms) before giving up.
-pub fn retry<T>(what: &str, mut op: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+pub(crate) fn retry<T>(what: &str, mut op: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
     let mut delay = Duration::from_millis(50);
     for _ in 0..3 {
         match op() {
@@ -176,7 +176,7 @@ pub fn retry<T>(what: &str, mut op: impl FnMut() -> std::io::Result<T>) -> std::
 }
 
 /// Age of `then` judged by the server's `now`; a `then` in the future counts as age zero.
-pub fn age(then: SystemTime, now: SystemTime) -> Duration {
+pub(crate) fn age(then: SystemTime, now: SystemTime) -> Duration {
     now.duration_since(then).unwrap_or(Duration::ZERO)
 }
 

@@ -117,7 +117,7 @@ impl Layout {
 }
 
 /// Whether a name in WATCH_DIR may be a manifest: `*.json`, not hidden, not a temp or lock file.
-pub fn is_manifest_name(name: &str) -> bool {
+pub(crate) fn is_manifest_name(name: &str) -> bool {
     !name.starts_with('.')
         && name.ends_with(".json")
         && ![".tmp", ".part", ".lock"].iter().any(|suffix| name.ends_with(suffix))

@@ -36,11 +36,14 @@ const JOB_RANDOM_LEN: usize = 16;
 /// The owner record stored in a lock file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockRecord {
+    /// The job, `<YYYYMMDDTHHMMSSZ>-<16 hex digits>`; must match the lock's file name.
     pub job_id: String,
+    /// The daemon holding the claim (host, boot id, pid, instance), as flat fields.
     #[serde(flatten)]
     pub owner: Identity,
     /// Raised by each takeover; a daemon whose generation is superseded must not publish.
     pub generation: u64,
+    /// When this owner took the claim (the first claim or its takeover), UTC.
     pub claimed_at: DateTime<Utc>,
     /// The manifest's file name in WATCH_DIR before the claim.
     pub manifest_name: String,
@@ -51,20 +54,28 @@ pub struct LockRecord {
 /// other variant means the record was written by something other than a daemon.
 #[derive(Debug, Error)]
 pub enum LockRecordError {
+    /// Over [`MAX_LOCK_RECORD_BYTES`]; not read further.
     #[error("the lock file is larger than {MAX_LOCK_RECORD_BYTES} bytes")]
     TooLarge,
+    /// A symlink, FIFO, directory or device where a lock file should be.
     #[error("the lock file is not a regular file")]
     NotAFile,
+    /// Not JSON, or JSON without the record's fields (also a half-written lock).
     #[error("the lock record is not an owner record: {0}")]
     Syntax(#[from] serde_json::Error),
+    /// The file name does not carry a job id of the generated form.
     #[error("the lock file's name is not <job id>.lock or <job id>.lock.taken-<suffix>")]
     FileName,
+    /// `job_id` differs from the job id in the file name.
     #[error("the record's job_id is not the job its file is named after")]
     JobMismatch,
+    /// `manifest_name` is not a base name in WATCH_DIR's manifest form (`*.json`, no leading dot).
     #[error("the record's manifest_name is not a manifest file name in WATCH_DIR")]
     ManifestName,
+    /// `generation` is 0 or `u64::MAX`, which no daemon writes.
     #[error("the record's generation is {0}; a lock's generation is 1 or more and below 2^64-1")]
     Generation(u64),
+    /// The named string field is over [`MAX_FIELD_BYTES`].
     #[error("the record's {0} is longer than {MAX_FIELD_BYTES} bytes")]
     Field(&'static str),
 }

@@ -4,15 +4,16 @@
 //!
 //! Only [`claim`] decides who owns a job; nothing here converts, publishes or words an `.error`.
 
-pub mod claim;
-pub mod fs;
-pub mod layout;
+pub(crate) mod claim;
+pub(crate) mod fs;
+pub(crate) mod layout;
 pub mod lock;
-pub mod records;
-pub mod scan;
+pub(crate) mod records;
+pub(crate) mod scan;
 
-pub use claim::{Beat, Claim, Queue};
-pub use layout::{Layout, Outcome};
-pub use lock::LockRecord;
-pub use records::{EventLog, JobRecord, JobState};
-pub use scan::Scanner;
+pub use claim::Claim;
+pub(crate) use claim::{Beat, Queue};
+pub(crate) use layout::{Layout, Outcome};
+pub(crate) use lock::LockRecord;
+pub(crate) use records::{EventLog, JobRecord, JobState};
+pub(crate) use scan::Scanner;

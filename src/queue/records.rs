@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::layout::{Layout, Outcome};
 
-pub use crate::events::EventLog;
+pub(crate) use crate::events::EventLog;
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +58,7 @@ fn first_generation() -> u64 {
 }
 
 /// Writes a file under a temporary name, fsyncs it, and renames it into place.
-pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
@@ -74,7 +74,7 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 }
 
 /// Every finished job recorded under `done/` and `failed/`, oldest first.
-pub fn finished_jobs(layout: &Layout) -> Vec<JobRecord> {
+pub(crate) fn finished_jobs(layout: &Layout) -> Vec<JobRecord> {
     let mut jobs: Vec<JobRecord> = [Outcome::Done, Outcome::Failed]
         .into_iter()
         .flat_map(|o| dated_dirs(&layout.outcome_root(o)))
@@ -109,7 +109,7 @@ fn dated_dirs(root: &Path) -> Vec<(NaiveDate, PathBuf)> {
 }
 
 /// Removes the dated directories of `outcome` older than `days` days. Returns how many went.
-pub fn prune(layout: &Layout, outcome: Outcome, days: u32, today: NaiveDate) -> std::io::Result<usize> {
+pub(crate) fn prune(layout: &Layout, outcome: Outcome, days: u32, today: NaiveDate) -> std::io::Result<usize> {
     let mut removed = 0;
     for (date, dir) in dated_dirs(&layout.outcome_root(outcome)) {
         if (today - date).num_days() > i64::from(days) {

@@ -17,7 +17,7 @@ use crate::manifest::{self, ReadError};
 
 /// A manifest file to claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     /// File name in WATCH_DIR.
     pub name: String,
     /// Whether it parsed as complete JSON when last read.
@@ -28,7 +28,7 @@ pub struct Candidate {
 
 /// The result of one scan.
 #[derive(Debug, Default)]
-pub struct ScanResult {
+pub(crate) struct ScanResult {
     /// Ready to claim, oldest observation first.
     pub ready: Vec<Candidate>,
     /// When the next file still settling could become ready; the caller rescans then.
@@ -49,7 +49,7 @@ struct Observation {
 
 /// Remembers what each file looked like at previous scans.
 #[derive(Debug)]
-pub struct Scanner {
+pub(crate) struct Scanner {
     watch_dir: PathBuf,
     settle: Duration,
     invalid_grace: Duration,
@@ -60,12 +60,12 @@ pub struct Scanner {
 
 impl Scanner {
     /// A scanner of `watch_dir`.
-    pub fn new(watch_dir: &Path, settle: Duration, invalid_grace: Duration) -> Scanner {
+    pub(crate) fn new(watch_dir: &Path, settle: Duration, invalid_grace: Duration) -> Scanner {
         Scanner { watch_dir: watch_dir.to_owned(), settle, invalid_grace, seen: HashMap::new(), warned: HashSet::new() }
     }
 
     /// Lists the directory and returns the manifests that are ready.
-    pub fn scan(&mut self) -> std::io::Result<ScanResult> {
+    pub(crate) fn scan(&mut self) -> std::io::Result<ScanResult> {
         let now = Instant::now();
         let mut present = Vec::new();
         let mut not_utf8 = Vec::new();
@@ -109,7 +109,7 @@ impl Scanner {
     }
 
     /// Forgets a file, after it was claimed or lost to another daemon.
-    pub fn forget(&mut self, name: &str) {
+    pub(crate) fn forget(&mut self, name: &str) {
         self.seen.remove(name);
     }
 

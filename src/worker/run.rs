@@ -51,6 +51,7 @@ const WAIT_STEP: Duration = Duration::from_millis(100);
 /// How a `run` ended: its exit status and a line for stderr.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunEnd {
+    /// The process's exit status: `EXIT_COMPLETED`, `EXIT_FAILED`, `EXIT_INVALID`, …, or 128 + a signal.
     pub exit_code: u8,
     /// The reason, for stderr, when the job did not complete.
     pub message: Option<String>,
@@ -73,7 +74,9 @@ pub struct JobResult {
     pub exit_code: u8,
     /// Attempts made (0 when none started).
     pub attempts: u32,
+    /// When `hyper2kvm run` started, before the spec was read (UTC).
     pub started_at: DateTime<Utc>,
+    /// When the job reached its terminal state (UTC).
     pub finished_at: DateTime<Utc>,
     /// From the first attempt to the end, retries and waits included.
     pub seconds: f64,
@@ -92,6 +95,7 @@ pub struct JobResult {
 /// The image as the result names it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageView {
+    /// `image.path` from the spec (absolute).
     pub path: PathBuf,
     /// The format read (`image.format` or the guess).
     pub format: &'static str,
@@ -100,6 +104,7 @@ pub struct ImageView {
 /// One file a job wrote.
 #[derive(Debug, Clone, Serialize)]
 pub struct OutputFile {
+    /// The file's path in `output_path`.
     pub path: PathBuf,
     /// Its size.
     pub bytes: u64,

@@ -95,12 +95,15 @@ pub struct JobSpec {
     pub version: String,
     /// Names the job's files in `output_path`.
     pub job_id: String,
+    /// `operation`: `inspect`, `convert` or `offline_fix`.
     pub operation: Operation,
+    /// `image`: the source disk, its path and format.
     pub image: Image,
     /// For `convert`: the codec and level, when compressing.
     pub compression: Option<Compression>,
     /// For `convert`: the qcow2's file name in `output_path`.
     pub output_name: String,
+    /// `execution_policy`: the time limit of an attempt, the retries and their backoff.
     pub policy: ExecutionPolicy,
     /// `artifacts.output_path`: where the output, the state, the result and the events go.
     pub output_path: PathBuf,

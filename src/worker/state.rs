@@ -18,11 +18,17 @@ use crate::queue::records::write_atomically;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
+    /// The spec was read far enough to name the job and its output path; the state file is written.
     Created,
+    /// The spec is valid and its operation supported; no attempt has started yet.
     Validated,
+    /// An attempt is running, or the job waits out a backoff before the next one.
     Running,
+    /// The operation succeeded (exit status 0).
     Completed,
+    /// The spec was invalid or unsupported, or the last attempt failed or timed out.
     Failed,
+    /// A signal (SIGTERM, SIGINT) stopped the job; nothing was written under the output's name.
     Cancelled,
 }
 

@@ -169,6 +169,7 @@ pub fn reads_natively(format: SourceFormat) -> bool {
 /// The native converter.
 #[derive(Debug, Default, Clone)]
 pub struct Native {
+    /// Compression, threads and chunking of the conversion pipeline.
     pub options: PipelineOptions,
 }
 

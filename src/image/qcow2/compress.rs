@@ -21,7 +21,7 @@ use crate::config::CompressionType;
 /// zstd levels for COMPRESS_LEVEL 0–9. zstd has no "store" level: 0 and 1 map to its fastest
 /// standard level, 1; the default COMPRESS_LEVEL 6 maps to 3, zstd's own default and what qemu
 /// writes; 9 maps to 15, where zstd is about as slow per byte as deflate at 9.
-pub const ZSTD_LEVELS: [i32; 10] = [1, 1, 2, 2, 3, 3, 3, 6, 9, 15];
+pub(crate) const ZSTD_LEVELS: [i32; 10] = [1, 1, 2, 2, 3, 3, 3, 6, 9, 15];
 
 /// Window of the raw deflate streams qemu reads: 2^12 bytes.
 const DEFLATE_WINDOW_BITS: u8 = 12;
@@ -38,7 +38,7 @@ thread_local! {
 /// the cluster uncompressed, as qemu does.
 ///
 /// `data` must be a whole cluster (see the module documentation for the disk's last cluster).
-pub fn compress_cluster(codec: CompressionType, level: u32, data: &[u8], out: &mut Vec<u8>) -> bool {
+pub(crate) fn compress_cluster(codec: CompressionType, level: u32, data: &[u8], out: &mut Vec<u8>) -> bool {
     out.clear();
     if data.is_empty() {
         return false;
@@ -53,7 +53,7 @@ pub fn compress_cluster(codec: CompressionType, level: u32, data: &[u8], out: &m
 
 /// [`compress_cluster`] for data that may be shorter than `cluster_size` (the disk's last
 /// cluster): compresses it padded with zeros to `cluster_size`, which qemu needs to decompress it.
-pub fn compress_padded(
+pub(crate) fn compress_padded(
     codec: CompressionType,
     level: u32,
     data: &[u8],

@@ -56,7 +56,7 @@ pub(crate) struct Header {
 impl Header {
     /// The header, the feature name table and the end-of-extensions marker: 512 bytes, so they
     /// fit in the first cluster of any cluster size.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(super) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(512);
         let (incompatible, compression_type) = match self.compression {
             CompressionType::Zlib => (0u64, 0u8),

@@ -25,7 +25,7 @@
 //!   zeros, so an interrupted write never looks like a valid image.
 
 mod aligned;
-pub mod compress;
+pub(crate) mod compress;
 mod header;
 mod refcount;
 mod writer;
@@ -35,13 +35,13 @@ mod tests;
 
 #[cfg(test)]
 pub(crate) use writer::CopyMode;
-pub use writer::{CopyOffload, Qcow2Writer};
+pub(crate) use writer::{CopyOffload, Qcow2Writer};
 
 use crate::config::CompressionType;
 
 /// How a new qcow2 image is laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WriterOptions {
+pub(crate) struct WriterOptions {
     /// log2 of the cluster size: 16 (64 KiB) by default; 9 (512 bytes) to 21 (2 MiB) accepted.
     pub cluster_bits: u32,
     /// Codec of the compressed clusters, if any are written. `Zstd` sets the header's

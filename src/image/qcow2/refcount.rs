@@ -23,28 +23,28 @@ pub(crate) struct Refcounts {
 }
 
 impl Refcounts {
-    pub fn new(cluster_bits: u32) -> Refcounts {
+    pub(super) fn new(cluster_bits: u32) -> Refcounts {
         let per_block = 1u64 << (cluster_bits - 1);
         Refcounts { per_block, window_start: 0, counts: Vec::new(), table: Vec::new() }
     }
 
     /// Host clusters one refcount block covers.
-    pub fn per_block(&self) -> u64 {
+    pub(super) fn per_block(&self) -> u64 {
         self.per_block
     }
 
     /// First host cluster past the oldest block still in memory.
-    pub fn window_end(&self) -> u64 {
+    pub(super) fn window_end(&self) -> u64 {
         self.window_start + self.per_block
     }
 
     /// Refcount blocks already written.
-    pub fn blocks_written(&self) -> u64 {
+    pub(super) fn blocks_written(&self) -> u64 {
         self.table.len() as u64
     }
 
     /// The refcount of a host cluster still in memory (0 if never referenced).
-    pub fn get(&self, cluster: u64) -> u16 {
+    pub(super) fn get(&self, cluster: u64) -> u16 {
         cluster
             .checked_sub(self.window_start)
             .and_then(|i| usize::try_from(i).ok())
@@ -55,7 +55,7 @@ impl Refcounts {
     /// One more reference to each of the `n` host clusters from `first`. Fails (a bug of the
     /// caller, never expected) for a cluster whose block is already written or a count that
     /// would overflow.
-    pub fn add(&mut self, first: u64, n: u64) -> Result<(), String> {
+    pub(super) fn add(&mut self, first: u64, n: u64) -> Result<(), String> {
         let start = first.checked_sub(self.window_start).ok_or_else(|| {
             format!("internal error: host cluster {first} counted after its refcount block was written")
         })?;
@@ -74,7 +74,7 @@ impl Refcounts {
     }
 
     /// The `index`-th block of the window as on disk (big-endian, zero-padded): `cluster_size` bytes.
-    pub fn block_bytes(&self, index: u64) -> Vec<u8> {
+    pub(super) fn block_bytes(&self, index: u64) -> Vec<u8> {
         let per_block = self.per_block as usize;
         let start = (index as usize).saturating_mul(per_block).min(self.counts.len());
         let end = start.saturating_add(per_block).min(self.counts.len());
@@ -87,7 +87,7 @@ impl Refcounts {
     }
 
     /// The oldest block in memory was written at `offset`: drop it from the window.
-    pub fn retire_first_block(&mut self, offset: u64) {
+    pub(super) fn retire_first_block(&mut self, offset: u64) {
         let n = (self.per_block as usize).min(self.counts.len());
         self.counts.drain(..n);
         self.window_start += self.per_block;
@@ -96,17 +96,18 @@ impl Refcounts {
 
     /// Records a block written at `offset` by the final pass (which writes all the blocks of the
     /// window at once and does not slide it).
-    pub fn push_table_entry(&mut self, offset: u64) {
+    pub(super) fn push_table_entry(&mut self, offset: u64) {
         self.table.push(offset);
     }
 
     /// The refcount table: offsets of every block written.
-    pub fn table(&self) -> &[u64] {
+    pub(super) fn table(&self) -> &[u64] {
         &self.table
     }
 
     /// Bytes of memory held.
-    pub fn memory_bytes(&self) -> usize {
+    #[cfg(test)]
+    pub(super) fn memory_bytes(&self) -> usize {
         self.counts.capacity() * 2 + self.table.capacity() * 8
     }
 }

@@ -29,7 +29,7 @@ const COPY_PIECE_BYTES: u64 = 256 << 20;
 /// error) leaves a file whose first cluster is zeros, which no reader takes for a qcow2 image;
 /// the caller deletes it. After an I/O error every further call fails.
 #[derive(Debug)]
-pub struct Qcow2Writer {
+pub(crate) struct Qcow2Writer {
     file: File,
     path: PathBuf,
     cluster_bits: u32,
@@ -93,7 +93,7 @@ pub(crate) enum CopyMode {
 /// [`Qcow2Writer::copy_offload`]; it does not see a later switch to read+write (after
 /// `copy_file_range` turned out unsupported), which the writer's own answer does.
 #[derive(Debug, Clone, Copy)]
-pub struct CopyOffload {
+pub(crate) struct CopyOffload {
     mode: CopyMode,
     output_fs: Option<u32>,
 }
@@ -102,7 +102,7 @@ impl CopyOffload {
     /// Whether any copy into the output can be offloaded: false on ext4, tmpfs and other
     /// filesystems that can neither share blocks nor copy server-side, where no source file
     /// needs to be asked about.
-    pub fn possible(&self) -> bool {
+    pub(crate) fn possible(&self) -> bool {
         match self.mode {
             CopyMode::Auto => self.output_fs.is_some(),
             CopyMode::CopyFileRange => true,
@@ -114,7 +114,7 @@ impl CopyOffload {
     /// block size (`f_bsize`, at least 512), a multiple of which a source offset must be for a
     /// reflinking filesystem to share the blocks — from elsewhere the kernel copies them
     /// instead, correctly but with none of the gain.
-    pub fn source_alignment(&self, src: &File) -> Option<u64> {
+    pub(crate) fn source_alignment(&self, src: &File) -> Option<u64> {
         let fs = nix::sys::statfs::fstatfs(src).ok();
         let block = fs.as_ref().and_then(|fs| u64::try_from(fs.block_size()).ok()).unwrap_or(4096).max(512);
         match self.mode {
@@ -133,7 +133,7 @@ impl Qcow2Writer {
     ///
     /// `virtual_size` is rounded up to a multiple of 512 bytes in the header, as `qemu-img
     /// create` does (qemu counts disks in sectors); the padding reads as zeros.
-    pub fn create(path: &Path, virtual_size: u64, options: WriterOptions) -> Result<Self, ImageError> {
+    pub(crate) fn create(path: &Path, virtual_size: u64, options: WriterOptions) -> Result<Self, ImageError> {
         let cluster_bits = options.cluster_bits;
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(ImageError::Unsupported(format!(
@@ -201,14 +201,16 @@ impl Qcow2Writer {
     }
 
     /// Bytes per cluster.
-    pub fn cluster_size(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn cluster_size(&self) -> usize {
         self.cluster_size as usize
     }
 
     /// Bytes of memory the writer holds (write buffer, L1, the current L2 table, refcounts):
     /// about 8 MiB plus the L1 table (8 bytes per L2 table, 32 KiB for 2 TiB at 64 KiB
     /// clusters) whatever the disk size.
-    pub fn memory_bytes(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn memory_bytes(&self) -> usize {
         self.buf.capacity() + self.l1.capacity() * 8 + self.l2.capacity() * 8 + self.refs.memory_bytes()
     }
 
@@ -218,7 +220,7 @@ impl Qcow2Writer {
     /// (L2 entry 0). `data.len()` == cluster size, except the disk's last cluster, which may be
     /// shorter: exactly the bytes left in the disk. Either way the rest of the last cluster is
     /// stored as zeros.
-    pub fn write_cluster(&mut self, guest_cluster: u64, data: &[u8]) -> Result<(), ImageError> {
+    pub(crate) fn write_cluster(&mut self, guest_cluster: u64, data: &[u8]) -> Result<(), ImageError> {
         self.usable()?;
         self.check_guest(guest_cluster, 1)?;
         let tail = self.bytes_in_cluster(guest_cluster);
@@ -254,7 +256,7 @@ impl Qcow2Writer {
     /// written in between go after the open compressed cluster without closing it, so mixing
     /// the two wastes no space; an open cluster is closed (its tail left as zeros) only when the
     /// write buffer or a refcount block is written out past it, or its refcount is full.
-    pub fn write_compressed(&mut self, guest_cluster: u64, compressed: &[u8]) -> Result<(), ImageError> {
+    pub(crate) fn write_compressed(&mut self, guest_cluster: u64, compressed: &[u8]) -> Result<(), ImageError> {
         self.usable()?;
         self.check_guest(guest_cluster, 1)?;
         if self.compression.is_none() {
@@ -350,7 +352,7 @@ impl Qcow2Writer {
     /// The clusters land contiguously in the output, except where an L2 table or a refcount
     /// block is due (every `cluster_size / 8` guest clusters, every `cluster_size / 2` host
     /// clusters) — so a reflinking filesystem shares long extents.
-    pub fn copy_clusters_from(
+    pub(crate) fn copy_clusters_from(
         &mut self,
         first_guest_cluster: u64,
         count: u64,
@@ -395,14 +397,14 @@ impl Qcow2Writer {
     }
 
     /// How copies into this file are made, for other threads to ask; see [`CopyOffload`].
-    pub fn copy_offload(&self) -> CopyOffload {
+    pub(crate) fn copy_offload(&self) -> CopyOffload {
         CopyOffload { mode: self.copy_mode, output_fs: self.offload_fs }
     }
 
     /// Whether [`Qcow2Writer::copy_clusters_from`] would copy from `src` with
     /// `copy_file_range` now: both files on one filesystem that shares blocks or copies
     /// server-side (or a test forcing it), and `copy_file_range` not yet found unsupported.
-    pub fn copy_offloads_from(&self, src: &File) -> bool {
+    pub(crate) fn copy_offloads_from(&self, src: &File) -> bool {
         self.copy_offload().source_alignment(src).is_some()
     }
 
@@ -415,7 +417,7 @@ impl Qcow2Writer {
 
     /// Writes L2 tables still pending, L1, the last refcount blocks and the refcount table, then
     /// the header LAST; fsyncs (once before the header, once after). Returns stats.
-    pub fn finish(mut self) -> Result<WriteStats, ImageError> {
+    pub(crate) fn finish(mut self) -> Result<WriteStats, ImageError> {
         self.usable()?;
         if let Some(table) = self.l2_table.take() {
             self.write_l2(table)?;

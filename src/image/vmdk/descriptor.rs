@@ -23,8 +23,11 @@ use crate::image::ImageError;
 /// Who may access an extent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
+    /// `RW`: readable and writable.
     ReadWrite,
+    /// `RDONLY`: readable only.
     ReadOnly,
+    /// `NOACCESS`: not to be read; the extent's data is missing.
     NoAccess,
 }
 
@@ -42,14 +45,23 @@ impl Access {
 /// The `TYPE` column of an extent line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtentType {
+    /// `FLAT`: raw sectors in a file, from its offset on.
     Flat,
+    /// `SPARSE`: a hosted sparse extent with a `KDMV` header.
     Sparse,
+    /// `ZERO`: no file; every sector reads as zero.
     Zero,
+    /// `VMFS`: a preallocated raw file on a VMFS datastore, read like FLAT.
     Vmfs,
+    /// `VMFSSPARSE`: an ESX snapshot delta (`COWD`).
     VmfsSparse,
+    /// `SESPARSE`: an ESX space-efficient sparse extent (4 KiB grains).
     SeSparse,
+    /// `VMFSRDM`: a raw device mapping, virtual compatibility mode.
     VmfsRdm,
+    /// `VMFSRDMP` (or `VMFSPASSTHROUGHRAWDEVICEMAP`): a raw device mapping in pass-through mode.
     VmfsRdmp,
+    /// `VMFSRAW`: a raw ESX device.
     VmfsRaw,
 }
 
@@ -74,6 +86,7 @@ impl ExtentType {
         matches!(self, ExtentType::Flat | ExtentType::Vmfs)
     }
 
+    /// The word as descriptors write it (`FLAT`, `SPARSE`, …).
     pub fn name(self) -> &'static str {
         match self {
             ExtentType::Flat => "FLAT",
@@ -107,10 +120,15 @@ pub struct ExtentLine {
 /// A parsed descriptor.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Descriptor {
+    /// `CID`: this disk's content id (hex), as written.
     pub cid: Option<String>,
+    /// `parentCID`: the parent's content id; `ffffffff` or `None` means no parent.
     pub parent_cid: Option<String>,
+    /// `createType`: the subformat (`monolithicSparse`, `twoGbMaxExtentFlat`, …), as written.
     pub create_type: Option<String>,
+    /// `parentFileNameHint`: the parent descriptor's path, for a snapshot delta.
     pub parent_hint: Option<String>,
+    /// The extent lines, in order: together they make the virtual disk.
     pub extents: Vec<ExtentLine>,
     /// `ddb.*` keys, values unquoted.
     pub ddb: BTreeMap<String, String>,
@@ -143,7 +161,7 @@ impl Descriptor {
 }
 
 /// Whether `bytes` (the start of a file) look like a text descriptor.
-pub fn looks_like_descriptor(bytes: &[u8]) -> bool {
+pub(super) fn looks_like_descriptor(bytes: &[u8]) -> bool {
     let text = match bytes.iter().position(|&b| b == 0) {
         Some(nul) => &bytes[..nul],
         None => bytes,
@@ -173,7 +191,7 @@ fn looks_like_descriptor_text(text: &str) -> bool {
 /// Parses descriptor text. `name` names the file in messages. `strict` (a descriptor file)
 /// refuses bad extent lines and text that is not UTF-8; an embedded descriptor, whose extent
 /// lines are not used, is read leniently.
-pub fn parse(bytes: &[u8], name: &str, limits: &Limits, strict: bool) -> Result<Descriptor, ImageError> {
+pub(super) fn parse(bytes: &[u8], name: &str, limits: &Limits, strict: bool) -> Result<Descriptor, ImageError> {
     if bytes.len() as u64 > limits.max_descriptor_bytes {
         return Err(ImageError::Limit(format!(
             "the descriptor of {name} is {} bytes, over the limit of {} bytes",

@@ -33,18 +33,49 @@ pub(crate) const MARKER_FOOTER: u32 = 3;
 /// Why an extent is not a usable sparse VMDK (the structural checker's error).
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum VmdkError {
+    /// The file ends before the 512-byte header does.
     #[error("the file is {len} bytes, too short for a sparse VMDK header")]
-    TooShort { len: u64 },
+    TooShort {
+        /// The file's length in bytes.
+        len: u64,
+    },
+    /// The first four bytes are not `KDMV`: not a sparse extent (perhaps flat or `COWD`).
     #[error("the header magic is not KDMV")]
     BadMagic,
+    /// The header's `version` is not 1, 2 or 3.
     #[error("sparse extent version {0} is not supported (1 to 3 are)")]
     BadVersion(u32),
+    /// A header field is out of the range this reader (and qemu) accepts.
     #[error("the header's {field} is {value}, outside {range}")]
-    BadField { field: &'static str, value: u64, range: &'static str },
+    BadField {
+        /// The field, in words (`grain size`, `capacity`, …).
+        field: &'static str,
+        /// The value the header holds.
+        value: u64,
+        /// What would have been accepted, in words.
+        range: &'static str,
+    },
+    /// A structure the header or a table points at does not fit in the file.
     #[error("the {what} at byte {offset} (+{size}) lies past the end of the {len}-byte file: the file is truncated or corrupt")]
-    PastEnd { what: String, offset: u64, size: u64, len: u64 },
+    PastEnd {
+        /// The structure, in words (`grain table 0`, `footer`, …).
+        what: String,
+        /// Its byte offset in the file.
+        offset: u64,
+        /// Its length in bytes.
+        size: u64,
+        /// The file's length in bytes.
+        len: u64,
+    },
+    /// A compressed grain's marker gives a size of 0, or far more than a grain.
     #[error("compressed grain {grain} has an impossible size {size}")]
-    BadGrainMarker { grain: u64, size: u64 },
+    BadGrainMarker {
+        /// The grain's index in the virtual disk.
+        grain: u64,
+        /// The marker's `size` field: compressed bytes that follow.
+        size: u64,
+    },
+    /// Reading the extent failed (the I/O error's text).
     #[error("read error: {0}")]
     Io(String),
 }
@@ -58,18 +89,27 @@ impl From<std::io::Error> for VmdkError {
 /// The 512-byte sparse extent header, fields in host order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SparseHeader {
+    /// `version` (byte 4): the sparse format version, 1 to 3.
     pub version: u32,
+    /// `flags` (byte 8): bit 2 zeroed grains, bit 16 compressed grains, bit 17 markers.
     pub flags: u32,
     /// Virtual size in sectors.
     pub capacity: u64,
     /// Grain size in sectors.
     pub grain_size: u64,
+    /// `descriptorOffset` (byte 28): sector of the embedded text descriptor; 0 when there is none.
     pub descriptor_offset: u64,
+    /// `descriptorSize` (byte 36): length of the embedded descriptor, in sectors.
     pub descriptor_size: u64,
+    /// `numGTEsPerGT` (byte 44): entries per grain table, normally 512.
     pub gtes_per_gt: u32,
+    /// `rgdOffset` (byte 48): sector of the redundant grain directory; 0 when there is none.
     pub redundant_gd_offset: u64,
+    /// `gdOffset` (byte 56): sector of the grain directory; [`GD_AT_END`] means the footer's.
     pub gd_offset: u64,
+    /// `overHead` (byte 64): sectors of metadata before the first grain.
     pub overhead: u64,
+    /// `compressAlgorithm` (byte 77): 0 none, 1 deflate.
     pub compression: u16,
 }
 
