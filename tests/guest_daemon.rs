@@ -207,8 +207,11 @@ fn guest_not_recognised_when_fixing_a_disk_without_an_os() {
 }
 
 /// The fixture OVA through the daemon, fixed and not, with BOOT_CHECK=require: the fixed one
-/// is published and boots to a login prompt with the devices of its V.xml; the unfixed one
-/// fails, saying the guest did not boot. One daemon, the two jobs side by side.
+/// is published and boots to a login prompt with the devices of its V.xml; the unfixed one (a
+/// disk-only migration: neither inspected nor fixed, so its domain has the virtio disk a
+/// manifest for Linux gets) fails, saying the guest did not boot. One daemon, the two jobs side
+/// by side. (Inspected but not fixed, the device choice would keep it on SATA, where it boots:
+/// `libvirt::devices` tests that choice.)
 #[test]
 fn guest_fixed_by_the_daemon_boots_and_unfixed_does_not() {
     let Some(m) = machine() else { return };
@@ -228,6 +231,7 @@ fn guest_fixed_by_the_daemon_boots_and_unfixed_does_not() {
         manifest["vm"] =
             json!({ "cpu": 1, "mem_gb": 1, "firmware": "bios", "os_hint": "linux", "os_version": "debian12_64Guest" });
         manifest["pipeline"]["validate"] = json!({ "enabled": true, "check_image_integrity": true });
+        manifest["pipeline"]["inspect"]["enabled"] = json!(fix);
         manifest
     };
     let started = Instant::now();
