@@ -363,6 +363,20 @@ mod tests {
     }
 
     #[test]
+    fn at_most_max_renamed_manifests_are_remembered_between_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = scanner(dir.path(), 60_000, 120_000);
+        for i in 0..=MAX_RENAMED {
+            let name = format!("m{i}.json");
+            std::fs::write(dir.path().join(&name), b"{}").unwrap();
+            s.arrived_by_rename(&name);
+        }
+        assert_eq!(s.renamed.len(), MAX_RENAMED);
+        let scan = s.scan().unwrap();
+        assert_eq!((scan.ready.len(), scan.waiting), (MAX_RENAMED, MAX_RENAMED + 1), "the one beyond settles");
+    }
+
+    #[test]
     fn ignores_hidden_temp_lock_files_and_symlinks() {
         let dir = tempfile::tempdir().unwrap();
         for name in [".m.json", "m.json.tmp", "m.part", "m.lock", "notes.txt"] {
