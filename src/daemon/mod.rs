@@ -45,6 +45,10 @@ use crate::queue::{self, Claim, Layout, LockRecord, Outcome, Queue, Scanner};
 use crate::service;
 use crate::source::SourceRoots;
 
+/// How many renamed-in manifest names may wait for the main loop; more are dropped (those
+/// files then wait for the settle period).
+const RENAMED_BACKLOG: usize = 1024;
+
 /// How often retention is applied while running.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -381,7 +385,8 @@ impl Daemon {
     async fn serve(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
         let config = self.ctx.config.clone();
         let (wake_tx, wake_rx) = mpsc::channel::<()>(1);
-        let _watcher = config.use_inotify.then(|| watch_events(&config.watch_dir, wake_tx)).flatten();
+        let (renamed_tx, renamed_rx) = mpsc::channel::<String>(RENAMED_BACKLOG);
+        let _watcher = config.use_inotify.then(|| watch_events(&config.watch_dir, wake_tx, renamed_tx)).flatten();
         let mut watchdog = service::watchdog_interval().map(tokio::time::interval);
         info!(
             instance = config.instance.as_deref().unwrap_or(""),
@@ -400,7 +405,7 @@ impl Daemon {
             inotify = config.use_inotify,
             "configuration"
         );
-        let exit = self.go_round(shutdown, wake_rx, &mut watchdog).await;
+        let exit = self.go_round(shutdown, Wakes { wake_rx, renamed_rx }, &mut watchdog).await;
         self.shut_down(exit, &mut watchdog).await
     }
 
@@ -409,7 +414,7 @@ impl Daemon {
     async fn go_round(
         &mut self,
         shutdown: impl Future<Output = ()>,
-        mut wake_rx: mpsc::Receiver<()>,
+        mut wakes: Wakes,
         watchdog: &mut Option<tokio::time::Interval>,
     ) -> Exit {
         let config = self.ctx.config.clone();
@@ -431,10 +436,13 @@ impl Daemon {
             tokio::select! {
                 _ = &mut shutdown => return Exit::Asked,
                 _ = tokio::time::sleep(next) => {}
-                Some(()) = wake_rx.recv() => debug!("woken by a local file event"),
+                Some(()) = wakes.wake_rx.recv() => debug!("woken by a local file event"),
                 Some(joined) = self.running.join_next(), if !self.running.is_empty() => self.record_end(joined),
                 _ = watchdog_tick(watchdog) => service::watchdog(),
                 _ = prune_timer.tick() => prune(&config, &self.queue.layout),
+            }
+            while let Ok(name) = wakes.renamed_rx.try_recv() {
+                self.scanner.arrived_by_rename(&name);
             }
             next = match self.scan_and_claim() {
                 Ok(next) => next,
@@ -635,11 +643,21 @@ impl Daemon {
     }
 }
 
-/// Local inotify wake-ups. Other NFS clients' writes are invisible to inotify, which is why
-/// polling continues regardless.
-fn watch_events(dir: &std::path::Path, wake: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+/// Local inotify wake-ups, and the names of manifests renamed into WATCH_DIR (`renamed`),
+/// which may skip the settle wait ([`Scanner::arrived_by_rename`]). Other NFS clients' writes
+/// are invisible to inotify, which is why polling continues regardless. Neither channel
+/// blocks the watcher: a name that does not fit is dropped, and that file waits for the settle
+/// period as it would without inotify.
+fn watch_events(
+    dir: &std::path::Path,
+    wake: mpsc::Sender<()>,
+    renamed: mpsc::Sender<String>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
-    let mut watcher = notify::recommended_watcher(move |_event| {
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Some(name) = event.ok().as_ref().and_then(renamed_in_manifest) {
+            let _ = renamed.try_send(name);
+        }
         let _ = wake.try_send(());
     })
     .map_err(|e| warn!(error = %e, "inotify unavailable; polling only"))
@@ -651,9 +669,47 @@ fn watch_events(dir: &std::path::Path, wake: mpsc::Sender<()>) -> Option<notify:
     Some(watcher)
 }
 
+/// The file name of a manifest an event says was renamed into the watched directory
+/// (`IN_MOVED_TO`; `Both` when its old name was in the directory too, listed first).
+/// `IN_CLOSE_WRITE` is not enough: HyperSDK's `os.WriteFile` may close a file another writer
+/// (or a retry) is still rewriting, and on NFS close says nothing about other clients.
+fn renamed_in_manifest(event: &notify::Event) -> Option<String> {
+    use notify::event::{EventKind, ModifyKind, RenameMode};
+    if !matches!(event.kind, EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))) {
+        return None;
+    }
+    let name = event.paths.last()?.file_name()?.to_str()?;
+    queue::layout::is_manifest_name(name).then(|| name.to_owned())
+}
+
+/// What wakes the main loop besides its timers: a local file event, and the manifests renamed in.
+struct Wakes {
+    wake_rx: mpsc::Receiver<()>,
+    renamed_rx: mpsc::Receiver<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_manifests_renamed_in_are_reported() {
+        use notify::event::{CreateKind, EventKind, ModifyKind, RenameMode};
+        let event = |kind, paths: &[&str]| notify::Event {
+            kind,
+            paths: paths.iter().map(std::path::PathBuf::from).collect(),
+            attrs: Default::default(),
+        };
+        let to = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        let both = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        let from = EventKind::Modify(ModifyKind::Name(RenameMode::From));
+        assert_eq!(renamed_in_manifest(&event(to, &["/q/m.json"])).as_deref(), Some("m.json"));
+        assert_eq!(renamed_in_manifest(&event(both, &["/q/m.json.tmp", "/q/m.json"])).as_deref(), Some("m.json"));
+        assert_eq!(renamed_in_manifest(&event(both, &["/q/m.json", "/q/m.json.tmp"])), None);
+        assert_eq!(renamed_in_manifest(&event(from, &["/q/m.json"])), None);
+        assert_eq!(renamed_in_manifest(&event(EventKind::Create(CreateKind::File), &["/q/m.json"])), None);
+        assert_eq!(renamed_in_manifest(&event(to, &[])), None);
+    }
 
     #[test]
     fn staging_is_not_removed_through_a_symlinked_temp_dir() {

@@ -5,6 +5,11 @@
 //! and mtime have not changed for the settle period. A file that stays unparseable and
 //! unchanged for the invalid-manifest grace period is handed over to be failed, so that the
 //! producer gets an `.error` instead of waiting forever.
+//!
+//! A manifest the daemon saw *renamed* into WATCH_DIR (inotify, [`Scanner::arrived_by_rename`])
+//! was whole when it appeared, so it skips the settle period while it still looks as it did
+//! then. Nothing else does: polling, other NFS clients' writes (invisible to inotify) and
+//! files written in place keep the settle period.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -41,6 +46,12 @@ pub(crate) struct ScanResult {
     pub not_utf8: Vec<String>,
 }
 
+/// At most this many renamed-in manifests are remembered between scans; beyond it a rename
+/// is not noted and the file waits for the settle period like any other. Each entry is a
+/// manifest file that existed when noted, and a scan drops those gone, so this only bounds a
+/// burst between two scans.
+const MAX_RENAMED: usize = 4096;
+
 #[derive(Debug)]
 struct Observation {
     fingerprint: Fingerprint,
@@ -54,6 +65,8 @@ pub(crate) struct Scanner {
     settle: Duration,
     invalid_grace: Duration,
     seen: HashMap<String, Observation>,
+    /// Manifests seen arriving by a rename, with what they looked like then.
+    renamed: HashMap<String, Fingerprint>,
     /// Names not UTF-8 already warned about, so that the journal says it once per file.
     warned: HashSet<OsString>,
 }
@@ -61,7 +74,35 @@ pub(crate) struct Scanner {
 impl Scanner {
     /// A scanner of `watch_dir`.
     pub(crate) fn new(watch_dir: &Path, settle: Duration, invalid_grace: Duration) -> Scanner {
-        Scanner { watch_dir: watch_dir.to_owned(), settle, invalid_grace, seen: HashMap::new(), warned: HashSet::new() }
+        Scanner {
+            watch_dir: watch_dir.to_owned(),
+            settle,
+            invalid_grace,
+            seen: HashMap::new(),
+            renamed: HashMap::new(),
+            warned: HashSet::new(),
+        }
+    }
+
+    /// Notes that `name` (a file name in WATCH_DIR) was just renamed into it: a producer that
+    /// writes `name.tmp` and renames it has finished writing, so the file may be taken without
+    /// the settle period as long as its fingerprint stays the one it has now.
+    ///
+    /// Ignored for names that are not manifests, files that are gone or not regular, and the
+    /// daemon's own releases (`<stem>.requeued-<job>.json`): a release may return a manifest
+    /// that was replaced between scan and claim, whose producer may still be writing it.
+    pub(crate) fn arrived_by_rename(&mut self, name: &str) {
+        let plain = Path::new(name).file_name().is_some_and(|n| n == name);
+        if !plain || !is_manifest_name(name) || name.contains(".requeued-") {
+            return;
+        }
+        if self.renamed.len() >= MAX_RENAMED && !self.renamed.contains_key(name) {
+            return;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(self.watch_dir.join(name)) else { return };
+        if meta.file_type().is_file() {
+            self.renamed.insert(name.to_owned(), Fingerprint::of(&meta));
+        }
     }
 
     /// Lists the directory and returns the manifests that are ready.
@@ -89,7 +130,7 @@ impl Scanner {
             present.push(name.clone());
             let fingerprint = Fingerprint::of(&meta);
             let age = self.observe(&name, fingerprint, now);
-            if age < self.settle {
+            if age < self.settle && !self.arrived_whole(&name, fingerprint) {
                 result.next_check = min_some(result.next_check, self.settle - age);
                 continue;
             }
@@ -101,6 +142,7 @@ impl Scanner {
             }
         }
         self.seen.retain(|name, _| present.contains(name));
+        self.renamed.retain(|name, _| present.contains(name));
         self.report_not_utf8(&not_utf8);
         result.waiting = present.len() + not_utf8.len();
         result.not_utf8 = not_utf8.iter().map(|n| format!("{n:?}")).collect();
@@ -111,6 +153,20 @@ impl Scanner {
     /// Forgets a file, after it was claimed or lost to another daemon.
     pub(crate) fn forget(&mut self, name: &str) {
         self.seen.remove(name);
+        self.renamed.remove(name);
+    }
+
+    /// Whether `name` was renamed in and has not changed since: once it has, it is an ordinary
+    /// file written in place and waits for the settle period.
+    fn arrived_whole(&mut self, name: &str, fingerprint: Fingerprint) -> bool {
+        match self.renamed.get(name) {
+            Some(noted) if *noted == fingerprint => true,
+            Some(_) => {
+                self.renamed.remove(name);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Warns once per file about manifests whose name is not UTF-8, and forgets those gone.
@@ -216,6 +272,108 @@ mod tests {
         std::fs::remove_file(dir.path().join(std::ffi::OsStr::from_bytes(b"caf\xe9.json"))).unwrap();
         let scan = s.scan().unwrap();
         assert_eq!((scan.waiting, scan.not_utf8.len(), s.warned.len()), (0, 0, 0));
+    }
+
+    /// Writes `<name>.tmp` and renames it to `name`, as the contract recommends to producers.
+    fn rename_in(dir: &Path, name: &str, bytes: &[u8]) {
+        let temp = dir.join(format!("{name}.tmp"));
+        std::fs::write(&temp, bytes).unwrap();
+        std::fs::rename(&temp, dir.join(name)).unwrap();
+    }
+
+    #[test]
+    fn a_manifest_renamed_in_is_ready_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        rename_in(dir.path(), "m.json", b"{\"a\":1}");
+        let mut s = scanner(dir.path(), 60_000, 120_000);
+        s.arrived_by_rename("m.json");
+        let fingerprint = fingerprint_of(&dir.path().join("m.json"));
+        assert_eq!(s.scan().unwrap().ready, vec![Candidate { name: "m.json".into(), complete: true, fingerprint }]);
+    }
+
+    #[test]
+    fn a_renamed_in_manifest_still_needs_complete_json() {
+        let dir = tempfile::tempdir().unwrap();
+        rename_in(dir.path(), "m.json", b"{\"a\":");
+        let mut s = scanner(dir.path(), 60_000, 120_000);
+        s.arrived_by_rename("m.json");
+        let scan = s.scan().unwrap();
+        assert!(scan.ready.is_empty(), "partial JSON is held for the grace period even when renamed in");
+        assert!(scan.next_check.is_some());
+    }
+
+    #[test]
+    fn a_renamed_in_manifest_changed_afterwards_waits_for_the_settle_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.json");
+        rename_in(dir.path(), "m.json", b"{\"a\":1}");
+        let mut s = scanner(dir.path(), 150, 10_000);
+        s.arrived_by_rename("m.json");
+        std::fs::write(&path, b"{\"a\":12345}").unwrap();
+        assert!(s.scan().unwrap().ready.is_empty(), "written in place after the rename: it settles again");
+        std::fs::write(&path, b"{\"a\":1}").unwrap();
+        assert!(s.scan().unwrap().ready.is_empty(), "trust once lost is not regained by looking alike");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(s.scan().unwrap().ready.len(), 1, "and is taken once settled");
+    }
+
+    #[test]
+    fn a_manifest_written_in_place_still_waits_beside_a_renamed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("in-place.json"), b"{\"a\":1}").unwrap();
+        rename_in(dir.path(), "renamed.json", b"{\"a\":1}");
+        let mut s = scanner(dir.path(), 60_000, 120_000);
+        s.arrived_by_rename("renamed.json");
+        let scan = s.scan().unwrap();
+        let ready: Vec<&str> = scan.ready.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(ready, ["renamed.json"]);
+        assert_eq!(scan.waiting, 2);
+        assert!(scan.next_check.is_some(), "the one written in place is still settling");
+    }
+
+    #[test]
+    fn renames_of_other_names_and_of_our_own_releases_are_not_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["m.json.tmp", ".m.json", "notes.txt", "m.requeued-J1.json"] {
+            std::fs::write(dir.path().join(name), b"{}").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("d.json")).unwrap();
+        let mut s = scanner(dir.path(), 60_000, 120_000);
+        for name in ["m.json.tmp", ".m.json", "notes.txt", "m.requeued-J1.json", "d.json", "gone.json", "../x.json"] {
+            s.arrived_by_rename(name);
+        }
+        assert!(s.renamed.is_empty(), "{:?}", s.renamed);
+        assert!(s.scan().unwrap().ready.is_empty(), "a released manifest settles like any other");
+    }
+
+    #[test]
+    fn a_renamed_in_manifest_is_forgotten_when_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        rename_in(dir.path(), "m.json", b"{}");
+        let mut s = scanner(dir.path(), 60_000, 120_000);
+        s.arrived_by_rename("m.json");
+        assert_eq!(s.renamed.len(), 1);
+        std::fs::remove_file(dir.path().join("m.json")).unwrap();
+        s.scan().unwrap();
+        assert!(s.renamed.is_empty());
+        rename_in(dir.path(), "n.json", b"{}");
+        s.arrived_by_rename("n.json");
+        s.forget("n.json");
+        assert!(s.renamed.is_empty());
+    }
+
+    #[test]
+    fn at_most_max_renamed_manifests_are_remembered_between_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = scanner(dir.path(), 60_000, 120_000);
+        for i in 0..=MAX_RENAMED {
+            let name = format!("m{i}.json");
+            std::fs::write(dir.path().join(&name), b"{}").unwrap();
+            s.arrived_by_rename(&name);
+        }
+        assert_eq!(s.renamed.len(), MAX_RENAMED);
+        let scan = s.scan().unwrap();
+        assert_eq!((scan.ready.len(), scan.waiting), (MAX_RENAMED, MAX_RENAMED + 1), "the one beyond settles");
     }
 
     #[test]
