@@ -921,38 +921,27 @@ pub(super) mod tests {
 
     #[test]
     fn inspected_devices_shape_the_xml() {
-        let by_label = |wanted: &str| inspected_cases().into_iter().find(|(l, _, _)| *l == wanted).unwrap();
-        let (_, hw, devices) = by_label("inspected-linux-uefi");
-        let xml = domain_xml_for(
-            &spec("web01", hw),
-            &[disk("/o/a.qcow2", devices.disk_bus)],
-            &bridge(),
-            Acceleration::Kvm,
-            &devices,
-        );
+        // The XML of one of the inspected cases, for a VM of that name.
+        let xml_of = |wanted: &str, name: &str| {
+            let (_, hw, devices) = inspected_cases().into_iter().find(|(l, _, _)| *l == wanted).unwrap();
+            domain_xml_for(
+                &spec(name, hw),
+                &[disk("/o/a.qcow2", devices.disk_bus)],
+                &bridge(),
+                Acceleration::Kvm,
+                &devices,
+            )
+        };
+        let xml = xml_of("inspected-linux-uefi", "web01");
         assert!(xml.contains("<os firmware='efi'>\n    <type arch='x86_64' machine='q35'>hvm</type>"), "{xml}");
         assert!(xml.contains(
             "<metadata>\n    <libosinfo:libosinfo xmlns:libosinfo='http://libosinfo.org/xmlns/libvirt/domain/1.0'>\n      \
              <libosinfo:os id='http://debian.org/debian/12'/>"
         ), "{xml}");
         assert!(xml.contains("<target dev='vda' bus='virtio'/>") && xml.contains("<model type='virtio'/>"), "{xml}");
-        let (_, hw, devices) = by_label("inspected-linux-unfixed");
-        let xml = domain_xml_for(
-            &spec("web01", hw),
-            &[disk("/o/a.qcow2", devices.disk_bus)],
-            &bridge(),
-            Acceleration::Kvm,
-            &devices,
-        );
+        let xml = xml_of("inspected-linux-unfixed", "web01");
         assert!(xml.contains("<target dev='sda' bus='sata'/>") && !xml.contains("<os firmware='efi'>"), "{xml}");
-        let (_, hw, devices) = by_label("inspected-windows-virtio");
-        let xml = domain_xml_for(
-            &spec("dc01", hw),
-            &[disk("/o/a.qcow2", devices.disk_bus)],
-            &bridge(),
-            Acceleration::Kvm,
-            &devices,
-        );
+        let xml = xml_of("inspected-windows-virtio", "dc01");
         assert!(
             xml.contains("<target dev='vda' bus='virtio'/>")
                 && xml.contains(
@@ -962,14 +951,7 @@ pub(super) mod tests {
         );
         assert!(xml.contains("<hyperv>") && xml.contains("<clock offset='localtime'>"), "{xml}");
         assert!(xml.contains("<libosinfo:os id='http://microsoft.com/win/7'/>"), "{xml}");
-        let (_, hw, devices) = by_label("inspected-windows-secureboot");
-        let xml = domain_xml_for(
-            &spec("dc01", hw),
-            &[disk("/o/a.qcow2", devices.disk_bus)],
-            &bridge(),
-            Acceleration::Kvm,
-            &devices,
-        );
+        let xml = xml_of("inspected-windows-secureboot", "dc01");
         assert!(xml.contains("<target dev='sda' bus='sata'/>") && xml.contains("<model type='e1000e'/>"), "{xml}");
         assert!(xml.contains("<loader secure='yes'/>"), "{xml}");
     }
