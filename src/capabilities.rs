@@ -176,7 +176,7 @@ pub fn probe_with(config: &Config, min_free_bytes: u64) -> Capabilities {
         mount,
         directories,
         memory: memory(),
-        guest: guest::probe(&crate::guest::Tools::new(config.guest_tools_wrapper.clone())),
+        guest: guest::probe(&crate::guest::Tools::for_config(config)),
     };
     judge(&mut caps, min_free_bytes);
     caps

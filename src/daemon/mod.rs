@@ -215,13 +215,7 @@ pub async fn run_with(config: Config, shutdown: impl Future<Output = ()>, work: 
     }
     let identity = Identity::current(config.instance.clone());
     let layout = Layout::new(&config.watch_dir);
-    let ctx = Arc::new(JobContext {
-        roots: SourceRoots::for_daemon(&config),
-        converter: Arc::new(Auto::default()),
-        identity,
-        guest_tools: Arc::new(crate::guest::Tools::new(config.guest_tools_wrapper.clone())),
-        config: config.clone(),
-    });
+    let ctx = Arc::new(job_context(&config, identity));
     let queue = Queue::new(layout.clone());
     recover_orphans(&ctx, &queue);
     prune(&config, &layout);
@@ -688,9 +682,35 @@ struct Wakes {
     renamed_rx: mpsc::Receiver<String>,
 }
 
+/// What every job of this daemon shares.
+fn job_context(config: &Arc<Config>, identity: Identity) -> JobContext {
+    JobContext {
+        roots: SourceRoots::for_daemon(config),
+        converter: Arc::new(Auto::default()),
+        identity,
+        guest_tools: Arc::new(crate::guest::Tools::for_config(config)),
+        config: config.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_jobs_guest_tools_carry_virtio_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let virtio_win = dir.path().join("virtio-win");
+        std::fs::create_dir(&virtio_win).unwrap();
+        let overrides = crate::config::Overrides {
+            config_dir: Some(dir.path().to_owned()),
+            flags: [("VIRTIO_WIN".to_owned(), virtio_win.display().to_string())].into_iter().collect(),
+        };
+        let env = std::collections::BTreeMap::<String, String>::new();
+        let config = Arc::new(Config::load(&overrides, &env).unwrap());
+        let ctx = job_context(&config, Identity::current(None));
+        assert_eq!(ctx.guest_tools.virtio_win.as_deref(), Some(virtio_win.as_path()));
+    }
 
     #[test]
     fn only_manifests_renamed_in_are_reported() {
