@@ -7,7 +7,7 @@ use std::process::Stdio;
 
 use serde::Serialize;
 
-use crate::guest::Tools;
+use crate::guest::{boot_check, Tools};
 
 /// The tools inspection and verification run: libguestfs' inspector, a guestfish session that
 /// reads `/boot` and fstab back, and lsinitramfs for the initramfs' modules.
@@ -16,9 +16,8 @@ const INSPECT_TOOLS: [&str; 3] = ["virt-inspector", "guestfish", "lsinitramfs"];
 const FIX_TOOLS: [&str; 2] = ["virt-v2v-in-place", "nbdkit"];
 /// The boot check's emulator.
 const BOOT_TOOL: &str = "qemu-system-x86_64";
-/// OVMF as Debian 12's `ovmf` package installs it, and as the boot check loads it
-/// (`guest::boot_check`).
-const OVMF_FILES: [&str; 2] = ["/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"];
+/// OVMF where the boot check loads it from.
+const OVMF_FILES: [&str; 2] = [boot_check::OVMF_CODE, boot_check::OVMF_VARS];
 
 /// What this host can do with the guest inside the converted disks.
 #[derive(Debug, Clone, Default, Serialize)]

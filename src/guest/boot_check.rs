@@ -168,9 +168,9 @@ pub struct BootReport {
     pub first_packet_seconds: Option<f64>,
 }
 
-/// Paths of OVMF in Debian 12's `ovmf` package.
-const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
-const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// Paths of OVMF in Debian 12's `ovmf` package (also what `capabilities` looks for).
+pub(crate) const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub(crate) const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
 /// Boots the images once and watches the console and the network.
 pub fn boot_check(tools: &Tools, spec: &BootSpec<'_>) -> Result<BootReport, GuestError> {
