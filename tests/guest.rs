@@ -12,7 +12,6 @@
 //! (tests/common/guest.rs). On a machine without root or debootstrap each test says why on
 //! stderr and SKIPS; where they are there, a setup that fails fails the test.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -22,22 +21,6 @@ use setup::{machine, Machine};
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_hyper2kvm")
-}
-
-/// `hyper2kvm convert` of the fixture OVA to `dir/vm.qcow2`.
-fn converted(m: &Machine, dir: &Path) -> PathBuf {
-    let out = dir.join("vm.qcow2");
-    let started = Instant::now();
-    let status = Command::new(bin())
-        .args(["--config-dir", "/nonexistent", "convert"])
-        .arg(&m.ova)
-        .arg("-o")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success(), "hyper2kvm convert of the fixture OVA failed");
-    eprintln!("convert: {:.1} s", started.elapsed().as_secs_f64());
-    out
 }
 
 fn hyper2kvm(m: &Machine) -> Command {
@@ -50,7 +33,7 @@ fn hyper2kvm(m: &Machine) -> Command {
 fn guest_inspect_finds_a_vmware_debian_without_virtio() {
     let Some(m) = machine() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let image = converted(&m, dir.path());
+    let image = m.converted(dir.path());
     let started = Instant::now();
     let out = hyper2kvm(&m).args(["inspect", "--guest", "--json"]).arg(&image).output().unwrap();
     eprintln!("inspect --guest: {:.1} s", started.elapsed().as_secs_f64());

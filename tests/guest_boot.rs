@@ -34,14 +34,6 @@ fn hyper2kvm() -> Command {
     cmd
 }
 
-/// `hyper2kvm convert` of the fixture OVA to `dir/vm.qcow2`.
-fn converted(m: &Machine, dir: &Path) -> PathBuf {
-    let out = dir.join("vm.qcow2");
-    let status = hyper2kvm().arg("convert").arg(&m.ova).arg("-o").arg(&out).status().unwrap();
-    assert!(status.success(), "hyper2kvm convert of the fixture OVA failed");
-    out
-}
-
 /// V.xml for the fixture as the daemon writes it (a Debian guest: virtio disk and NIC, its
 /// VMware MAC), serial port and console included.
 fn domain() -> String {
@@ -112,7 +104,7 @@ fn boot_with(m: &Machine, xml: &str, image: &Path, dir: &Path, budget: Duration)
 fn guest_fix_boots_with_a_console_and_without_one() {
     let Some(m) = machine() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let image = converted(&m, dir.path());
+    let image = m.converted(dir.path());
     let work = dir.path().join("work");
     let started = Instant::now();
     let out = hyper2kvm()
@@ -154,7 +146,7 @@ fn guest_fix_boots_with_a_console_and_without_one() {
 fn guest_boot_without_console_unfixed_is_not_booted() {
     let Some(m) = machine() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let image = converted(&m, dir.path());
+    let image = m.converted(dir.path());
     // Several times what the fixed guest needs for its first packet (docs/GUEST.md).
     let report = boot(&m, &image, dir.path(), Duration::from_secs(240));
     assert_eq!(report.outcome, BootOutcome::Undecided, "{report:#?}");

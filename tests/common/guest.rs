@@ -15,6 +15,24 @@ pub struct Machine {
     pub ova: PathBuf,
 }
 
+impl Machine {
+    /// `hyper2kvm convert` of the fixture OVA to `dir/vm.qcow2`; a failure fails the test.
+    pub fn converted(&self, dir: &Path) -> PathBuf {
+        let out = dir.join("vm.qcow2");
+        let started = Instant::now();
+        let status = Command::new(env!("CARGO_BIN_EXE_hyper2kvm"))
+            .args(["--config-dir", "/nonexistent", "convert"])
+            .arg(&self.ova)
+            .arg("-o")
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success(), "hyper2kvm convert of the fixture OVA failed");
+        eprintln!("convert: {:.1} s", started.elapsed().as_secs_f64());
+        out
+    }
+}
+
 fn skip(reason: &str) -> Option<Machine> {
     eprintln!("\n*** SKIPPED: {reason} ***\n");
     None
